@@ -1,0 +1,214 @@
+"""The node agent, standalone: a YAML file of LoadBalancers -> the data plane.
+
+Loads and attaches once, then re-applies within a second of any change to
+the file or to the node's addresses. A bad file is logged with field paths
+and the last good state keeps serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xdplb.agent import metrics
+from xdplb.agent.inventory import read_inventory
+from xdplb.dataplane import conntrack
+from xdplb.dataplane.alloc import CapacityError
+from xdplb.dataplane.config import Capacities, Timeouts
+from xdplb.dataplane.entries import Inventory, listener_interfaces
+from xdplb.dataplane.loader import AttachError, DataPlane, detach
+from xdplb.dataplane.writer import MapWriter
+from xdplb.plan.model import Plan
+from xdplb.plan.planner import build_plan
+from xdplb.spec.load import Limits, SpecError, parse_manifests
+
+log = logging.getLogger("xdplb.agent")
+
+DEFAULT_STATE_FILE = "/run/xdplb/agent.json"
+
+
+@dataclass
+class AgentOptions:
+    config: str
+    xdp_mode: str = "native"
+    pin_root: str = "/sys/fs/bpf/xdplb"
+    caps: Capacities = field(default_factory=Capacities)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    detach_on_exit: bool = True
+    force: bool = False
+    metrics_port: int | None = None
+    state_file: str = DEFAULT_STATE_FILE
+    poll_seconds: float = 0.2
+    sweep_seconds: float = 10.0
+
+
+def limits_of(caps: Capacities) -> Limits:
+    return Limits(max_listeners=caps.listener_keys, max_source_routes=caps.source_routes)
+
+
+class Agent:
+    def __init__(self, opts: AgentOptions) -> None:
+        self.opts = opts
+        self.dp = DataPlane(opts.pin_root, opts.caps, opts.timeouts)
+        self.writer: MapWriter | None = None
+        self.attached: dict[str, str] = {}   # interface -> XDP mode in effect
+        self.stop = threading.Event()
+        self._file_digest = ""
+        self._inventory: Inventory | None = None
+        self.plan = Plan()
+        self.last_error = ""
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        t0 = time.monotonic()
+        self.dp.load()
+        self.writer = MapWriter(self.dp.maps, self.dp.caps)
+        if self.dp.adopted:
+            n = self.writer.adopt()
+            log.info("adopted pinned maps in %s (%d listener entries): established flows "
+                     "keep their backends", self.dp.pin_dir, n)
+        log.info("compiled and loaded in %.0f ms", (time.monotonic() - t0) * 1000)
+        self.reload(force=True)
+        self.dp.remove_stale_pins()
+        log.info("started in %.0f ms", (time.monotonic() - t0) * 1000)
+        if self.opts.metrics_port:
+            from prometheus_client import start_http_server
+            metrics.register(metrics.DataPlaneCollector(self.dp.maps, self._labels))
+            start_http_server(self.opts.metrics_port)
+
+    def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())
+        self.start()
+        next_sweep = time.monotonic() + self.opts.sweep_seconds
+        while not self.stop.wait(self.opts.poll_seconds):
+            self.reload()
+            if time.monotonic() >= next_sweep:
+                self.sweep()
+                next_sweep = time.monotonic() + self.opts.sweep_seconds
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        if self.opts.detach_on_exit:
+            for ifname in list(self.attached):
+                detach(ifname)
+            self.dp.close()
+            import shutil
+            shutil.rmtree(self.opts.pin_root, ignore_errors=True)
+            log.info("stopped: detached from %s and removed %s",
+                     ", ".join(self.attached) or "nothing", self.opts.pin_root)
+        else:
+            self.dp.close()
+            log.info("stopped: programs and pins left in place for the next agent")
+
+    # -- configuration ------------------------------------------------------------------
+    def reload(self, force: bool = False) -> None:
+        path = Path(self.opts.config)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            if force or self._file_digest != "unreadable":
+                log.error("cannot read %s: %s; keeping the last good state", path, e)
+                self._file_digest = "unreadable"
+            return
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        inv = read_inventory()
+        if not force and digest == self._file_digest and inv == self._inventory:
+            return
+        self._file_digest, self._inventory = digest, inv
+        try:
+            lbs = parse_manifests(text, str(path), limits_of(self.opts.caps))
+        except SpecError as e:
+            metrics.ERRORS.labels("config").inc()
+            self.last_error = str(e)
+            for line in e.errors:
+                log.error("invalid configuration: %s", line)
+            log.error("keeping the last good state (%d listeners)", len(self.plan.listeners))
+            return
+        self.apply(build_plan(lbs), inv)
+
+    def apply(self, plan: Plan, inv: Inventory) -> None:
+        assert self.writer is not None
+        try:
+            with metrics.APPLY_SECONDS.time():
+                res = self.writer.apply(plan, inv)
+        except CapacityError as e:
+            metrics.ERRORS.labels("capacity").inc()
+            self.last_error = str(e)
+            log.error("cannot apply: %s; keeping the last good state", e)
+            return
+        metrics.MAP_WRITES.inc(res.written + res.deleted)
+        self.plan = plan
+        for p in res.problems:
+            log.warning("%s", p)
+        self._attach(plan, inv)
+        self.last_error = "; ".join(res.problems)
+        log.info("applied %s: %s", self.opts.config, res.summary())
+        self._write_state()
+
+    def _attach(self, plan: Plan, inv: Inventory) -> None:
+        wanted = sorted({n for lst in plan.listeners for n in listener_interfaces(lst, inv)
+                         if n in inv.ifindex})
+        for ifname in wanted:
+            if ifname in self.attached:
+                continue
+            t0 = time.monotonic()
+            try:
+                self.attached[ifname] = self.dp.attach(ifname, self.opts.xdp_mode,
+                                                       self.opts.force)
+            except AttachError as e:
+                metrics.ERRORS.labels("attach").inc()
+                log.error("%s", e)
+                continue
+            log.info("attached to %s: XDP %s mode, TC egress (%.0f ms)", ifname,
+                     self.attached[ifname], (time.monotonic() - t0) * 1000)
+        for ifname in [n for n in self.attached if n not in wanted]:
+            detach(ifname)
+            del self.attached[ifname]
+            log.info("detached from %s: no listener uses it", ifname)
+
+    def sweep(self) -> None:
+        left, deleted = conntrack.sweep(self.dp.maps["ct"], self.opts.timeouts)
+        metrics.CT_ENTRIES.set(left)
+        if deleted:
+            log.info("conntrack sweep: %d expired entries deleted, %d left", deleted, left)
+
+    def _labels(self) -> tuple[dict[int, str], dict[int, str]]:
+        assert self.writer is not None
+        names = {lst.identity: lst.label for lst in self.plan.listeners}
+        listeners = {i: names.get(ident, str(ident))
+                     for ident, i in self.writer.listener_ids.items()}
+        backends = {i: f"{a}:{p}" for (a, p), i in self.writer.backend_ids.items()}
+        return listeners, backends
+
+    def _write_state(self) -> None:
+        state = {
+            "pid": os.getpid(),
+            "config": self.opts.config,
+            "pin_dir": self.dp.pin_dir,
+            "interfaces": self.attached,
+            "programs": {"xdp": self.dp.xdp_fn.name.decode() if self.dp.xdp_fn else "",
+                         "tc": self.dp.tc_fn.name.decode() if self.dp.tc_fn else ""},
+            "listeners": [{"name": lst.label, "address": lst.address or "*",
+                           "port": lst.port, "protocol": lst.protocol,
+                           "backends": len(lst.default.backends),
+                           "sourceRoutes": len(lst.source_routes)}
+                          for lst in self.plan.listeners],
+            "lastError": self.last_error,
+            "appliedAt": time.time(),
+        }
+        try:
+            os.makedirs(os.path.dirname(self.opts.state_file), exist_ok=True)
+            tmp = self.opts.state_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(state, f, indent=2)
+            os.replace(tmp, self.opts.state_file)
+        except OSError as e:
+            log.warning("cannot write %s: %s", self.opts.state_file, e)

@@ -1,0 +1,261 @@
+"""xdplb command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import fields
+
+from xdplb.dataplane.config import Capacities, Timeouts
+
+DEFAULT_CONFIG = "/etc/xdplb/loadbalancers.yaml"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"time": self.formatTime(record), "level": record.levelname.lower(),
+                           "logger": record.name, "msg": record.getMessage()})
+
+
+def setup_logging(fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+CAPACITY_FLAGS = {"conntrack": "conntrack-capacity", "listener_keys": "max-listener-keys",
+                  "listeners": "max-listeners", "source_routes": "max-source-routes",
+                  "groups": "max-groups", "table_slots": "table-slots",
+                  "backends": "max-backends"}
+
+
+def add_dataplane_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pin-dir", default="/sys/fs/bpf/xdplb",
+                   help="bpffs directory for pinned maps (default %(default)s)")
+    for f in fields(Capacities):
+        p.add_argument(f"--{CAPACITY_FLAGS[f.name]}", dest=f"cap_{f.name}", type=int,
+                       default=f.default, help=f"(default {f.default})")
+    for f in fields(Timeouts):
+        p.add_argument(f"--{f.name.replace('_', '-')}-timeout", dest=f"to_{f.name}", type=int,
+                       default=f.default, help=f"seconds (default {f.default})")
+
+
+def capacities(a: argparse.Namespace) -> Capacities:
+    return Capacities(**{f.name: getattr(a, f"cap_{f.name}") for f in fields(Capacities)})
+
+
+def timeouts(a: argparse.Namespace) -> Timeouts:
+    return Timeouts(**{f.name: getattr(a, f"to_{f.name}") for f in fields(Timeouts)})
+
+
+def cmd_agent(a: argparse.Namespace) -> int:
+    from xdplb.agent.standalone import Agent, AgentOptions
+    from xdplb.dataplane.loader import cleanup
+
+    setup_logging(a.log_format)
+    if a.cleanup:
+        detached = cleanup(a.pin_dir)
+        logging.info("cleanup: detached from %s, removed %s", ", ".join(detached) or "nothing",
+                     a.pin_dir)
+        return 0
+    if a.kubernetes:
+        logging.error("--kubernetes is not available yet; run with --config FILE")
+        return 2
+    detach = a.detach_on_exit if a.detach_on_exit is not None else not a.kubernetes
+    Agent(AgentOptions(config=a.config, xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
+                       caps=capacities(a), timeouts=timeouts(a), detach_on_exit=detach,
+                       force=a.force, metrics_port=a.metrics_port,
+                       state_file=a.state_file)).run()
+    return 0
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    from xdplb.spec.load import SpecError, load_file
+
+    try:
+        lbs = load_file(a.file)
+    except SpecError as e:
+        print(e, file=sys.stderr)
+        return 1
+    n = sum(len(lb.spec.listeners) for lb in lbs)
+    print(f"{a.file}: valid ({len(lbs)} LoadBalancers, {n} listeners)")
+    return 0
+
+
+def cmd_explain(a: argparse.Namespace) -> int:
+    from xdplb.plan.explain import explain
+    from xdplb.plan.planner import build_plan
+    from xdplb.spec.load import SpecError, load_file
+
+    try:
+        plan = build_plan(load_file(a.config))
+    except SpecError as e:
+        print(e, file=sys.stderr)
+        return 1
+    src, _, sport = a.src.rpartition(":")
+    dst, _, dport = a.dst.rpartition(":")
+    local = None
+    if not a.any_local:
+        from xdplb.agent.inventory import read_inventory
+        local = {addr for addrs in read_inventory().addresses.values() for addr in addrs}
+    e = explain(plan, src, int(sport), dst, int(dport), a.proto.upper(), local)
+    print(e.text())
+    return 0
+
+
+def _open_maps(pin_dir: str) -> dict[str, object]:
+    from xdplb.dataplane.bpfsys import BpfMap
+
+    dirs = sorted(os.listdir(pin_dir)) if os.path.isdir(pin_dir) else []
+    if not dirs:
+        raise SystemExit(f"no pinned maps under {pin_dir}: is the agent running?")
+    base = f"{pin_dir}/{dirs[-1]}"
+    return {n: BpfMap.pinned(f"{base}/{n}") for n in os.listdir(base)}
+
+
+def cmd_conntrack(a: argparse.Namespace) -> int:
+    from xdplb.dataplane import conntrack
+
+    ct = _open_maps(a.pin_dir)["ct"]
+    if a.action == "flush":
+        print(f"flushed {conntrack.flush(ct)} entries")  # type: ignore[arg-type]
+        return 0
+    now = time.monotonic_ns()
+    flows = conntrack.flows(ct)  # type: ignore[arg-type]
+    for f in flows:
+        print(f.describe(now))
+    print(f"{len(flows)} flows")
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from xdplb.dataplane.loader import xdp_state
+
+    try:
+        with open(a.state_file) as f:
+            state = json.load(f)
+    except OSError:
+        print(f"no agent state at {a.state_file}: is the agent running?", file=sys.stderr)
+        return 1
+    print(f"agent pid {state['pid']}, config {state['config']}")
+    print(f"pin directory {state['pin_dir']}")
+    for ifname, mode in state["interfaces"].items():
+        try:
+            st = xdp_state(ifname)
+            print(f"interface {ifname}: XDP {st.mode or 'detached'} (program id {st.prog_id}),"
+                  f" requested {mode}")
+        except Exception as e:
+            print(f"interface {ifname}: {e}")
+    for lst in state["listeners"]:
+        print(f"listener {lst['name']} {lst['address']}:{lst['port']}/{lst['protocol']}: "
+              f"{lst['backends']} backends, {lst['sourceRoutes']} source routes")
+    if state.get("lastError"):
+        print(f"last error: {state['lastError']}")
+    return 0
+
+
+def _load_only(a: argparse.Namespace) -> object:
+    from bcc import BPF
+
+    from xdplb.dataplane.config import cflags
+    from xdplb.dataplane.layout import BPF_DIR
+    from xdplb.dataplane.loader import ensure_bpffs
+
+    pin = f"{a.pin_dir}/verify-{os.getpid()}"
+    ensure_bpffs(a.pin_dir)
+    os.makedirs(pin, exist_ok=True)
+    try:
+        b = BPF(src_file=str(BPF_DIR / "xdplb.c"),
+                cflags=[f"-I{BPF_DIR}", *cflags(pin, capacities(a), timeouts(a))])
+        progs = [b.load_func("xdplb_ingress", BPF.XDP), b.load_func("xdplb_egress",
+                                                                     BPF.SCHED_CLS)]
+        return b, progs
+    finally:
+        subprocess.run(["rm", "-rf", pin], check=False)
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    try:
+        _b, progs = _load_only(a)  # type: ignore[misc]
+    except Exception as e:
+        print(f"verification failed: {e}", file=sys.stderr)
+        return 1
+    for p in progs:
+        print(f"{p.name.decode()}: loaded and verified")
+    return 0
+
+
+def cmd_dump(a: argparse.Namespace) -> int:
+    from xdplb.dataplane.bpfsys import prog_info
+
+    _b, progs = _load_only(a)  # type: ignore[misc]
+    for p in progs:
+        pid = prog_info(p.fd).id
+        print(f"== {p.name.decode()} (id {pid})", flush=True)
+        subprocess.run(["bpftool", "prog", "dump", "xlated", "id", str(pid)], check=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="xdplb", description="XDP layer-4 load balancer")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("agent", help="run the node agent")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML file of LoadBalancers")
+    p.add_argument("--xdp-mode", choices=["native", "generic", "offload"], default="native")
+    p.add_argument("--log-format", choices=["text", "json"], default="text")
+    p.add_argument("--metrics-port", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="replace a foreign XDP program")
+    p.add_argument("--detach-on-exit", action=argparse.BooleanOptionalAction, default=None,
+                   help="remove programs and pins on a clean stop (default: on standalone)")
+    p.add_argument("--cleanup", action="store_true", help="remove programs, filters, pins")
+    p.add_argument("--kubernetes", action="store_true", help="take LoadBalancers from the API")
+    p.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""))
+    p.add_argument("--state-file", default="/run/xdplb/agent.json")
+    add_dataplane_args(p)
+    p.set_defaults(fn=cmd_agent)
+
+    p = sub.add_parser("validate", help="validate a YAML file of LoadBalancers")
+    p.add_argument("file")
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("explain", help="which listener, route and backend a new flow gets")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--src", required=True, help="client IP:PORT")
+    p.add_argument("--dst", required=True, help="destination IP:PORT")
+    p.add_argument("--proto", default="tcp", choices=["tcp", "udp", "TCP", "UDP"])
+    p.add_argument("--any-local", action="store_true",
+                   help="let wildcard listeners match any destination")
+    p.set_defaults(fn=cmd_explain)
+
+    p = sub.add_parser("status", help="interfaces, mode, programs, applied configuration")
+    p.add_argument("--state-file", default="/run/xdplb/agent.json")
+    p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("conntrack", help="list or flush tracked flows")
+    p.add_argument("action", choices=["list", "flush"])
+    p.add_argument("--pin-dir", default="/sys/fs/bpf/xdplb")
+    p.set_defaults(fn=cmd_conntrack)
+
+    for name, fn, text in (("verify", cmd_verify, "compile and load without attaching"),
+                           ("dump", cmd_dump, "print the translated instructions")):
+        p = sub.add_parser(name, help=text)
+        add_dataplane_args(p)
+        p.set_defaults(fn=fn)
+
+    a = ap.parse_args(argv)
+    return int(a.fn(a))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+/* Header parsing shared by XDP and TC: Ethernet with at most one 802.1Q/802.1ad
+ * tag, IPv4 honouring IHL, then TCP or UDP. */
+#ifndef XDPLB_PARSE_H
+#define XDPLB_PARSE_H
+
+enum parse_result { P_OK, P_OTHER, P_MALFORMED, P_FRAGMENT };
+
+struct vlan_hdr {
+	__be16 tci;
+	__be16 proto;
+};
+
+struct pkt {
+	struct iphdr *ip;
+	void *l4;
+	__u16 *l4_csum;
+	__be16 sport;
+	__be16 dport;
+	__u32 ip_off;   /* from the start of the frame */
+	__u32 l4_off;
+	__u8 proto;
+	__u8 tcp_flags; /* TCP byte 13: CWR ECE URG ACK PSH RST SYN FIN */
+};
+
+#define TCPF_FIN 0x01
+#define TCPF_SYN 0x02
+#define TCPF_RST 0x04
+#define TCPF_ACK 0x10
+
+static __always_inline int parse(void *data, void *data_end, struct pkt *p)
+{
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return P_MALFORMED;
+	__be16 h_proto = eth->h_proto;
+	__u32 off = sizeof(*eth);
+	if (h_proto == bpf_htons(ETH_P_8021Q) || h_proto == bpf_htons(ETH_P_8021AD)) {
+		struct vlan_hdr *vh = data + off;
+		if ((void *)(vh + 1) > data_end)
+			return P_MALFORMED;
+		h_proto = vh->proto;
+		off += sizeof(*vh);
+	}
+	if (h_proto != bpf_htons(ETH_P_IP))
+		return P_OTHER;
+
+	struct iphdr *ip = data + off;
+	if ((void *)(ip + 1) > data_end)
+		return P_MALFORMED;
+	__u32 ihl = ip->ihl * 4;
+	if (ip->version != 4 || ihl < sizeof(*ip))
+		return P_MALFORMED;
+	if (bpf_ntohs(ip->tot_len) < ihl)
+		return P_MALFORMED;
+	if (ip->frag_off & bpf_htons(0x3fff))  /* MF or a fragment offset */
+		return P_FRAGMENT;
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return P_OTHER;
+	if ((void *)ip + ihl > data_end)
+		return P_MALFORMED;
+
+	p->ip = ip;
+	p->ip_off = off;
+	p->l4_off = off + ihl;
+	p->proto = ip->protocol;
+	void *l4 = (void *)ip + ihl;
+	p->l4 = l4;
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *tcp = l4;
+		if ((void *)(tcp + 1) > data_end || tcp->doff < 5)
+			return P_MALFORMED;
+		p->sport = tcp->source;
+		p->dport = tcp->dest;
+		p->l4_csum = &tcp->check;
+		p->tcp_flags = ((__u8 *)tcp)[13];
+	} else {
+		struct udphdr *udp = l4;
+		if ((void *)(udp + 1) > data_end)
+			return P_MALFORMED;
+		p->sport = udp->source;
+		p->dport = udp->dest;
+		p->l4_csum = &udp->check;
+		p->tcp_flags = 0;
+	}
+	return P_OK;
+}
+
+#endif

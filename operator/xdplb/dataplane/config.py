@@ -1,0 +1,48 @@
+"""Data-plane capacities and conntrack timeouts: agent flags, compiled into
+the programs (-D) and part of the pin directory's name."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Capacities:
+    conntrack: int = 1_000_000       # flows; the map holds two entries per flow
+    listener_keys: int = 16_384      # (interface, address, port, protocol) entries
+    listeners: int = 4096            # distinct listeners (counters)
+    source_routes: int = 1_000_000   # LPM entries
+    groups: int = 262_144            # distinct backend groups
+    table_slots: int = 4_194_304     # Maglev slots of every group together
+    backends: int = 65_536           # distinct (address, port) backends
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    tcp_established: int = 300
+    tcp_closing: int = 10            # after a RST, or FIN both ways
+    tcp_unreplied: int = 30          # no reply seen yet
+    udp: int = 30
+
+
+def cflags(pin_dir: str, caps: Capacities, timeouts: Timeouts) -> list[str]:
+    defines = {
+        "PIN_DIR": f'"{pin_dir}"',
+        "MAX_LISTENER_KEYS": caps.listener_keys,
+        "MAX_LISTENERS": caps.listeners,
+        "MAX_SOURCE_ROUTES": caps.source_routes,
+        "MAX_GROUPS": caps.groups,
+        "POOL_SIZE": caps.table_slots,
+        "CT_ENTRIES": 2 * caps.conntrack,
+        "MAX_BACKENDS": caps.backends,
+        "CT_TCP_EST_TIMEOUT": timeouts.tcp_established,
+        "CT_TCP_CLOSE_TIMEOUT": timeouts.tcp_closing,
+        "CT_TCP_SYN_TIMEOUT": timeouts.tcp_unreplied,
+        "CT_UDP_TIMEOUT": timeouts.udp,
+    }
+    return [f"-D{k}={v}" for k, v in defines.items()]
+
+
+def capacity_hash(caps: Capacities) -> str:
+    return hashlib.sha256(repr(sorted(asdict(caps).items())).encode()).hexdigest()[:6]

@@ -1,0 +1,57 @@
+"""Plan + interface inventory -> the listener entries the data path needs (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from xdplb.plan.model import Listener, Plan
+
+ListenerKeyTuple = tuple[int, str, int, str]  # (ifindex, address, port, protocol)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What the node has: interface indexes and their IPv4 addresses."""
+
+    ifindex: dict[str, int]
+    addresses: dict[str, tuple[str, ...]]
+    default_interface: str = ""
+
+
+@dataclass
+class Expansion:
+    keys: dict[ListenerKeyTuple, Listener] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def listener_interfaces(lst: Listener, inv: Inventory) -> tuple[str, ...]:
+    return lst.interfaces or ((inv.default_interface,) if inv.default_interface else ())
+
+
+def expand(plan: Plan, inv: Inventory) -> Expansion:
+    """One key per (ingress interface, destination address). A wildcard
+    listener takes every IPv4 address of its interfaces; an exact address
+    beats the wildcard for the same port."""
+    out = Expansion()
+    exact: set[ListenerKeyTuple] = set()
+    for lst in plan.listeners:
+        names = listener_interfaces(lst, inv)
+        if not names:
+            out.problems.append(f"{lst.label}: no interface (no default route)")
+        missing = [n for n in names if n not in inv.ifindex]
+        for n in missing:
+            out.problems.append(f"{lst.label}: interface {n} does not exist")
+        present = [n for n in names if n in inv.ifindex]
+        if lst.address:
+            addrs: list[str] = [lst.address]
+        else:
+            addrs = sorted({a for n in present for a in inv.addresses.get(n, ())})
+        for n in present:
+            for a in addrs:
+                key = (inv.ifindex[n], a, lst.port, lst.protocol)
+                if lst.address:
+                    exact.add(key)
+                    out.keys[key] = lst
+                elif key not in exact:
+                    out.keys.setdefault(key, lst)
+    return out

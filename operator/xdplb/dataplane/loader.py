@@ -1,0 +1,234 @@
+"""Compiles, loads and attaches the data path; owns the pins in bpffs.
+
+Maps are pinned under <pin root>/<layout hash>-<capacity hash>: an agent that
+starts while an earlier one's pins and programs exist adopts the maps (so
+established flows survive) and swaps its programs in atomically.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from xdplb.dataplane import bpfsys
+from xdplb.dataplane.config import Capacities, Timeouts, capacity_hash, cflags
+from xdplb.dataplane.layout import BPF_DIR, MAP_LAYOUTS, layout_hash
+
+log = logging.getLogger(__name__)
+
+XDP_PROG = "xdplb_ingress"
+TC_PROG = "xdplb_egress"
+XDP_FLAGS = {"generic": 1 << 1, "native": 1 << 2, "offload": 1 << 3}
+XDP_ATTACHED_MODE = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload",
+                     1: "native", 2: "generic", 3: "offload"}
+TC_EGRESS_PARENT = 0xFFFFFFF3
+TC_PRIO = 0xC0DE          # fixed prio and handle: replaced in place, never duplicated
+TC_HANDLE = 1
+DEFAULT_PIN_ROOT = "/sys/fs/bpf/xdplb"
+
+
+class AttachError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class XdpState:
+    prog_id: int
+    mode: str   # native | generic | offload | "" when none
+
+
+def ensure_bpffs(root: str) -> None:
+    """Mount a bpffs at (or above) root when none is there yet."""
+    path = Path(root)
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if _fs_type(probe) != "bpf":
+        mount_at = path if _fs_type(path.parent) != "bpf" else path.parent
+        mount_at.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(mount_at)], check=True)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _fs_type(path: Path) -> str:
+    best, fstype = "", ""
+    real = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _dev, mnt, typ, *_ = line.split()
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                best, fstype = mnt, typ
+    return fstype
+
+
+class DataPlane:
+    def __init__(self, pin_root: str = DEFAULT_PIN_ROOT, caps: Capacities | None = None,
+                 timeouts: Timeouts | None = None) -> None:
+        self.pin_root = pin_root
+        self.caps = caps or Capacities()
+        self.timeouts = timeouts or Timeouts()
+        self.pin_dir = f"{pin_root}/{layout_hash()}-{capacity_hash(self.caps)}"
+        self.bpf: Any = None
+        self.xdp_fn: Any = None
+        self.tc_fn: Any = None
+        self.maps: dict[str, bpfsys.BpfMap] = {}
+        self.adopted = False
+
+    # -- load ---------------------------------------------------------------------------
+    def load(self) -> None:
+        from bcc import BPF  # system package: imported late so pure modules never need it
+
+        ensure_bpffs(self.pin_root)
+        stale = [d for d in os.listdir(self.pin_root) if d != os.path.basename(self.pin_dir)]
+        if stale:
+            log.warning("pinned maps with another layout or capacity found (%s): flows "
+                        "tracked there will be lost when their programs are replaced",
+                        ", ".join(stale))
+        self.adopted = os.path.exists(f"{self.pin_dir}/ct")
+        os.makedirs(self.pin_dir, exist_ok=True)
+        self.bpf = BPF(src_file=str(BPF_DIR / "xdplb.c"),
+                       cflags=[f"-I{BPF_DIR}", *cflags(self.pin_dir, self.caps, self.timeouts)])
+        self.xdp_fn = self.bpf.load_func(XDP_PROG, BPF.XDP)
+        self.tc_fn = self.bpf.load_func(TC_PROG, BPF.SCHED_CLS)
+        for name, _k, _v in MAP_LAYOUTS:
+            self.maps[name] = bpfsys.BpfMap(os.dup(self.bpf[name].map_fd), name)
+
+    def remove_stale_pins(self) -> None:
+        for d in os.listdir(self.pin_root):
+            if d != os.path.basename(self.pin_dir):
+                shutil.rmtree(f"{self.pin_root}/{d}", ignore_errors=True)
+
+    # -- attach -------------------------------------------------------------------------
+    def attach(self, ifname: str, mode: str = "native", force: bool = False) -> str:
+        """Attach XDP and TC to ifname; returns the XDP mode in effect."""
+        from bcc import BPF
+
+        if mode == "offload":
+            raise AttachError("offload mode is not supported: the hash, LRU and LPM maps "
+                              "of the data path cannot be offloaded to a NIC")
+        cur = xdp_state(ifname)
+        if cur.prog_id and not force:
+            name = bpfsys.prog_name_by_id(cur.prog_id)
+            if name != XDP_PROG:
+                raise AttachError(f"{ifname} already runs XDP program {name!r} "
+                                  f"(id {cur.prog_id}); pass --force to replace it")
+        if cur.prog_id and cur.mode != mode:
+            log.info("%s: XDP mode %s -> %s: detaching first (packets pass unbalanced "
+                     "for the gap)", ifname, cur.mode, mode)
+            BPF.remove_xdp(ifname, XDP_FLAGS[cur.mode])
+        try:
+            BPF.attach_xdp(ifname, self.xdp_fn, XDP_FLAGS[mode])
+            in_effect = mode
+        except Exception as e:
+            if mode != "native":
+                raise AttachError(f"{ifname}: cannot attach XDP in {mode} mode: {e}") from e
+            log.warning("%s: native XDP unavailable (%s); falling back to generic mode",
+                        ifname, e)
+            BPF.attach_xdp(ifname, self.xdp_fn, XDP_FLAGS["generic"])
+            in_effect = "generic"
+        attach_tc_egress(ifname, self.tc_fn.fd, self.tc_fn.name)
+        return in_effect
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        self.maps.clear()
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+
+def _ifindex(ipr: IPRoute, ifname: str) -> int:
+    idx = ipr.link_lookup(ifname=ifname)
+    if not idx:
+        raise AttachError(f"interface {ifname} does not exist")
+    return int(idx[0])
+
+
+def xdp_state(ifname: str) -> XdpState:
+    with IPRoute() as ipr:
+        link = ipr.get_links(_ifindex(ipr, ifname))[0]
+    xdp = link.get_attr("IFLA_XDP")
+    if not xdp:
+        return XdpState(0, "")
+    attrs = dict(xdp["attrs"])
+    return XdpState(int(attrs.get("IFLA_XDP_PROG_ID") or 0),
+                    XDP_ATTACHED_MODE.get(attrs.get("IFLA_XDP_ATTACHED") or 0, ""))
+
+
+def attach_tc_egress(ifname: str, fd: int, name: str) -> None:
+    with IPRoute() as ipr:
+        idx = _ifindex(ipr, ifname)
+        try:
+            ipr.tc("add", "clsact", idx)
+        except Exception as e:  # an existing clsact is kept: other filters may live there
+            if getattr(e, "code", None) != errno.EEXIST:
+                raise
+        ipr.tc("replace-filter", "bpf", idx, handle=TC_HANDLE, prio=TC_PRIO, fd=fd, name=name,
+               parent=TC_EGRESS_PARENT, classid=1, direct_action=True)
+
+
+def tc_egress_filters(ifname: str) -> list[str]:
+    """Names of the BPF egress filters at our prio."""
+    with IPRoute() as ipr:
+        idx = _ifindex(ipr, ifname)
+        try:
+            filters = ipr.get_filters(idx, parent=TC_EGRESS_PARENT)
+        except Exception:
+            return []
+    names = []
+    for f in filters:
+        opts = f.get_attr("TCA_OPTIONS")
+        if opts and (n := opts.get_attr("TCA_BPF_NAME")):
+            names.append(n)
+    return names
+
+
+def detach(ifname: str) -> bool:
+    """Remove our XDP program and TC filter from ifname; leave anything else."""
+    from bcc import BPF
+
+    removed = False
+    try:
+        cur = xdp_state(ifname)
+    except AttachError:
+        return False
+    if cur.prog_id and bpfsys.prog_name_by_id(cur.prog_id) == XDP_PROG:
+        BPF.remove_xdp(ifname, XDP_FLAGS[cur.mode or "generic"])
+        removed = True
+    with IPRoute() as ipr:
+        idx = _ifindex(ipr, ifname)
+        if any(n.startswith(TC_PROG) for n in tc_egress_filters(ifname)):
+            ipr.tc("del-filter", "bpf", idx, handle=TC_HANDLE, prio=TC_PRIO,
+                   parent=TC_EGRESS_PARENT)
+            removed = True
+    return removed
+
+
+def attached_interfaces() -> list[str]:
+    """Interfaces in this network namespace that run our XDP program."""
+    out = []
+    with IPRoute() as ipr:
+        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+    for n in names:
+        st = xdp_state(n)
+        if st.prog_id and bpfsys.prog_name_by_id(st.prog_id) == XDP_PROG:
+            out.append(n)
+    return out
+
+
+def cleanup(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
+    """Detach from every interface and remove the pins; returns what was detached."""
+    detached = [n for n in attached_interfaces() if detach(n)]
+    if os.path.isdir(pin_root):
+        shutil.rmtree(pin_root, ignore_errors=True)
+    return detached
+

@@ -1,0 +1,71 @@
+"""Which listener, route and backend a new flow gets, from the plan alone."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from xdplb.plan.flowhash import client_hash, flow_hash
+from xdplb.plan.model import Backend, Group, Listener, Plan
+
+
+@dataclass(frozen=True)
+class Explanation:
+    listener: Listener | None
+    route: str            # "source <cidr>", "default", "sni" or "none"
+    group: Group | None
+    slot: int | None
+    backend: Backend | None
+    verdict: str          # dnat | pass | rst | drop
+
+    def text(self) -> str:
+        if self.listener is None:
+            return "no listener: passed untouched"
+        head = (f"listener {self.listener.label} "
+                f"({self.listener.address or '*'}:{self.listener.port}/"
+                f"{self.listener.protocol}), route {self.route}")
+        if self.verdict == "pass":
+            return f"{head}: left to the SNI path (backend chosen from the ClientHello)"
+        if self.backend is None:
+            return f"{head}: no eligible backend: {self.verdict}"
+        return (f"{head}: table slot {self.slot} of {len(self.group.table) if self.group else 0}"
+                f" -> backend {self.backend.address}:{self.backend.port}")
+
+
+def find_listener(plan: Plan, dst: str, dport: int, protocol: str,
+                  local_addresses: set[str] | None = None) -> Listener | None:
+    """An exact address beats the wildcard; a wildcard matches the node's own
+    addresses (all of them when they are not given)."""
+    candidates = [lst for lst in plan.listeners if lst.port == dport
+                  and lst.protocol == protocol]
+    for lst in candidates:
+        if lst.address == dst:
+            return lst
+    for lst in candidates:
+        if lst.address is None and (local_addresses is None or dst in local_addresses):
+            return lst
+    return None
+
+
+def explain(plan: Plan, src: str, sport: int, dst: str, dport: int, protocol: str = "TCP",
+            local_addresses: set[str] | None = None) -> Explanation:
+    lst = find_listener(plan, dst, dport, protocol, local_addresses)
+    if lst is None:
+        return Explanation(None, "none", None, None, None, "pass")
+    client = ipaddress.IPv4Address(src)
+    hits = [r for r in lst.source_routes if client in r.network]
+    if hits:
+        best = max(hits, key=lambda r: r.network.prefixlen)
+        group, route = best.group, f"source {best.cidr}"
+    elif lst.sni:
+        return Explanation(lst, "sni", None, None, None, "pass")
+    else:
+        group, route = lst.default, "default"
+    table = group.table
+    if not table:
+        return Explanation(lst, route, group, None, None,
+                           "rst" if protocol == "TCP" else "drop")
+    h = client_hash(src) if lst.client_ip_affinity else flow_hash(src, dst, sport, dport,
+                                                                  protocol)
+    slot = h % len(table)
+    return Explanation(lst, route, group, slot, group.backends[table[slot]], "dnat")

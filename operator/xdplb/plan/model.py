@@ -1,0 +1,94 @@
+"""The data-plane plan: pure, hashable data computed from validated specs.
+
+No kernel, no API: the operator, the cluster agent and the standalone agent
+compute the same plan from the same manifests, and `xdplb explain` answers
+from it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from xdplb.plan import maglev
+
+
+@dataclass(frozen=True, order=True)
+class Backend:
+    address: str
+    port: int
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class Group:
+    """A set of weighted backends in canonical order; identical groups are
+    equal, so they share one table in the data plane."""
+
+    backends: tuple[Backend, ...]
+
+    @staticmethod
+    def of(backends: list[Backend] | tuple[Backend, ...]) -> Group:
+        return Group(tuple(sorted(backends, key=lambda b: (ipaddress.ip_address(b.address),
+                                                           b.port, b.weight))))
+
+    @cached_property
+    def table(self) -> tuple[int, ...]:
+        return maglev.build_table(self.backends)
+
+
+@dataclass(frozen=True)
+class SourceRoute:
+    cidr: str
+    group: Group
+
+    @cached_property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.cidr)
+
+
+@dataclass(frozen=True)
+class SniRoute:
+    hostname: str
+    group: Group
+
+
+@dataclass(frozen=True)
+class Listener:
+    owner: str                    # namespace/name of the LoadBalancer
+    name: str
+    address: str | None           # None: every address of the interfaces
+    port: int
+    protocol: str                 # TCP | UDP
+    interfaces: tuple[str, ...]   # empty: the interface of the default route
+    default: Group
+    source_routes: tuple[SourceRoute, ...] = ()
+    sni_routes: tuple[SniRoute, ...] = ()
+    client_ip_affinity: bool = False
+
+    @property
+    def identity(self) -> tuple[str | None, int, str]:
+        return (self.address, self.port, self.protocol)
+
+    @property
+    def sni(self) -> bool:
+        return bool(self.sni_routes)
+
+    @property
+    def label(self) -> str:
+        return f"{self.owner}/{self.name}"
+
+    def groups(self) -> list[Group]:
+        return [self.default, *(r.group for r in self.source_routes),
+                *(r.group for r in self.sni_routes)]
+
+
+@dataclass(frozen=True)
+class Plan:
+    listeners: tuple[Listener, ...] = field(default_factory=tuple)
+
+    def interfaces(self, default: str) -> tuple[str, ...]:
+        """Every interface the data plane attaches to, in a stable order."""
+        names = {name for lst in self.listeners for name in (lst.interfaces or (default,))}
+        return tuple(sorted(names))

@@ -1,0 +1,199 @@
+"""Load LoadBalancer manifests from multi-document YAML.
+
+Every problem of every document is collected before raising, so one run of
+the agent (or a dry run) shows the whole list instead of one error at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from xdplb.spec.model import LoadBalancer, format_errors, show_value
+
+__all__ = ["DEFAULT_LIMITS", "Limits", "SpecError", "load_file", "parse_manifests"]
+
+
+class SpecError(Exception):
+    """Invalid configuration; `errors` holds one `<source>: <path>: <message>` per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Capacity of the data-plane maps (agent flags); the schema bounds one manifest only."""
+
+    max_listeners: int = 4096  # listener entries across all documents
+    max_backends_per_group: int = 1024  # cannot usefully exceed the schema's 1024
+    max_source_routes: int = 1_000_000  # sum across all listeners
+    max_sni_routes: int = 1_000_000
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys, which PyYAML silently overwrites."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):
+                continue  # unhashable: the base class reports it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_documents(text: str, source: str) -> list[Any]:
+    try:
+        return list(yaml.load_all(text, Loader=_Loader))  # _Loader is a SafeLoader
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        context = f" ({exc.context})" if exc.context else ""
+        raise SpecError([f"{source}: {where}{exc.problem}{context}"]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([f"{source}: invalid YAML: {exc}"]) from None
+
+
+def _label(doc: Any, source: str, number: int) -> str:
+    """'file.yaml document 2 (default/web)', with the name when one can be found."""
+    label = f"{source} document {number}"
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    if isinstance(meta, dict) and isinstance(meta.get("name"), str):
+        namespace = meta.get("namespace")
+        namespace = namespace if isinstance(namespace, str) else "default"
+        label += f" ({namespace}/{meta['name']})"
+    return label
+
+
+def _document_errors(doc: Any) -> list[str]:
+    """Reasons the raw document is not a LoadBalancer at all (checked before the model)."""
+    if not isinstance(doc, dict):
+        kind = "a list" if isinstance(doc, list) else f"{type(doc).__name__} {doc!r}"
+        return [f"document must be a mapping, got {kind}"]
+    # Another kind (a Service in the same file, say) would only drown in field errors.
+    if "kind" not in doc:
+        return ["kind: is required"]
+    if doc["kind"] != "LoadBalancer":
+        return [f"kind: expected LoadBalancer, got {show_value(doc['kind'])}"]
+    return []
+
+
+def parse_manifests(
+    text: str, source: str = "<config>", limits: Limits = DEFAULT_LIMITS
+) -> list[LoadBalancer]:
+    """Parse and validate every LoadBalancer in `text`; raise SpecError listing all problems."""
+    errors: list[str] = []
+    valid: list[tuple[str, LoadBalancer]] = []
+    for number, doc in enumerate(_yaml_documents(text, source), start=1):
+        if doc is None:  # empty document, e.g. a trailing '---'
+            continue
+        label = _label(doc, source, number)
+        problems = _document_errors(doc)
+        if not problems:
+            try:
+                valid.append((label, LoadBalancer.model_validate(doc)))
+            except ValidationError as exc:
+                problems = format_errors(exc)
+        errors += [f"{label}: {problem}" for problem in problems]
+
+    errors += _cross_document_errors(valid)
+    errors += _limit_errors(valid, source, limits)
+    if errors:
+        raise SpecError(errors)
+    return [lb for _, lb in valid]
+
+
+def _cross_document_errors(valid: list[tuple[str, LoadBalancer]]) -> Iterator[str]:
+    names: dict[str, str] = {}
+    # Same-document duplicates are the model's; here only pairs across documents.
+    listeners: dict[tuple[str | None, int, str], tuple[int, str]] = {}
+    for doc_index, (label, lb) in enumerate(valid):
+        if lb.qualified_name in names:
+            yield (
+                f"{label}: metadata.name: LoadBalancer {lb.qualified_name} "
+                f"is also defined by {names[lb.qualified_name]}"
+            )
+        else:
+            names[lb.qualified_name] = label
+        for i, listener in enumerate(lb.spec.listeners):
+            where = f"{lb.qualified_name} spec.listeners[{i}]"
+            first = listeners.setdefault(listener.identity, (doc_index, where))
+            if first[0] != doc_index:
+                yield (
+                    f"{label}: spec.listeners[{i}]: listener {listener.endpoint} "
+                    f"is also defined by {first[1]}"
+                )
+
+
+def _limit_errors(valid: list[tuple[str, LoadBalancer]], source: str, limits: Limits) -> list[str]:
+    errors: list[str] = []
+    listeners = [(label, i, ln) for label, lb in valid for i, ln in enumerate(lb.spec.listeners)]
+    for label, i, listener in listeners:
+        groups = [(f"spec.listeners[{i}].backends", listener.backends)]
+        groups += [
+            (f"spec.listeners[{i}].{kind}[{j}].backends", route.backends)
+            for kind, routes in (
+                ("sourceRoutes", listener.source_routes),
+                ("sniRoutes", listener.sni_routes),
+            )
+            for j, route in enumerate(routes)
+        ]
+        errors += [
+            f"{label}: {path}: {len(group)} backends exceed the capacity "
+            f"{limits.max_backends_per_group} (--max-backends-per-group)"
+            for path, group in groups
+            if len(group) > limits.max_backends_per_group
+        ]
+
+    totals = [
+        (len(listeners), "listeners", limits.max_listeners, "--max-listeners"),
+        (
+            sum(len(ln.source_routes) for _, _, ln in listeners),
+            "source routes",
+            limits.max_source_routes,
+            "--max-source-routes",
+        ),
+        (
+            sum(len(ln.sni_routes) for _, _, ln in listeners),
+            "SNI routes",
+            limits.max_sni_routes,
+            "--max-sni-routes",
+        ),
+    ]
+    errors += [
+        f"{source}: {count} {what} exceed the capacity {capacity} ({flag})"
+        for count, what, capacity, flag in totals
+        if count > capacity
+    ]
+    return errors
+
+
+def load_file(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> list[LoadBalancer]:
+    """Read `path` and parse it; unreadable files are a SpecError too (no traceback)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError([f"{path}: not UTF-8 text: {exc.reason}"]) from None
+    return parse_manifests(text, source=str(path), limits=limits)
