@@ -13,6 +13,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+
 from xdplb.spec import model
 from xdplb.spec.load import Limits, SpecError, load_file, parse_manifests
 from xdplb.spec.model import (

@@ -1,0 +1,68 @@
+"""Shared helpers of the benchmarks: run facts, statistics, text tables, bpffs."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PIN_BASE = "/run/xdplb-bench/bpf"
+
+
+def git_commit() -> str:
+    res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                         capture_output=True, text=True)
+    commit = res.stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return commit + ("+dirty" if dirty else "")
+
+
+def header(title: str, xdp_mode: str, extra: Sequence[str] = ()) -> str:
+    lines = [title, "=" * len(title),
+             f"kernel {platform.release()}  commit {git_commit()}  cpus {os.cpu_count()}  "
+             f"XDP mode: {xdp_mode}", *extra]
+    return "\n".join(lines)
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def fmt_stat(xs: Sequence[float], digits: int = 1) -> str:
+    """'median (min–max)'."""
+    if not xs:
+        return "n/a"
+    return f"{median(xs):.{digits}f} ({min(xs):.{digits}f}–{max(xs):.{digits}f})"
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    out = []
+    for n, r in enumerate(cells):
+        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def mount_bpffs(path: str = PIN_BASE) -> None:
+    """`ip netns exec` gives its command a fresh /sys: pins must live elsewhere."""
+    os.makedirs(path, exist_ok=True)
+    if subprocess.run(["mountpoint", "-q", path]).returncode != 0:
+        subprocess.run(["mount", "-t", "bpf", "bpf", path], check=True)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        sys.exit("run as root (BPF, network namespaces)")

@@ -1,0 +1,195 @@
+"""Plan -> map entries as diffs, checked on in-memory maps with the real
+encodings (the kernel side is covered by the PROG_TEST_RUN tests)."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+
+from xdplb.dataplane import layout as L
+from xdplb.dataplane.alloc import CapacityError, IdAllocator, RegionAllocator
+from xdplb.dataplane.config import Capacities
+from xdplb.dataplane.entries import Inventory, expand
+from xdplb.dataplane.writer import MapWriter, listener_key, lpm_key
+from xdplb.plan.planner import build_plan
+from xdplb.spec.load import parse_manifests
+
+
+class MemoryMap:
+    def __init__(self, value_size: int = 8) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.syscalls = 0
+        self.value_size = value_size
+
+    def update(self, key: bytes, value: bytes) -> None:
+        self.syscalls += 1
+        self.data[key] = value
+
+    def delete(self, key: bytes) -> None:
+        self.syscalls += 1
+        del self.data[key]
+
+    def update_batch(self, keys: list[bytes], values: list[bytes]) -> None:
+        self.syscalls += 1
+        self.data.update(zip(keys, values, strict=True))
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        return list(self.data.items())
+
+
+NAMES = ["listeners", "src_routes", "groups", "pool", "port_filter", "listener_stats",
+         "backend_stats"]
+INV = Inventory(ifindex={"eth0": 2, "eth1": 3}, addresses={"eth0": ("10.0.0.1",),
+                                                           "eth1": ("10.1.0.1", "10.1.0.2")},
+                default_interface="eth0")
+
+
+def manifest(routes: int = 3, weight: int = 1, wildcard: bool = False) -> str:
+    addr = "" if wildcard else "    address: 192.0.2.10\n"
+    lines = "".join(f"    - cidr: 198.{i // 256}.{i % 256}.0/24\n      backends: [{{address: "
+                    f"10.9.{i % 256}.{i // 256 + 2}, port: 80}}]\n" for i in range(routes))
+    return f"""
+apiVersion: xdplb.io/v1alpha1
+kind: LoadBalancer
+metadata: {{name: web}}
+spec:
+  interfaces: [eth0, eth1]
+  listeners:
+  - name: http
+    protocol: TCP
+    port: 80
+{addr}    backends:
+    - {{address: 10.0.0.11, port: 8080, weight: {weight}}}
+    - {{address: 10.0.0.12, port: 8080}}
+    sourceRoutes:
+{lines}"""
+
+
+def writer() -> tuple[MapWriter, dict[str, MemoryMap]]:
+    maps = {n: MemoryMap() for n in NAMES}
+    return MapWriter(maps, Capacities(table_slots=200_000)), maps
+
+
+def plan_of(text: str):  # type: ignore[no-untyped-def]
+    return build_plan(parse_manifests(text))
+
+
+def test_first_apply_writes_everything_and_second_nothing() -> None:
+    w, maps = writer()
+    r1 = w.apply(plan_of(manifest()), INV)
+    assert r1.written > 0 and r1.problems == []
+    assert len(maps["listeners"].data) == 2          # VIP on eth0 and eth1
+    assert len(maps["src_routes"].data) == 3
+    r2 = w.apply(plan_of(manifest()), INV)
+    assert (r2.written, r2.deleted, r2.syscalls) == (0, 0, 0)
+
+
+def test_one_route_change_writes_a_handful_independent_of_size() -> None:
+    for n in (10, 2000):
+        w, _maps = writer()
+        w.apply(plan_of(manifest(routes=n)), INV)
+        changed = manifest(routes=n).replace("10.9.5.2,", "10.9.5.99,")
+        r = w.apply(plan_of(changed), INV)
+        # new 1-slot table + group record + LPM entry + old group released next time
+        assert r.written <= 4 and r.deleted == 0, r.summary()
+        assert r.syscalls <= 5
+
+
+def test_changed_group_written_whole_before_switch() -> None:
+    w, maps = writer()
+    w.apply(plan_of(manifest()), INV)
+    old = dict(maps["listeners"].data)
+    w.apply(plan_of(manifest(weight=3)), INV)
+    new = maps["listeners"].data
+    old_gid = L.ListenerVal.from_buffer_copy(next(iter(old.values()))).group
+    new_val = L.ListenerVal.from_buffer_copy(next(iter(new.values())))
+    assert new_val.group != old_gid
+    g = L.GroupVal.from_buffer_copy(maps["groups"].data[new_val.group.to_bytes(4, "little")])
+    assert g.flags & L.GF_IN_USE and g.size == 2003  # prime >= 1000 x 2 backends
+    slots = [L.BackendSlot.from_buffer_copy(maps["pool"].data[(g.offset + i).to_bytes(
+        4, "little")]) for i in range(g.size)]
+    counts = {L.from_be32(s.addr): 0 for s in slots}
+    for s in slots:
+        counts[L.from_be32(s.addr)] += 1
+    assert counts == {"10.0.0.11": 1502, "10.0.0.12": 501}  # 3:1 by largest remainder
+    # The replaced group is released one apply later, not while packets may read it.
+    og = L.GroupVal.from_buffer_copy(maps["groups"].data[old_gid.to_bytes(4, "little")])
+    assert og.flags & L.GF_IN_USE
+    w.apply(plan_of(manifest(weight=3)), INV)
+    og = L.GroupVal.from_buffer_copy(maps["groups"].data[old_gid.to_bytes(4, "little")])
+    assert not og.flags & L.GF_IN_USE
+
+
+def test_wildcard_expands_to_interface_addresses_and_exact_wins() -> None:
+    plan = plan_of(manifest(wildcard=True))
+    exp = expand(plan, INV)
+    addrs = sorted({k[1] for k in exp.keys})
+    assert addrs == ["10.0.0.1", "10.1.0.1", "10.1.0.2"]
+    assert {k[0] for k in exp.keys} == {2, 3}
+    both = plan_of(manifest(wildcard=True) + "---\n" + manifest(wildcard=False).replace(
+        "name: web", "name: vip").replace("192.0.2.10", "10.0.0.1"))
+    exp2 = expand(both, INV)
+    assert exp2.keys[(2, "10.0.0.1", 80, "TCP")].owner == "default/vip"
+    assert exp2.keys[(2, "10.1.0.1", 80, "TCP")].owner == "default/web"
+
+
+def test_missing_interface_is_a_problem_not_a_crash() -> None:
+    w, _ = writer()
+    inv = Inventory(ifindex={"eth0": 2}, addresses={}, default_interface="eth0")
+    r = w.apply(plan_of(manifest()), inv)
+    assert r.problems == ["default/web/http: interface eth1 does not exist"]
+
+
+def test_removed_listener_deletes_its_entries_and_port() -> None:
+    w, maps = writer()
+    w.apply(plan_of(manifest()), INV)
+    assert maps["port_filter"].data[(80).to_bytes(4, "little")] == (1 << 6).to_bytes(4, "little")
+    other = manifest(routes=0).replace("port: 80\n    address", "port: 81\n    address")
+    other = other.replace("    sourceRoutes:\n", "")
+    r = w.apply(plan_of(other), INV)
+    assert r.deleted == 2 + 3
+    assert maps["port_filter"].data[(80).to_bytes(4, "little")] == bytes(4)
+    assert maps["src_routes"].data == {}
+
+
+def test_encodings_are_network_order() -> None:
+    k = L.ListenerKey.from_buffer_copy(listener_key(7, "192.0.2.10", 80, "TCP"))
+    raw = bytes(k)
+    assert raw[:4] == (7).to_bytes(4, "little") and raw[4:8] == bytes([192, 0, 2, 10])
+    assert raw[8:10] == (80).to_bytes(2, "big") and raw[10] == 6
+    lk = bytes(L.LpmKey.from_buffer_copy(lpm_key(5, "198.51.100.0/24")))
+    assert lk[:4] == (56).to_bytes(4, "little") and lk[4:8] == (5).to_bytes(4, "big")
+    assert lk[8:12] == bytes([198, 51, 100, 0])
+    assert ctypes.sizeof(L.CtVal) == 64
+
+
+def test_capacity_errors_name_the_flag() -> None:
+    maps = {n: MemoryMap() for n in NAMES}
+    w = MapWriter(maps, Capacities(source_routes=2))
+    with pytest.raises(CapacityError, match="--max-source-routes"):
+        w.apply(plan_of(manifest(routes=3)), INV)
+    w2 = MapWriter({n: MemoryMap() for n in NAMES}, Capacities(table_slots=100))
+    with pytest.raises(CapacityError, match="--table-slots"):
+        w2.apply(plan_of(manifest()), INV)
+
+
+def test_allocators() -> None:
+    ids = IdAllocator(3, "things")
+    assert [ids.allocate() for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(CapacityError):
+        ids.allocate()
+    ids.free(1)
+    assert ids.allocate() == 1
+    r = RegionAllocator(100)
+    a, b = r.allocate(30), r.allocate(30)
+    assert (a, b) == (0, 30)
+    r.free(a, 30)
+    assert r.allocate(10) == 0
+    r.free(0, 10)
+    r.free(b, 30)
+    assert r.free_slots == 100 and r.allocate(100) == 0
+    r2 = RegionAllocator(100)
+    r2.reserve(40, 20)
+    assert r2.free_slots == 80
+    assert r2.allocate(40) == 0 and r2.allocate(40) == 60
