@@ -197,6 +197,8 @@ class Agent:
         return int(m.group(1))
 
     def cleanup(self) -> None:
+        if os.environ.get("XE_KEEP_LOGS"):
+            shutil.copy(self.log, os.environ["XE_KEEP_LOGS"] + "/" + self.log.name)
         if self.proc is not None and self.proc.poll() is None:
             self.lab.stop(self.proc)
         shutil.rmtree(self.pin_dir, ignore_errors=True)

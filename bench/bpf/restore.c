@@ -5,7 +5,7 @@
  * `restore` copies the original frame (kept in the `frame` map) back over the
  * packet, optionally gives it a fresh source address/port (VARY: each run is a
  * new flow; checksums fixed incrementally), then tail-calls progs[0]: the
- * program under test or the parse-only `floor`.
+ * program under test or the parse-only `parse_floor`.
  *
  * Compiled with bcc; -I operator/xdplb/dataplane/bpf for parse.h and csum.h.
  * FRAME_LEN: the frame size in bytes. Frames carry no IP options. */
@@ -64,7 +64,7 @@ int restore(struct xdp_md *ctx)
 }
 
 /* The floor: the product's parser and nothing else. */
-int floor(struct xdp_md *ctx)
+int parse_floor(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;

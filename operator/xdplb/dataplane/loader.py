@@ -94,12 +94,12 @@ class DataPlane:
                         ", ".join(stale))
         self.adopted = os.path.exists(f"{self.pin_dir}/ct")
         os.makedirs(self.pin_dir, exist_ok=True)
-        self.bpf = BPF(src_file=str(BPF_DIR / "xdplb.c"),
+        self.bpf = BPF(src_file=str(BPF_DIR / "xdplb.c").encode(),
                        cflags=[f"-I{BPF_DIR}", *cflags(self.pin_dir, self.caps, self.timeouts)])
-        self.xdp_fn = self.bpf.load_func(XDP_PROG, BPF.XDP)
-        self.tc_fn = self.bpf.load_func(TC_PROG, BPF.SCHED_CLS)
+        self.xdp_fn = self.bpf.load_func(XDP_PROG.encode(), BPF.XDP)
+        self.tc_fn = self.bpf.load_func(TC_PROG.encode(), BPF.SCHED_CLS)
         for name, _k, _v in MAP_LAYOUTS:
-            self.maps[name] = bpfsys.BpfMap(os.dup(self.bpf[name].map_fd), name)
+            self.maps[name] = bpfsys.BpfMap(os.dup(self.bpf[name.encode()].map_fd), name)
 
     def remove_stale_pins(self) -> None:
         for d in os.listdir(self.pin_root):

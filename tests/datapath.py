@@ -1,0 +1,249 @@
+"""Shared helpers for the data-path tests: a loaded data plane driven with
+BPF_PROG_TEST_RUN, map readers, and expected-packet builders (scapy)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import uuid
+from typing import Any
+
+import pytest
+import yaml
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+from xdplb.dataplane import bpfsys, conntrack
+from xdplb.dataplane import layout as L
+from xdplb.dataplane.config import Capacities, Timeouts
+from xdplb.dataplane.entries import Inventory
+from xdplb.dataplane.writer import ApplyResult, MapWriter
+from xdplb.plan.model import Plan
+from xdplb.plan.planner import build_plan
+from xdplb.spec.load import parse_manifests
+
+XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
+TC_ACT_OK = 0
+LO = 1
+
+CAPS = Capacities(conntrack=4096, table_slots=200_000, source_routes=1000, groups=1000,
+                  listener_keys=256, listeners=256, backends=1024)
+INV = Inventory(ifindex={"lo": LO}, addresses={"lo": ("127.0.0.1",)}, default_interface="lo")
+
+CLIENT_MAC = "02:00:00:00:00:01"
+LB_MAC = "02:00:00:00:00:02"
+
+needs_bpf = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.isdir("/sys/fs/bpf"),
+    reason="needs root and a bpffs at /sys/fs/bpf")
+
+
+# --- plans ---------------------------------------------------------------------------
+
+def backend(address: str, port: int, weight: int = 1) -> dict[str, Any]:
+    return {"address": address, "port": port, "weight": weight}
+
+
+def listener(name: str, port: int, backends: list[dict[str, Any]], protocol: str = "TCP",
+             address: str | None = "192.0.2.10", **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": name, "protocol": protocol, "port": port,
+                           "backends": backends, **extra}
+    if address is not None:
+        out["address"] = address
+    return out
+
+
+def manifest(*listeners: dict[str, Any]) -> str:
+    return yaml.safe_dump({
+        "apiVersion": "xdplb.io/v1alpha1",
+        "kind": "LoadBalancer",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"interfaces": ["lo"], "listeners": list(listeners)},
+    }, sort_keys=False)
+
+
+def plan_of(*listeners: dict[str, Any]) -> Plan:
+    return build_plan(parse_manifests(manifest(*listeners)))
+
+
+# --- the data plane under test --------------------------------------------------------
+
+def xdp_ctx(length: int, ifindex: int = LO) -> bytes:
+    """struct xdp_md for PROG_TEST_RUN: data at offset 0, data_end = the frame length,
+    no metadata, queue 0, egress_ifindex 0 (the kernel rejects anything else)."""
+    return struct.pack("=6I", 0, length, 0, ifindex, 0, 0)
+
+
+class Harness:
+    """One compiled and loaded data plane (not attached anywhere), pinned under a
+    unique bpffs directory that `close` removes."""
+
+    def __init__(self) -> None:
+        from xdplb.dataplane.loader import DataPlane
+
+        self.pin_root = f"/sys/fs/bpf/xdplb-t-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.dp = DataPlane(pin_root=self.pin_root, caps=CAPS, timeouts=Timeouts())
+        try:
+            self.dp.load()
+        except BaseException:
+            self.dp.close()
+            shutil.rmtree(self.pin_root, ignore_errors=True)
+            raise
+        self.maps = self.dp.maps
+        self.writer = MapWriter(self.maps, CAPS)
+
+    def close(self) -> None:
+        self.dp.close()
+        shutil.rmtree(self.pin_root, ignore_errors=True)
+
+    # maps -----------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Empty listeners, routes, port filter, conntrack and counters; a fresh writer."""
+        self.writer.apply(Plan(), INV)
+        self.writer.apply(Plan(), INV)  # releases the groups retired by the first
+        self.writer = MapWriter(self.maps, CAPS)
+        conntrack.flush(self.maps["ct"])
+        stats = self.maps["stats"]
+        for st in range(len(L.Stat)):
+            stats.update(st.to_bytes(4, "little"), bytes(stats.value_size))
+
+    def apply(self, plan: Plan) -> ApplyResult:
+        res = self.writer.apply(plan, INV)
+        assert not res.problems, res.problems
+        return res
+
+    def stats(self) -> dict[L.Stat, int]:
+        raw = dict(self.maps["stats"].items())
+        return {st: _percpu_sum(raw[st.value.to_bytes(4, "little")], 1)[0] for st in L.Stat}
+
+    def listener_stats(self, address: str | None, port: int,
+                       protocol: str = "TCP") -> tuple[int, int, int]:
+        lid = self.writer.listener_ids[(address, port, protocol)]
+        return self._flow_stats("listener_stats", lid)
+
+    def backend_stats(self, address: str, port: int) -> tuple[int, int, int]:
+        return self._flow_stats("backend_stats", self.writer.backend_ids[(address, port)])
+
+    def all_flow_stats(self) -> tuple[int, int, int]:
+        """Sum of (packets, bytes, flows) over every listener and backend counter."""
+        total = [0, 0, 0]
+        for name in ("listener_stats", "backend_stats"):
+            for _k, v in self.maps[name].items():
+                total = [a + b for a, b in zip(total, _percpu_sum(v, 3), strict=True)]
+        return total[0], total[1], total[2]
+
+    def _flow_stats(self, name: str, idx: int) -> tuple[int, int, int]:
+        raw = self.maps[name].lookup(idx.to_bytes(4, "little"))
+        assert raw is not None
+        p, b, f = _percpu_sum(raw, 3)
+        return p, b, f
+
+    def ct(self) -> dict[tuple[str, int, str, int, int, int], L.CtVal]:
+        """Conntrack entries keyed (src, sport, dst, dport, proto, dir)."""
+        return {(L.from_be32(k.src), L.from_be16(k.sport), L.from_be32(k.dst),
+                 L.from_be16(k.dport), k.proto, k.dir): v
+                for k, v in conntrack.read(self.maps["ct"])}
+
+    def put_ct(self, src: str, sport: int, dst: str, dport: int, proto: int, direction: int,
+               val: L.CtVal) -> None:
+        key = L.CtKey(L.be32(src), L.be32(dst), L.be16(sport), L.be16(dport), proto,
+                      direction, 0)
+        self.maps["ct"].update(bytes(key), bytes(val))
+
+    def flush_ct(self) -> None:
+        conntrack.flush(self.maps["ct"])
+
+    # programs -------------------------------------------------------------------------
+    def xdp(self, frame: bytes, ifindex: int = LO) -> bpfsys.TestRun:
+        return bpfsys.prog_test_run(self.dp.xdp_fn.fd, frame, ctx=xdp_ctx(len(frame), ifindex))
+
+    def tc(self, frame: bytes) -> bpfsys.TestRun:
+        return bpfsys.prog_test_run(self.dp.tc_fn.fd, frame)
+
+
+def _percpu_sum(raw: bytes, fields: int) -> tuple[int, ...]:
+    ncpu = bpfsys.possible_cpus()
+    per = len(raw) // ncpu
+    sums = [0] * fields
+    for c in range(ncpu):
+        vals = struct.unpack_from(f"={fields}Q", raw, c * per)
+        sums = [a + b for a, b in zip(sums, vals, strict=True)]
+    return tuple(sums)
+
+
+def stats_delta(before: dict[L.Stat, int], after: dict[L.Stat, int]) -> dict[L.Stat, int]:
+    """Only the counters that moved."""
+    return {st: after[st] - before[st] for st in L.Stat if after[st] != before[st]}
+
+
+# --- packets -------------------------------------------------------------------------
+
+def ether() -> Ether:
+    return Ether(src=CLIENT_MAC, dst=LB_MAC)
+
+
+def syn(src: str = "10.10.1.2", sport: int = 40000, dst: str = "192.0.2.10", dport: int = 80,
+        **tcp: Any) -> bytes:
+    return bytes(ether() / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags="S",
+                                                      seq=1000, **tcp))
+
+
+def segment(src: str = "10.10.1.2", sport: int = 40000, dst: str = "192.0.2.10",
+            dport: int = 80, flags: str = "A", payload: bytes = b"hello") -> bytes:
+    return bytes(ether() / IP(src=src, dst=dst)
+                 / TCP(sport=sport, dport=dport, flags=flags, seq=1001, ack=5000) / payload)
+
+
+def udp(src: str = "10.10.1.2", sport: int = 40000, dst: str = "192.0.2.10", dport: int = 53,
+        payload: bytes = b"query", chksum: int | None = None) -> bytes:
+    return bytes(ether() / IP(src=src, dst=dst) / UDP(sport=sport, dport=dport, chksum=chksum)
+                 / payload)
+
+
+def _l4(pkt: Ether) -> TCP | UDP:
+    return pkt[TCP] if TCP in pkt else pkt[UDP]
+
+
+def rewritten(frame: bytes, *, dst: tuple[str, int] | None = None,
+              src: tuple[str, int] | None = None) -> bytes:
+    """The frame with its destination (DNAT) or source (reply SNAT) address and port
+    replaced and both checksums recomputed by scapy; a UDP checksum of 0 (none) stays 0."""
+    pkt = Ether(frame)
+    assert bytes(pkt) == frame, "scapy does not rebuild this frame byte for byte"
+    ip, l4 = pkt[IP], _l4(pkt)
+    if dst:
+        ip.dst, l4.dport = dst
+    if src:
+        ip.src, l4.sport = src
+    del ip.chksum
+    if not (isinstance(l4, UDP) and l4.chksum == 0):
+        del l4.chksum
+    return bytes(pkt)
+
+
+def dnat(frame: bytes, addr: str, port: int) -> bytes:
+    return rewritten(frame, dst=(addr, port))
+
+
+def reply_snat(frame: bytes, addr: str, port: int) -> bytes:
+    return rewritten(frame, src=(addr, port))
+
+
+def checksums_valid(frame: bytes) -> bool:
+    """scapy recomputes the IP and L4 checksums to the values in the frame."""
+    pkt = Ether(frame)
+    return rewritten(frame) == bytes(pkt)
+
+
+def dst_of(frame: bytes, ip_off: int = 14) -> tuple[str, int]:
+    """Destination address and port of an IPv4/TCP-or-UDP frame."""
+    ihl = (frame[ip_off] & 0xF) * 4
+    addr = ".".join(str(b) for b in frame[ip_off + 16:ip_off + 20])
+    port = struct.unpack_from("!H", frame, ip_off + ihl + 2)[0]
+    return addr, port
+
+
+__all__ = ["CAPS", "INV", "LB_MAC", "CLIENT_MAC", "TC_ACT_OK", "XDP_DROP", "XDP_PASS",
+           "XDP_TX", "Harness", "backend", "checksums_valid", "dnat", "dst_of", "ether",
+           "listener", "manifest", "needs_bpf", "plan_of", "reply_snat", "rewritten",
+           "segment", "stats_delta", "syn", "udp"]

@@ -1,0 +1,114 @@
+"""Attaching: modes, mode changes, foreign programs, detach and cleanup, on a
+real veth pair in a network namespace of its own."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from xdplb.dataplane import loader
+from xdplb.dataplane.config import Capacities
+
+NS = "xat-ns"
+PIN_ROOT = "/sys/fs/bpf/xdplb-test-attach"
+CAPS = Capacities(conntrack=1024, table_slots=4096, source_routes=64, groups=64,
+                  listener_keys=64, listeners=64, backends=64)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "setns")
+
+
+def sh(cmd: str) -> str:
+    return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[None]:
+    """Enter a fresh network namespace (the mount namespace stays: pins are visible)."""
+    subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+    sh(f"ip netns add {NS}")
+    own = os.open("/proc/self/ns/net", os.O_RDONLY)
+    fd = os.open(f"/run/netns/{NS}", os.O_RDONLY)
+    setns(fd)
+    os.close(fd)
+    sh("ip link add xa0 type veth peer name xa1 && ip link set xa0 up && ip link set xa1 up")
+    try:
+        yield
+    finally:
+        setns(own)
+        os.close(own)
+        sh(f"ip netns del {NS}")
+
+
+@pytest.fixture(scope="module")
+def dp(netns: None) -> Iterator[loader.DataPlane]:
+    d = loader.DataPlane(PIN_ROOT, CAPS)
+    d.load()
+    yield d
+    d.close()
+    shutil.rmtree(PIN_ROOT, ignore_errors=True)
+
+
+def tc_egress(dev: str) -> str:
+    return sh(f"tc filter show dev {dev} egress")
+
+
+def test_native_then_generic_then_detach(dp: loader.DataPlane) -> None:
+    assert dp.attach("xa0", "native") == "native"
+    st = loader.xdp_state("xa0")
+    assert st.mode == "native" and st.prog_id
+    assert "xdplb_egress" in tc_egress("xa0")
+    # Re-attaching in the same mode replaces in place.
+    assert dp.attach("xa0", "native") == "native"
+    assert tc_egress("xa0").count("name xdplb_egress") == 1
+    # A mode change detaches first (an attach over the other mode would fail).
+    assert dp.attach("xa0", "generic") == "generic"
+    assert loader.xdp_state("xa0").mode == "generic"
+    assert loader.attached_interfaces() == ["xa0"]
+    assert loader.detach("xa0")
+    assert loader.xdp_state("xa0").prog_id == 0
+    assert "xdplb" not in tc_egress("xa0")
+    assert "clsact" in sh("tc qdisc show dev xa0")  # never deleted: others may share it
+
+
+def test_offload_is_refused_clearly(dp: loader.DataPlane) -> None:
+    with pytest.raises(loader.AttachError, match="cannot be offloaded"):
+        dp.attach("xa0", "offload")
+
+
+def test_foreign_program_needs_force(dp: loader.DataPlane) -> None:
+    from bcc import BPF
+
+    other = BPF(text="int other_prog(struct xdp_md *ctx) { return XDP_PASS; }")
+    fn = other.load_func("other_prog", BPF.XDP)
+    BPF.attach_xdp("xa1", fn, loader.XDP_FLAGS["generic"])
+    try:
+        with pytest.raises(loader.AttachError, match="other_prog.*--force"):
+            dp.attach("xa1", "generic")
+        assert dp.attach("xa1", "generic", force=True) == "generic"
+        assert loader.attached_interfaces() == ["xa1"]
+    finally:
+        loader.detach("xa1")
+        BPF.remove_xdp("xa1", loader.XDP_FLAGS["generic"])
+        other.cleanup()
+
+
+def test_cleanup_removes_programs_filters_and_pins(dp: loader.DataPlane) -> None:
+    dp.attach("xa0", "native")
+    dp.attach("xa1", "generic")
+    assert os.listdir(PIN_ROOT)
+    assert sorted(loader.cleanup(PIN_ROOT)) == ["xa0", "xa1"]
+    assert loader.attached_interfaces() == []
+    assert "xdplb" not in tc_egress("xa0") + tc_egress("xa1")
+    assert not os.path.exists(PIN_ROOT)
