@@ -94,7 +94,7 @@ def test_foreign_program_needs_force(dp: loader.DataPlane) -> None:
     fn = other.load_func("other_prog", BPF.XDP)
     BPF.attach_xdp("xa1", fn, loader.XDP_FLAGS["generic"])
     try:
-        with pytest.raises(loader.AttachError, match="other_prog.*--force"):
+        with pytest.raises(loader.AttachError, match=r"other_prog.*--force"):
             dp.attach("xa1", "generic")
         assert dp.attach("xa1", "generic", force=True) == "generic"
         assert loader.attached_interfaces() == ["xa1"]
