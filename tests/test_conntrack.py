@@ -1,0 +1,75 @@
+"""The user-space side of conntrack on a real pinned map: sweep and flush."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from xdplb.dataplane import conntrack
+from xdplb.dataplane import layout as L
+from xdplb.dataplane.config import Capacities, Timeouts
+from xdplb.dataplane.loader import DataPlane
+
+PIN_ROOT = "/sys/fs/bpf/xdplb-test-ct"
+
+
+@pytest.fixture(scope="module")
+def dp() -> Iterator[DataPlane]:
+    d = DataPlane(PIN_ROOT, Capacities(conntrack=1024, table_slots=1024, source_routes=16,
+                                       groups=16, listener_keys=16, listeners=16, backends=16))
+    d.load()
+    yield d
+    d.close()
+    shutil.rmtree(PIN_ROOT, ignore_errors=True)
+
+
+def put_flow(dp: DataPlane, client_port: int, idle_s: float, flags: int = L.CT_REPLIED,
+             proto: int = 6) -> None:
+    now = time.monotonic_ns()
+    last = now - int(idle_s * 1e9)
+    fwd = L.CtKey(L.be32("10.10.1.2"), L.be32("192.0.2.10"), L.be16(client_port), L.be16(80),
+                  proto, 0, 0)
+    rev = L.CtKey(L.be32("10.20.1.2"), L.be32("10.10.1.2"), L.be16(8080), L.be16(client_port),
+                  proto, 1, 0)
+    v = L.CtVal(L.be32("10.20.1.2"), L.be16(8080), 0, 0, flags, last, last)
+    r = L.CtVal(L.be32("192.0.2.10"), L.be16(80), 0, 0, 0, last, last)
+    dp.maps["ct"].update(bytes(fwd), bytes(v))
+    dp.maps["ct"].update(bytes(rev), bytes(r))
+
+
+def ports(dp: DataPlane) -> set[int]:
+    return {L.from_be16(f.key.sport) for f in conntrack.flows(dp.maps["ct"])}
+
+
+def test_sweep_deletes_expired_flows_and_their_reply_entries(dp: DataPlane) -> None:
+    conntrack.flush(dp.maps["ct"])
+    put_flow(dp, 1000, idle_s=10)                                  # established, fresh
+    put_flow(dp, 1001, idle_s=400)                                 # established, expired
+    put_flow(dp, 1002, idle_s=40, flags=0)                         # never replied: 30 s
+    put_flow(dp, 1003, idle_s=20, flags=L.CT_FIN_FWD | L.CT_FIN_REV)  # closed: 10 s
+    put_flow(dp, 1004, idle_s=20, flags=L.CT_REPLIED | L.CT_FIN_FWD)  # half-closed: 300 s
+    put_flow(dp, 1005, idle_s=31, flags=0, proto=17)               # UDP: 30 s
+    left, deleted = conntrack.sweep(dp.maps["ct"], Timeouts())
+    assert ports(dp) == {1000, 1004}
+    assert (left, deleted) == (4, 8)
+    assert sum(1 for k, _v in conntrack.read(dp.maps["ct"]) if k.dir == 1) == 2
+    states = {L.from_be16(f.key.sport): f.state() for f in conntrack.flows(dp.maps["ct"])}
+    assert states == {1000: "established", 1004: "closing"}
+
+
+def test_sweep_removes_orphaned_reply_entries(dp: DataPlane) -> None:
+    conntrack.flush(dp.maps["ct"])
+    put_flow(dp, 2000, idle_s=1)
+    fwd = L.CtKey(L.be32("10.10.1.2"), L.be32("192.0.2.10"), L.be16(2000), L.be16(80), 6, 0, 0)
+    dp.maps["ct"].delete(bytes(fwd))
+    assert conntrack.sweep(dp.maps["ct"], Timeouts()) == (0, 1)
+
+
+def test_flush_empties_the_map(dp: DataPlane) -> None:
+    for p in range(3000, 3300):
+        put_flow(dp, p, idle_s=1)
+    assert conntrack.flush(dp.maps["ct"]) >= 600
+    assert conntrack.read(dp.maps["ct"]) == []
