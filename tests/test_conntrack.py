@@ -73,3 +73,22 @@ def test_flush_empties_the_map(dp: DataPlane) -> None:
         put_flow(dp, p, idle_s=1)
     assert conntrack.flush(dp.maps["ct"]) >= 600
     assert conntrack.read(dp.maps["ct"]) == []
+
+
+def test_metrics_read_kernel_counters(dp: DataPlane) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from xdplb.agent.metrics import DataPlaneCollector
+
+    ncpu_value = bytes(dp.maps["stats"].value_size)
+    one = (5).to_bytes(8, "little") + ncpu_value[8:]
+    dp.maps["stats"].update(int(L.Stat.NEW_DEFAULT).to_bytes(4, "little"), one)
+    fs = bytes(L.FlowStats(7, 700, 3))
+    raw = fs + bytes(dp.maps["backend_stats"].value_size - len(fs))
+    dp.maps["backend_stats"].update((2).to_bytes(4, "little"), raw)
+    reg = CollectorRegistry()
+    reg.register(DataPlaneCollector(dp.maps, lambda: ({}, {2: "10.20.1.2:8080"})))
+    text = generate_latest(reg).decode()
+    assert 'xdplb_packets_by_path_total{path="new_default"} 5.0' in text
+    assert 'xdplb_backend_packets_total{backend="10.20.1.2:8080"} 7.0' in text
+    assert 'xdplb_backend_new_flows_total{backend="10.20.1.2:8080"} 3.0' in text
