@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check operator tests scripts
+.venv/bin/ruff check operator tests scripts bench
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

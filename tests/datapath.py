@@ -13,6 +13,7 @@ import pytest
 import yaml
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
+
 from xdplb.dataplane import bpfsys, conntrack
 from xdplb.dataplane import layout as L
 from xdplb.dataplane.config import Capacities, Timeouts
@@ -103,9 +104,11 @@ class Harness:
         self.writer.apply(Plan(), INV)  # releases the groups retired by the first
         self.writer = MapWriter(self.maps, CAPS)
         conntrack.flush(self.maps["ct"])
-        stats = self.maps["stats"]
-        for st in range(len(L.Stat)):
-            stats.update(st.to_bytes(4, "little"), bytes(stats.value_size))
+        for name, n in (("stats", len(L.Stat)), ("listener_stats", CAPS.listeners),
+                        ("backend_stats", CAPS.backends)):
+            m = self.maps[name]
+            m.update_batch([i.to_bytes(4, "little") for i in range(n)],
+                           [bytes(m.value_size)] * n)
 
     def apply(self, plan: Plan) -> ApplyResult:
         res = self.writer.apply(plan, INV)
@@ -126,11 +129,10 @@ class Harness:
 
     def all_flow_stats(self) -> tuple[int, int, int]:
         """Sum of (packets, bytes, flows) over every listener and backend counter."""
-        total = [0, 0, 0]
-        for name in ("listener_stats", "backend_stats"):
-            for _k, v in self.maps[name].items():
-                total = [a + b for a, b in zip(total, _percpu_sum(v, 3), strict=True)]
-        return total[0], total[1], total[2]
+        raw = b"".join(v for name in ("listener_stats", "backend_stats")
+                       for _k, v in self.maps[name].items())
+        words = memoryview(raw).cast("Q")  # per-CPU flow_stats back to back: 3 u64 each
+        return sum(words[0::3]), sum(words[1::3]), sum(words[2::3])
 
     def _flow_stats(self, name: str, idx: int) -> tuple[int, int, int]:
         raw = self.maps[name].lookup(idx.to_bytes(4, "little"))
@@ -183,9 +185,9 @@ def ether() -> Ether:
 
 
 def syn(src: str = "10.10.1.2", sport: int = 40000, dst: str = "192.0.2.10", dport: int = 80,
-        **tcp: Any) -> bytes:
+        seq: int = 1000, **tcp: Any) -> bytes:
     return bytes(ether() / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags="S",
-                                                      seq=1000, **tcp))
+                                                      seq=seq, **tcp))
 
 
 def segment(src: str = "10.10.1.2", sport: int = 40000, dst: str = "192.0.2.10",
@@ -243,7 +245,29 @@ def dst_of(frame: bytes, ip_off: int = 14) -> tuple[str, int]:
     return addr, port
 
 
-__all__ = ["CAPS", "INV", "LB_MAC", "CLIENT_MAC", "TC_ACT_OK", "XDP_DROP", "XDP_PASS",
-           "XDP_TX", "Harness", "backend", "checksums_valid", "dnat", "dst_of", "ether",
-           "listener", "manifest", "needs_bpf", "plan_of", "reply_snat", "rewritten",
-           "segment", "stats_delta", "syn", "udp"]
+__all__ = [
+    "CAPS",
+    "CLIENT_MAC",
+    "INV",
+    "LB_MAC",
+    "TC_ACT_OK",
+    "XDP_DROP",
+    "XDP_PASS",
+    "XDP_TX",
+    "Harness",
+    "backend",
+    "checksums_valid",
+    "dnat",
+    "dst_of",
+    "ether",
+    "listener",
+    "manifest",
+    "needs_bpf",
+    "plan_of",
+    "reply_snat",
+    "rewritten",
+    "segment",
+    "stats_delta",
+    "syn",
+    "udp",
+]

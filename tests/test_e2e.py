@@ -197,8 +197,6 @@ class Agent:
         return int(m.group(1))
 
     def cleanup(self) -> None:
-        if os.environ.get("XE_KEEP_LOGS"):
-            shutil.copy(self.log, os.environ["XE_KEEP_LOGS"] + "/" + self.log.name)
         if self.proc is not None and self.proc.poll() is None:
             self.lab.stop(self.proc)
         shutil.rmtree(self.pin_dir, ignore_errors=True)
@@ -326,6 +324,8 @@ def finish_stream(lab: Lab, p: Proc, agent: Agent, what: str) -> dict[str, objec
 
 def test_tcp_many_streams_balanced(baseline: tuple[Lab, Agent]) -> None:
     lab, agent = baseline
+    for dev in (lab.lb_client_if, lab.lb_client2_if):
+        assert f"attached to {dev}: XDP native mode" in agent.text(), agent.tail()
     n = 300
     res = lab.tcp_clients("cli", VIP, VIP_TCP, count=n, concurrency=30, up=MIB, down=MIB,
                           timeout=30)
@@ -400,7 +400,7 @@ def test_bad_file_keeps_last_good_state(baseline: tuple[Lab, Agent]) -> None:
 
 def test_sigkill_restart_keeps_flows(make_env) -> None:  # type: ignore[no-untyped-def]
     lab, agent = make_env("xek")
-    stream = lab.start_long_stream("cli", VIP, VIP_SINK, seconds=12, rate_mbit=100)
+    stream = lab.start_long_stream("cli", VIP, VIP_SINK, seconds=9, rate_mbit=100)
     res = lab.udp_clients("cli", VIP, VIP_UDP, count=30)  # UDP flows live 30 s
     check_ok(res, "UDP before the kill", agent)
     time.sleep(1)

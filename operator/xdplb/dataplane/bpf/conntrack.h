@@ -24,7 +24,10 @@ static __always_inline __u64 ct_timeout_ns(const struct ct_val *v, __u8 proto)
 
 static __always_inline int ct_expired(const struct ct_val *v, __u8 proto, __u64 now)
 {
-	return now - v->last_ns > ct_timeout_ns(v, proto);
+	/* Another CPU may have stamped the entry after this one read the clock:
+	 * a last_ns ahead of now must not wrap around into "expired". */
+	__u64 last = v->last_ns;
+	return now > last && now - last > ct_timeout_ns(v, proto);
 }
 
 /* Record a packet on the flow's dir-0 entry: state, idle clock, counters. */

@@ -1,0 +1,708 @@
+"""The XDP and TC programs, run with BPF_PROG_TEST_RUN on crafted frames: exact output
+bytes (checksums recomputed by scapy), conntrack entries and counters."""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert, in4_chksum
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
+
+from tests.datapath import (
+    CLIENT_MAC,
+    LB_MAC,
+    TC_ACT_OK,
+    XDP_DROP,
+    XDP_PASS,
+    XDP_TX,
+    Harness,
+    backend,
+    checksums_valid,
+    dnat,
+    ether,
+    listener,
+    needs_bpf,
+    plan_of,
+    reply_snat,
+    rewritten,
+    segment,
+    stats_delta,
+    syn,
+    udp,
+)
+from xdplb.dataplane import layout as L
+from xdplb.dataplane.layout import Stat
+
+pytestmark = needs_bpf
+
+VIP = "192.0.2.10"
+CLIENT = "10.10.1.2"
+B1 = ("10.20.1.2", 8080)
+B2 = ("10.20.2.2", 8080)
+UB1 = ("10.20.1.2", 5353)
+TCP_LST = listener("tcp", 80, [backend(*B1)])
+UDP_LST = listener("udp", 53, [backend(*UB1)], protocol="UDP")
+NEW_STATS = {Stat.NEW_DEFAULT, Stat.NEW_SRC_ROUTE, Stat.ESTABLISHED, Stat.SNI_PASS,
+             Stat.NO_BACKEND_RST, Stat.NO_BACKEND_DROP, Stat.CT_FULL}
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[Harness]:
+    h = Harness()
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def lb(harness: Harness) -> Harness:
+    harness.reset()
+    return harness
+
+
+def fwd_key(src: str = CLIENT, sport: int = 40000, dst: str = VIP, dport: int = 80,
+            proto: int = 6) -> tuple[str, int, str, int, int, int]:
+    return (src, sport, dst, dport, proto, 0)
+
+
+def rev_key(b: tuple[str, int] = B1, client: str = CLIENT, cport: int = 40000,
+            proto: int = 6) -> tuple[str, int, str, int, int, int]:
+    return (b[0], b[1], client, cport, proto, 1)
+
+
+def reply_tcp(b: tuple[str, int] = B1, client: str = CLIENT, cport: int = 40000,
+              flags: str = "SA", payload: bytes = b"") -> bytes:
+    return bytes(Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(src=b[0], dst=client)
+                 / TCP(sport=b[1], dport=cport, flags=flags, seq=5000, ack=1001) / payload)
+
+
+def reply_udp(b: tuple[str, int] = UB1, client: str = CLIENT, cport: int = 40000,
+              payload: bytes = b"answer", chksum: int | None = None) -> bytes:
+    return bytes(Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(src=b[0], dst=client)
+                 / UDP(sport=b[1], dport=cport, chksum=chksum) / payload)
+
+
+def ct_val(nat: tuple[str, int], listener_id: int = 0, backend_id: int = 0, flags: int = 0,
+           idle_s: float = 0.0) -> L.CtVal:
+    last = time.monotonic_ns() - int(idle_s * 1e9)
+    return L.CtVal(L.be32(nat[0]), L.be16(nat[1]), backend_id, listener_id, flags, last, last)
+
+
+def put_flow(lb: Harness, nat: tuple[str, int], flags: int = 0, idle_s: float = 0.0,
+             sport: int = 40000, proto: int = 6, vip_port: int = 80) -> None:
+    """A flow CLIENT:sport -> VIP:vip_port tracked to `nat`, both entries."""
+    lb.put_ct(CLIENT, sport, VIP, vip_port, proto, 0, ct_val(nat, flags=flags, idle_s=idle_s))
+    lb.put_ct(nat[0], nat[1], CLIENT, sport, proto, 1, ct_val((VIP, vip_port), idle_s=idle_s))
+
+
+# --- 1. a new flow ---------------------------------------------------------------------
+
+def test_syn_to_listener_is_dnatted_and_tracked(lb: Harness) -> None:
+    lb.apply(plan_of(TCP_LST, UDP_LST))
+    frame = syn()
+    before = lb.stats()
+    t0 = time.monotonic_ns()
+    r = lb.xdp(frame)
+    t1 = time.monotonic_ns()
+
+    assert r.retval == XDP_PASS
+    assert r.data == dnat(frame, *B1)
+    ct = lb.ct()
+    assert set(ct) == {fwd_key(), rev_key()}
+    lid = lb.writer.listener_ids[(VIP, 80, "TCP")]
+    bid = lb.writer.backend_ids[B1]
+    f, rv = ct[fwd_key()], ct[rev_key()]
+    assert (L.from_be32(f.nat_addr), L.from_be16(f.nat_port)) == B1
+    assert (f.backend, f.listener, f.flags) == (bid, lid, 0)
+    assert t0 <= f.created_ns == f.last_ns <= t1
+    assert list(f.packets) == [1, 0] and list(f.bytes) == [len(frame), 0]
+    assert (L.from_be32(rv.nat_addr), L.from_be16(rv.nat_port)) == (VIP, 80)
+    assert (rv.backend, rv.listener, rv.flags) == (bid, lid, 0)
+    assert t0 <= rv.created_ns == rv.last_ns <= t1
+    assert list(rv.packets) == [0, 0] and list(rv.bytes) == [0, 0]
+    assert stats_delta(before, lb.stats()) == {Stat.NEW_DEFAULT: 1}
+    assert lb.listener_stats(VIP, 80) == (1, len(frame), 1)
+    assert lb.backend_stats(*B1) == (1, len(frame), 1)
+
+
+def test_udp_to_listener_is_dnatted(lb: Harness) -> None:
+    lb.apply(plan_of(TCP_LST, UDP_LST))
+    frame = udp()
+    r = lb.xdp(frame)
+    assert r.retval == XDP_PASS
+    assert r.data == dnat(frame, *UB1)
+    assert set(lb.ct()) == {fwd_key(dport=53, proto=17), rev_key(UB1, proto=17)}
+    assert lb.listener_stats(VIP, 53, "UDP") == (1, len(frame), 1)
+
+
+# --- 2. established flows follow their entry ------------------------------------------
+
+def test_established_flow_follows_entry_after_group_change(lb: Harness) -> None:
+    lb.apply(plan_of(TCP_LST))
+    first = syn()
+    assert lb.xdp(first).data == dnat(first, *B1)
+    lb.apply(plan_of(listener("tcp", 80, [backend(*B2), backend("10.20.3.2", 8080)])))
+
+    before = lb.stats()
+    data = segment(flags="PA", payload=b"GET / HTTP/1.0\r\n\r\n")
+    r = lb.xdp(data)
+    assert r.retval == XDP_PASS
+    assert r.data == dnat(data, *B1)
+    again = syn()  # the client retransmits its SYN
+    r = lb.xdp(again)
+    assert r.retval == XDP_PASS
+    assert r.data == dnat(again, *B1)
+    assert stats_delta(before, lb.stats()) == {Stat.ESTABLISHED: 2}
+    f = lb.ct()[fwd_key()]
+    assert list(f.packets) == [3, 0]
+    assert list(f.bytes) == [len(first) + len(data) + len(again), 0]
+    assert lb.listener_stats(VIP, 80) == (3, len(first) + len(data) + len(again), 1)
+
+    other = syn(sport=40001)  # a new flow takes the new group
+    r = lb.xdp(other)
+    assert r.retval == XDP_PASS
+    assert lb.ct()[fwd_key(sport=40001)].nat_addr in (L.be32(B2[0]), L.be32("10.20.3.2"))
+
+
+def test_fin_and_rst_flags_are_recorded(lb: Harness) -> None:
+    lb.apply(plan_of(TCP_LST))
+    lb.xdp(syn())
+    lb.xdp(segment(flags="FA", payload=b""))
+    assert lb.ct()[fwd_key()].flags == L.CT_FIN_FWD
+    lb.tc(reply_tcp(flags="FA"))
+    assert lb.ct()[fwd_key()].flags == L.CT_FIN_FWD | L.CT_FIN_REV | L.CT_REPLIED
+
+
+# --- 3. replies through TC egress -----------------------------------------------------
+
+def test_tcp_reply_source_restored(lb: Harness) -> None:
+    lb.apply(plan_of(TCP_LST))
+    lb.xdp(syn())
+    before = lb.stats()
+    reply = reply_tcp(payload=b"hi")
+    r = lb.tc(reply)
+    assert r.retval == TC_ACT_OK
+    assert r.data == reply_snat(reply, VIP, 80)
+    assert stats_delta(before, lb.stats()) == {Stat.REPLY_NAT: 1}
+    f = lb.ct()[fwd_key()]
+    assert f.flags == L.CT_REPLIED
+    assert list(f.packets) == [1, 1] and f.bytes[1] == len(reply)
+    assert lb.listener_stats(VIP, 80)[:2] == (2, len(syn()) + len(reply))
+
+
+def test_udp_reply_source_restored(lb: Harness) -> None:
+    lb.apply(plan_of(UDP_LST))
+    lb.xdp(udp())
+    reply = reply_udp()
+    r = lb.tc(reply)
+    assert r.retval == TC_ACT_OK
+    assert r.data == reply_snat(reply, VIP, 53)
+    assert Ether(r.data)[UDP].chksum not in (0, None)
+
+
+def test_udp_without_checksum_keeps_none(lb: Harness) -> None:
+    lb.apply(plan_of(UDP_LST))
+    frame = udp(chksum=0)
+    r = lb.xdp(frame)
+    assert r.data == dnat(frame, *UB1)
+    assert Ether(r.data)[UDP].chksum == 0
+    reply = reply_udp(chksum=0)
+    r = lb.tc(reply)
+    assert r.data == reply_snat(reply, VIP, 53)
+    assert Ether(r.data)[UDP].chksum == 0
+
+
+def _port_making_udp_checksum_zero(make: object, rewrite: object, field: str) -> int:
+    """A port (the `field` of `make`'s packet) for which the rewritten packet's computed
+    UDP checksum is 0, i.e. must be sent as 0xffff. A port change of d moves the one's
+    complement sum by d, so the candidate is computed from one sample and verified."""
+    base = 40000
+    out = Ether(rewrite(make(base)))  # type: ignore[operator]
+    total = ~out[UDP].chksum & 0xFFFF  # one's complement sum over the packet
+    for cand in ((base + 0xFFFF - total) % 0xFFFF, (base - total) % 0xFFFF):
+        if not 1024 <= cand <= 65535:
+            continue
+        pkt = Ether(rewrite(make(cand)))  # type: ignore[operator]
+        u = pkt[UDP].copy()
+        u.chksum = 0
+        if in4_chksum(17, pkt[IP], bytes(u)) == 0 and pkt[UDP].chksum == 0xFFFF:
+            assert getattr(pkt[UDP], field) == cand
+            return cand
+    for cand in range(1024, 65536):  # fall back to a plain search
+        pkt = Ether(rewrite(make(cand)))  # type: ignore[operator]
+        if pkt[UDP].chksum == 0xFFFF:
+            return cand
+    raise AssertionError("no port found")
+
+
+def test_udp_dnat_computed_zero_checksum_is_sent_as_ffff(lb: Harness) -> None:
+    lb.apply(plan_of(UDP_LST))
+    sport = _port_making_udp_checksum_zero(lambda p: udp(sport=p),
+                                           lambda f: dnat(f, *UB1), "sport")
+    frame = udp(sport=sport)
+    assert Ether(frame)[UDP].chksum not in (0, 0xFFFF)
+    r = lb.xdp(frame)
+    assert r.retval == XDP_PASS
+    assert r.data == dnat(frame, *UB1)
+    assert Ether(r.data)[UDP].chksum == 0xFFFF
+
+
+def test_udp_reply_computed_zero_checksum_is_sent_as_ffff(lb: Harness) -> None:
+    lb.apply(plan_of(UDP_LST))
+    cport = _port_making_udp_checksum_zero(lambda p: reply_udp(cport=p),
+                                           lambda f: reply_snat(f, VIP, 53), "dport")
+    lb.xdp(udp(sport=cport))
+    reply = reply_udp(cport=cport)
+    assert Ether(reply)[UDP].chksum not in (0, 0xFFFF)
+    r = lb.tc(reply)
+    assert r.data == reply_snat(reply, VIP, 53)
+    assert Ether(r.data)[UDP].chksum == 0xFFFF
+
+
+def test_udp_dnat_intermediate_zero_checksum(lb: Harness) -> None:
+    """The address is rewritten before the port: a checksum that is 0 in between must
+    not be taken for "no checksum" (which would skip the port's update)."""
+    lb.apply(plan_of(UDP_LST))
+    sport = _port_making_udp_checksum_zero(lambda p: udp(sport=p),
+                                           lambda f: rewritten(f, dst=(UB1[0], 53)), "sport")
+    frame = udp(sport=sport)
+    r = lb.xdp(frame)
+    assert r.data == dnat(frame, *UB1)
+    assert checksums_valid(r.data)
+
+
+def test_udp_reply_intermediate_zero_checksum(lb: Harness) -> None:
+    lb.apply(plan_of(UDP_LST))
+    cport = _port_making_udp_checksum_zero(lambda p: reply_udp(cport=p),
+                                           lambda f: rewritten(f, src=(VIP, UB1[1])), "dport")
+    lb.xdp(udp(sport=cport))
+    reply = reply_udp(cport=cport)
+    r = lb.tc(reply)
+    assert r.data == reply_snat(reply, VIP, 53)
+    assert checksums_valid(r.data)
+
+
+def test_reply_without_entry_untouched(lb: Harness) -> None:
+    lb.apply(plan_of(TCP_LST))
+    lb.xdp(syn())
+    before = lb.stats()
+    for reply in (reply_tcp(cport=40001), reply_tcp(b=B2), reply_udp(b=B1)):
+        r = lb.tc(reply)
+        assert (r.retval, r.data) == (TC_ACT_OK, reply)
+    assert stats_delta(before, lb.stats()) == {}
+
+
+# --- 4. IP options and VLAN tags --------------------------------------------------------
+
+@pytest.mark.parametrize("frame", [
+    bytes(ether() / IP(src=CLIENT, dst=VIP, options=[IPOption_Router_Alert()])
+          / TCP(sport=40000, dport=80, flags="S")),
+    bytes(ether() / Dot1Q(vlan=7) / IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80,
+                                                                   flags="S")),
+    bytes(ether() / Dot1AD(vlan=9) / IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80,
+                                                                    flags="S") / b"x"),
+    bytes(ether() / Dot1Q(vlan=7) / IP(src=CLIENT, dst=VIP, options=[IPOption_Router_Alert()])
+          / UDP(sport=40000, dport=53) / b"q"),
+], ids=["ip-options", "802.1q", "802.1ad", "802.1q-options-udp"])
+def test_dnat_with_options_and_vlan(lb: Harness, frame: bytes) -> None:
+    lb.apply(plan_of(TCP_LST, UDP_LST))
+    r = lb.xdp(frame)
+    assert r.retval == XDP_PASS
+    target = UB1 if UDP in Ether(frame) else B1
+    assert r.data == dnat(frame, *target)
+    assert len(lb.ct()) == 2
+
+
+def test_reply_with_options_and_vlan(lb: Harness) -> None:
+    lb.apply(plan_of(TCP_LST))
+    lb.xdp(syn())
+    reply = bytes(Ether() / Dot1Q(vlan=7) / IP(src=B1[0], dst=CLIENT,
+                                              options=[IPOption_Router_Alert()])
+                  / TCP(sport=B1[1], dport=40000, flags="SA"))
+    r = lb.tc(reply)
+    assert r.data == reply_snat(reply, VIP, 80)
+
+
+# --- 5. traffic that is not ours ------------------------------------------------------------
+
+UNTOUCHED = {
+    "fragment-mf": (bytes(ether() / IP(src=CLIENT, dst=VIP, flags="MF")
+                          / TCP(sport=40000, dport=80, flags="S")), Stat.FRAGMENT),
+    "fragment-offset": (bytes(ether() / IP(src=CLIENT, dst=VIP, frag=3, proto=6)
+                              / (b"\x9c\x40\x00\x50" + bytes(16))), Stat.FRAGMENT),
+    "arp": (bytes(ether() / ARP(psrc=CLIENT, pdst=VIP)), Stat.NOMATCH),
+    "ipv6": (bytes(ether() / IPv6(src="2001:db8::1", dst="2001:db8::10")
+                   / TCP(sport=40000, dport=80, flags="S")), Stat.NOMATCH),
+    "icmp": (bytes(ether() / IP(src=CLIENT, dst=VIP) / ICMP()), Stat.NOMATCH),
+    "other-port": (syn(dport=81), Stat.NOMATCH),
+    "other-address": (syn(dst="192.0.2.99"), Stat.NOMATCH),
+    "udp-to-tcp-port": (udp(dport=80), Stat.NOMATCH),
+    "tcp-to-udp-port": (syn(dport=53), Stat.NOMATCH),
+    "vlan-ipv6": (bytes(ether() / Dot1Q(vlan=3) / IPv6() / UDP(dport=53)), Stat.NOMATCH),
+}
+
+
+@pytest.mark.parametrize("name", list(UNTOUCHED))
+def test_not_for_a_listener_passes_untouched(lb: Harness, name: str) -> None:
+    frame, stat = UNTOUCHED[name]
+    lb.apply(plan_of(TCP_LST, UDP_LST))
+    before = lb.stats()
+    r = lb.xdp(frame)
+    assert (r.retval, r.data) == (XDP_PASS, frame)
+    assert lb.ct() == {}
+    assert stats_delta(before, lb.stats()) == {stat: 1}
+    assert lb.all_flow_stats() == (0, 0, 0)
+
+
+# --- 6. expiry and closed flows --------------------------------------------------------------
+
+OLD = ("10.99.0.1", 7777)  # where a stale entry points: never a backend of the plan
+
+
+def test_expired_entry_non_syn_is_untracked(lb: Harness) -> None:
+    lb.apply(plan_of(TCP_LST))
+    put_flow(lb, OLD, flags=L.CT_REPLIED, idle_s=400)
+    before_ct = {k: bytes(v) for k, v in lb.ct().items()}
+    before = lb.stats()
+    frame = segment()
+    r = lb.xdp(frame)
+    assert (r.retval, r.data) == (XDP_PASS, frame)
+    assert stats_delta(before, lb.stats()) == {Stat.UNTRACKED: 1}
+    assert {k: bytes(v) for k, v in lb.ct().items()} == before_ct
+
+
+def test_expired_entry_syn_starts_new_flow(lb: Harness) -> None:
+    lb.apply(plan_of(TCP_LST))
+    put_flow(lb, OLD, flags=L.CT_REPLIED, idle_s=400)
+    before = lb.stats()
+    t0 = time.monotonic_ns()
+    frame = syn()
+    r = lb.xdp(frame)
+    assert r.data == dnat(frame, *B1)
+    assert stats_delta(before, lb.stats()) == {Stat.NEW_DEFAULT: 1}
+    f = lb.ct()[fwd_key()]
+    assert (L.from_be32(f.nat_addr), L.from_be16(f.nat_port)) == B1
+    assert f.created_ns >= t0 and f.flags == 0 and list(f.packets) == [1, 0]
+    assert rev_key() in lb.ct()
+
+
+def test_expired_entry_reply_untouched(lb: Harness) -> None:
+    lb.apply(plan_of(TCP_LST))
+    put_flow(lb, B1, flags=L.CT_REPLIED, idle_s=400)
+    before = lb.stats()
+    reply = reply_tcp(flags="A")
+    r = lb.tc(reply)
+    assert (r.retval, r.data) == (TC_ACT_OK, reply)
+    assert stats_delta(before, lb.stats()) == {Stat.REPLY_EXPIRED: 1}
+
+
+def test_entry_stamped_after_the_clock_was_read_is_live(lb: Harness) -> None:
+    """Another CPU may stamp last_ns after this packet read the clock: an entry whose
+    last_ns is ahead of now is live, not expired by a wrapped subtraction."""
+    lb.apply(plan_of(TCP_LST))
+    put_flow(lb, OLD, flags=L.CT_REPLIED, idle_s=-5)
+    before = lb.stats()
+    frame = segment()
+    assert lb.xdp(frame).data == dnat(frame, *OLD)
+    reply = reply_tcp(b=OLD, flags="A")
+    put_flow(lb, OLD, flags=L.CT_REPLIED, idle_s=-5)
+    assert lb.tc(reply).data == reply_snat(reply, VIP, 80)
+    assert stats_delta(before, lb.stats()) == {Stat.ESTABLISHED: 1, Stat.REPLY_NAT: 1}
+
+
+@pytest.mark.parametrize(("flags", "idle_s", "proto", "alive"), [
+    (L.CT_RST, 0, 6, False),
+    (L.CT_FIN_FWD | L.CT_FIN_REV | L.CT_REPLIED, 0, 6, False),
+    (L.CT_FIN_FWD | L.CT_REPLIED, 0, 6, True),       # half closed: still the same flow
+    (L.CT_REPLIED, 0, 6, True),
+    (0, 40, 6, False),                                # unreplied SYN timeout (30 s)
+    (L.CT_REPLIED, 40, 6, True),                      # established timeout (300 s)
+    (L.CT_RST, 20, 6, False),
+    (0, 20, 17, True),
+    (0, 40, 17, False),                               # UDP timeout (30 s)
+], ids=["rst", "fin-both", "fin-one", "established", "syn-timeout", "est-alive",
+        "rst-old", "udp-alive", "udp-expired"])
+def test_new_packet_on_old_entry(lb: Harness, flags: int, idle_s: float, proto: int,
+                                 alive: bool) -> None:
+    """A SYN (or UDP datagram) on an entry follows it while the entry lives, and
+    starts a new flow once the entry is closed or expired."""
+    lb.apply(plan_of(TCP_LST, UDP_LST))
+    vip_port = 80 if proto == 6 else 53
+    put_flow(lb, OLD, flags=flags, idle_s=idle_s, proto=proto, vip_port=vip_port)
+    before = lb.stats()
+    frame = syn() if proto == 6 else udp()
+    r = lb.xdp(frame)
+    assert r.retval == XDP_PASS
+    if alive:
+        assert r.data == dnat(frame, *OLD)
+        assert stats_delta(before, lb.stats()) == {Stat.ESTABLISHED: 1}
+    else:
+        assert r.data == dnat(frame, *(B1 if proto == 6 else UB1))
+        assert stats_delta(before, lb.stats()) == {Stat.NEW_DEFAULT: 1}
+        assert lb.ct()[fwd_key(dport=vip_port, proto=proto)].flags == 0
+
+
+# --- 7. source-CIDR routes ---------------------------------------------------------------------
+
+def test_source_routes_longest_prefix_wins(lb: Harness) -> None:
+    lb.apply(plan_of(listener("tcp", 80, [backend(*B1)], sourceRoutes=[
+        {"cidr": "10.10.0.0/16", "backends": [backend("10.20.3.2", 8080)]},
+        {"cidr": "10.10.2.0/24", "backends": [backend("10.20.4.2", 8080)]},
+        {"cidr": "10.10.2.128/25", "backends": [backend("10.20.5.2", 8081)]},
+        {"cidr": "10.10.2.200/32", "backends": [backend("10.20.6.2", 8082)]},
+    ])))
+    cases = [("10.10.1.5", ("10.20.3.2", 8080), Stat.NEW_SRC_ROUTE),
+             ("10.10.255.255", ("10.20.3.2", 8080), Stat.NEW_SRC_ROUTE),
+             ("10.10.2.5", ("10.20.4.2", 8080), Stat.NEW_SRC_ROUTE),
+             ("10.10.2.127", ("10.20.4.2", 8080), Stat.NEW_SRC_ROUTE),
+             ("10.10.2.128", ("10.20.5.2", 8081), Stat.NEW_SRC_ROUTE),
+             ("10.10.2.200", ("10.20.6.2", 8082), Stat.NEW_SRC_ROUTE),
+             ("10.10.2.201", ("10.20.5.2", 8081), Stat.NEW_SRC_ROUTE),
+             ("10.11.0.1", B1, Stat.NEW_DEFAULT),
+             ("10.9.255.255", B1, Stat.NEW_DEFAULT)]
+    for client, target, stat in cases:
+        before = lb.stats()
+        frame = syn(src=client)
+        r = lb.xdp(frame)
+        assert r.retval == XDP_PASS
+        assert r.data == dnat(frame, *target), client
+        assert stats_delta(before, lb.stats()) == {stat: 1}, client
+
+
+# --- 8. no eligible backend ------------------------------------------------------------------
+
+def _check_rst(frame: bytes, out: bytes, ip_off: int = 14) -> None:
+    sent, rst = Ether(frame), Ether(out)
+    ihl = sent[IP].ihl * 4
+    assert len(out) == ip_off + ihl + 20
+    assert (rst.src, rst.dst) == (sent.dst, sent.src)
+    assert (rst[IP].src, rst[IP].dst) == (sent[IP].dst, sent[IP].src)
+    assert rst[IP].len == ihl + 20 and rst[IP].ttl == 64 and rst[IP].frag == 0
+    assert int(rst[IP].flags) == 0
+    t = rst[TCP]
+    assert (t.sport, t.dport) == (sent[TCP].dport, sent[TCP].sport)
+    assert str(t.flags) == "RA"
+    assert t.seq == 0 and t.ack == (sent[TCP].seq + 1) & 0xFFFFFFFF
+    assert t.dataofs == 5 and t.window == 0 and t.urgptr == 0
+    assert bytes(t.payload) == b""
+    assert checksums_valid(out)
+
+
+@pytest.mark.parametrize("frame", [
+    syn(),
+    syn(seq=0xFFFFFFFF),
+    bytes(ether() / IP(src=CLIENT, dst=VIP, ttl=3, flags="DF")
+          / TCP(sport=40000, dport=80, flags="S", seq=77,
+                options=[("MSS", 1460), ("SAckOK", b""), ("WScale", 7)]) / (b"d" * 50)),
+    bytes(ether() / IP(src=CLIENT, dst=VIP, options=[IPOption_Router_Alert()])
+          / TCP(sport=40000, dport=80, flags="S", seq=5)),
+], ids=["plain", "seq-wraps", "options-payload", "ip-options"])
+def test_syn_without_backend_gets_rst(lb: Harness, frame: bytes) -> None:
+    lb.apply(plan_of(listener("tcp", 80, [backend(*B1, weight=0), backend(*B2, weight=0)])))
+    before = lb.stats()
+    r = lb.xdp(frame)
+    assert r.retval == XDP_TX
+    _check_rst(frame, r.data)
+    assert stats_delta(before, lb.stats()) == {Stat.NO_BACKEND_RST: 1}
+    assert lb.ct() == {}
+    assert lb.listener_stats(VIP, 80) == (0, 0, 0)
+
+
+def test_rst_through_vlan(lb: Harness) -> None:
+    lb.apply(plan_of(listener("tcp", 80, [backend(*B1, weight=0)])))
+    frame = bytes(ether() / Dot1Q(vlan=5) / IP(src=CLIENT, dst=VIP)
+                  / TCP(sport=40000, dport=80, flags="S", seq=9) / b"abc")
+    r = lb.xdp(frame)
+    assert r.retval == XDP_TX
+    _check_rst(frame, r.data, ip_off=18)
+    assert Ether(r.data)[Dot1Q].vlan == 5
+
+
+def test_udp_without_backend_dropped(lb: Harness) -> None:
+    lb.apply(plan_of(listener("udp", 53, [backend(*UB1, weight=0)], protocol="UDP")))
+    before = lb.stats()
+    r = lb.xdp(udp())
+    assert r.retval == XDP_DROP
+    assert stats_delta(before, lb.stats()) == {Stat.NO_BACKEND_DROP: 1}
+    assert lb.ct() == {}
+
+
+def test_weight_zero_backend_gets_no_new_flows(lb: Harness) -> None:
+    lb.apply(plan_of(listener("tcp", 80, [backend(*B1), backend(*B2, weight=0)])))
+    for sport in range(41000, 41064):
+        frame = syn(sport=sport)
+        assert lb.xdp(frame).data == dnat(frame, *B1)
+
+
+# --- 9. session affinity ---------------------------------------------------------------------
+
+def test_client_ip_affinity(lb: Harness) -> None:
+    backends = [backend(f"10.20.{i}.2", 8080) for i in range(1, 6)]
+    lb.apply(plan_of(listener("tcp", 80, backends, sessionAffinity="ClientIP")))
+
+    def target(client: str, sport: int) -> tuple[str, int]:
+        r = lb.xdp(syn(src=client, sport=sport))
+        assert r.retval == XDP_PASS
+        ihl = (r.data[14] & 0xF) * 4
+        return (".".join(map(str, r.data[30:34])),
+                struct.unpack_from("!H", r.data, 14 + ihl + 2)[0])
+
+    for client in ("10.10.1.2", "10.10.7.9", "172.16.0.1"):
+        assert len({target(client, p) for p in range(42000, 42040)}) == 1, client
+    assert len({target(f"10.30.{i}.1", 50000) for i in range(40)}) > 1
+
+
+# --- 10. fuzzing --------------------------------------------------------------------------------
+
+FUZZ = settings(max_examples=300, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow,
+                                       HealthCheck.function_scoped_fixture])
+PAYLOAD_SYN = bytes(ether() / IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80, flags="S")
+                    / b"payload")
+TEMPLATES = [
+    (syn(), 14),
+    (bytes(ether() / IP(src=CLIENT, dst=VIP, options=[IPOption_Router_Alert()])
+           / TCP(sport=40000, dport=80, flags="S")), 14),
+    (bytes(ether() / Dot1Q(vlan=7) / IP(src=CLIENT, dst=VIP)
+           / TCP(sport=40000, dport=80, flags="S")), 18),
+]
+
+
+def _set_ihl(frame: bytes, ip_off: int, ihl: int) -> bytes:
+    b = bytearray(frame)
+    b[ip_off] = 0x40 | ihl
+    return bytes(b)
+
+
+@st.composite
+def malformed(draw: st.DrawFn) -> bytes:
+    frame, ip_off = draw(st.sampled_from(TEMPLATES))
+    kind = draw(st.sampled_from(["truncated", "random", "random-ipv4", "ihl", "doff",
+                                 "tot_len", "version"]))
+    ihl = (frame[ip_off] & 0xF) * 4
+    if kind == "truncated":  # shorter than its headers (the kernel wants >= 14 bytes)
+        return frame[:draw(st.integers(14, len(frame) - 1))]
+    if kind == "random":
+        return draw(st.binary(min_size=14, max_size=128))
+    if kind == "random-ipv4":
+        return frame[:12] + b"\x08\x00" + draw(st.binary(min_size=0, max_size=80))
+    if kind == "ihl":  # < 5, or L4 header beyond the end of the frame
+        bad = draw(st.sampled_from([*range(5), *range(ihl // 4 + 1, 16)]))
+        return _set_ihl(frame, ip_off, bad)
+    b = bytearray(frame)
+    if kind == "doff":
+        b[ip_off + ihl + 12] = draw(st.integers(0, 4)) << 4 | (b[ip_off + ihl + 12] & 0xF)
+    elif kind == "tot_len":
+        struct.pack_into("!H", b, ip_off + 2, draw(st.integers(0, ihl - 1)))
+    else:
+        b[ip_off] = draw(st.sampled_from([0, 1, 5, 6, 15])) << 4 | (b[ip_off] & 0xF)
+    return bytes(b)
+
+
+@FUZZ
+@given(frame=malformed())
+def test_fuzz_malformed_passes_untouched(lb: Harness, frame: bytes) -> None:
+    """`lb` is reset once for the whole run: no example may leave a trace."""
+    h = lb
+    if not h.writer.plan.listeners:
+        h.apply(plan_of(TCP_LST, UDP_LST))
+    before = h.stats()
+    r = h.xdp(frame)
+    assert (r.retval, r.data) == (XDP_PASS, frame)
+    assert h.ct() == {}
+    assert not set(stats_delta(before, h.stats())) & NEW_STATS
+    assert h.all_flow_stats() == (0, 0, 0)
+
+
+def _ones(*words: int) -> int:
+    """One's complement sum, mod 0xffff (0 and 0xffff are the same number)."""
+    return sum(words) % 0xFFFF
+
+
+def _words(b: bytes) -> list[int]:
+    b = b + b"\0" * (len(b) % 2)
+    return list(struct.unpack(f"!{len(b) // 2}H", b))
+
+
+def _check_dnat(frame: bytes, out: bytes, target: tuple[str, int]) -> None:
+    """`out` is `frame` DNATted to target: only the destination, the destination port
+    and the two checksums differ, and each checksum moved by exactly the change of the
+    fields it covers (so a checksum that was wrong stays wrong by the same amount)."""
+    ip_off = 18 if frame[12:14] in (b"\x81\x00", b"\x88\xa8") else 14
+    ihl = (frame[ip_off] & 0xF) * 4
+    l4 = ip_off + ihl
+    proto = frame[ip_off + 9]
+    csum = l4 + (16 if proto == 6 else 6)
+    changed = {*range(ip_off + 16, ip_off + 20), l4 + 2, l4 + 3, ip_off + 10, ip_off + 11,
+               csum, csum + 1}
+    assert len(out) == len(frame)
+    assert [i for i in range(len(frame)) if frame[i] != out[i] and i not in changed] == []
+    assert (".".join(map(str, out[ip_off + 16:ip_off + 20])),
+            struct.unpack_from("!H", out, l4 + 2)[0]) == target
+
+    def covered(b: bytes) -> tuple[int, int]:
+        dst = _words(b[ip_off + 16:ip_off + 20])
+        ip_sum = _ones(*dst, *_words(b[ip_off + 10:ip_off + 12]))
+        l4_sum = _ones(*dst, *_words(b[l4 + 2:l4 + 4]), *_words(b[csum:csum + 2]))
+        return ip_sum, l4_sum
+    if proto == 17 and frame[csum:csum + 2] == b"\0\0":
+        assert out[csum:csum + 2] == b"\0\0"
+        assert covered(frame)[0] == covered(out)[0]
+    else:
+        assert covered(frame) == covered(out)
+    try:
+        exact = checksums_valid(frame) and dnat(frame, *target)
+    except Exception:  # scapy cannot take this frame apart and put it back as it was
+        exact = None
+    event("dnat, checked by scapy" if exact else "dnat, checked by checksum deltas")
+    if exact:
+        assert out == exact
+
+
+@FUZZ
+@given(template=st.sampled_from([*TEMPLATES, (PAYLOAD_SYN, 14)]),
+       mutations=st.lists(st.tuples(st.integers(0, 63), st.integers(0, 255)), min_size=1,
+                          max_size=4),
+       fix_checksums=st.booleans())
+def test_fuzz_mutated_syn_is_untouched_or_exact_dnat(
+        lb: Harness, template: tuple[bytes, int], mutations: list[tuple[int, int]],
+        fix_checksums: bool) -> None:
+    h = lb
+    if not h.writer.plan.listeners:
+        h.apply(plan_of(TCP_LST, UDP_LST))
+    frame, _ = template
+    b = bytearray(frame)
+    for pos, value in mutations:
+        b[pos % len(b)] = value
+    frame = bytes(b)
+    if fix_checksums:
+        try:
+            pkt = Ether(frame)
+            if bytes(pkt) == frame and IP in pkt:
+                del pkt[IP].chksum
+                if TCP in pkt:
+                    del pkt[TCP].chksum
+                elif UDP in pkt and pkt[UDP].chksum:
+                    del pkt[UDP].chksum
+                fixed = bytes(pkt)
+                frame = fixed if len(fixed) == len(frame) else frame
+        except Exception:
+            pass
+    h.flush_ct()
+    r = h.xdp(frame)
+    assert r.retval == XDP_PASS
+    if r.data == frame:
+        event("untouched")
+        assert h.ct() == {}
+        return
+    ct = {k: v for k, v in h.ct().items() if k[5] == 0}
+    assert len(ct) == 1
+    (_key, val), = ct.items()
+    target = (L.from_be32(val.nat_addr), L.from_be16(val.nat_port))
+    assert target in (B1, UB1)
+    _check_dnat(frame, r.data, target)
