@@ -92,3 +92,21 @@ def test_metrics_read_kernel_counters(dp: DataPlane) -> None:
     assert 'xdplb_packets_by_path_total{path="new_default"} 5.0' in text
     assert 'xdplb_backend_packets_total{backend="10.20.1.2:8080"} 7.0' in text
     assert 'xdplb_backend_new_flows_total{backend="10.20.1.2:8080"} 3.0' in text
+
+
+def test_batch_reads_cross_chunk_boundaries(dp: DataPlane) -> None:
+    """Hash maps page by bucket, the LPM trie and arrays by key: both must advance."""
+    from xdplb.dataplane.writer import lpm_key
+
+    conntrack.flush(dp.maps["ct"])
+    for p in range(4000, 4010):
+        put_flow(dp, p, idle_s=1)
+    assert len(dp.maps["ct"].items(chunk=3)) == 20
+    routes = dp.maps["src_routes"]
+    keys = [lpm_key(1, f"198.51.{i}.0/24") for i in range(10)]
+    for i, k in enumerate(keys):
+        routes.update(k, i.to_bytes(4, "little"))
+    assert sorted(k for k, _v in routes.items(chunk=3)) == sorted(keys)
+    for k in keys:
+        routes.delete(k)
+    assert len(dp.maps["groups"].items(chunk=5)) == dp.maps["groups"].info.max_entries

@@ -191,8 +191,10 @@ class BpfMap:
         ks, vs = self.info.key_size, self.value_size
         keys = ctypes.create_string_buffer(ks * chunk)
         values = ctypes.create_string_buffer(vs * chunk)
-        tok_in = ctypes.create_string_buffer(8)
-        tok_out = ctypes.create_string_buffer(8)
+        # Hash maps use a u32 bucket as the batch token, generic maps a whole key.
+        tok = max(8, ks)
+        tok_in = ctypes.create_string_buffer(tok)
+        tok_out = ctypes.create_string_buffer(tok)
         out: list[tuple[bytes, bytes]] = []
         first = True
         while True:
@@ -212,7 +214,7 @@ class BpfMap:
             out.extend((kr[i * ks:(i + 1) * ks], vr[i * vs:(i + 1) * vs]) for i in range(n))
             if done:
                 return out
-            ctypes.memmove(tok_in, tok_out, 8)
+            ctypes.memmove(tok_in, tok_out, tok)
             first = False
 
     def delete_batch(self, keys: list[bytes]) -> None:

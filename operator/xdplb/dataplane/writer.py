@@ -210,11 +210,17 @@ class MapWriter:
                 del cur[k]
                 res.deleted += 1
             return
-        for k, v in want.items():
-            if cur.get(k) != v:
-                m.update(k, v)
-                cur[k] = v
-                res.written += 1
+        changed = [(k, v) for k, v in want.items() if cur.get(k) != v]
+        if len(changed) > 1:
+            try:  # one syscall for many entries where the map type allows it
+                m.update_batch([k for k, _ in changed], [v for _, v in changed])
+            except OSError:
+                for k, v in changed:
+                    m.update(k, v)
+        elif changed:
+            m.update(*changed[0])
+        cur.update(changed)
+        res.written += len(changed)
 
     def _sync_ports(self, want: dict[int, int], res: ApplyResult) -> None:
         cur = self.current["port_filter"]
