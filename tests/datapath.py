@@ -14,6 +14,7 @@ import yaml
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
+from xdplb.agent.metrics import percpu_sum
 from xdplb.dataplane import bpfsys, conntrack
 from xdplb.dataplane import layout as L
 from xdplb.dataplane.config import Capacities, Timeouts
@@ -117,7 +118,7 @@ class Harness:
 
     def stats(self) -> dict[L.Stat, int]:
         raw = dict(self.maps["stats"].items())
-        return {st: _percpu_sum(raw[st.value.to_bytes(4, "little")], 1)[0] for st in L.Stat}
+        return {st: percpu_sum(raw[st.value.to_bytes(4, "little")], 1)[0] for st in L.Stat}
 
     def listener_stats(self, address: str | None, port: int,
                        protocol: str = "TCP") -> tuple[int, int, int]:
@@ -137,7 +138,7 @@ class Harness:
     def _flow_stats(self, name: str, idx: int) -> tuple[int, int, int]:
         raw = self.maps[name].lookup(idx.to_bytes(4, "little"))
         assert raw is not None
-        p, b, f = _percpu_sum(raw, 3)
+        p, b, f = percpu_sum(raw, 3)
         return p, b, f
 
     def ct(self) -> dict[tuple[str, int, str, int, int, int], L.CtVal]:
@@ -161,16 +162,6 @@ class Harness:
 
     def tc(self, frame: bytes) -> bpfsys.TestRun:
         return bpfsys.prog_test_run(self.dp.tc_fn.fd, frame)
-
-
-def _percpu_sum(raw: bytes, fields: int) -> tuple[int, ...]:
-    ncpu = bpfsys.possible_cpus()
-    per = len(raw) // ncpu
-    sums = [0] * fields
-    for c in range(ncpu):
-        vals = struct.unpack_from(f"={fields}Q", raw, c * per)
-        sums = [a + b for a, b in zip(sums, vals, strict=True)]
-    return tuple(sums)
 
 
 def stats_delta(before: dict[L.Stat, int], after: dict[L.Stat, int]) -> dict[L.Stat, int]:
