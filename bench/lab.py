@@ -1,5 +1,6 @@
 """End to end in the namespace lab: xdplb (native and generic XDP) against
-iptables DNAT and plain forwarding.
+iptables DNAT and plain forwarding; xdplb with source NAT against iptables
+DNAT + MASQUERADE.
 
 Every configuration gets a fresh lab (tests/lab.py, prefix "xb") in every
 round, in alternating order. Measures, each from the cli namespace:
@@ -40,7 +41,10 @@ from common import (
 
 from tests.lab import Lab
 
-CONFIGS = ("plain", "iptables", "xdplb-native", "xdplb-generic")
+CONFIGS = ("plain", "iptables", "xdplb-native", "xdplb-generic", "iptables-masq", "xdplb-snat")
+# Which iptables run each xdplb configuration is compared with.
+BASELINE = {"xdplb-native": "iptables", "xdplb-generic": "iptables",
+            "xdplb-snat": "iptables-masq"}
 HTTP_PORT, IPERF_PORT = 80, 5201
 B1, B2 = Lab.backend_addr(1), Lab.backend_addr(2)
 
@@ -134,15 +138,20 @@ def start_servers(lab: Lab) -> None:
     wait_until(lambda: listening(lab, "b1", IPERF_PORT), "iperf3 server in b1")
 
 
-def setup_iptables(lab: Lab) -> None:
+def setup_iptables(lab: Lab, masquerade: bool = False) -> None:
     for rule in IPTABLES_RULES:
         lab.exec("lb", "iptables", "-t", "nat", "-A", "PREROUTING", "-d", Lab.VIP, *rule)
+    if masquerade:  # backends see the LB's address, as with sourceNAT: Node
+        lab.exec("lb", "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "lb-b+",
+                 "-j", "MASQUERADE")
 
 
-def start_agent(lab: Lab, mode: str) -> str:
+def start_agent(lab: Lab, mode: str, source_nat: bool = False) -> str:
     """Start the agent in the lb namespace; returns the XDP mode it reports attached."""
     cfg = lab.workdir / "xdplb.yaml"
-    cfg.write_text(MANIFEST)
+    manifest = MANIFEST.replace("    protocol:", "    sourceNAT: Node\n    protocol:") \
+        if source_nat else MANIFEST
+    cfg.write_text(manifest)
     log = lab.workdir / "agent.log"
     with open(log, "w") as out:
         lab.popen("lb", ROOT / ".venv/bin/xdplb", "agent", "--config", cfg,
@@ -195,8 +204,10 @@ def measure(cfg: str, seconds: float, conns: int) -> dict[str, Any]:
     with Lab(backends=2, prefix="xb") as lab:
         start_servers(lab)
         mode = "—"
-        if cfg == "iptables":
-            setup_iptables(lab)
+        if cfg.startswith("iptables"):
+            setup_iptables(lab, masquerade=cfg == "iptables-masq")
+        elif cfg == "xdplb-snat":
+            mode = start_agent(lab, "native", source_nat=True)
         elif cfg.startswith("xdplb-"):
             mode = start_agent(lab, cfg.removeprefix("xdplb-"))
         http_target = B1 if cfg == "plain" else Lab.VIP
@@ -268,20 +279,21 @@ def main() -> int:
     print()
     print(table(["config", "added µs per connection vs plain"],
                 [[c, fmt_stat(v, 2)] for c, v in added.items()]))
-    if "iptables" in configs:
+    compared = [c for c in configs if c in BASELINE and BASELINE[c] in configs]
+    if compared:
         rows = []
-        for c in [c for c in configs if c.startswith("xdplb-")]:
-            idx = range(a.rounds)
-            add_ratio = [added[c][i] / added["iptables"][i] if added["iptables"][i] else
+        for c in compared:
+            base, idx = BASELINE[c], range(a.rounds)
+            add_ratio = [added[c][i] / added[base][i] if added[base][i] else
                          float("nan") for i in idx]
-            udp_ratio = [results[c][i]["udp_pps"] / results["iptables"][i]["udp_pps"]
+            udp_ratio = [results[c][i]["udp_pps"] / results[base][i]["udp_pps"]
                          for i in idx]
-            bulk_ratio = [results[c][i]["gbit"] / results["iptables"][i]["gbit"] for i in idx]
+            bulk_ratio = [results[c][i]["gbit"] / results[base][i]["gbit"] for i in idx]
             for name, vals, goal, ok in (
-                    ("added cost per connection, xdplb/iptables", add_ratio, "≤ 0.5",
+                    (f"added cost per connection, xdplb/{base}", add_ratio, "≤ 0.5",
                      lambda v: v <= 0.5),
-                    ("UDP delivered, xdplb/iptables", udp_ratio, "≥ 1.2", lambda v: v >= 1.2),
-                    ("bulk TCP, xdplb/iptables", bulk_ratio, "≥ 0.9", lambda v: v >= 0.9)):
+                    (f"UDP delivered, xdplb/{base}", udp_ratio, "≥ 1.2", lambda v: v >= 1.2),
+                    (f"bulk TCP, xdplb/{base}", bulk_ratio, "≥ 0.9", lambda v: v >= 0.9)):
                 m = median(vals)
                 rows.append([c, name, fmt_stat(vals, 2), goal, "met" if ok(m) else "NOT met"])
         print()

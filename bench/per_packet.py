@@ -63,7 +63,20 @@ spec:
     sourceRoutes:
     - cidr: 10.30.0.0/16
       backends: [{{address: 10.20.3.2, port: 8080}}]
-{filler}"""
+{filler}  - name: snat
+    protocol: TCP
+    port: 82
+    address: {vip}
+    sourceNAT: Node
+    backends:
+    - {{address: 10.20.1.2, port: 8080}}
+    - {{address: 10.20.2.2, port: 8080}}
+"""
+# Where source NAT sends from (the Inventory's routes; no real route is needed here).
+SNAT_SOURCES = {"10.20.1.2": "10.20.1.1", "10.20.2.2": "10.20.2.1"}
+# A new source-NAT flow takes one of the 32,768 ports per (node address, backend):
+# the SYN case stops well short of exhausting them.
+SNAT_NEW_FLOWS = 20_000
 
 
 def checksum(data: bytes) -> int:
@@ -99,6 +112,8 @@ class Case:
     stat: str           # layout.Stat member every repetition must count
     vary: bool          # a new flow per repetition
     goal_ns: float | None
+    snat: bool = False  # the output must leave from the node's address
+    max_repeat: int | None = None
 
 
 def build_cases() -> list[Case]:
@@ -112,6 +127,12 @@ def build_cases() -> list[Case]:
              tcp_frame("10.40.0.1", 0, VIP, 80, TCPF_SYN), "NEW_DEFAULT", True, 200),
         Case("SYN, new flow (source-CIDR route)",
              tcp_frame("10.30.0.1", 0, VIP, 81, TCPF_SYN), "NEW_SRC_ROUTE", True, 200),
+        Case("established segment, source NAT",
+             tcp_frame("10.10.1.2", 40000, VIP, 82, TCPF_ACK, b"0123456789"),
+             "ESTABLISHED", False, 80, snat=True),
+        Case("SYN, new flow, source NAT",
+             tcp_frame("10.40.0.1", 0, VIP, 82, TCPF_SYN), "NEW_DEFAULT", True, None,
+             snat=True, max_repeat=SNAT_NEW_FLOWS),
     ]
 
 
@@ -121,7 +142,7 @@ class Bench:
 
         from xdplb.dataplane.entries import Inventory
         from xdplb.dataplane.layout import BPF_DIR
-        from xdplb.dataplane.loader import DataPlane
+        from xdplb.dataplane.loader import DataPlane, load_xdp_frags
         from xdplb.dataplane.writer import MapWriter
         from xdplb.plan.planner import build_plan
         from xdplb.spec.load import parse_manifests
@@ -134,16 +155,18 @@ class Bench:
                          for i in range(filler_routes))
         lbs = parse_manifests(MANIFEST.format(vip=VIP, filler=filler), "per_packet")
         inv = Inventory(ifindex={"lo": self.ifindex}, addresses={"lo": ("127.0.0.1",)},
-                        default_interface="lo")
+                        default_interface="lo",
+                        routes={b: (src, "lo") for b, src in SNAT_SOURCES.items()})
         res = MapWriter(self.dp.maps, self.dp.caps).apply(build_plan(lbs), inv)
         self.apply_summary = res.summary()
         src = str(Path(__file__).resolve().parent / "bpf" / "restore.c")
         base = [f"-I{BPF_DIR}", f"-DFRAME_LEN={FRAME_LEN}"]
         self.wrappers = {False: BPF(src_file=src, cflags=base),
                          True: BPF(src_file=src, cflags=[*base, "-DVARY"])}
-        self.restore_fd = {v: w.load_func("restore", BPF.XDP).fd
+        # Tail calls need caller and callee alike multi-buffer aware, as xdplb is.
+        self.restore_fd = {v: load_xdp_frags(w, "restore").fd
                            for v, w in self.wrappers.items()}
-        self.floor_fd = self.wrappers[False].load_func("parse_floor", BPF.XDP).fd
+        self.floor_fd = load_xdp_frags(self.wrappers[False], "parse_floor").fd
         # xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
         self.ctx = struct.pack("=6I", 0, FRAME_LEN, 0, self.ifindex, 0, 0)
 
@@ -232,30 +255,36 @@ def main() -> int:
             for c in cases:
                 order = ("floor", "xdplb") if rnd % 2 == 0 else ("xdplb", "floor")
                 got = {}
+                repeat = min(a.repeat, c.max_repeat or a.repeat)
                 for which in order:
                     if which == "xdplb":
                         b.prepare(c)
                     fd = b.floor_fd if which == "floor" else b.dp.xdp_fn.fd
-                    ns, delta, out, retval = b.run(c, fd, a.repeat)
+                    ns, delta, out, retval = b.run(c, fd, repeat)
                     got[which] = ns
                     if which == "xdplb":
-                        if delta != {c.stat: a.repeat}:
+                        if delta != {c.stat: repeat}:
                             failures.append(f"round {rnd + 1} {c.name}: counter deltas {delta},"
-                                            f" expected {{{c.stat!r}: {a.repeat}}}")
+                                            f" expected {{{c.stat!r}: {repeat}}}")
                         if retval != XDP_PASS:
                             failures.append(f"round {rnd + 1} {c.name}: verdict {retval}")
                         dst = socket.inet_ntoa(out[30:34])
                         if c.stat != "NOMATCH" and dst not in BACKENDS:
                             failures.append(f"round {rnd + 1} {c.name}: not DNATed ({dst})")
+                        src = socket.inet_ntoa(out[26:30])
+                        if c.snat and src != SNAT_SOURCES.get(dst):
+                            failures.append(f"round {rnd + 1} {c.name}: not source-NATed "
+                                            f"({src} -> {dst})")
                         if c.vary:
                             # 2 entries per new flow; the LRU map may evict a few once it
                             # nears its capacity (repeat 1,000,000 fills the default 1M flows).
                             n = b.ct_entries()
                             cap = 2 * b.dp.caps.conntrack
-                            if n < min(2 * a.repeat, cap) - cap // 1000:
+                            if n < min(2 * repeat, cap) - cap // 1000:
                                 failures.append(f"round {rnd + 1} {c.name}: {n} conntrack "
-                                                f"entries, expected {2 * a.repeat}")
-                            ct_fill.append(n)
+                                                f"entries, expected {2 * repeat}")
+                            if repeat == a.repeat:
+                                ct_fill.append(n)
                     elif delta:
                         failures.append(f"round {rnd + 1} {c.name}: floor moved counters")
                 floor[c.name].append(got["floor"])

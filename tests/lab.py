@@ -84,6 +84,15 @@ class Lab:
     so labs with different prefixes coexist; leftovers of a crashed run with the same prefix
     are removed before building.
 
+    router_mtu: put a router namespace ``<prefix>-rt`` between the LB and the last backend,
+    whose link to that backend has this MTU (LB 10.30.N.1 -- 10.30.N.2 router 10.20.N.1 --
+    10.20.N.2 backend). The backend still advertises an MSS for 1500 bytes, so clients
+    send full-size segments and path MTU discovery must work through the LB.
+
+    direct_return: the last backend's default route does not go through the LB (it points
+    at an absent gateway), as on a LAN where backends answer clients directly: only source
+    NAT, which makes the LB's own address the client, reaches it.
+
     tx_checksum_off: ``ethtool -K <dev> tx off`` on the client and backend ends, so packets
     crossing the LB carry full checksums. peer_gro: ``ethtool -K <dev> gro on`` on the same
     ends (needed for XDP_TX/XDP_REDIRECT into a veth without an XDP program of its own).
@@ -101,7 +110,8 @@ class Lab:
     backend_if = "eth0"  # ns side, in every backend
 
     def __init__(self, backends: int = 3, prefix: str = "xl",
-                 tx_checksum_off: bool = False, peer_gro: bool = False) -> None:
+                 tx_checksum_off: bool = False, peer_gro: bool = False,
+                 router_mtu: int | None = None, direct_return: bool = False) -> None:
         if not 1 <= backends <= 254:
             raise ValueError("backends must be in 1..254")
         # Keep "<prefix>-cli2" a sane file name under /run/netns and "lb-bK" ≤ 15 chars.
@@ -111,6 +121,8 @@ class Lab:
         self.prefix = prefix
         self.tx_checksum_off = tx_checksum_off
         self.peer_gro = peer_gro
+        self.router_mtu = router_mtu
+        self.direct_return = direct_return
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-lab-"))
         self._procs: list[Proc] = []
         self._created: list[str] = []
@@ -120,8 +132,8 @@ class Lab:
     # ------------------------------------------------------------------ names/addresses
 
     def ns(self, name: str) -> str:
-        """Full namespace name for a short one: cli, cli2, lb, b1..bN."""
-        if name in ("cli", "cli2", "lb"):
+        """Full namespace name for a short one: cli, cli2, lb, b1..bN, rt (router_mtu)."""
+        if name in ("cli", "cli2", "lb") or (name == "rt" and self.router_mtu):
             return f"{self.prefix}-{name}"
         m = re.fullmatch(r"b(\d+)", name)
         if m and 1 <= int(m.group(1)) <= self.n_backends:
@@ -136,7 +148,8 @@ class Lab:
     @property
     def namespaces(self) -> list[str]:
         """Full names of all namespaces of this lab."""
-        return [self.ns(n) for n in ("cli", "cli2", "lb", *self.backends)]
+        routers = ["rt"] if self.router_mtu else []
+        return [self.ns(n) for n in ("cli", "cli2", "lb", *routers, *self.backends)]
 
     @staticmethod
     def backend_addr(k: int) -> str:
@@ -191,7 +204,7 @@ class Lab:
         return self
 
     def _remove_stale(self) -> None:
-        stale = re.compile(rf"{re.escape(self.prefix)}-(cli|cli2|lb|b\d+)")
+        stale = re.compile(rf"{re.escape(self.prefix)}-(cli|cli2|lb|rt|b\d+)")
         for name in list_netns():
             if stale.fullmatch(name):
                 self._delete_ns(name)
@@ -220,6 +233,9 @@ class Lab:
              self.lb_backend_addr(k))
             for k in range(1, self.n_backends + 1)
         ]
+        if self.router_mtu:
+            n = self.n_backends
+            links[-1] = ("rt", "up0", f"10.30.{n}.2", self.lb_backend_if(n), f"10.30.{n}.1")
         for short, dev, addr, lb_dev, lb_addr in links:
             peer_ns = self.ns(short)
             # Created directly inside the namespaces: no transient names in the root ns,
@@ -230,7 +246,10 @@ class Lab:
             _ip("-n", peer_ns, "addr", "add", f"{addr}/24", "dev", dev)
             _ip("-n", lb, "link", "set", lb_dev, "up")
             _ip("-n", peer_ns, "link", "set", dev, "up")
-            _ip("-n", peer_ns, "route", "add", "default", "via", lb_addr)
+            gateway = lb_addr
+            if self.direct_return and short == f"b{self.n_backends}":
+                gateway = lb_addr.rsplit(".", 1)[0] + ".254"
+            _ip("-n", peer_ns, "route", "add", "default", "via", gateway)
             if self.tx_checksum_off:
                 # Senders then put full checksums on the wire instead of CHECKSUM_PARTIAL.
                 self.exec(short, "ethtool", "-K", dev, "tx", "off")
@@ -240,6 +259,23 @@ class Lab:
                 self.exec(short, "ethtool", "-K", dev, "gro", "on")
         self._sysctl(lb, {f"net.ipv4.conf.{d}.rp_filter": "0"
                           for d in [self.lb_client_if, self.lb_client2_if, *self.lb_backend_ifs]})
+        if self.router_mtu:
+            self._build_router(self.n_backends, self.router_mtu)
+
+    def _build_router(self, n: int, mtu: int) -> None:
+        rt, b = self.ns("rt"), self.ns(f"b{n}")
+        self._sysctl(rt, {"net.ipv4.ip_forward": "1"})
+        _ip("-n", rt, "link", "add", "down0", "type", "veth", "peer", "name", self.backend_if,
+            "netns", b)
+        _ip("-n", rt, "addr", "add", f"{self.lb_backend_addr(n)}/24", "dev", "down0")
+        _ip("-n", b, "addr", "add", f"{self.backend_addr(n)}/24", "dev", self.backend_if)
+        for ns, dev in ((rt, "down0"), (b, self.backend_if)):
+            _ip("-n", ns, "link", "set", dev, "mtu", str(mtu), "up")
+        # advmss: the backend offers 1460 despite its MTU, so the client learns the
+        # path MTU only from the router's "fragmentation needed".
+        _ip("-n", b, "route", "add", "default", "via", self.lb_backend_addr(n),
+            "advmss", "1460")
+        _ip("-n", self.ns("lb"), "route", "add", f"10.20.{n}.0/24", "via", f"10.30.{n}.2")
 
     def _sysctl(self, ns: str, values: dict[str, str]) -> None:
         # /proc/sys/net is per network namespace, so write it from inside the namespace.

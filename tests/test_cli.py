@@ -30,13 +30,20 @@ def test_validate_bad_file_names_the_field(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
-def test_explain_follows_routes() -> None:
+def test_explain_follows_routes(tmp_path: Path) -> None:
     r = run("explain", "--config", LAB, "--src", "10.10.2.2:40000", "--dst", "192.0.2.10:80")
     assert r.returncode == 0, r.stderr
     assert "route source 10.10.2.0/24" in r.stdout and "10.20.3.2:8080" in r.stdout
     r = run("explain", "--config", LAB, "--src", "10.10.1.2:40000", "--dst", "192.0.2.10:80")
     assert "route default" in r.stdout
     assert "10.20.1.2:8080" in r.stdout or "10.20.2.2:8080" in r.stdout
+    assert "client address kept: the backend must route its replies via this node" in r.stdout
+    snat = tmp_path / "snat.yaml"
+    snat.write_text(Path(LAB).read_text().replace("port: 80\n", "port: 80\n    sourceNAT: Node\n",
+                                                  1))
+    r = run("explain", "--config", snat, "--src", "10.10.1.2:40000", "--dst", "192.0.2.10:80")
+    assert "source NAT: it leaves from this node's address toward the backend" in r.stdout, \
+        r.stdout + r.stderr
     r = run("explain", "--config", LAB, "--src", "10.10.1.2:40000", "--dst", "192.0.2.10:81")
     assert "no listener" in r.stdout
     r = run("explain", "--config", LAB, "--src", "10.10.1.2:40000", "--dst", "192.0.2.10:53",

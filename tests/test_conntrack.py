@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -28,7 +27,7 @@ def dp() -> Iterator[DataPlane]:
 
 def put_flow(dp: DataPlane, client_port: int, idle_s: float, flags: int = L.CT_REPLIED,
              proto: int = 6) -> None:
-    now = time.monotonic_ns()
+    now = L.ct_now_ns()
     last = now - int(idle_s * 1e9)
     fwd = L.CtKey(L.be32("10.10.1.2"), L.be32("192.0.2.10"), L.be16(client_port), L.be16(80),
                   proto, 0, 0)
@@ -66,6 +65,45 @@ def test_sweep_removes_orphaned_reply_entries(dp: DataPlane) -> None:
     fwd = L.CtKey(L.be32("10.10.1.2"), L.be32("192.0.2.10"), L.be16(2000), L.be16(80), 6, 0, 0)
     dp.maps["ct"].delete(bytes(fwd))
     assert conntrack.sweep(dp.maps["ct"], Timeouts()) == (0, 1)
+
+
+def put_snat_flow(dp: DataPlane, client_port: int, node_port: int, idle_s: float) -> None:
+    last = L.ct_now_ns() - int(idle_s * 1e9)
+    fwd = L.CtKey(L.be32("10.10.1.2"), L.be32("192.0.2.10"), L.be16(client_port), L.be16(80),
+                  6, 0, 0)
+    rev = L.CtKey(L.be32("10.20.1.2"), L.be32("10.20.1.1"), L.be16(8080), L.be16(node_port),
+                  6, 1, 0)
+    v = L.CtVal(L.be32("10.20.1.2"), L.be16(8080), 0, 0, L.CT_REPLIED | L.CT_SNAT, last, last,
+                snat_addr=L.be32("10.20.1.1"), snat_port=L.be16(node_port))
+    r = L.CtVal(L.be32("192.0.2.10"), L.be16(80), 0, 0, L.CT_SNAT, last, last,
+                snat_addr=L.be32("10.10.1.2"), snat_port=L.be16(client_port))
+    dp.maps["ct"].update(bytes(fwd), bytes(v))
+    dp.maps["ct"].update(bytes(rev), bytes(r))
+
+
+def test_sweep_pairs_source_nat_entries_by_the_node_port(dp: DataPlane) -> None:
+    conntrack.flush(dp.maps["ct"])
+    put_snat_flow(dp, 3000, 40000, idle_s=1)     # live: both entries stay
+    put_snat_flow(dp, 3001, 40001, idle_s=400)   # expired: both go, freeing port 40001
+    assert conntrack.sweep(dp.maps["ct"], Timeouts()) == (2, 2)
+    left = {(k.dir, L.from_be16(k.dport)) for k, _v in conntrack.read(dp.maps["ct"])}
+    assert left == {(0, 80), (1, 40000)}
+    (flow,) = conntrack.flows(dp.maps["ct"])
+    assert "=> 10.20.1.2:8080 from 10.20.1.1:40000 established" in flow.describe(L.ct_now_ns())
+
+
+def test_sweep_keeps_direct_connection_markers_until_idle(dp: DataPlane) -> None:
+    conntrack.flush(dp.maps["ct"])
+    for port, idle in ((4000, 10), (4001, 400)):
+        last = L.ct_now_ns() - idle * 1_000_000_000
+        key = L.CtKey(L.be32("10.20.1.2"), L.be32("10.10.1.2"), L.be16(8080), L.be16(port),
+                      6, 1, 0)
+        val = L.CtVal(L.be32("10.20.1.2"), L.be16(8080), 0, 0,
+                      L.CT_DIRECT | L.CT_REPLIED, last, last)
+        dp.maps["ct"].update(bytes(key), bytes(val))
+    assert conntrack.sweep(dp.maps["ct"], Timeouts()) == (1, 1)
+    ((key, _val),) = conntrack.read(dp.maps["ct"])
+    assert L.from_be16(key.dport) == 4000
 
 
 def test_flush_empties_the_map(dp: DataPlane) -> None:

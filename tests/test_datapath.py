@@ -4,8 +4,8 @@ bytes (checksums recomputed by scapy), conntrack entries and counters."""
 from __future__ import annotations
 
 import struct
-import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -15,7 +15,9 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 
 from tests.datapath import (
+    CAPS,
     CLIENT_MAC,
+    INV,
     LB_MAC,
     TC_ACT_OK,
     XDP_DROP,
@@ -36,8 +38,10 @@ from tests.datapath import (
     syn,
     udp,
 )
+from xdplb.dataplane import conntrack
 from xdplb.dataplane import layout as L
 from xdplb.dataplane.layout import Stat
+from xdplb.plan.model import Plan
 
 pytestmark = needs_bpf
 
@@ -89,7 +93,7 @@ def reply_udp(b: tuple[str, int] = UB1, client: str = CLIENT, cport: int = 40000
 
 def ct_val(nat: tuple[str, int], listener_id: int = 0, backend_id: int = 0, flags: int = 0,
            idle_s: float = 0.0) -> L.CtVal:
-    last = time.monotonic_ns() - int(idle_s * 1e9)
+    last = L.ct_now_ns() - int(idle_s * 1e9)
     return L.CtVal(L.be32(nat[0]), L.be16(nat[1]), backend_id, listener_id, flags, last, last)
 
 
@@ -106,9 +110,9 @@ def test_syn_to_listener_is_dnatted_and_tracked(lb: Harness) -> None:
     lb.apply(plan_of(TCP_LST, UDP_LST))
     frame = syn()
     before = lb.stats()
-    t0 = time.monotonic_ns()
+    t0 = L.ct_now_ns()
     r = lb.xdp(frame)
-    t1 = time.monotonic_ns()
+    t1 = L.ct_now_ns()
 
     assert r.retval == XDP_PASS
     assert r.data == dnat(frame, *B1)
@@ -167,6 +171,20 @@ def test_established_flow_follows_entry_after_group_change(lb: Harness) -> None:
     r = lb.xdp(other)
     assert r.retval == XDP_PASS
     assert lb.ct()[fwd_key(sport=40001)].nat_addr in (L.be32(B2[0]), L.be32("10.20.3.2"))
+
+
+def test_jumbo_multi_buffer_segment_is_dnatted_and_counted_whole(lb: Harness) -> None:
+    # The program is loaded multi-buffer aware: a 9,000-byte frame reaches it as a
+    # head buffer plus fragments; headers are rewritten, every byte is counted.
+    lb.apply(plan_of(TCP_LST))
+    first = syn()
+    lb.xdp(first)
+    jumbo = segment(flags="PA", payload=bytes(range(256)) * 35)
+    assert len(jumbo) > 9000
+    r = lb.xdp(jumbo)
+    assert r.retval == XDP_PASS
+    assert r.data == dnat(jumbo, *B1)
+    assert list(lb.ct()[fwd_key()].bytes) == [len(first) + len(jumbo), 0]
 
 
 def test_fin_and_rst_flags_are_recorded(lb: Harness) -> None:
@@ -364,23 +382,48 @@ def test_not_for_a_listener_passes_untouched(lb: Harness, name: str) -> None:
 OLD = ("10.99.0.1", 7777)  # where a stale entry points: never a backend of the plan
 
 
-def test_expired_entry_non_syn_is_untracked(lb: Harness) -> None:
+def test_expired_entry_non_syn_is_selected_again(lb: Harness) -> None:
     lb.apply(plan_of(TCP_LST))
     put_flow(lb, OLD, flags=L.CT_REPLIED, idle_s=400)
-    before_ct = {k: bytes(v) for k, v in lb.ct().items()}
     before = lb.stats()
     frame = segment()
     r = lb.xdp(frame)
-    assert (r.retval, r.data) == (XDP_PASS, frame)
-    assert stats_delta(before, lb.stats()) == {Stat.UNTRACKED: 1}
-    assert {k: bytes(v) for k, v in lb.ct().items()} == before_ct
+    assert (r.retval, r.data) == (XDP_PASS, dnat(frame, *B1))
+    assert stats_delta(before, lb.stats()) == {Stat.RESELECTED: 1}
+    f = lb.ct()[fwd_key()]
+    assert (L.from_be32(f.nat_addr), L.from_be16(f.nat_port)) == B1
+    assert f.flags == 0 and list(f.packets) == [1, 0]
+    assert rev_key() in lb.ct()
+
+
+@pytest.mark.parametrize("flags, state", [("A", 0), ("PA", 0), ("FA", L.CT_FIN_FWD),
+                                          ("R", L.CT_RST), ("RA", L.CT_RST)])
+def test_lost_state_segment_lands_on_the_backend_a_syn_would(lb: Harness, flags: str,
+                                                              state: int) -> None:
+    # No entry at all (evicted, flushed, or the flow was rehashed to this node):
+    # the table picks what it picked for the SYN, and the entry is created again.
+    lb.apply(plan_of(listener("tcp", 80, [backend(*B1), backend(*B2),
+                                          backend("10.20.3.2", 8080)])))
+    for sport in range(40000, 40012):
+        first = syn(sport=sport)
+        chosen = lb.xdp(first).data
+        conntrack.flush(lb.maps["ct"])
+        before = lb.stats()
+        frame = segment(sport=sport, flags=flags, payload=b"x" if "P" in flags else b"")
+        r = lb.xdp(frame)
+        assert r.retval == XDP_PASS
+        assert r.data == dnat(frame, IP(chosen[14:]).dst, TCP(chosen[34:]).dport)
+        assert stats_delta(before, lb.stats()) == {Stat.RESELECTED: 1}
+        f = lb.ct()[fwd_key(sport=sport)]
+        assert f.flags == state and list(f.packets) == [1, 0]
+        conntrack.flush(lb.maps["ct"])
 
 
 def test_expired_entry_syn_starts_new_flow(lb: Harness) -> None:
     lb.apply(plan_of(TCP_LST))
     put_flow(lb, OLD, flags=L.CT_REPLIED, idle_s=400)
     before = lb.stats()
-    t0 = time.monotonic_ns()
+    t0 = L.ct_now_ns()
     frame = syn()
     r = lb.xdp(frame)
     assert r.data == dnat(frame, *B1)
@@ -706,3 +749,297 @@ def test_fuzz_mutated_syn_is_untouched_or_exact_dnat(
     target = (L.from_be32(val.nat_addr), L.from_be16(val.nat_port))
     assert target in (B1, UB1)
     _check_dnat(frame, r.data, target)
+
+
+# --- ICMP errors about tracked flows ---------------------------------------------------------
+
+ROUTER_CLIENT_SIDE = "10.10.1.254"
+ROUTER_BACKEND_SIDE = "10.20.1.1"
+
+
+def icmp_error(src: str, dst: str, quote: bytes, kind: tuple[int, int] = (3, 4)) -> bytes:
+    """An ICMP error (default: fragmentation needed, MTU 1400) quoting `quote`."""
+    return bytes(ether() / IP(src=src, dst=dst)
+                 / ICMP(type=kind[0], code=kind[1], nexthopmtu=1400) / quote)
+
+
+def quoted_tcp(src: tuple[str, int], dst: tuple[str, int], payload: bytes = b"x" * 64) -> bytes:
+    return bytes(IP(src=src[0], dst=dst[0], id=77)
+                 / TCP(sport=src[1], dport=dst[1], flags="PA", seq=5000, ack=1001) / payload)
+
+
+def quoted_udp(src: tuple[str, int], dst: tuple[str, int], chksum: int | None = None) -> bytes:
+    return bytes(IP(src=src[0], dst=dst[0], id=78)
+                 / UDP(sport=src[1], dport=dst[1], chksum=chksum) / b"query")
+
+
+@pytest.mark.parametrize("cut", [None, 28], ids=["whole quote", "8 bytes of TCP"])
+@pytest.mark.parametrize("kind", [(3, 4), (11, 0)], ids=["frag needed", "time exceeded"])
+def test_icmp_error_about_a_reply_goes_to_the_backend(lb: Harness, cut: int | None,
+                                                       kind: tuple[int, int]) -> None:
+    # A router on the client side could not forward the LB's reply (VIP:80 ->
+    # client). The backend sent it, so the backend must hear about it, about its
+    # own packet: outer destination and quoted source become the backend.
+    lb.apply(plan_of(TCP_LST))
+    put_flow(lb, B1, flags=L.CT_REPLIED)
+    frame = icmp_error(ROUTER_CLIENT_SIDE, VIP, quoted_tcp((VIP, 80), (CLIENT, 40000))[:cut],
+                       kind)
+    want = icmp_error(ROUTER_CLIENT_SIDE, B1[0], quoted_tcp(B1, (CLIENT, 40000))[:cut], kind)
+    before = lb.stats()
+    r = lb.xdp(frame)
+    assert r.retval == XDP_PASS
+    assert r.data == want  # scapy built want: outer, quoted IP/TCP and ICMP checksums
+    assert stats_delta(before, lb.stats()) == {Stat.ICMP_IN: 1}
+
+
+@pytest.mark.parametrize("chksum", [None, 0], ids=["udp checksum", "no udp checksum"])
+def test_icmp_error_about_a_udp_reply_keeps_a_zero_checksum(lb: Harness,
+                                                            chksum: int | None) -> None:
+    lb.apply(plan_of(UDP_LST))
+    put_flow(lb, UB1, proto=17, vip_port=53)
+    frame = icmp_error(ROUTER_CLIENT_SIDE, VIP, quoted_udp((VIP, 53), (CLIENT, 40000), chksum))
+    r = lb.xdp(frame)
+    assert r.data == icmp_error(ROUTER_CLIENT_SIDE, UB1[0],
+                                quoted_udp(UB1, (CLIENT, 40000), chksum))
+    quoted = IP(bytes(Ether(r.data)[ICMP].payload))
+    assert (quoted[UDP].chksum == 0) == (chksum == 0)
+
+
+@pytest.mark.parametrize("sender", ["router", "backend"])
+def test_icmp_error_about_a_forwarded_packet_goes_to_the_client(lb: Harness,
+                                                                 sender: str) -> None:
+    # Fragmentation needed from a router between LB and backend, or a port
+    # unreachable from the backend itself, about client -> backend: the client
+    # must see it about its own packet to VIP:80, and never the backend's address.
+    lb.apply(plan_of(TCP_LST))
+    put_flow(lb, B1, flags=L.CT_REPLIED)
+    src = ROUTER_BACKEND_SIDE if sender == "router" else B1[0]
+    kind = (3, 4) if sender == "router" else (3, 3)
+    frame = icmp_error(src, CLIENT, quoted_tcp((CLIENT, 40000), B1), kind)
+    want = icmp_error(src if sender == "router" else VIP, CLIENT,
+                      quoted_tcp((CLIENT, 40000), (VIP, 80)), kind)
+    before = lb.stats()
+    r = lb.tc(frame)
+    assert r.data == want  # scapy built want: outer, quoted IP/TCP and ICMP checksums
+    assert stats_delta(before, lb.stats()) == {Stat.ICMP_OUT: 1}
+
+
+def test_icmp_errors_of_unknown_or_expired_flows_and_non_errors_are_untouched(
+        lb: Harness) -> None:
+    lb.apply(plan_of(TCP_LST))
+    put_flow(lb, B1, flags=L.CT_REPLIED, sport=40001, idle_s=400)  # expired
+    cases = [
+        icmp_error(ROUTER_CLIENT_SIDE, VIP, quoted_tcp((VIP, 80), (CLIENT, 40000))),  # unknown
+        icmp_error(ROUTER_CLIENT_SIDE, VIP, quoted_tcp((VIP, 80), (CLIENT, 40001))),  # expired
+        bytes(ether() / IP(src=ROUTER_CLIENT_SIDE, dst=VIP)  # a later fragment: no ports
+              / ICMP(type=3, code=4) / bytes(IP(src=VIP, dst=CLIENT, frag=10, proto=6)
+                                              / (b"y" * 16))),
+        bytes(ether() / IP(src=CLIENT, dst=VIP) / ICMP(type=8) / b"ping"),
+        bytes(ether() / IP(src=ROUTER_CLIENT_SIDE, dst=VIP) / ICMP(type=3, code=4)
+              / quoted_tcp((VIP, 80), (CLIENT, 40000))[:24]),  # quote too short for ports
+    ]
+    for frame in cases:
+        before = lb.stats()
+        r = lb.xdp(frame)
+        assert (r.retval, r.data) == (XDP_PASS, frame)
+        assert stats_delta(before, lb.stats()) == {Stat.NOMATCH: 1}
+    back = icmp_error(ROUTER_BACKEND_SIDE, CLIENT, quoted_tcp((CLIENT, 40001), B1))
+    before = lb.stats()
+    assert lb.tc(back).data == back
+    assert stats_delta(before, lb.stats()) == {}
+
+
+# --- 12. source NAT (sourceNAT: Node) ------------------------------------------------------------
+
+NODE_B1 = "10.20.1.1"  # the node's address on the link to B1
+SNAT_INV = replace(INV, routes={B1[0]: (NODE_B1, "lo"), B2[0]: ("10.20.2.1", "lo")})
+
+
+def snat_plan(*listeners: dict[str, object]) -> Plan:
+    return Plan(tuple(replace(lst, source_nat=True) for lst in plan_of(*listeners).listeners))
+
+
+def snat_port_of(lb: Harness, sport: int = 40000) -> int:
+    f = lb.ct()[fwd_key(sport=sport)]
+    assert f.flags & L.CT_SNAT and L.from_be32(f.snat_addr) == NODE_B1
+    return L.from_be16(f.snat_port)
+
+
+def test_snat_new_flow_rewrites_both_ends_and_tracks_both_translations(lb: Harness) -> None:
+    lb.apply(snat_plan(TCP_LST), SNAT_INV)
+    frame = syn()
+    before = lb.stats()
+    r = lb.xdp(frame)
+    assert r.retval == XDP_PASS
+    port = snat_port_of(lb)
+    assert 32768 <= port <= 65535
+    assert r.data == rewritten(frame, dst=B1, src=(NODE_B1, port))
+    assert stats_delta(before, lb.stats()) == {Stat.NEW_DEFAULT: 1}
+    rv = lb.ct()[(B1[0], B1[1], NODE_B1, port, 6, 1)]
+    assert rv.flags == L.CT_SNAT
+    assert (L.from_be32(rv.snat_addr), L.from_be16(rv.snat_port)) == (CLIENT, 40000)
+    assert (L.from_be32(rv.nat_addr), L.from_be16(rv.nat_port)) == (VIP, 80)
+    assert rev_key() not in lb.ct()  # no reply entry toward the client itself
+
+    data = segment(flags="PA", payload=b"GET /")
+    assert lb.xdp(data).data == rewritten(data, dst=B1, src=(NODE_B1, port))
+
+    reply = bytes(Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(src=B1[0], dst=NODE_B1)
+                  / TCP(sport=B1[1], dport=port, flags="SA", seq=5000, ack=1001))
+    before = lb.stats()
+    r = lb.xdp(reply)
+    assert r.retval == XDP_PASS
+    assert r.data == rewritten(reply, src=(VIP, 80), dst=(CLIENT, 40000))
+    assert stats_delta(before, lb.stats()) == {Stat.SNAT_REPLY: 1}
+    f = lb.ct()[fwd_key()]
+    assert f.flags & L.CT_REPLIED and list(f.packets) == [2, 1]
+
+
+def test_snat_udp_keeps_a_zero_checksum_and_replies_come_from_the_listener(
+        lb: Harness) -> None:
+    lb.apply(snat_plan(UDP_LST), SNAT_INV)
+    frame = udp(chksum=0)
+    r = lb.xdp(frame)
+    f = lb.ct()[fwd_key(dport=53, proto=17)]
+    port = L.from_be16(f.snat_port)
+    assert r.data == rewritten(frame, dst=UB1, src=(NODE_B1, port))
+    reply = bytes(Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(src=UB1[0], dst=NODE_B1)
+                  / UDP(sport=UB1[1], dport=port) / b"answer")
+    assert lb.xdp(reply).data == rewritten(reply, src=(VIP, 53), dst=(CLIENT, 40000))
+
+
+def test_snat_reply_to_an_unknown_port_is_untouched(lb: Harness) -> None:
+    lb.apply(snat_plan(TCP_LST), SNAT_INV)
+    lb.xdp(syn())
+    port = snat_port_of(lb)
+    other = 32768 if port != 32768 else 32769
+    stray = bytes(Ether() / IP(src=B1[0], dst=NODE_B1) / TCP(sport=B1[1], dport=other, flags="A"))
+    before = lb.stats()
+    r = lb.xdp(stray)
+    assert (r.retval, r.data) == (XDP_PASS, stray)
+    assert stats_delta(before, lb.stats()) == {Stat.NOMATCH: 1}
+
+
+def test_snat_without_a_route_to_the_backend_drops_and_says_so(lb: Harness) -> None:
+    res = lb.apply(snat_plan(TCP_LST), INV, problems=True)
+    assert res.problems == [f"default/web/tcp: no route from this node to backend {B1[0]}: "
+                            "its new flows are dropped"]
+    before = lb.stats()
+    assert lb.xdp(syn()).retval == XDP_DROP
+    assert stats_delta(before, lb.stats()) == {Stat.SNAT_NO_SOURCE: 1}
+    assert lb.ct() == {}
+
+
+def test_snat_ports_never_collide_across_10000_flows() -> None:
+    lb = Harness(replace(CAPS, conntrack=16384))  # the shared one holds 4,096 flows
+    try:
+        lb.reset()
+        lb.apply(snat_plan(TCP_LST), SNAT_INV)
+        n = 10_000
+        template = bytearray(syn())
+        for i in range(n):  # 10,000 clients: only the source address changes (bytes 26-29)
+            template[26:30] = bytes([10, 10, 1 + i // 250, 1 + i % 250])
+            assert lb.xdp(bytes(template)).retval == XDP_PASS
+        ct = lb.ct()
+    finally:
+        lb.close()
+    fwd = [v for k, v in ct.items() if k[5] == 0]
+    rev = [k for k in ct if k[5] == 1]
+    ports = {L.from_be16(v.snat_port) for v in fwd}
+    assert len(fwd) == len(rev) == len(ports) == n
+    assert {k[3] for k in rev} == ports
+
+
+def test_snat_port_exhaustion_is_counted_and_never_takes_a_live_port() -> None:
+    small = Harness(replace(CAPS, snat_port_min=40000, snat_port_max=40003))
+    try:
+        small.reset()
+        small.apply(snat_plan(TCP_LST), SNAT_INV)
+        for sport in range(50000, 50004):
+            assert small.xdp(syn(sport=sport)).retval == XDP_PASS
+        taken = {k: bytes(v) for k, v in small.ct().items()}
+        assert sorted(k[3] for k in taken if k[5] == 1) == [40000, 40001, 40002, 40003]
+        before = small.stats()
+        assert small.xdp(syn(sport=50004)).retval == XDP_DROP
+        assert stats_delta(before, small.stats()) == {Stat.SNAT_EXHAUSTED: 1}
+        assert {k: bytes(v) for k, v in small.ct().items()} == taken
+    finally:
+        small.close()
+
+
+def test_hairpin_flow_of_a_backend_to_itself_is_source_natted(lb: Harness) -> None:
+    # B1 connects to its own listener and is picked: without source NAT it would
+    # answer itself directly, from B1:8080 instead of VIP:80.
+    lb.apply(plan_of(TCP_LST), SNAT_INV)
+    frame = syn(src=B1[0], sport=41000)
+    r = lb.xdp(frame)
+    f = lb.ct()[fwd_key(src=B1[0], sport=41000)]
+    assert f.flags & L.CT_SNAT and L.from_be32(f.snat_addr) == NODE_B1
+    assert r.data == rewritten(frame, dst=B1, src=(NODE_B1, L.from_be16(f.snat_port)))
+    other = syn(src=B2[0], sport=41000)  # another host keeps its address (no source NAT)
+    assert lb.xdp(other).data == dnat(other, *B1)
+
+
+def test_icmp_errors_of_source_nat_flows_are_translated_both_ways(lb: Harness) -> None:
+    lb.apply(snat_plan(TCP_LST), SNAT_INV)
+    lb.xdp(syn())
+    port = snat_port_of(lb)
+    # A router between node and backend: "fragmentation needed" about node:port -> B1,
+    # sent to the node. The client must hear it about its own packet to VIP:80.
+    frame = icmp_error(ROUTER_BACKEND_SIDE, NODE_B1, quoted_tcp((NODE_B1, port), B1))
+    before = lb.stats()
+    r = lb.xdp(frame)
+    assert r.data == icmp_error(ROUTER_BACKEND_SIDE, CLIENT,
+                                quoted_tcp((CLIENT, 40000), (VIP, 80)))
+    assert stats_delta(before, lb.stats()) == {Stat.ICMP_IN: 1}
+    # A router on the client side, about the reply VIP:80 -> client: the backend must
+    # hear it about its own packet, which went to the node's address and port.
+    frame = icmp_error(ROUTER_CLIENT_SIDE, VIP, quoted_tcp((VIP, 80), (CLIENT, 40000)))
+    r = lb.xdp(frame)
+    assert r.data == icmp_error(ROUTER_CLIENT_SIDE, B1[0], quoted_tcp(B1, (NODE_B1, port)))
+
+
+# --- 13. replies of flows whose entries were lost --------------------------------------------
+
+
+def test_reply_of_a_lost_flow_is_restored_and_tracked_again(lb: Harness) -> None:
+    # Flushed mid-stream, and the backend speaks first: the client must see the
+    # listener's address (a segment from B1 itself would draw its RST).
+    lb.apply(plan_of(TCP_LST))
+    reply = reply_tcp(flags="A", payload=b"more data")
+    before = lb.stats()
+    r = lb.tc(reply)
+    assert r.retval == TC_ACT_OK
+    assert r.data == reply_snat(reply, VIP, 80)
+    assert stats_delta(before, lb.stats()) == {Stat.REPLY_RESTORED: 1}
+    f = lb.ct()[fwd_key()]
+    assert (L.from_be32(f.nat_addr), L.from_be16(f.nat_port)) == B1
+    assert f.flags & L.CT_REPLIED and list(f.packets) == [0, 1]
+    assert rev_key() in lb.ct()
+    data = segment(flags="PA", payload=b"next")  # the client's next segment follows it
+    before = lb.stats()
+    assert lb.xdp(data).data == dnat(data, *B1)
+    assert stats_delta(before, lb.stats()) == {Stat.ESTABLISHED: 1}
+
+
+def test_connection_made_to_a_backend_directly_is_left_alone(lb: Harness) -> None:
+    # A client that reaches B1:8080 itself (not the listener) through the node: its
+    # SYN|ACK marks the flow, and later segments are not taken for a lost flow's.
+    lb.apply(plan_of(TCP_LST))
+    before = lb.stats()
+    for flags in ("SA", "A", "PA", "FA"):
+        frame = reply_tcp(flags=flags, payload=b"x" if "P" in flags else b"")
+        r = lb.tc(frame)
+        assert (r.retval, r.data) == (TC_ACT_OK, frame)
+    assert stats_delta(before, lb.stats()) == {}
+    marker = lb.ct()[rev_key()]
+    assert marker.flags & L.CT_DIRECT and fwd_key() not in lb.ct()
+
+
+def test_reply_of_a_backend_behind_two_listeners_is_not_guessed(lb: Harness) -> None:
+    lb.apply(plan_of(TCP_LST, listener("tcp2", 81, [backend(*B1)])))
+    reply = reply_tcp(flags="A", payload=b"x")
+    before = lb.stats()
+    assert lb.tc(reply).data == reply
+    assert stats_delta(before, lb.stats()) == {}
+    assert lb.ct() == {}

@@ -9,6 +9,7 @@ its command a fresh /sys, so /sys/fs/bpf cannot be shared with the test process)
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -289,13 +290,13 @@ def sink_conns(lab: Lab, b: str) -> int:
 
 
 def start_stream_on(lab: Lab, agent: Agent, want: str, seconds: float, rate_mbit: float,
-                    tries: int = 12) -> tuple[Proc, list[Proc]]:
+                    tries: int = 12, port: int = VIP_SINK) -> tuple[Proc, list[Proc]]:
     """Long streams to VIP:sink until one lands on backend ``want``; returns it and the
     others (which land elsewhere and must finish intact too)."""
     others: list[Proc] = []
     for _ in range(tries):
         before = sink_conns(lab, want)
-        p = lab.start_long_stream("cli", VIP, VIP_SINK, seconds=seconds, rate_mbit=rate_mbit)
+        p = lab.start_long_stream("cli", VIP, port, seconds=seconds, rate_mbit=rate_mbit)
         end = time.monotonic() + 5
         while time.monotonic() < end:
             assert p.progress_path is not None
@@ -370,6 +371,16 @@ def test_weight_zero_drains_new_flows_only(baseline: tuple[Lab, Agent]) -> None:
         f"{elapsed:.2f} s): {stream_res}\n{agent.tail()}"
     for p in others:
         finish_stream(lab, p, agent, "stream on b2 across the weight change")
+
+
+def test_direct_connections_to_a_backend_pass_untouched(baseline: tuple[Lab, Agent]) -> None:
+    # b1:8080 is a backend endpoint, but this client talks to it directly (not through
+    # the listener): its replies must keep b1's address.
+    lab, agent = baseline
+    res = lab.tcp_clients("cli", Lab.backend_addr(1), TCP_PORT, count=20, concurrency=5,
+                          up=64 * 1024, down=64 * 1024)
+    check_ok(res, "direct connections to b1", agent)
+    assert res["tags"] == {"b1": 20}
 
 
 def test_bad_file_keeps_last_good_state(baseline: tuple[Lab, Agent]) -> None:
@@ -455,3 +466,185 @@ def test_full_checksums_across_lb(make_env) -> None:  # type: ignore[no-untyped-
     check_ok(res, "UDP with full checksums", agent)
     assert res["reply_sources"] == {f"{VIP}:{VIP_UDP}": 100}, res["reply_sources"]
     check_share(res["tags"], 100, 0.25, 0.75, agent)
+
+
+def test_conntrack_flush_mid_stream_keeps_every_stream(make_env) -> None:  # type: ignore[no-untyped-def]
+    # Lost state (flushed here; evicted or rehashed in production): every segment
+    # without an entry is selected again with the same table, so it lands where it was.
+    lab, agent = make_env("xef", start=False)
+    lab.start_tcp_sink("b3", SINK_PORT)
+    b3 = Lab.backend_addr(3)
+    agent.write_config(config_yaml().replace(
+        f"port: {SINK_PORT}, weight: 1}}\n  - name: udp",
+        f"port: {SINK_PORT}, weight: 1}}\n    - {{address: {b3}, port: {SINK_PORT}}}\n"
+        "  - name: udp"))
+    assert b3 in agent.config.read_text()
+    agent.start()
+    n = 50
+    streams = [lab.start_long_stream("cli", VIP, VIP_SINK, seconds=7, rate_mbit=4)
+               for _ in range(n)]
+    deadline = time.monotonic() + 20
+    while agent.conntrack_count() < n:
+        assert time.monotonic() < deadline, f"{n} streams not tracked\n{agent.tail()}"
+        time.sleep(0.2)
+    assert all(sink_conns(lab, b) > 0 for b in ("b1", "b2", "b3")), \
+        "streams did not spread over the three backends"
+    flushed = subprocess.run([str(XDPLB), "conntrack", "flush", "--pin-dir", agent.pin_dir],
+                             capture_output=True, text=True, timeout=30)
+    assert flushed.returncode == 0, flushed.stderr
+    t_flush = time.monotonic_ns()
+    assert re.search(r"flushed (\d+) entries", flushed.stdout), flushed.stdout
+    for i, p in enumerate(streams):
+        finish_stream(lab, p, agent, f"stream {i} across a conntrack flush")
+        assert p.progress_path is not None
+        assert bytes_since(p.progress_path, t_flush) > 0, f"stream {i} stalled at the flush"
+    assert agent.conntrack_count() >= n, "segments after the flush did not re-create entries"
+
+
+def test_path_mtu_discovery_through_translated_icmp(make_env) -> None:  # type: ignore[no-untyped-def]
+    # A router with a 1,280-byte link sits between the LB and b3. The client sends
+    # full-size segments; the router's "fragmentation needed" quotes the packet the
+    # LB forwarded (client -> b3). Only when the LB makes it about client -> VIP does
+    # the client's socket lower its path MTU; otherwise the upload black-holes.
+    lab, agent = make_env("xem", start=False, router_mtu=1280)
+    b3 = Lab.backend_addr(3)
+    agent.write_config(config_yaml() + f"""\
+  - name: mtu
+    protocol: TCP
+    port: 81
+    address: {VIP}
+    backends: [{{address: {b3}, port: {TCP_PORT}}}]
+""")
+    agent.start()
+    res = lab.tcp_clients("cli", VIP, 81, count=4, concurrency=2, up=MIB, down=MIB,
+                          timeout=15)
+    check_ok(res, "uploads through a 1,280-byte hop", agent)
+    assert res["bytes_up"] == res["bytes_down"] == 4 * MIB
+    route = lab.exec("cli", "ip", "route", "get", VIP).stdout
+    assert "mtu 1280" in route, f"the client learnt no path MTU for the VIP:\n{route}"
+
+
+def snat_config(source_nat: str) -> str:
+    b3 = Lab.backend_addr(3)
+    return config_yaml() + f"""\
+  - name: direct-tcp
+    protocol: TCP
+    port: 82
+    address: {VIP}
+    sourceNAT: {source_nat}
+    backends: [{{address: {b3}, port: 8081}}]
+  - name: direct-udp
+    protocol: UDP
+    port: 54
+    address: {VIP}
+    sourceNAT: {source_nat}
+    backends: [{{address: {b3}, port: 5354}}]
+"""
+
+
+def test_source_nat_reaches_a_backend_that_answers_clients_directly(make_env) -> None:  # type: ignore[no-untyped-def]
+    # b3's default route bypasses the LB: with the client's address kept, b3's
+    # answers never come back (documented); with sourceNAT: Node, b3 sees the LB's
+    # own address and answers it, and the LB turns the answers around.
+    lab, agent = make_env("xen", start=False, direct_return=True)
+    tcp_log, udp_log = lab.workdir / "b3-tcp.jsonl", lab.workdir / "b3-udp.jsonl"
+    lab.start_tcp_server("b3", 8081, log=tcp_log)
+    lab.start_udp_server("b3", 5354, log=udp_log)
+    agent.write_config(snat_config("None"))
+    agent.start()
+    res = lab.tcp_clients("cli", VIP, 82, count=1, timeout=2)
+    assert not res["ok"], f"b3 answered without source NAT: {res}"
+
+    agent.apply(snat_config("Node"), within=2)
+    n = 200
+    res = lab.tcp_clients("cli", VIP, 82, count=n, concurrency=20, up=MIB, down=MIB,
+                          timeout=30)
+    check_ok(res, f"{n} TCP streams of 1 MiB each way through source NAT", agent)
+    assert res["succeeded"] == n and res["bytes_up"] == res["bytes_down"] == n * MIB
+    assert res["tags"] == {"b3": n}
+    res = lab.udp_clients("cli", VIP, 54, count=50)
+    check_ok(res, "UDP through source NAT", agent)
+    assert res["reply_sources"] == {f"{VIP}:54": 50}
+    node = Lab.lb_backend_addr(3)
+    peers = {json.loads(line)["peer"].rsplit(":", 1)[0]
+             for log in (tcp_log, udp_log) for line in log.read_text().splitlines()}
+    assert peers == {node}, f"b3 saw {peers}, expected only the LB's address {node}"
+
+
+def test_hairpin_backend_reaches_its_own_listener(make_env) -> None:  # type: ignore[no-untyped-def]
+    lab, agent = make_env("xeh", start=False)
+    log = lab.workdir / "b1-hairpin.jsonl"
+    lab.start_tcp_server("b1", 8082, log=log)
+    b1 = Lab.backend_addr(1)
+    agent.write_config(config_yaml().replace(
+        f"interfaces: [{Lab.lb_client_if}, {Lab.lb_client2_if}]",
+        f"interfaces: [{Lab.lb_client_if}, {Lab.lb_client2_if}, {Lab.lb_backend_if(1)}]")
+        + f"""\
+  - name: hairpin
+    protocol: TCP
+    port: 83
+    address: {VIP}
+    backends: [{{address: {b1}, port: 8082}}]
+""")
+    agent.start()
+    res = lab.tcp_clients("b1", VIP, 83, count=20, concurrency=5, up=64 * 1024,
+                          down=64 * 1024, timeout=10)
+    check_ok(res, "b1 -> its own listener", agent)
+    assert res["tags"] == {"b1": 20}
+    peers = {json.loads(line)["peer"].rsplit(":", 1)[0] for line in log.read_text().splitlines()}
+    assert peers == {Lab.lb_backend_addr(1)}, peers
+    res = lab.tcp_clients("cli", VIP, 83, count=5, timeout=10)  # other clients: unchanged
+    check_ok(res, "client -> hairpin listener", agent)
+
+
+def test_health_check_stops_new_flows_to_a_dead_backend_and_brings_it_back(make_env) -> None:  # type: ignore[no-untyped-def]
+    lab, agent = make_env("xeg", start=False)
+    check = "{protocol: TCP, port: 8090, intervalSeconds: 1, timeoutSeconds: 1, " \
+            "unhealthyThreshold: 2, healthyThreshold: 2}"
+    b1, b2 = Lab.backend_addr(1), Lab.backend_addr(2)
+    servers = {b: lab.start_tcp_server(b, 8090) for b in ("b1", "b2")}
+    agent.write_config(config_yaml() + f"""\
+  - name: checked
+    protocol: TCP
+    port: 84
+    address: {VIP}
+    healthCheck: {check}
+    backends: [{{address: {b1}, port: 8090}}, {{address: {b2}, port: 8090}}]
+  - name: checked-sink
+    protocol: TCP
+    port: 9001
+    address: {VIP}
+    healthCheck: {check}
+    backends: [{{address: {b1}, port: {SINK_PORT}}}, {{address: {b2}, port: {SINK_PORT}}}]
+""")
+    agent.start()
+    res = lab.tcp_clients("cli", VIP, 84, count=40, concurrency=10)
+    check_ok(res, "both backends healthy", agent)
+    assert set(res["tags"]) == {"b1", "b2"}
+    stream, others = start_stream_on(lab, agent, "b2", seconds=12, rate_mbit=20, port=9001)
+
+    offset = agent.size()
+    lab.stop(servers["b1"])
+    t0 = time.monotonic()
+    agent.wait_log(f"backend {b1}:8090 is unhealthy", offset, timeout=10)
+    took = time.monotonic() - t0
+    assert took <= 1 * 2 + 1.5, f"marked down after {took:.1f} s (interval 1 s x threshold 2)"
+    agent.wait_log("applied", offset, timeout=5)
+    res = lab.tcp_clients("cli", VIP, 84, count=40, concurrency=10)
+    check_ok(res, "new flows while b1 is down", agent)
+    assert res["tags"] == {"b2": 40}
+    status = subprocess.run([str(XDPLB), "status", "--state-file", str(agent.state_file)],
+                            capture_output=True, text=True, timeout=30).stdout
+    assert f"backend {b1}:8090 down (TCP check: Connection refused): no new flows" in status, \
+        status
+
+    offset = agent.size()
+    servers["b1"] = lab.start_tcp_server("b1", 8090)
+    agent.wait_log(f"backend {b1}:8090 is healthy again", offset, timeout=10)
+    agent.wait_log("applied", offset, timeout=5)
+    res = lab.tcp_clients("cli", VIP, 84, count=40, concurrency=10)
+    check_ok(res, "after b1 came back", agent)
+    assert set(res["tags"]) == {"b1", "b2"}
+    finish_stream(lab, stream, agent, "stream to b2 across b1's outage")
+    for p in others:
+        finish_stream(lab, p, agent, "stream to b1 across its outage (existing flow)")

@@ -509,7 +509,6 @@ BAD: dict[str, tuple[Any, list[str]]] = {
             ]
         ),
         [
-            "spec.listeners[0].sniRoutes: SNI routing is not supported yet",
             "spec.listeners[0].sniRoutes[1].hostname: 'api.example.com' is also used by"
             " spec.listeners[0].sniRoutes[0]",
         ],
@@ -519,9 +518,20 @@ BAD: dict[str, tuple[Any, list[str]]] = {
         sni("api.example.com", protocol="UDP"),
         ["spec.listeners[0].sniRoutes: sniRoutes are allowed only with protocol TCP"],
     ),
-    "sni-unsupported": (
-        sni("api.example.com"),
-        ["spec.listeners[0].sniRoutes: SNI routing is not supported yet"],
+    "proxy-protocol-without-sni": (
+        first_listener(proxyProtocol="v2"),
+        ["spec.listeners[0].proxyProtocol: proxyProtocol needs sniRoutes (the header is added"
+         " by the SNI acceptor)"],
+    ),
+    "proxy-protocol-with-source-routes": (
+        sni("api.example.com", proxyProtocol="v2",
+            sourceRoutes=[{"cidr": "198.51.100.0/24", "backends": [backend()]}]),
+        ["spec.listeners[0].proxyProtocol: proxyProtocol cannot be combined with sourceRoutes"
+         " (source-routed flows bypass the SNI acceptor)"],
+    ),
+    "proxy-protocol-v1": (
+        sni("api.example.com", proxyProtocol="v1"),
+        ["spec.listeners[0].proxyProtocol: expected v2, got 'v1'"],
     ),
 }
 

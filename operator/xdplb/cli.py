@@ -8,10 +8,10 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from dataclasses import fields
 
 from xdplb.dataplane.config import Capacities, Timeouts
+from xdplb.k8s.settings import add_args as add_operator_args
 
 DEFAULT_CONFIG = "/etc/xdplb/loadbalancers.yaml"
 
@@ -36,7 +36,8 @@ def _flag(name: str) -> str:
 CAPACITY_FLAGS = {"conntrack": "conntrack-capacity", "listener_keys": "max-listener-keys",
                   "listeners": "max-listeners", "source_routes": "max-source-routes",
                   "groups": "max-groups", "table_slots": "table-slots",
-                  "backends": "max-backends"}
+                  "backends": "max-backends", "snat_port_min": "snat-port-min",
+                  "snat_port_max": "snat-port-max"}
 
 
 def add_dataplane_args(p: argparse.ArgumentParser) -> None:
@@ -60,7 +61,7 @@ def timeouts(a: argparse.Namespace) -> Timeouts:
 
 def cmd_agent(a: argparse.Namespace) -> int:
     from xdplb.agent.standalone import Agent, AgentOptions
-    from xdplb.dataplane.loader import cleanup
+    from xdplb.dataplane.loader import AttachError, cleanup
 
     setup_logging(a.log_format)
     if a.cleanup:
@@ -68,14 +69,54 @@ def cmd_agent(a: argparse.Namespace) -> int:
         logging.info("cleanup: detached from %s, removed %s", ", ".join(detached) or "nothing",
                      a.pin_dir)
         return 0
-    if a.kubernetes:
-        logging.error("--kubernetes is not available yet; run with --config FILE")
-        return 2
+    # A cluster agent keeps programs and pins on a clean stop: its successor adopts them.
     detach = a.detach_on_exit if a.detach_on_exit is not None else not a.kubernetes
-    Agent(AgentOptions(config=a.config, xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
-                       caps=capacities(a), timeouts=timeouts(a), detach_on_exit=detach,
-                       force=a.force, metrics_port=a.metrics_port,
-                       state_file=a.state_file)).run()
+    if a.kubernetes:
+        from xdplb.agent.cluster import ClusterAgent, ClusterOptions
+
+        if not a.node_name:
+            logging.error("--kubernetes needs --node-name (or the NODE_NAME variable)")
+            return 2
+        ClusterAgent(ClusterOptions(
+            config="kubernetes", node_name=a.node_name, xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
+            caps=capacities(a), timeouts=timeouts(a),
+            detach_on_exit=detach, force=a.force,
+            metrics_port=a.metrics_port, state_file=a.state_file)).run()
+        return 0
+    try:
+        Agent(AgentOptions(config=a.config, xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
+                           caps=capacities(a), timeouts=timeouts(a), detach_on_exit=detach,
+                           force=a.force, metrics_port=a.metrics_port,
+                           state_file=a.state_file)).run()
+    except AttachError as e:
+        logging.error("%s", e)
+        return 1
+    return 0
+
+
+def cmd_operator(a: argparse.Namespace) -> int:
+    from xdplb.k8s.operator import run
+    from xdplb.k8s.settings import settings_from_args
+
+    setup_logging(a.log_format)
+    run(settings_from_args(a))
+    return 0
+
+
+def cmd_crds(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from xdplb.k8s.crd import crd_documents, to_yaml
+
+    docs = crd_documents()
+    if a.output_dir is None:
+        print("---\n".join(to_yaml(doc) for doc in docs.values()), end="")
+        return 0
+    out = Path(a.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, doc in docs.items():
+        (out / name).write_text(to_yaml(doc))
+        print(f"wrote {out / name}")
     return 0
 
 
@@ -125,12 +166,13 @@ def _open_maps(pin_dir: str) -> dict[str, object]:
 
 def cmd_conntrack(a: argparse.Namespace) -> int:
     from xdplb.dataplane import conntrack
+    from xdplb.dataplane import layout as L
 
     ct = _open_maps(a.pin_dir)["ct"]
     if a.action == "flush":
         print(f"flushed {conntrack.flush(ct)} entries")  # type: ignore[arg-type]
         return 0
-    now = time.monotonic_ns()
+    now = L.ct_now_ns()
     flows = conntrack.flows(ct)  # type: ignore[arg-type]
     for f in flows:
         print(f.describe(now))
@@ -159,6 +201,13 @@ def cmd_status(a: argparse.Namespace) -> int:
     for lst in state["listeners"]:
         print(f"listener {lst['name']} {lst['address']}:{lst['port']}/{lst['protocol']}: "
               f"{lst['backends']} backends, {lst['sourceRoutes']} source routes")
+    health = state.get("health", [])
+    down = [h for h in health if not h["up"]]
+    if health:
+        print(f"health checks: {len(health) - len(down)} of {len(health)} backends up")
+    for h in down:
+        print(f"backend {h['backend']} down ({h['check']} check: {h['error'] or 'failing'}): "
+              "no new flows")
     if state.get("lastError"):
         print(f"last error: {state['lastError']}")
     return 0
@@ -224,6 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-file", default="/run/xdplb/agent.json")
     add_dataplane_args(p)
     p.set_defaults(fn=cmd_agent)
+
+    p = sub.add_parser("operator", help="run the Kubernetes operator")
+    add_operator_args(p)
+    p.set_defaults(fn=cmd_operator)
+
+    p = sub.add_parser("crds", help="print the CustomResourceDefinitions (or write them)")
+    p.add_argument("--output-dir", default=None, help="write one YAML file per CRD here")
+    p.set_defaults(fn=cmd_crds)
 
     p = sub.add_parser("validate", help="validate a YAML file of LoadBalancers")
     p.add_argument("file")

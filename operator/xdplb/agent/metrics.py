@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 from xdplb.dataplane.bpfsys import BpfMap, possible_cpus
 from xdplb.dataplane.layout import Stat
+from xdplb.plan.model import Target
+
+if TYPE_CHECKING:
+    from xdplb.agent.health import TargetState
 
 MAP_WRITES = Counter("xdplb_map_entries_written_total", "Map entries written or deleted")
 APPLY_SECONDS = Histogram("xdplb_apply_duration_seconds", "Time to apply a configuration")
@@ -28,6 +33,20 @@ def percpu_sum(raw: bytes, fields: int) -> tuple[int, ...]:
         vals = struct.unpack_from(f"={fields}Q", raw, c * per)
         sums = [a + b for a, b in zip(sums, vals, strict=True)]
     return tuple(sums)
+
+
+class HealthCollector(Collector):
+    """One gauge per probed backend: 1 up, 0 down (weight 0 until it recovers)."""
+
+    def __init__(self, states: Callable[[], dict[Target, TargetState]]) -> None:
+        self.states = states
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily("xdplb_backend_up", "Health-check state of a probed backend",
+                               labels=["backend", "check"])
+        for t, s in sorted(self.states().items()):
+            up.add_metric([f"{t.address}:{t.port}", t.check.protocol], 1 if s.up else 0)
+        yield up
 
 
 class DataPlaneCollector(Collector):

@@ -14,20 +14,25 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from xdplb.agent import metrics
-from xdplb.agent.inventory import read_inventory
+from xdplb.agent.health import HealthChecker
+from xdplb.agent.inventory import backend_routes, read_inventory
+from xdplb.agent.sysctl import allow_local_sources
 from xdplb.dataplane import conntrack
 from xdplb.dataplane.alloc import CapacityError
 from xdplb.dataplane.config import Capacities, Timeouts
-from xdplb.dataplane.entries import Inventory, listener_interfaces
+from xdplb.dataplane.entries import Inventory, listener_interfaces, translated_listeners
+from xdplb.dataplane.layout import Stat
 from xdplb.dataplane.loader import AttachError, DataPlane, detach
 from xdplb.dataplane.writer import MapWriter
-from xdplb.plan.model import Plan
+from xdplb.plan.model import Plan, all_backends, snat_backends
 from xdplb.plan.planner import build_plan
+from xdplb.sni.service import SniService
 from xdplb.spec.load import Limits, SpecError, parse_manifests
+from xdplb.spec.model import LoadBalancer
 
 log = logging.getLogger("xdplb.agent")
 
@@ -49,6 +54,16 @@ class AgentOptions:
     sweep_seconds: float = 10.0
 
 
+# Drops worth a log line besides their counter, with what to do about them.
+DROP_HINTS = {
+    Stat.SNAT_EXHAUSTED: "new source-NAT flows dropped: every port toward a backend was "
+                         "taken (widen --snat-port-min/--snat-port-max or add backends)",
+    Stat.SNAT_NO_SOURCE: "new source-NAT flows dropped: no route from this node to their "
+                         "backend",
+    Stat.CT_FULL: "new flows dropped: conntrack is full (--conntrack-capacity)",
+}
+
+
 def limits_of(caps: Capacities) -> Limits:
     return Limits(max_listeners=caps.listener_keys, max_source_routes=caps.source_routes)
 
@@ -58,11 +73,17 @@ class Agent:
         self.opts = opts
         self.dp = DataPlane(opts.pin_root, opts.caps, opts.timeouts)
         self.writer: MapWriter | None = None
+        self.sni: SniService | None = None    # SNI acceptor and splice
         self.attached: dict[str, str] = {}   # interface -> XDP mode in effect
         self.stop = threading.Event()
         self._file_digest = ""
         self._inventory: Inventory | None = None
         self.plan = Plan()
+        self._health_changed = threading.Event()
+        self.health = HealthChecker(on_change=self._health_changed.set)
+        self._lbs: list[LoadBalancer] | None = None  # the last good specs
+        self._applied_inventory: Inventory | None = None
+        self._drops: dict[Stat, int] = {}  # drop counters at the last sweep
         self.last_error = ""
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -70,17 +91,20 @@ class Agent:
         t0 = time.monotonic()
         self.dp.load()
         self.writer = MapWriter(self.dp.maps, self.dp.caps)
+        self.sni = SniService(self.dp.maps)
         if self.dp.adopted:
             n = self.writer.adopt()
             log.info("adopted pinned maps in %s (%d listener entries): established flows "
                      "keep their backends", self.dp.pin_dir, n)
         log.info("compiled and loaded in %.0f ms", (time.monotonic() - t0) * 1000)
+        self.health.start()
         self.reload(force=True)
         self.dp.remove_stale_pins()
         log.info("started in %.0f ms", (time.monotonic() - t0) * 1000)
         if self.opts.metrics_port:
             from prometheus_client import start_http_server
             metrics.register(metrics.DataPlaneCollector(self.dp.maps, self._labels))
+            metrics.register(metrics.HealthCollector(self.health.states))
             start_http_server(self.opts.metrics_port)
 
     def run(self) -> None:
@@ -90,15 +114,21 @@ class Agent:
         next_sweep = time.monotonic() + self.opts.sweep_seconds
         while not self.stop.wait(self.opts.poll_seconds):
             self.reload()
+            if self._health_changed.is_set():
+                self._health_changed.clear()
+                self.replan()
             if time.monotonic() >= next_sweep:
                 self.sweep()
                 next_sweep = time.monotonic() + self.opts.sweep_seconds
         self.shutdown()
 
     def shutdown(self) -> None:
+        self.health.stop()
+        if self.sni is not None:
+            self.sni.stop()   # spliced connections belong to this process: they end with it
         if self.opts.detach_on_exit:
             for ifname in list(self.attached):
-                detach(ifname)
+                detach(ifname, self.opts.pin_root)
             self.dp.close()
             import shutil
             shutil.rmtree(self.opts.pin_root, ignore_errors=True)
@@ -132,10 +162,19 @@ class Agent:
                 log.error("invalid configuration: %s", line)
             log.error("keeping the last good state (%d listeners)", len(self.plan.listeners))
             return
-        self.apply(build_plan(lbs), inv)
+        self._lbs = lbs
+        self.apply(build_plan(lbs, down=self.health.down()), inv)
+
+    def replan(self) -> None:
+        """A backend's health changed: the same specs, other effective weights."""
+        if self._lbs is not None and self._applied_inventory is not None:
+            self.apply(build_plan(self._lbs, down=self.health.down()), self._applied_inventory)
 
     def apply(self, plan: Plan, inv: Inventory) -> None:
         assert self.writer is not None
+        if plan.listeners:  # the node's way to each backend: source NAT and hairpin
+            inv = replace(inv, routes=backend_routes(all_backends(plan)))
+        self._applied_inventory = inv
         try:
             with metrics.APPLY_SECONDS.time():
                 res = self.writer.apply(plan, inv)
@@ -149,13 +188,24 @@ class Agent:
         for p in res.problems:
             log.warning("%s", p)
         self._attach(plan, inv)
+        self.health.set_targets(plan.health_targets())
+        if self.sni is not None:
+            for p in self.sni.apply(plan, inv, self.writer.listener_ids):
+                log.warning("%s", p)
+                res.problems.append(p)
         self.last_error = "; ".join(res.problems)
         log.info("applied %s: %s", self.opts.config, res.summary())
         self._write_state()
 
     def _attach(self, plan: Plan, inv: Inventory) -> None:
+        # Source-NAT replies arrive on the interfaces toward the backends.
+        snat = snat_backends(plan)
         wanted = sorted({n for lst in plan.listeners for n in listener_interfaces(lst, inv)
-                         if n in inv.ifindex})
+                         if n in inv.ifindex}
+                        | {oif for addr, (_src, oif) in inv.routes.items() if addr in snat})
+        if translated_listeners(plan, inv):
+            for problem in allow_local_sources(wanted):
+                log.warning("%s", problem)
         for ifname in wanted:
             if ifname in self.attached:
                 continue
@@ -170,15 +220,29 @@ class Agent:
             log.info("attached to %s: XDP %s mode, TC egress (%.0f ms)", ifname,
                      self.attached[ifname], (time.monotonic() - t0) * 1000)
         for ifname in [n for n in self.attached if n not in wanted]:
-            detach(ifname)
+            detach(ifname, self.opts.pin_root)
             del self.attached[ifname]
             log.info("detached from %s: no listener uses it", ifname)
 
     def sweep(self) -> None:
+        inv = self._applied_inventory
+        if inv and inv.routes and backend_routes(all_backends(self.plan)) != inv.routes:
+            log.info("routes toward source-NAT backends changed: applying again")
+            self.apply(self.plan, inv)
         left, deleted = conntrack.sweep(self.dp.maps["ct"], self.opts.timeouts)
         metrics.CT_ENTRIES.set(left)
         if deleted:
             log.info("conntrack sweep: %d expired entries deleted, %d left", deleted, left)
+        self._log_drops()
+
+    def _log_drops(self) -> None:
+        raw = self.dp.maps["stats"]
+        for st, hint in DROP_HINTS.items():
+            value = raw.lookup(int(st).to_bytes(4, "little"))
+            n = metrics.percpu_sum(value, 1)[0] if value else 0
+            if n > self._drops.get(st, n):
+                log.warning("%d %s", n - self._drops[st], hint)
+            self._drops[st] = n
 
     def _labels(self) -> tuple[dict[int, str], dict[int, str]]:
         assert self.writer is not None
@@ -201,6 +265,9 @@ class Agent:
                            "backends": len(lst.default.backends),
                            "sourceRoutes": len(lst.source_routes)}
                           for lst in self.plan.listeners],
+            "health": [{"backend": f"{t.address}:{t.port}", "check": t.check.protocol,
+                        "up": s.up, "error": s.last_error}
+                       for t, s in sorted(self.health.states().items())],
             "lastError": self.last_error,
             "appliedAt": time.time(),
         }

@@ -3,31 +3,45 @@
 from __future__ import annotations
 
 import bisect
+from collections import deque
 
 
 class IdAllocator:
-    """Lowest free id in [0, capacity)."""
+    """Ids in [0, capacity): never-used ids first, then the least recently freed.
+
+    Conntrack entries keep counting into the id of a backend or listener that
+    is gone until they expire; reusing its id as late as possible keeps those
+    packets from being credited to whatever takes the id next."""
 
     def __init__(self, capacity: int, what: str) -> None:
         self.capacity = capacity
         self.what = what
         self._used: set[int] = set()
-        self._next = 0
+        self._fresh = 0  # every id >= _fresh has never been handed out
+        self._freed: deque[int] = deque()
 
     def allocate(self) -> int:
-        while self._next in self._used:
-            self._next += 1
-        if self._next >= self.capacity:
-            raise CapacityError(f"more than {self.capacity} {self.what}")
-        self._used.add(self._next)
-        return self._next
+        while self._fresh in self._used:
+            self._fresh += 1
+        if self._fresh < self.capacity:
+            i = self._fresh
+            self._fresh += 1
+        else:
+            while self._freed and self._freed[0] in self._used:
+                self._freed.popleft()  # reserved again since it was freed
+            if not self._freed:
+                raise CapacityError(f"more than {self.capacity} {self.what}")
+            i = self._freed.popleft()
+        self._used.add(i)
+        return i
 
     def reserve(self, i: int) -> None:
         self._used.add(i)
 
     def free(self, i: int) -> None:
-        self._used.discard(i)
-        self._next = min(self._next, i)
+        if i in self._used:
+            self._used.discard(i)
+            self._freed.append(i)
 
     def __len__(self) -> int:
         return len(self._used)

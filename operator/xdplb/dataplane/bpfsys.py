@@ -12,7 +12,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_BPF = 321  # x86_64
 
 MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 1, 2, 3, 4
-OBJ_PIN, OBJ_GET = 6, 7
+PROG_LOAD, OBJ_PIN, OBJ_GET = 5, 6, 7
 PROG_TEST_RUN = 10
 PROG_GET_FD_BY_ID = 13
 OBJ_GET_INFO_BY_FD = 15
@@ -49,6 +49,28 @@ def obj_get(path: str) -> int:
 def obj_pin(fd: int, path: str) -> None:
     p = ctypes.create_string_buffer(path.encode())
     bpf(OBJ_PIN, _attr("=QII", ctypes.addressof(p), fd, 0))
+
+
+PROG_TYPE_XDP = 6
+F_XDP_HAS_FRAGS = 1 << 5
+
+
+def prog_load(prog_type: int, insns: bytes, name: str, flags: int = 0,
+              license: str = "GPL") -> int:
+    """Load already-relocated instructions; the verifier log is in the error on failure."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license.encode())
+    log = ctypes.create_string_buffer(1 << 20)
+    attr = _attr("=IIQQIIQII16s", prog_type, len(insns) // 8, ctypes.addressof(code),
+                 ctypes.addressof(lic), 0, 0, 0, 0, flags, name.encode()[:15])
+    try:
+        return bpf(PROG_LOAD, attr)
+    except BpfError:
+        struct.pack_into("=IIQ", attr, 24, 1, len(log), ctypes.addressof(log))
+        try:
+            return bpf(PROG_LOAD, attr)
+        except BpfError as e:
+            raise BpfError(e.errno, f"{e.strerror}\n{log.value.decode(errors='replace')}") from e
 
 
 def prog_get_fd_by_id(prog_id: int) -> int:

@@ -16,6 +16,8 @@ class Capacities:
     groups: int = 262_144            # distinct backend groups
     table_slots: int = 4_194_304     # Maglev slots of every group together
     backends: int = 65_536           # distinct (address, port) backends
+    snat_port_min: int = 32_768      # source-NAT ports, per (node address, backend)
+    snat_port_max: int = 65_535
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ def cflags(pin_dir: str, caps: Capacities, timeouts: Timeouts) -> list[str]:
         "POOL_SIZE": caps.table_slots,
         "CT_ENTRIES": 2 * caps.conntrack,
         "MAX_BACKENDS": caps.backends,
+        "SNAT_PORT_MIN": caps.snat_port_min,
+        "SNAT_PORT_MAX": caps.snat_port_max,
         "CT_TCP_EST_TIMEOUT": timeouts.tcp_established,
         "CT_TCP_CLOSE_TIMEOUT": timeouts.tcp_closing,
         "CT_TCP_SYN_TIMEOUT": timeouts.tcp_unreplied,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from xdplb.dataplane import layout as L
@@ -33,9 +32,11 @@ class Flow:
 
     def describe(self, now_ns: int) -> str:
         k, v = self.key, self.val
+        via = (f" from {L.from_be32(v.snat_addr)}:{L.from_be16(v.snat_port)}"
+               if v.flags & L.CT_SNAT else "")
         return (f"{self.proto} {L.from_be32(k.src)}:{L.from_be16(k.sport)} -> "
                 f"{L.from_be32(k.dst)}:{L.from_be16(k.dport)} => "
-                f"{L.from_be32(v.nat_addr)}:{L.from_be16(v.nat_port)} {self.state()} "
+                f"{L.from_be32(v.nat_addr)}:{L.from_be16(v.nat_port)}{via} {self.state()} "
                 f"idle={(now_ns - v.last_ns) / 1e9:.1f}s "
                 f"packets={v.packets[0]}/{v.packets[1]} bytes={v.bytes[0]}/{v.bytes[1]}")
 
@@ -62,7 +63,7 @@ def flows(ct: BpfMap) -> list[Flow]:
 
 def sweep(ct: BpfMap, t: Timeouts, limit: int = 100_000) -> tuple[int, int]:
     """Delete expired flows (both entries); returns (entries left, deleted)."""
-    now = time.monotonic_ns()
+    now = L.ct_now_ns()
     entries = read(ct)
     live_fwd = {}
     doomed: list[bytes] = []
@@ -70,11 +71,16 @@ def sweep(ct: BpfMap, t: Timeouts, limit: int = 100_000) -> tuple[int, int]:
         if k.dir == 0:
             if now - v.last_ns > timeout_s(Flow(k, v), t) * 1_000_000_000:
                 doomed.append(bytes(k))
+            elif v.flags & L.CT_SNAT:  # its reply entry is keyed by the node's address
+                live_fwd[(v.snat_addr, v.snat_port, k.proto, v.nat_addr, v.nat_port)] = True
             else:
                 live_fwd[(k.src, k.sport, k.proto, v.nat_addr, v.nat_port)] = True
-    for k, _v in entries:
+    for k, v in entries:
+        if k.dir == 1 and v.flags & L.CT_DIRECT:  # no forward entry: idle time decides
+            if now - v.last_ns > t.tcp_established * 1_000_000_000:
+                doomed.append(bytes(k))
         # A reply entry whose flow is gone or points elsewhere is an orphan.
-        if k.dir == 1 and (k.dst, k.dport, k.proto, k.src, k.sport) not in live_fwd:
+        elif k.dir == 1 and (k.dst, k.dport, k.proto, k.src, k.sport) not in live_fwd:
             doomed.append(bytes(k))
     doomed = doomed[:limit]
     for i in range(0, len(doomed), 4096):

@@ -16,6 +16,9 @@ class Inventory:
     ifindex: dict[str, int]
     addresses: dict[str, tuple[str, ...]]
     default_interface: str = ""
+    # Backend address -> (the node's source address toward it, outgoing interface),
+    # from the routing table: what source NAT rewrites to, and where replies arrive.
+    routes: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -26,6 +29,24 @@ class Expansion:
 
 def listener_interfaces(lst: Listener, inv: Inventory) -> tuple[str, ...]:
     return lst.interfaces or ((inv.default_interface,) if inv.default_interface else ())
+
+
+def hairpin_listeners(plan: Plan, inv: Inventory) -> list[Listener]:
+    """Listeners with a backend behind one of their own interfaces: that backend may
+    connect to its own listener, and such flows need source NAT."""
+    out = []
+    for lst in plan.listeners:
+        ifs = set(listener_interfaces(lst, inv))
+        if any(inv.routes.get(b.address, ("", ""))[1] in ifs
+               for g in lst.groups() for b in g.backends):
+            out.append(lst)
+    return out
+
+
+def translated_listeners(plan: Plan, inv: Inventory) -> list[Listener]:
+    """Listeners some of whose flows leave from the node's address."""
+    hairpin = hairpin_listeners(plan, inv)
+    return [lst for lst in plan.listeners if lst.source_nat or lst in hairpin]
 
 
 def expand(plan: Plan, inv: Inventory) -> Expansion:

@@ -12,7 +12,16 @@ import hashlib
 import ipaddress
 import socket
 import sys
+import time
 from pathlib import Path
+
+# linux/time.h. The data path stamps conntrack with bpf_ktime_get_coarse_ns(),
+# which reads this clock: compare ages and timestamps against it.
+CLOCK_MONOTONIC_COARSE = 6
+
+
+def ct_now_ns() -> int:
+    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
 
 BPF_DIR = Path(__file__).parent / "bpf"
 
@@ -23,7 +32,15 @@ class ListenerKey(ctypes.Structure):
     _fields_ = [("ifindex", u32), ("addr", u32), ("port", u16), ("proto", u8), ("pad", u8)]
 
 
-LF_SNI, LF_CLIENT_IP, LF_SRC_ROUTES = 1, 2, 4
+LF_SNI, LF_CLIENT_IP, LF_SRC_ROUTES, LF_SNAT = 1, 2, 4, 8
+
+
+def pf_listener(proto: int) -> int:
+    return 1 << (proto & 31)
+
+
+def pf_snat(proto: int) -> int:
+    return 1 << ((proto + 8) & 31)
 
 
 class ListenerVal(ctypes.Structure):
@@ -41,6 +58,13 @@ class GroupVal(ctypes.Structure):
     _fields_ = [("offset", u32), ("size", u32), ("flags", u32)]
 
 
+MAX_SNI_ROUTES = 65536
+
+
+class SniKey(ctypes.Structure):
+    _fields_ = [("listener", u32), ("pad", u32), ("name_hash", u64)]
+
+
 class BackendSlot(ctypes.Structure):
     _fields_ = [("addr", u32), ("port", u16), ("id", u16)]
 
@@ -50,13 +74,22 @@ class CtKey(ctypes.Structure):
                 ("dir", u8), ("pad", u16)]
 
 
-CT_REPLIED, CT_FIN_FWD, CT_FIN_REV, CT_RST = 1, 2, 4, 8
+CT_REPLIED, CT_FIN_FWD, CT_FIN_REV, CT_RST, CT_SNAT, CT_DIRECT = 1, 2, 4, 8, 16, 32
+
+
+class RevNatKey(ctypes.Structure):
+    _fields_ = [("addr", u32), ("port", u16), ("proto", u8), ("pad", u8)]
+
+
+class RevNatVal(ctypes.Structure):
+    _fields_ = [("vip", u32), ("vport", u16), ("backend", u16), ("listener", u32)]
 
 
 class CtVal(ctypes.Structure):
     _fields_ = [("nat_addr", u32), ("nat_port", u16), ("backend", u16), ("listener", u32),
                 ("flags", u32), ("created_ns", u64), ("last_ns", u64),
-                ("packets", u64 * 2), ("bytes", u64 * 2)]
+                ("packets", u64 * 2), ("bytes", u64 * 2), ("snat_addr", u32),
+                ("snat_port", u16), ("pad", u16)]
 
 
 class FlowStats(ctypes.Structure):
@@ -73,12 +106,18 @@ class Stat(enum.IntEnum):
     NEW_DEFAULT = 4
     NEW_SRC_ROUTE = 5
     SNI_PASS = 6
-    UNTRACKED = 7
+    RESELECTED = 7
     NO_BACKEND_RST = 8
     NO_BACKEND_DROP = 9
     CT_FULL = 10
     REPLY_NAT = 11
     REPLY_EXPIRED = 12
+    ICMP_IN = 13
+    ICMP_OUT = 14
+    SNAT_REPLY = 15
+    SNAT_EXHAUSTED = 16
+    SNAT_NO_SOURCE = 17
+    REPLY_RESTORED = 18
 
 
 # (map name, key type, value type) for every map with a fixed layout.
@@ -87,6 +126,9 @@ MAP_LAYOUTS: list[tuple[str, type[ctypes.Structure] | type, type[ctypes.Structur
     ("src_routes", LpmKey, u32),
     ("groups", u32, GroupVal),
     ("pool", u32, BackendSlot),
+    ("sni_routes", SniKey, u32),
+    ("snat_src", u32, u32),
+    ("rev_nat", RevNatKey, RevNatVal),
     ("ct", CtKey, CtVal),
     ("listener_stats", u32, FlowStats),
     ("backend_stats", u32, FlowStats),
@@ -117,6 +159,15 @@ def be16(port: int) -> int:
 
 def from_be16(value: int) -> int:
     return socket.ntohs(value)
+
+
+def sni_hash(hostname: str) -> int:
+    """FNV-1a 64 of the lower-cased name: the sni_routes key (the empty name is the
+    listener's default group)."""
+    h = 0xCBF29CE484222325
+    for byte in hostname.lower().encode("ascii"):
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
 
 
 def layout_hash() -> str:

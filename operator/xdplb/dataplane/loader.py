@@ -7,6 +7,7 @@ established flows survive) and swaps its programs in atomically.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -51,11 +52,19 @@ def ensure_bpffs(root: str) -> None:
     probe = path
     while not probe.exists():
         probe = probe.parent
-    if _fs_type(probe) != "bpf":
-        mount_at = path if _fs_type(path.parent) != "bpf" else path.parent
-        mount_at.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "bpf", "bpf", str(mount_at)], check=True)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        if _fs_type(probe) != "bpf":
+            mount_at = path if _fs_type(path.parent) != "bpf" else path.parent
+            mount_at.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "-t", "bpf", "bpf", str(mount_at)], check=True,
+                           capture_output=True)
+        path.mkdir(parents=True, exist_ok=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = e.stderr.decode().strip() if isinstance(e, subprocess.CalledProcessError) \
+            else str(e)
+        raise AttachError(f"no bpffs for the pins at {root}, and mounting one failed "
+                          f"({detail}): mount a bpffs there (in a pod, the host's "
+                          "/sys/fs/bpf) or choose another --pin-dir") from None
 
 
 def _fs_type(path: Path) -> str:
@@ -67,6 +76,24 @@ def _fs_type(path: Path) -> str:
             if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
                 best, fstype = mnt, typ
     return fstype
+
+
+def load_xdp_frags(bpf: Any, func: str) -> Any:
+    """Load an XDP function of a bcc module as multi-buffer aware (xdplb reads only
+    the headers, which are in the first buffer), so that native XDP attaches to
+    jumbo-MTU interfaces and veths above 3,506 bytes. bcc's loader has no
+    program-flags argument, so its relocated instructions are loaded here. A
+    program it tail-calls, or that tail-calls it, must be loaded the same way."""
+    from bcc import BPF, lib
+
+    name = func.encode()
+    start = lib.bpf_function_start(bpf.module, name)
+    size = lib.bpf_function_size(bpf.module, name)
+    fd = bpfsys.prog_load(bpfsys.PROG_TYPE_XDP, ctypes.string_at(start, size), func,
+                          bpfsys.F_XDP_HAS_FRAGS)
+    fn = BPF.Function(bpf, name, fd)
+    bpf.funcs[name] = fn  # closed with the module
+    return fn
 
 
 class DataPlane:
@@ -96,15 +123,24 @@ class DataPlane:
         os.makedirs(self.pin_dir, exist_ok=True)
         self.bpf = BPF(src_file=str(BPF_DIR / "xdplb.c").encode(),
                        cflags=[f"-I{BPF_DIR}", *cflags(self.pin_dir, self.caps, self.timeouts)])
-        self.xdp_fn = self.bpf.load_func(XDP_PROG.encode(), BPF.XDP)
+        self.xdp_fn = load_xdp_frags(self.bpf, XDP_PROG)
+        # Pinned under its id, so that this or a later agent recognises the program
+        # attached to an interface from the id netlink reports, without CAP_SYS_ADMIN
+        # (BPF_PROG_GET_FD_BY_ID); the pin also keeps the id from being reused.
+        self.xdp_id = bpfsys.prog_info(self.xdp_fn.fd).id
+        bpfsys.obj_pin(self.xdp_fn.fd, f"{self.pin_dir}/{PROG_PIN_PREFIX}{self.xdp_id}")
         self.tc_fn = self.bpf.load_func(TC_PROG.encode(), BPF.SCHED_CLS)
         for name, _k, _v in MAP_LAYOUTS:
             self.maps[name] = bpfsys.BpfMap(os.dup(self.bpf[name.encode()].map_fd), name)
 
     def remove_stale_pins(self) -> None:
+        """Once attached everywhere: drop other layouts' maps and older programs."""
         for d in os.listdir(self.pin_root):
             if d != os.path.basename(self.pin_dir):
                 shutil.rmtree(f"{self.pin_root}/{d}", ignore_errors=True)
+        for pin in Path(self.pin_dir).glob(f"{PROG_PIN_PREFIX}*"):
+            if pin.name != f"{PROG_PIN_PREFIX}{self.xdp_id}":
+                pin.unlink(missing_ok=True)
 
     # -- attach -------------------------------------------------------------------------
     def attach(self, ifname: str, mode: str = "native", force: bool = False) -> str:
@@ -115,11 +151,9 @@ class DataPlane:
             raise AttachError("offload mode is not supported: the hash, LRU and LPM maps "
                               "of the data path cannot be offloaded to a NIC")
         cur = xdp_state(ifname)
-        if cur.prog_id and not force:
-            name = bpfsys.prog_name_by_id(cur.prog_id)
-            if name != XDP_PROG:
-                raise AttachError(f"{ifname} already runs XDP program {name!r} "
-                                  f"(id {cur.prog_id}); pass --force to replace it")
+        if cur.prog_id and not force and not is_ours(cur.prog_id, self.pin_root):
+            raise AttachError(f"{ifname} already runs XDP program {program_name(cur.prog_id)}"
+                              f" (id {cur.prog_id}); pass --force to replace it")
         if cur.prog_id and cur.mode != mode:
             log.info("%s: XDP mode %s -> %s: detaching first (packets pass unbalanced "
                      "for the gap)", ifname, cur.mode, mode)
@@ -192,7 +226,39 @@ def tc_egress_filters(ifname: str) -> list[str]:
     return names
 
 
-def detach(ifname: str) -> bool:
+PROG_PIN_PREFIX = "xdp-"
+
+
+def pinned_program_ids(pin_root: str = DEFAULT_PIN_ROOT) -> set[int]:
+    """Ids of the XDP programs agents pinned under pin_root (a pin's name carries it)."""
+    ids = set()
+    for pin in Path(pin_root).glob(f"*/{PROG_PIN_PREFIX}*"):
+        suffix = pin.name.removeprefix(PROG_PIN_PREFIX)
+        if suffix.isdigit():
+            ids.add(int(suffix))
+    return ids
+
+
+def program_name(prog_id: int) -> str:
+    """The program's name in quotes, or "unknown" where reading it needs CAP_SYS_ADMIN."""
+    try:
+        return repr(bpfsys.prog_name_by_id(prog_id))
+    except OSError:
+        return "unknown"
+
+
+def is_ours(prog_id: int, pin_root: str = DEFAULT_PIN_ROOT) -> bool:
+    """An xdplb program: pinned by an agent under pin_root, or (an agent whose pins
+    are gone) named like one, when the name can be read."""
+    if prog_id in pinned_program_ids(pin_root):
+        return True
+    try:
+        return bpfsys.prog_name_by_id(prog_id) == XDP_PROG
+    except OSError:
+        return False
+
+
+def detach(ifname: str, pin_root: str = DEFAULT_PIN_ROOT) -> bool:
     """Remove our XDP program and TC filter from ifname; leave anything else."""
     from bcc import BPF
 
@@ -201,7 +267,7 @@ def detach(ifname: str) -> bool:
         cur = xdp_state(ifname)
     except AttachError:
         return False
-    if cur.prog_id and bpfsys.prog_name_by_id(cur.prog_id) == XDP_PROG:
+    if cur.prog_id and is_ours(cur.prog_id, pin_root):
         BPF.remove_xdp(ifname, XDP_FLAGS[cur.mode or "generic"])
         removed = True
     with IPRoute() as ipr:
@@ -213,21 +279,21 @@ def detach(ifname: str) -> bool:
     return removed
 
 
-def attached_interfaces() -> list[str]:
+def attached_interfaces(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
     """Interfaces in this network namespace that run our XDP program."""
     out = []
     with IPRoute() as ipr:
         names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
     for n in names:
         st = xdp_state(n)
-        if st.prog_id and bpfsys.prog_name_by_id(st.prog_id) == XDP_PROG:
+        if st.prog_id and is_ours(st.prog_id, pin_root):
             out.append(n)
     return out
 
 
 def cleanup(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
     """Detach from every interface and remove the pins; returns what was detached."""
-    detached = [n for n in attached_interfaces() if detach(n)]
+    detached = [n for n in attached_interfaces(pin_root) if detach(n, pin_root)]
     if os.path.isdir(pin_root):
         shutil.rmtree(pin_root, ignore_errors=True)
     return detached

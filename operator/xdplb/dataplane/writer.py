@@ -1,6 +1,6 @@
 """Writes a plan into the data-plane maps as a diff.
 
-The units are a listener entry, an LPM entry, a port-filter word and a group
+The units are a listener entry, an LPM entry, an SNI entry, a port-filter word and a group
 (its Maglev table and its record). Groups are immutable and shared by content:
 a changed group is a new group whose table is written whole into free pool
 slots before the one entry that refers to it is switched, so the data path
@@ -20,7 +20,7 @@ from typing import Protocol
 from xdplb.dataplane import layout as L
 from xdplb.dataplane.alloc import CapacityError, IdAllocator, RegionAllocator
 from xdplb.dataplane.config import Capacities
-from xdplb.dataplane.entries import Inventory, expand
+from xdplb.dataplane.entries import Expansion, Inventory, expand, translated_listeners
 from xdplb.plan.model import Group, Plan
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,10 @@ def _u32(v: int) -> bytes:
     return int(v).to_bytes(4, "little")
 
 
+def sni_key(listener_id: int, hostname: str) -> bytes:
+    return _bytes(L.SniKey(listener_id, 0, L.sni_hash(hostname)))
+
+
 def listener_key(ifindex: int, address: str, port: int, protocol: str) -> bytes:
     return _bytes(L.ListenerKey(ifindex, L.be32(address), L.be16(port), L.PROTO[protocol], 0))
 
@@ -85,7 +89,8 @@ class MapWriter:
         self.backend_ids: dict[tuple[str, int], int] = {}
         self.groups: dict[Group, GroupSlot] = {}
         self.current: dict[str, dict[bytes, bytes]] = {"listeners": {}, "src_routes": {},
-                                                       "port_filter": {}}
+                                                       "sni_routes": {}, "port_filter": {},
+                                                       "snat_src": {}, "rev_nat": {}}
         self._lid_alloc = IdAllocator(caps.listeners, "listeners (--max-listeners)")
         self._bid_alloc = IdAllocator(caps.backends, "backends (--max-backends)")
         self._gid_alloc = IdAllocator(caps.groups, "groups (--max-groups)")
@@ -104,6 +109,10 @@ class MapWriter:
             val = L.ListenerVal.from_buffer_copy(v)
             self._lid_alloc.reserve(val.id)
         self.current["src_routes"] = dict(self.maps["src_routes"].items())
+        self.current["sni_routes"] = dict(self.maps["sni_routes"].items())
+        self.current["rev_nat"] = dict(self.maps["rev_nat"].items())
+        self.current["snat_src"] = {k: v for k, v in self.maps["snat_src"].items()
+                                    if v != _u32(0)}
         for k, v in self.maps["groups"].items():
             g = L.GroupVal.from_buffer_copy(v)
             if g.flags & L.GF_IN_USE:
@@ -130,7 +139,7 @@ class MapWriter:
         lids = self._listener_ids(plan)
         live: dict[Group, GroupSlot] = {}
         for lst in plan.listeners:
-            for g in [lst.default, *(r.group for r in lst.source_routes)]:
+            for g in lst.groups():
                 if g not in live:
                     live[g] = self.groups.get(g) or self._write_group(g, res)
 
@@ -139,20 +148,36 @@ class MapWriter:
         for (ifindex, addr, port, proto), lst in exp.keys.items():
             flags = ((L.LF_SNI if lst.sni else 0)
                      | (L.LF_CLIENT_IP if lst.client_ip_affinity else 0)
-                     | (L.LF_SRC_ROUTES if lst.source_routes else 0))
+                     | (L.LF_SRC_ROUTES if lst.source_routes else 0)
+                     | (L.LF_SNAT if lst.source_nat else 0))
             val = L.ListenerVal(lids[lst.identity], live[lst.default].id, flags)
             want_listeners[listener_key(ifindex, addr, port, proto)] = _bytes(val)
-            want_ports[port] = want_ports.get(port, 0) | (1 << L.PROTO[proto])
+            want_ports[port] = want_ports.get(port, 0) | L.pf_listener(L.PROTO[proto])
         want_routes = {lpm_key(lids[lst.identity], r.cidr): _u32(live[r.group].id)
                        for lst in plan.listeners for r in lst.source_routes}
         if len(want_routes) > self.caps.source_routes:
             raise CapacityError(f"{len(want_routes)} source routes exceed the capacity "
                                 f"{self.caps.source_routes} (--max-source-routes)")
 
+        want_sni = self._sni_entries(plan, lids, live)
+        want_snat = self._snat_sources(plan, inv, res)
+        want_rev = self._rev_nat_entries(exp, lids)
+        snat_bits = 0
+        for lst in translated_listeners(plan, inv):
+            snat_bits |= L.pf_snat(L.PROTO[lst.protocol])
+        if snat_bits:  # backends' replies arrive at these ports of the node
+            for port in range(self.caps.snat_port_min, self.caps.snat_port_max + 1):
+                want_ports[port] = want_ports.get(port, 0) | snat_bits
+
+        self._sync_array("snat_src", want_snat, res)  # before a listener can use it
         self._sync("src_routes", want_routes, res, delete=False)
+        self._sync("sni_routes", want_sni, res, delete=False)
+        self._sync("rev_nat", want_rev, res, delete=False)
         self._sync("listeners", want_listeners, res, delete=False)
         self._sync_ports(want_ports, res)
         self._sync("listeners", want_listeners, res, delete=True)
+        self._sync("sni_routes", want_sni, res, delete=True)
+        self._sync("rev_nat", want_rev, res, delete=True)
         self._sync("src_routes", want_routes, res, delete=True)
 
         for g, slot in list(self.groups.items()):
@@ -169,6 +194,74 @@ class MapWriter:
         res.syscalls = sum(m.syscalls for m in self.maps.values()) - sys0
         res.ms = (time.monotonic() - t0) * 1000
         return res
+
+    @staticmethod
+    def _sni_entries(plan: Plan, lids: dict[tuple[str | None, int, str], int],
+                     live: dict[Group, GroupSlot]) -> dict[bytes, bytes]:
+        """Per SNI listener: its hostnames and, under the empty name, its default group.
+        Keys are 64-bit hashes, so two names of one listener must not share one."""
+        want: dict[bytes, bytes] = {}
+        for lst in plan.listeners:
+            if not lst.sni:
+                continue
+            names: dict[bytes, str] = {}
+            for name, group in [("", lst.default),
+                                *((r.hostname, r.group) for r in lst.sni_routes)]:
+                key = sni_key(lids[lst.identity], name)
+                if key in names:
+                    raise CapacityError(f"{lst.label}: sniRoutes hostnames {names[key]!r} and "
+                                        f"{name!r} have the same 64-bit hash; rename one")
+                names[key] = name
+                want[key] = _u32(live[group].id)
+        if len(want) > L.MAX_SNI_ROUTES:
+            raise CapacityError(f"{len(want)} SNI entries exceed the capacity "
+                                f"{L.MAX_SNI_ROUTES}")
+        return want
+
+    def _snat_sources(self, plan: Plan, inv: Inventory, res: ApplyResult) -> dict[bytes, bytes]:
+        """Backend id -> the node's address toward it, for backends of listeners whose
+        flows may be source-NATed (sourceNAT: Node, or hairpin)."""
+        want: dict[bytes, bytes] = {}
+        for lst in translated_listeners(plan, inv):
+            for b in sorted({b for g in lst.groups() for b in g.backends}):
+                route = inv.routes.get(b.address)
+                if route is not None:
+                    want[_u32(self.backend_ids[(b.address, b.port)])] = _u32(L.be32(route[0]))
+                elif lst.source_nat:
+                    res.problems.append(f"{lst.label}: no route from this node to backend "
+                                        f"{b.address}: its new flows are dropped")
+        return want
+
+    def _rev_nat_entries(self, exp: Expansion,
+                         lids: dict[tuple[str | None, int, str], int]) -> dict[bytes, bytes]:
+        """Backend endpoint -> the one listener address it serves (replies of flows whose
+        entries were lost are restored from it); endpoints of several are left out."""
+        serves: dict[tuple[str, int, int], set[tuple[str, int, int]]] = {}
+        for (_ifindex, addr, port, proto), lst in exp.keys.items():
+            if lst.source_nat:  # their replies arrive at the node, never at TC egress
+                continue
+            for b in {b for g in lst.groups() for b in g.backends}:
+                serves.setdefault((b.address, b.port, L.PROTO[proto]), set()).add(
+                    (addr, port, lids[lst.identity]))
+        want = {}
+        for (baddr, bport, proto), vips in serves.items():
+            if len(vips) == 1:
+                ((vip, vport, lid),) = vips
+                want[_bytes(L.RevNatKey(L.be32(baddr), L.be16(bport), proto, 0))] = _bytes(
+                    L.RevNatVal(L.be32(vip), L.be16(vport), self.backend_ids[(baddr, bport)],
+                                lid))
+        return want
+
+    def _sync_array(self, name: str, want: dict[bytes, bytes], res: ApplyResult) -> None:
+        """Like _sync for an array map, where an absent entry is written as zero."""
+        cur = self.current[name]
+        zero = bytes(self.maps[name].value_size)
+        changed = [(k, v) for k, v in want.items() if cur.get(k) != v]
+        changed += [(k, zero) for k in cur if k not in want]
+        if changed:
+            self.maps[name].update_batch([k for k, _ in changed], [v for _, v in changed])
+            res.written += len(changed)
+        self.current[name] = dict(want)
 
     def _listener_ids(self, plan: Plan) -> dict[tuple[str | None, int, str], int]:
         for lst in plan.listeners:
@@ -188,6 +281,8 @@ class MapWriter:
 
     def _write_group(self, g: Group, res: ApplyResult) -> GroupSlot:
         table = g.table
+        for b in g.backends:  # weight-0 ones too: their open flows still count
+            self._backend_id(b.address, b.port)
         gid = self._gid_alloc.allocate()
         offset = self._pool.allocate(len(table)) if table else 0
         slots = [_bytes(L.BackendSlot(L.be32(g.backends[i].address), L.be16(g.backends[i].port),
@@ -203,21 +298,23 @@ class MapWriter:
 
     def _sync(self, name: str, want: dict[bytes, bytes], res: ApplyResult, delete: bool) -> None:
         cur = self.current[name]
-        m = self.maps[name]
         if delete:
             for k in [k for k in cur if k not in want]:
-                m.delete(k)
+                self.maps[name].delete(k)
                 del cur[k]
                 res.deleted += 1
             return
         changed = [(k, v) for k, v in want.items() if cur.get(k) != v]
+        if not changed:
+            return
+        m = self.maps[name]
         if len(changed) > 1:
             try:  # one syscall for many entries where the map type allows it
                 m.update_batch([k for k, _ in changed], [v for _, v in changed])
             except OSError:
                 for k, v in changed:
                     m.update(k, v)
-        elif changed:
+        else:
             m.update(*changed[0])
         cur.update(changed)
         res.written += len(changed)
@@ -236,14 +333,13 @@ class MapWriter:
             return
         desired = {_u32(p): _u32(mask) for p, mask in want.items()}
         changed = [k for k in set(cur) | set(desired) if cur.get(k) != desired.get(k)]
-        for k in changed:
-            v = desired.get(k, _u32(0))
-            self.maps["port_filter"].update(k, v)
-            if k in desired:
-                cur[k] = v
-            else:
-                cur.pop(k, None)
-            res.written += 1
+        values = [desired.get(k, _u32(0)) for k in changed]
+        if len(changed) > 1:
+            self.maps["port_filter"].update_batch(changed, values)
+        elif changed:
+            self.maps["port_filter"].update(changed[0], values[0])
+        self.current["port_filter"] = desired
+        res.written += len(changed)
 
     def _release(self, slots: list[GroupSlot], res: ApplyResult) -> None:
         for s in slots:

@@ -28,8 +28,11 @@ class Explanation:
             return f"{head}: left to the SNI path (backend chosen from the ClientHello)"
         if self.backend is None:
             return f"{head}: no eligible backend: {self.verdict}"
+        source = ("source NAT: it leaves from this node's address toward the backend"
+                  if self.listener.source_nat else
+                  "client address kept: the backend must route its replies via this node")
         return (f"{head}: table slot {self.slot} of {len(self.group.table) if self.group else 0}"
-                f" -> backend {self.backend.address}:{self.backend.port}")
+                f" -> backend {self.backend.address}:{self.backend.port} ({source})")
 
 
 def find_listener(plan: Plan, dst: str, dport: int, protocol: str,

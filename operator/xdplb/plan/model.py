@@ -38,6 +38,28 @@ class Group:
         return maglev.build_table(self.backends)
 
 
+@dataclass(frozen=True, order=True)
+class HealthCheck:
+    """How a group's backends are probed (spec `healthCheck`)."""
+
+    protocol: str             # TCP (connect) | UDP (send payload, expect any answer)
+    port: int | None          # None: each backend's own port
+    interval: float           # seconds between probes of one backend
+    timeout: float
+    healthy_threshold: int    # passes in a row to come back
+    unhealthy_threshold: int  # failures in a row to stop getting new flows
+    payload: bytes = b""
+
+
+@dataclass(frozen=True, order=True)
+class Target:
+    """One probed endpoint; backends of several groups with the same check share it."""
+
+    address: str
+    port: int
+    check: HealthCheck
+
+
 @dataclass(frozen=True)
 class SourceRoute:
     cidr: str
@@ -66,6 +88,9 @@ class Listener:
     source_routes: tuple[SourceRoute, ...] = ()
     sni_routes: tuple[SniRoute, ...] = ()
     client_ip_affinity: bool = False
+    proxy_protocol: bool = False      # PROXY v2 header on connections of the SNI acceptor
+    source_nat: bool = False          # new flows leave from the node's address (sourceNAT: Node)
+    health_targets: tuple[Target, ...] = ()  # what the agent probes for these groups
 
     @property
     def identity(self) -> tuple[str | None, int, str]:
@@ -84,9 +109,22 @@ class Listener:
                 *(r.group for r in self.sni_routes)]
 
 
+def all_backends(plan: Plan) -> set[str]:
+    return {b.address for lst in plan.listeners for g in lst.groups() for b in g.backends}
+
+
+def snat_backends(plan: Plan) -> set[str]:
+    """Addresses of the backends that source-NAT listeners send to."""
+    return {b.address for lst in plan.listeners if lst.source_nat
+            for g in lst.groups() for b in g.backends}
+
+
 @dataclass(frozen=True)
 class Plan:
     listeners: tuple[Listener, ...] = field(default_factory=tuple)
+
+    def health_targets(self) -> frozenset[Target]:
+        return frozenset(t for lst in self.listeners for t in lst.health_targets)
 
     def interfaces(self, default: str) -> tuple[str, ...]:
         """Every interface the data plane attaches to, in a stable order."""

@@ -2,17 +2,58 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 
-from xdplb.plan.model import Backend, Group, Listener, Plan, SniRoute, SourceRoute
+from xdplb.plan.model import (
+    Backend,
+    Group,
+    HealthCheck,
+    Listener,
+    Plan,
+    SniRoute,
+    SourceRoute,
+    Target,
+)
 from xdplb.spec import model as spec
 
+# (namespace, Service port, protocol) -> its backends now: plan.endpoints.EndpointIndex.
+ServiceResolver = Callable[[str, spec.ServiceRef, str], Iterable[Backend]]
 
-def _group(backends: Iterable[spec.Backend]) -> Group:
-    return Group.of([Backend(b.address, b.port, b.weight) for b in backends])
+
+def _no_services(namespace: str, ref: spec.ServiceRef, protocol: str) -> Iterable[Backend]:
+    raise ValueError(f"Service {namespace}/{ref.name} needs a resolver (Kubernetes mode)")
 
 
-def plan_listener(lb: spec.LoadBalancer, lst: spec.Listener) -> Listener:
+def health_check(hc: spec.HealthCheck | None) -> HealthCheck | None:
+    if hc is None:
+        return None
+    return HealthCheck(hc.protocol, hc.port, float(hc.interval_seconds),
+                       float(hc.timeout_seconds), hc.healthy_threshold, hc.unhealthy_threshold,
+                       (hc.payload or "").encode())
+
+
+def plan_listener(lb: spec.LoadBalancer, lst: spec.Listener,
+                  services: ServiceResolver = _no_services,
+                  down: frozenset[Target] = frozenset()) -> Listener:
+    """`down`: health-check targets that failed; their backends get weight 0."""
+    targets: set[Target] = set()
+
+    def _group(group: spec.Listener | spec.SourceRoute | spec.SniRoute) -> Group:
+        if group.service is not None:
+            backends = list(services(lb.metadata.namespace, group.service, lst.protocol))
+        else:
+            backends = [Backend(b.address, b.port, b.weight) for b in group.backends or ()]
+        check = health_check(getattr(group, "health_check", None) or lst.health_check)
+        if check is None:
+            return Group.of(backends)
+        checked = []
+        for b in backends:
+            t = Target(b.address, check.port or b.port, check)
+            targets.add(t)
+            checked.append(replace(b, weight=0) if t in down else b)
+        return Group.of(checked)
+
     return Listener(
         owner=f"{lb.metadata.namespace}/{lb.metadata.name}",
         name=lst.name,
@@ -20,16 +61,22 @@ def plan_listener(lb: spec.LoadBalancer, lst: spec.Listener) -> Listener:
         port=lst.port,
         protocol=lst.protocol,
         interfaces=tuple(lb.spec.interfaces or ()),
-        default=_group(lst.backends),
-        source_routes=tuple(sorted((SourceRoute(r.cidr, _group(r.backends))
+        default=_group(lst),
+        source_routes=tuple(sorted((SourceRoute(r.cidr, _group(r))
                                     for r in lst.source_routes), key=lambda r: r.network)),
-        sni_routes=tuple(sorted((SniRoute(r.hostname, _group(r.backends))
+        sni_routes=tuple(sorted((SniRoute(r.hostname, _group(r))
                                  for r in lst.sni_routes), key=lambda r: r.hostname)),
         client_ip_affinity=lst.session_affinity == "ClientIP",
+        proxy_protocol=lst.proxy_protocol == "v2",
+        source_nat=lst.source_nat == "Node",
+        health_targets=tuple(sorted(targets)),
     )
 
 
-def build_plan(lbs: Iterable[spec.LoadBalancer]) -> Plan:
-    listeners = [plan_listener(lb, lst) for lb in lbs for lst in lb.spec.listeners]
+def build_plan(lbs: Iterable[spec.LoadBalancer],
+               services: ServiceResolver = _no_services,
+               down: frozenset[Target] = frozenset()) -> Plan:
+    listeners = [plan_listener(lb, lst, services, down)
+                 for lb in lbs for lst in lb.spec.listeners]
     listeners.sort(key=lambda lst: (lst.owner, lst.name))
     return Plan(tuple(listeners))

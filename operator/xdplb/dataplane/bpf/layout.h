@@ -18,6 +18,7 @@ struct listener_key {
 #define LF_SNI        1   /* new flows no source route claims go to the SNI path */
 #define LF_CLIENT_IP  2   /* sessionAffinity: ClientIP */
 #define LF_SRC_ROUTES 4   /* the listener has source-CIDR routes */
+#define LF_SNAT       8   /* sourceNAT: Node, new flows leave from the node's address */
 
 struct listener_val {
 	__u32 id;     /* index into listener_stats */
@@ -42,6 +43,41 @@ struct group_val {
 	__u32 flags;  /* GF_* */
 };
 
+/* sni_routes: (listener id, FNV-1a 64 of the lower-cased hostname) -> group id.
+ * Read by the agent's SNI acceptor, which picks the backend from the group's
+ * Maglev table as XDP would; the empty name holds the listener's default group. */
+#define MAX_SNI_ROUTES 65536
+
+struct sni_key {
+	__u32 listener;
+	__u32 pad;
+	__u64 name_hash;
+};
+
+/* port_filter bits of a destination port: a listener uses it with this protocol;
+ * or it is in the source-NAT range, where backends' replies arrive. */
+#define PF_LISTENER(proto) (1u << ((proto) & 31))
+#define PF_SNAT(proto)     (1u << (((proto) + 8) & 31))
+
+/* snat_src: per backend id, the node's address toward that backend (0: none). */
+
+/* rev_nat: a backend endpoint -> the one listener address it serves; absent
+ * when it serves several. Lets TC egress restore a reply of a flow whose
+ * conntrack entries were lost, from the backend's side. */
+struct rev_nat_key {
+	__be32 addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct rev_nat_val {
+	__be32 vip;
+	__be16 vport;
+	__u16 backend;    /* backend id */
+	__u32 listener;   /* listener id */
+};
+
 /* pool: Maglev table slots of every group, back to back. */
 struct backend {
 	__be32 addr;
@@ -51,7 +87,10 @@ struct backend {
 
 /* conntrack: dir 0 is keyed by the client's packet (client -> listener) and
  * holds the backend; dir 1 is keyed by the backend's reply
- * (backend -> client) and holds the listener address to restore. */
+ * (backend -> client) and holds the listener address to restore.
+ * With source NAT (CT_SNAT on both): dir 0 also holds the node's address and
+ * port the flow leaves from; dir 1 is keyed by the reply to that address and
+ * port (backend -> node) and holds the client in snat_addr/snat_port. */
 struct ct_key {
 	__be32 src;
 	__be32 dst;
@@ -66,6 +105,9 @@ struct ct_key {
 #define CT_FIN_FWD 2
 #define CT_FIN_REV 4
 #define CT_RST     8
+#define CT_SNAT    16
+#define CT_DIRECT  32  /* dir 1 only: a connection made to a backend itself, not via a
+			* listener; its replies pass untouched */
 
 struct ct_val {
 	__be32 nat_addr;
@@ -74,9 +116,12 @@ struct ct_val {
 	__u32 listener;    /* listener id */
 	__u32 flags;       /* CT_* (kept on the dir 0 entry) */
 	__u64 created_ns;
-	__u64 last_ns;     /* bpf_ktime_get_ns of the last packet either way */
+	__u64 last_ns;     /* CLOCK_MONOTONIC (coarse) of the last packet either way */
 	__u64 packets[2];  /* [0] client -> backend, [1] backend -> client */
 	__u64 bytes[2];
+	__be32 snat_addr;  /* CT_SNAT: see above */
+	__be16 snat_port;
+	__u16 pad;
 };
 
 struct flow_stats {
@@ -94,12 +139,18 @@ enum stat {
 	ST_NEW_DEFAULT,       /* new flow to the listener's default group */
 	ST_NEW_SRC_ROUTE,     /* new flow routed by a source-CIDR route */
 	ST_SNI_PASS,          /* new flow on an SNI listener left to the SNI path */
-	ST_UNTRACKED,         /* TCP non-SYN without conntrack entry: passed */
+	ST_RESELECTED,        /* TCP non-SYN without a live entry: backend selected again */
 	ST_NO_BACKEND_RST,    /* SYN to a group with no eligible backend: RST sent */
 	ST_NO_BACKEND_DROP,   /* UDP to a group with no eligible backend: dropped */
 	ST_CT_FULL,           /* conntrack insert failed: dropped */
 	ST_REPLY_NAT,         /* egress: reply source restored */
 	ST_REPLY_EXPIRED,     /* egress: reply of an expired flow, untouched */
+	ST_ICMP_IN,           /* ICMP error about a flow's reply, sent on to its backend */
+	ST_ICMP_OUT,          /* egress: ICMP error about a flow's packet, sent on to its client */
+	ST_SNAT_REPLY,        /* a backend's reply to a source-NAT flow, sent on to its client */
+	ST_SNAT_EXHAUSTED,    /* no free source-NAT port toward the backend: dropped */
+	ST_SNAT_NO_SOURCE,    /* no node address known toward the backend: dropped */
+	ST_REPLY_RESTORED,    /* egress: reply of a flow with lost entries, restored and tracked */
 	ST_MAX
 };
 

@@ -1,9 +1,9 @@
 /* Header parsing shared by XDP and TC: Ethernet with at most one 802.1Q/802.1ad
- * tag, IPv4 honouring IHL, then TCP or UDP. */
+ * tag, IPv4 honouring IHL, then TCP, UDP or ICMP. */
 #ifndef XDPLB_PARSE_H
 #define XDPLB_PARSE_H
 
-enum parse_result { P_OK, P_OTHER, P_MALFORMED, P_FRAGMENT };
+enum parse_result { P_OK, P_OTHER, P_MALFORMED, P_FRAGMENT, P_ICMP };
 
 struct vlan_hdr {
 	__be16 tci;
@@ -54,7 +54,8 @@ static __always_inline int parse(void *data, void *data_end, struct pkt *p)
 		return P_MALFORMED;
 	if (ip->frag_off & bpf_htons(0x3fff))  /* MF or a fragment offset */
 		return P_FRAGMENT;
-	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP &&
+	    ip->protocol != IPPROTO_ICMP)
 		return P_OTHER;
 	if ((void *)ip + ihl > data_end)
 		return P_MALFORMED;
@@ -65,6 +66,8 @@ static __always_inline int parse(void *data, void *data_end, struct pkt *p)
 	p->proto = ip->protocol;
 	void *l4 = (void *)ip + ihl;
 	p->l4 = l4;
+	if (ip->protocol == IPPROTO_ICMP)
+		return P_ICMP;  /* see icmp.h */
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *tcp = l4;
 		if ((void *)(tcp + 1) > data_end || tcp->doff < 5)

@@ -17,6 +17,7 @@
 #include "hash.h"
 #include "parse.h"
 #include "conntrack.h"
+#include "icmp.h"
 
 /* Counters live here, not in a header: bcc rewrites map calls only in the
  * main source file. */
@@ -70,6 +71,62 @@ static __always_inline void dnat(struct pkt *p, __be32 addr, __be16 port)
 {
 	__be16 *ports = p->l4;
 	rewrite(p, &p->ip->daddr, &ports[1], addr, port);
+}
+
+static __always_inline void snat(struct pkt *p, __be32 addr, __be16 port)
+{
+	__be16 *ports = p->l4;
+	rewrite(p, &p->ip->saddr, &ports[0], addr, port);
+}
+
+#define SNAT_TRIES 32
+
+/* Claim a free source-NAT port for rkey (the reply key: backend -> node
+ * address): the insert fails if the port is taken, so a live flow is never
+ * overwritten. Probes from a random start; -1 when SNAT_TRIES are all taken. */
+static __always_inline int snat_reserve(struct ct_key *rkey, struct ct_val *rv)
+{
+	__u32 span = SNAT_PORT_MAX - SNAT_PORT_MIN + 1;
+	__u32 port = bpf_get_prandom_u32() % span;
+	for (int i = 0; i < SNAT_TRIES; i++) {
+		rkey->dport = bpf_htons(SNAT_PORT_MIN + port);
+		if (!ct.insert(rkey, rv))
+			return 0;
+		port = port + 1 == span ? 0 : port + 1;
+	}
+	return -1;
+}
+
+/* A backend's reply to a source-NAT flow, arriving on the backend side at the
+ * node's address: back to the client, from the listener. -1: not one. */
+static __always_inline int snat_reply(struct pkt *p, __u64 now, __u64 bytes)
+{
+	struct ct_key rkey = {
+		.src = p->ip->saddr, .dst = p->ip->daddr, .sport = p->sport, .dport = p->dport,
+		.proto = p->proto, .dir = 1,
+	};
+	struct ct_val *rv = ct.lookup(&rkey);
+	if (!rv || !(rv->flags & CT_SNAT))
+		return -1;
+	struct ct_key fkey = {
+		.src = rv->snat_addr, .dst = rv->nat_addr, .sport = rv->snat_port,
+		.dport = rv->nat_port, .proto = p->proto, .dir = 0,
+	};
+	__be32 client = rv->snat_addr, vip = rv->nat_addr;
+	__be16 client_port = rv->snat_port, vport = rv->nat_port;
+	struct ct_val *e = ct.lookup(&fkey);
+	if (!e || e->nat_addr != p->ip->saddr || e->nat_port != p->sport ||
+	    e->snat_port != p->dport || ct_expired(e, p->proto, now)) {
+		count(ST_REPLY_EXPIRED);
+		return XDP_PASS;
+	}
+	ct_track(e, 1, p->tcp_flags, now, bytes);
+	count_listener(e->listener, bytes, 0);
+	count_backend(e->backend, bytes, 0);
+	dnat(p, client, client_port);
+	snat(p, vip, vport);
+	count(ST_SNAT_REPLY);
+	return XDP_PASS;
 }
 
 /* Answer a SYN with RST|ACK from the listener: the group has no backend. */
@@ -126,6 +183,74 @@ static __always_inline int send_rst(struct xdp_md *ctx, struct pkt *p)
 	return XDP_TX;
 }
 
+/* An error about a packet a source-NAT flow sent to its backend (the quote runs
+ * node address -> backend), arriving at the node: make it about the client's
+ * packet to the listener, and send it to the client. */
+static __always_inline int icmp_snat_forward(struct pkt *p, struct icmp_err *e)
+{
+	struct ct_key rkey = {
+		.src = e->in_ip->daddr, .dst = e->in_ip->saddr, .sport = e->in_ports[1],
+		.dport = e->in_ports[0], .proto = e->in_proto, .dir = 1,
+	};
+	struct ct_val *rv = ct.lookup(&rkey);
+	if (!rv || !(rv->flags & CT_SNAT)) {
+		count(ST_NOMATCH);
+		return XDP_PASS;
+	}
+	struct ct_key fkey = {
+		.src = rv->snat_addr, .dst = rv->nat_addr, .sport = rv->snat_port,
+		.dport = rv->nat_port, .proto = e->in_proto, .dir = 0,
+	};
+	__be32 client = rv->snat_addr, vip = rv->nat_addr, node = rkey.dst;
+	__be16 client_port = rv->snat_port, vport = rv->nat_port;
+	struct ct_val *v = ct.lookup(&fkey);
+	if (!v || v->snat_port != rkey.dport ||
+	    ct_expired(v, e->in_proto, bpf_ktime_get_coarse_ns())) {
+		count(ST_NOMATCH);
+		return XDP_PASS;
+	}
+	icmp_rewrite_quote(e, 0, client, client_port);
+	icmp_rewrite_quote(e, 1, vip, vport);
+	if (p->ip->daddr == node) {
+		csum_replace4(&p->ip->check, node, client);
+		p->ip->daddr = client;
+	}
+	count(ST_ICMP_IN);
+	return XDP_PASS;
+}
+
+/* An error about a reply the LB sent for a flow (the quote runs listener ->
+ * client): make it about the backend's packet, and send it to the backend. */
+static __always_inline int icmp_ingress(struct pkt *p, void *data_end)
+{
+	struct icmp_err e;
+	if (parse_icmp_error(data_end, p, &e)) {
+		count(ST_NOMATCH);
+		return XDP_PASS;
+	}
+	struct ct_key key = {
+		.src = e.in_ip->daddr, .dst = e.in_ip->saddr, .sport = e.in_ports[1],
+		.dport = e.in_ports[0], .proto = e.in_proto, .dir = 0,
+	};
+	struct ct_val *v = ct.lookup(&key);
+	if (!v)
+		return icmp_snat_forward(p, &e);
+	if (ct_expired(v, e.in_proto, bpf_ktime_get_coarse_ns())) {
+		count(ST_NOMATCH);
+		return XDP_PASS;
+	}
+	__be32 vip = key.dst, backend = v->nat_addr;
+	icmp_rewrite_quote(&e, 0, backend, v->nat_port);
+	if (v->flags & CT_SNAT)  /* the backend's packet went to the node's address */
+		icmp_rewrite_quote(&e, 1, v->snat_addr, v->snat_port);
+	if (p->ip->daddr == vip) {
+		csum_replace4(&p->ip->check, vip, backend);
+		p->ip->daddr = backend;
+	}
+	count(ST_ICMP_IN);
+	return XDP_PASS;
+}
+
 int xdplb_ingress(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -141,6 +266,8 @@ int xdplb_ingress(struct xdp_md *ctx)
 	case P_FRAGMENT:
 		count(ST_FRAGMENT);
 		return XDP_PASS;
+	case P_ICMP:
+		return icmp_ingress(&p, data_end);
 	default:
 		count(ST_NOMATCH);
 		return XDP_PASS;
@@ -148,13 +275,23 @@ int xdplb_ingress(struct xdp_md *ctx)
 
 	__u32 dport = bpf_ntohs(p.dport);
 	__u32 *mask = port_filter.lookup(&dport);
-	if (!mask || !(*mask & (1u << (p.proto & 31)))) {
+	if (!mask || !(*mask & (PF_LISTENER(p.proto) | PF_SNAT(p.proto)))) {
 		count(ST_NOMATCH);
 		return XDP_PASS;
 	}
 
-	__u64 now = bpf_ktime_get_ns();
-	__u64 bytes = data_end - data;
+	/* Idle timeouts are seconds: the tick-resolution clock is enough and cheaper. */
+	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 bytes = bpf_xdp_get_buff_len(ctx);  /* all buffers of a multi-buffer frame */
+	if (*mask & PF_SNAT(p.proto)) {
+		int r = snat_reply(&p, now, bytes);
+		if (r >= 0)
+			return r;
+		if (!(*mask & PF_LISTENER(p.proto))) {
+			count(ST_NOMATCH);
+			return XDP_PASS;
+		}
+	}
 	int syn = (p.tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN;
 	struct ct_key key = {
 		.src = p.ip->saddr, .dst = p.ip->daddr, .sport = p.sport, .dport = p.dport,
@@ -167,6 +304,8 @@ int xdplb_ingress(struct xdp_md *ctx)
 		count_listener(e->listener, bytes, 0);
 		count_backend(e->backend, bytes, 0);
 		count(ST_ESTABLISHED);
+		if (e->flags & CT_SNAT)
+			snat(&p, e->snat_addr, e->snat_port);
 		dnat(&p, e->nat_addr, e->nat_port);
 		return XDP_PASS;
 	}
@@ -180,10 +319,10 @@ int xdplb_ingress(struct xdp_md *ctx)
 		count(ST_NOMATCH);
 		return XDP_PASS;
 	}
-	if (p.proto == IPPROTO_TCP && !syn) {
-		count(ST_UNTRACKED);
-		return XDP_PASS;
-	}
+	/* A segment of a flow whose entry is gone (LRU eviction, a restart with a new
+	 * layout, a flow rehashed here by upstream ECMP): the same table on every
+	 * node picks the same backend again, so the flow lands where it was. */
+	int lost = p.proto == IPPROTO_TCP && !syn;
 
 	__u32 lid = l->id, gid = l->group, flags = l->flags, path = ST_NEW_DEFAULT;
 	if (flags & LF_SRC_ROUTES) {
@@ -196,6 +335,7 @@ int xdplb_ingress(struct xdp_md *ctx)
 		}
 	}
 	if (path == ST_NEW_DEFAULT && (flags & LF_SNI)) {
+		/* New and ongoing flows of the acceptor alike: its sockets own them. */
 		count(ST_SNI_PASS);
 		return XDP_PASS;
 	}
@@ -211,7 +351,7 @@ int xdplb_ingress(struct xdp_md *ctx)
 		b = pool.lookup(&slot);
 	}
 	if (!b) {
-		if (p.proto == IPPROTO_TCP) {
+		if (p.proto == IPPROTO_TCP && !lost) {
 			count(ST_NO_BACKEND_RST);
 			return send_rst(ctx, &p);
 		}
@@ -221,6 +361,7 @@ int xdplb_ingress(struct xdp_md *ctx)
 
 	struct ct_val v = {
 		.nat_addr = b->addr, .nat_port = b->port, .backend = b->id, .listener = lid,
+		.flags = lost ? ct_flags_of(0, p.tcp_flags) : 0,
 		.created_ns = now, .last_ns = now, .packets = {1, 0}, .bytes = {bytes, 0},
 	};
 	struct ct_key rkey = {
@@ -231,20 +372,159 @@ int xdplb_ingress(struct xdp_md *ctx)
 		.nat_addr = p.ip->daddr, .nat_port = p.dport, .backend = b->id, .listener = lid,
 		.created_ns = now, .last_ns = now,
 	};
+	/* The reply entry first: with source NAT it is what claims the port. A backend
+	 * that reaches itself through its listener (hairpin) would answer itself
+	 * directly, so its flow is source-NATed whatever the listener says. */
+	if ((flags & LF_SNAT) || b->addr == p.ip->saddr) {
+		__u32 bid = b->id;
+		__be32 *src = snat_src.lookup(&bid);
+		if (!src || !*src) {
+			count(ST_SNAT_NO_SOURCE);
+			return XDP_DROP;
+		}
+		rkey.dst = *src;
+		rv.flags = CT_SNAT;
+		rv.snat_addr = p.ip->saddr;
+		rv.snat_port = p.sport;
+		if (snat_reserve(&rkey, &rv)) {
+			count(ST_SNAT_EXHAUSTED);
+			return XDP_DROP;
+		}
+		v.flags |= CT_SNAT;
+		v.snat_addr = rkey.dst;
+		v.snat_port = rkey.dport;
+	} else if (ct.update(&rkey, &rv)) {
+		count(ST_CT_FULL);
+		return XDP_DROP;
+	}
 	if (ct.update(&key, &v)) {
+		ct.delete(&rkey);
 		count(ST_CT_FULL);
 		return XDP_DROP;
 	}
-	if (ct.update(&rkey, &rv)) {
-		ct.delete(&key);
-		count(ST_CT_FULL);
-		return XDP_DROP;
-	}
-	count_listener(lid, bytes, 1);
-	count_backend(b->id, bytes, 1);
-	count(path);
+	count_listener(lid, bytes, !lost);
+	count_backend(b->id, bytes, !lost);
+	count(lost ? ST_RESELECTED : path);
+	if (v.flags & CT_SNAT)
+		snat(&p, v.snat_addr, v.snat_port);
 	dnat(&p, v.nat_addr, v.nat_port);
 	return XDP_PASS;
+}
+
+/* An error about a packet the LB forwarded to a backend (the quote runs client
+ * -> backend): make it about the packet the client sent, from the listener. */
+static __always_inline int icmp_egress(struct pkt *p, void *data_end)
+{
+	struct icmp_err e;
+	if (parse_icmp_error(data_end, p, &e))
+		return TC_ACT_OK;
+	struct ct_key rkey = {
+		.src = e.in_ip->daddr, .dst = e.in_ip->saddr, .sport = e.in_ports[1],
+		.dport = e.in_ports[0], .proto = e.in_proto, .dir = 1,
+	};
+	struct ct_val *rv = ct.lookup(&rkey);
+	if (!rv)
+		return TC_ACT_OK;
+	struct ct_key fkey = {
+		.src = rkey.dst, .dst = rv->nat_addr, .sport = rkey.dport, .dport = rv->nat_port,
+		.proto = e.in_proto, .dir = 0,
+	};
+	__be32 vip = rv->nat_addr, backend = rkey.src;
+	__be16 vport = rv->nat_port;
+	struct ct_val *v = ct.lookup(&fkey);
+	if (!v || v->nat_addr != backend || v->nat_port != rkey.sport ||
+	    ct_expired(v, e.in_proto, bpf_ktime_get_coarse_ns()))
+		return TC_ACT_OK;
+	icmp_rewrite_quote(&e, 1, vip, vport);
+	if (p->ip->saddr == backend) {  /* the backend itself reports it */
+		csum_replace4(&p->ip->check, backend, vip);
+		p->ip->saddr = vip;
+	}
+	count(ST_ICMP_OUT);
+	return TC_ACT_OK;
+}
+
+static __always_inline int icmp_egress_skb(struct __sk_buff *skb)
+{
+	/* The quote must be in the linear part to be read and edited in place. */
+	if (bpf_skb_pull_data(skb, skb->len < 192 ? skb->len : 192))
+		return TC_ACT_OK;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct pkt p = {};
+	if (parse(data, data_end, &p) != P_ICMP)
+		return TC_ACT_OK;
+	return icmp_egress(&p, data_end);
+}
+
+/* Source := listener address on a reply leaving for its client. */
+static __always_inline int reply_rewrite(struct __sk_buff *skb, struct pkt *p, __be32 new_addr,
+					 __be16 new_port)
+{
+	__be32 old_addr = p->ip->saddr;
+	__be16 old_port = p->sport;
+	__u32 csum_off = p->l4_off + (p->proto == IPPROTO_TCP ? offsetof(struct tcphdr, check)
+							     : offsetof(struct udphdr, check));
+	__u64 mangled = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
+			    BPF_F_PSEUDO_HDR | mangled | sizeof(new_addr));
+	bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | sizeof(new_port));
+	bpf_l3_csum_replace(skb, p->ip_off + offsetof(struct iphdr, check), old_addr, new_addr,
+			    sizeof(new_addr));
+	bpf_skb_store_bytes(skb, p->ip_off + offsetof(struct iphdr, saddr), &new_addr,
+			    sizeof(new_addr), 0);
+	bpf_skb_store_bytes(skb, p->l4_off, &new_port, sizeof(new_port), 0);
+	return TC_ACT_OK;
+}
+
+/* A TCP segment from a backend endpoint with no entry. A SYN|ACK: the backend
+ * accepts a connection made to it directly (not through a listener); mark it
+ * so that its later segments pass untouched. Anything else: a listener flow
+ * whose entries were lost (flushed, evicted, a new layout); if the backend
+ * serves one listener address only, the client knows the flow as coming from
+ * there: restore that and track the flow again. Otherwise the client would
+ * answer the backend's own address with a RST. */
+static __always_inline int egress_untracked(struct __sk_buff *skb, struct pkt *p,
+					    struct ct_key *rkey, __u64 now)
+{
+	if (p->proto != IPPROTO_TCP)
+		return TC_ACT_OK;
+	struct rev_nat_key bk = { .addr = p->ip->saddr, .port = p->sport, .proto = p->proto };
+	struct rev_nat_val *r = rev_nat.lookup(&bk);
+	if (!r)
+		return TC_ACT_OK;
+	if (p->tcp_flags & TCPF_SYN) {
+		struct ct_val d = {
+			.nat_addr = p->ip->saddr, .nat_port = p->sport,
+			.flags = CT_DIRECT | CT_REPLIED, .created_ns = now, .last_ns = now,
+		};
+		ct.update(rkey, &d);
+		return TC_ACT_OK;
+	}
+	__be32 vip = r->vip;
+	__be16 vport = r->vport;
+	__u32 lid = r->listener, bid = r->backend;
+	struct ct_key fkey = {
+		.src = p->ip->daddr, .dst = vip, .sport = p->dport, .dport = vport,
+		.proto = p->proto, .dir = 0,
+	};
+	struct ct_val v = {
+		.nat_addr = p->ip->saddr, .nat_port = p->sport, .backend = bid, .listener = lid,
+		.flags = ct_flags_of(1, p->tcp_flags), .created_ns = now, .last_ns = now,
+		.packets = {0, 1}, .bytes = {0, skb->len},
+	};
+	struct ct_val rv = {
+		.nat_addr = vip, .nat_port = vport, .backend = bid, .listener = lid,
+		.created_ns = now, .last_ns = now,
+	};
+	if (ct.update(rkey, &rv) || ct.update(&fkey, &v)) {
+		count(ST_CT_FULL);
+		return TC_ACT_OK;
+	}
+	count_listener(lid, skb->len, 0);
+	count_backend(bid, skb->len, 0);
+	count(ST_REPLY_RESTORED);
+	return reply_rewrite(skb, p, vip, vport);
 }
 
 int xdplb_egress(struct __sk_buff *skb)
@@ -261,6 +541,8 @@ int xdplb_egress(struct __sk_buff *skb)
 		data_end = (void *)(long)skb->data_end;
 		r = parse(data, data_end, &p);
 	}
+	if (r == P_ICMP)
+		return icmp_egress_skb(skb);
 	if (r != P_OK)
 		return TC_ACT_OK;
 
@@ -268,9 +550,17 @@ int xdplb_egress(struct __sk_buff *skb)
 		.src = p.ip->saddr, .dst = p.ip->daddr, .sport = p.sport, .dport = p.dport,
 		.proto = p.proto, .dir = 1,
 	};
+	__u64 now = bpf_ktime_get_coarse_ns();
 	struct ct_val *rv = ct.lookup(&rkey);
+	if (rv && (rv->flags & CT_DIRECT)) {
+		if (!ct_expired(rv, p.proto, now)) {
+			rv->last_ns = now;
+			return TC_ACT_OK;
+		}
+		rv = NULL;
+	}
 	if (!rv)
-		return TC_ACT_OK;
+		return egress_untracked(skb, &p, &rkey, now);
 	struct ct_key fkey = {
 		.src = p.ip->daddr, .dst = rv->nat_addr, .sport = p.dport, .dport = rv->nat_port,
 		.proto = p.proto, .dir = 0,
@@ -278,7 +568,6 @@ int xdplb_egress(struct __sk_buff *skb)
 	__be32 new_addr = rv->nat_addr;
 	__be16 new_port = rv->nat_port;
 	struct ct_val *e = ct.lookup(&fkey);
-	__u64 now = bpf_ktime_get_ns();
 	if (!e || e->nat_addr != p.ip->saddr || e->nat_port != p.sport ||
 	    ct_expired(e, p.proto, now)) {
 		count(ST_REPLY_EXPIRED);
@@ -287,20 +576,6 @@ int xdplb_egress(struct __sk_buff *skb)
 	ct_track(e, 1, p.tcp_flags, now, skb->len);
 	count_listener(e->listener, skb->len, 0);
 	count_backend(e->backend, skb->len, 0);
-
-	__be32 old_addr = p.ip->saddr;
-	__be16 old_port = p.sport;
-	__u32 csum_off = p.l4_off + (p.proto == IPPROTO_TCP ? offsetof(struct tcphdr, check)
-							   : offsetof(struct udphdr, check));
-	__u64 mangled = p.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
-	bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
-			    BPF_F_PSEUDO_HDR | mangled | sizeof(new_addr));
-	bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | sizeof(new_port));
-	bpf_l3_csum_replace(skb, p.ip_off + offsetof(struct iphdr, check), old_addr, new_addr,
-			    sizeof(new_addr));
-	bpf_skb_store_bytes(skb, p.ip_off + offsetof(struct iphdr, saddr), &new_addr,
-			    sizeof(new_addr), 0);
-	bpf_skb_store_bytes(skb, p.l4_off, &new_port, sizeof(new_port), 0);
 	count(ST_REPLY_NAT);
-	return TC_ACT_OK;
+	return reply_rewrite(skb, &p, new_addr, new_port);
 }

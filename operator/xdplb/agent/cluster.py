@@ -1,0 +1,501 @@
+"""The node agent in a cluster: LoadBalancers from the API -> the data plane.
+
+It watches LoadBalancers in every namespace, its own Node (for its labels)
+and the EndpointSlices of the Services its LoadBalancers name (one watch per
+namespace, selected by ``kubernetes.io/service-name in (...)``). The
+LoadBalancers whose ``nodeSelector`` matches the Node go through the same
+apply step as in standalone mode (plan -> MapWriter -> attach); what this node
+did is reported in its NodeState (``nodestates/<node>``, owned by the Node):
+one small object per node, written at most once a second and at least every
+heartbeat. The agent never writes to LoadBalancer objects.
+
+It uses the official ``kubernetes`` client rather than kopf: kopf keeps its
+progress in annotations and finalizers of the objects it handles, which would
+make every agent write to every LoadBalancer.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+from prometheus_client import Counter, Gauge
+
+from xdplb.agent.inventory import read_inventory
+from xdplb.agent.standalone import Agent, AgentOptions
+from xdplb.dataplane.entries import Inventory, listener_interfaces
+from xdplb.k8s.conflicts import claim_of, resolve
+from xdplb.k8s.crd import GROUP, VERSION, parse_object
+from xdplb.k8s.nodestate import (
+    MAX_MESSAGE,
+    InterfaceState,
+    LoadBalancerState,
+    NodeStateStatus,
+    rfc3339,
+)
+from xdplb.plan.endpoints import SERVICE_NAME_LABEL, EndpointIndex
+from xdplb.plan.model import Plan
+from xdplb.plan.planner import build_plan
+from xdplb.spec.model import LoadBalancer
+
+log = logging.getLogger("xdplb.agent")
+
+Json = dict[str, Any]
+Ref = tuple[str, str]  # (namespace, name)
+INVENTORY_SECONDS = 1.0
+
+# Per-LoadBalancer apply results, beside the standalone agent's metrics.
+LB_RESULTS = Counter("xdplb_loadbalancer_results_total",
+                     "Changes of a LoadBalancer's state on this node, by resulting phase",
+                     ["namespace", "name", "phase"])
+LB_GENERATION = Gauge("xdplb_loadbalancer_applied_generation",
+                      "Generation of the LoadBalancer in the maps (0: not applied)",
+                      ["namespace", "name"])
+
+
+# The API access the agent needs, and nothing else (its ClusterRole). No write verb on
+# LoadBalancers: the operator owns their status.
+AGENT_RULES: list[Json] = [
+    {"apiGroups": [GROUP], "resources": ["loadbalancers"], "verbs": ["list", "watch"]},
+    {"apiGroups": [GROUP], "resources": ["nodestates"], "verbs": ["create"]},
+    {"apiGroups": [GROUP], "resources": ["nodestates/status"], "verbs": ["patch"]},
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]},
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+     "verbs": ["list", "watch"]},
+]
+
+
+@dataclass
+class ClusterOptions(AgentOptions):
+    node_name: str = ""
+    heartbeat_seconds: float = 10.0
+    min_write_seconds: float = 1.0  # NodeState writes are coalesced to at most one per this
+
+
+# --- what this node should do (pure) ---------------------------------------------------------
+
+
+def ref_of(obj: Mapping[str, Any]) -> Ref:
+    meta = obj.get("metadata") or {}
+    return (meta.get("namespace") or "", meta.get("name") or "")
+
+
+def selects(lb: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """Whether the LoadBalancer wants this node: every nodeSelector label matches."""
+    selector = (lb.get("spec") or {}).get("nodeSelector") or {}
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@dataclass(frozen=True)
+class Desired:
+    plan: Plan
+    entries: dict[Ref, LoadBalancerState]  # Applied (if the plan applies) or Failed
+    services: frozenset[Ref]  # Services whose EndpointSlices the plan needs
+
+
+def _message(lines: Iterable[str]) -> str:
+    text = "; ".join(lines)
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
+def desire(lbs: Mapping[Ref, Json], labels: Mapping[str, str], index: EndpointIndex) -> Desired:
+    """The plan for the LoadBalancers that select this node, and what to report for them.
+
+    Invalid objects and the younger side of a listener conflict (the operator's
+    rule: the oldest wins) are left out and reported Failed.
+    """
+    entries: dict[Ref, LoadBalancerState] = {}
+    valid: dict[Ref, tuple[Json, LoadBalancer]] = {}
+    for ref, raw in lbs.items():
+        meta = raw.get("metadata") or {}
+        if meta.get("deletionTimestamp") or not selects(raw, labels):
+            continue
+        lb, problems = parse_object(raw)
+        if lb is None:
+            entries[ref] = _state(raw, "Failed", _message(problems))
+        else:
+            valid[ref] = (raw, lb)
+    losers = resolve(claim_of(ref, raw["metadata"].get("creationTimestamp", ""), raw["spec"])
+                     for ref, (raw, _) in valid.items())
+    for ref, conflict in losers.items():
+        entries[ref] = _state(valid.pop(ref)[0], "Failed", f"Conflicted: {conflict.message()}")
+    plan = build_plan((lb for _, lb in valid.values()), index.backends)
+    for ref, (raw, _) in valid.items():
+        mine = [lst for lst in plan.listeners if lst.owner == f"{ref[0]}/{ref[1]}"]
+        backends = {(b.address, b.port) for lst in mine for g in lst.groups() for b in g.backends}
+        entries[ref] = _state(raw, "Applied", "", len(mine), len(backends))
+    services = frozenset(
+        (lb.metadata.namespace, group.service.name)
+        for _, lb in valid.values()
+        for lst in lb.spec.listeners
+        for group in (lst, *lst.source_routes, *lst.sni_routes)
+        if group.service is not None
+    )
+    return Desired(plan, entries, services)
+
+
+def _state(raw: Json, phase: str, message: str, listeners: int = 0,
+           backends: int = 0) -> LoadBalancerState:
+    meta = raw.get("metadata") or {}
+    return LoadBalancerState(
+        namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=meta.get("uid", ""),
+        generation=int(meta.get("generation") or 0), phase=phase,  # type: ignore[arg-type]
+        message=message, listeners=listeners, backends=backends)
+
+
+# --- watches ---------------------------------------------------------------------------------
+
+
+class _Watch(threading.Thread):
+    """List, then watch from the list's resourceVersion; relist on any error or expiry.
+
+    Events go to ``sink`` as (key, type, object) with objects as plain JSON
+    dicts; type "SYNC" carries the full list, replacing what ``key`` held.
+    """
+
+    def __init__(self, key: str, call: Callable[..., Any], kwargs: Json,
+                 sink: queue.Queue[tuple[str, str, Any]], api: kubernetes.client.ApiClient,
+                 timeout: int = 30) -> None:
+        super().__init__(name=f"watch-{key}", daemon=True)
+        self.key, self.call, self.kwargs, self.sink, self.api = key, call, kwargs, sink, api
+        self.timeout = timeout
+        self.stopped = threading.Event()
+        self.error = ""  # why the last list or watch failed; "" once a list succeeds
+        self._watch: kubernetes.watch.Watch | None = None
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self._watch is not None:
+            self._watch.stop()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                listing = self.api.sanitize_for_serialization(self.call(**self.kwargs))
+                self.error = ""
+                self.sink.put((self.key, "SYNC", listing.get("items") or []))
+                version = (listing.get("metadata") or {}).get("resourceVersion")
+                self._watch = kubernetes.watch.Watch()
+                for event in self._watch.stream(self.call, resource_version=version,
+                                                timeout_seconds=self.timeout, **self.kwargs):
+                    if self.stopped.is_set():
+                        return
+                    if event["type"] == "ERROR":
+                        break  # e.g. 410 Gone: list again
+                    obj = self.api.sanitize_for_serialization(event["object"])
+                    self.sink.put((self.key, event["type"], obj))
+            except Exception as e:  # the API may be away for a while: keep trying
+                if self.stopped.is_set():
+                    return
+                reason = f"{e.status} {e.reason}" if isinstance(e, ApiException) else str(e)
+                self.error = f"cannot watch {self.key.split('/')[-1]} ({reason})"
+                log.warning("watch %s: %s; retrying", self.key, reason)
+                self.stopped.wait(1.0)
+
+
+# --- the agent -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Stores:
+    """What the watches delivered, by watch key, then by (namespace, name)."""
+
+    by_key: dict[str, dict[Ref, Json]] = field(default_factory=dict)
+
+    def apply(self, key: str, kind: str, payload: Any) -> None:
+        store = self.by_key.setdefault(key, {})
+        if kind == "SYNC":
+            store.clear()
+            store.update((ref_of(obj), obj) for obj in payload)
+        elif kind == "DELETED":
+            store.pop(ref_of(payload), None)
+        else:
+            store[ref_of(payload)] = payload
+
+    def values(self, prefix: str) -> list[Json]:
+        return [obj for key, store in self.by_key.items() if key.startswith(prefix)
+                for obj in store.values()]
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+class ClusterAgent(Agent):
+    opts: ClusterOptions
+
+    def __init__(self, opts: ClusterOptions, api: kubernetes.client.ApiClient | None = None
+                 ) -> None:
+        super().__init__(opts)
+        self.api = api or _api_client()
+        self.custom = kubernetes.client.CustomObjectsApi(self.api)
+        self.core = kubernetes.client.CoreV1Api(self.api)
+        self.discovery = kubernetes.client.DiscoveryV1Api(self.api)
+        self.events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
+        self.stores = _Stores()
+        self.watches: dict[str, _Watch] = {}
+        self.slice_watches: dict[str, tuple[str, frozenset[str]]] = {}  # ns -> (key, Services)
+        self.services: dict[Ref, Json | None] = {}  # Service objects read on demand
+        self.wanted_services: frozenset[Ref] = frozenset()
+        self.reported: dict[Ref, LoadBalancerState] = {}
+        self.status: NodeStateStatus | None = None
+        self._written: Json | None = None
+        self._written_at = 0.0
+        self._nodestate_ready = False
+        self._dirty = True
+        self._next_inventory = 0.0
+        self._watch_seq = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())
+        self.start()
+        try:
+            self.loop()
+        finally:
+            self.shutdown()
+
+    def start(self) -> None:
+        self._start_watch("lb", self.custom.list_cluster_custom_object,
+                          {"group": GROUP, "version": VERSION, "plural": "loadbalancers"})
+        self._start_watch("node", self.core.list_node,
+                          {"field_selector": f"metadata.name={self.opts.node_name}"})
+        super().start()  # compile, load, adopt pins; the first reload finds no API data yet
+
+    def loop(self) -> None:
+        next_sweep = time.monotonic() + self.opts.sweep_seconds
+        while not self.stop.is_set():
+            self.step(self.opts.poll_seconds)
+            if time.monotonic() >= next_sweep:
+                self.sweep()
+                next_sweep = time.monotonic() + self.opts.sweep_seconds
+
+    def step(self, wait: float) -> None:
+        """Take the events that arrived within ``wait`` seconds, reconcile, report."""
+        try:
+            self._take(self.events.get(timeout=wait))
+            while True:
+                self._take(self.events.get_nowait())
+        except queue.Empty:
+            pass
+        if time.monotonic() >= self._next_inventory:
+            # Addresses and interfaces come and go without an API event.
+            self._next_inventory = time.monotonic() + INVENTORY_SECONDS
+            self._dirty |= read_inventory() != self._inventory
+        if self._dirty:
+            self._dirty = False
+            self.reconcile()
+        if not self._synced():
+            self._report_waiting()
+        self.report()
+
+    def shutdown(self) -> None:
+        for w in self.watches.values():
+            w.stop()
+        super().shutdown()
+
+    # -- events -------------------------------------------------------------------------------
+    def _start_watch(self, key: str, call: Callable[..., Any], kwargs: Json) -> None:
+        w = _Watch(key, call, kwargs, self.events, self.api)
+        self.watches[key] = w
+        w.start()
+
+    def _take(self, event: tuple[str, str, Any]) -> None:
+        key, kind, payload = event
+        if key not in self.watches:
+            return  # from a watch stopped since (its namespace no longer needed)
+        self.stores.apply(key, kind, payload)
+        if key.startswith("eps/"):
+            objs = payload if kind == "SYNC" else [payload]
+            for obj in objs:  # the Service's ports may have changed with its endpoints
+                name = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+                self.services.pop((ref_of(obj)[0], name or ""), None)
+        self._dirty = True
+
+    def _want(self, services: frozenset[Ref]) -> None:
+        """Watch the EndpointSlices of exactly these Services: one watch per namespace,
+        replaced only in the namespaces whose set of Services changed."""
+        self.wanted_services = services
+        by_ns: dict[str, frozenset[str]] = {}
+        for ns, name in services:
+            by_ns[ns] = by_ns.get(ns, frozenset()) | {name}
+        for ns in self.slice_watches.keys() - by_ns.keys():
+            key, _ = self.slice_watches.pop(ns)
+            self.watches.pop(key).stop()
+            self.stores.by_key.pop(key, None)
+        for ns, names in by_ns.items():
+            old_key, old_names = self.slice_watches.get(ns, ("", frozenset()))
+            if names == old_names:
+                continue
+            self._watch_seq += 1  # a stopped watch's late events carry a key no longer used
+            key = f"eps/{self._watch_seq}/{ns}"
+            self.slice_watches[ns] = (key, names)
+            if old_key:
+                self.watches.pop(old_key).stop()
+                self.stores.by_key.pop(old_key, None)
+            self._start_watch(key, self.discovery.list_namespaced_endpoint_slice, {
+                "namespace": ns,
+                "label_selector": f"{SERVICE_NAME_LABEL} in ({','.join(sorted(names))})"})
+
+    def _synced(self) -> bool:
+        """Whether every watch has delivered its first list: until then a plan would
+        drop what the maps already hold (adopted after a restart, or a Service's group)."""
+        return all(key in self.stores.by_key for key in self.watches)
+
+    def _service(self, ref: Ref) -> Json | None:
+        if ref not in self.services:
+            try:
+                svc = self.core.read_namespaced_service(ref[1], ref[0])
+                self.services[ref] = self.api.sanitize_for_serialization(svc)
+            except ApiException as e:
+                if e.status != 404:
+                    log.warning("cannot read Service %s/%s: %s", *ref, e.reason)
+                self.services[ref] = None
+        return self.services[ref]
+
+    # -- reconcile ----------------------------------------------------------------------------
+    def reload(self, force: bool = False) -> None:
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        if self.writer is None:
+            return
+        if not self._synced():
+            return  # step() reports why, and the first lists make it run again
+        nodes = self.stores.by_key.get("node", {})
+        node = next(iter(nodes.values()), None)
+        labels = ((node or {}).get("metadata") or {}).get("labels") or {}
+        lbs = self.stores.by_key.get("lb", {})
+        slices = self.stores.values("eps/")
+        services = [s for ref in self.wanted_services if (s := self._service(ref))]
+        desired = desire(lbs, labels, EndpointIndex.of(services, slices))
+        if desired.services != self.wanted_services:
+            self._want(desired.services)
+            if not self._synced():
+                return  # again once the new EndpointSlice watches have listed
+            services = [s for ref in self.wanted_services if (s := self._service(ref))]
+            desired = desire(lbs, labels, EndpointIndex.of(services, self.stores.values("eps/")))
+
+        inv = read_inventory()
+        t0 = time.monotonic()
+        if desired.plan != self.plan or inv != self._inventory:
+            self._inventory = inv
+            self.apply(desired.plan, inv)
+        ok = self.plan == desired.plan
+        ms = (time.monotonic() - t0) * 1000
+        entries = {
+            ref: e if ok or e.phase != "Applied" else e.model_copy(
+                update={"phase": "Failed", "message": _message([self.last_error])})
+            for ref, e in desired.entries.items()
+        }
+        # Objects this node served and no longer does (deselected, or being deleted).
+        for ref, old in self.reported.items():
+            if ref not in entries and ref in lbs and old.phase != "Failed":
+                entries[ref] = _state(lbs[ref], "Removed", "", 0, 0)
+        for ref, e in sorted(entries.items()):
+            old = self.reported.get(ref)
+            if old is None or (old.phase, old.generation, old.listeners, old.backends,
+                               old.message) != (e.phase, e.generation, e.listeners, e.backends,
+                                                e.message):
+                log.info("%s %s/%s generation %d: %d listeners, %d backends (%.0f ms)%s",
+                         e.phase.lower(), e.namespace, e.name, e.generation, e.listeners,
+                         e.backends, ms, f": {e.message}" if e.message else "")
+                LB_RESULTS.labels(e.namespace, e.name, e.phase).inc()
+                LB_GENERATION.labels(e.namespace, e.name).set(
+                    e.generation if e.phase == "Applied" else 0)
+        for ref in self.reported.keys() - entries.keys():
+            LB_GENERATION.labels(*ref).set(0)
+        self.reported = entries
+        self.status = self._node_status(desired.plan, inv)
+
+    def _report_waiting(self) -> None:
+        """A watch cannot list (RBAC, the API away): the maps keep their last state, and
+        the NodeState says why nothing changes."""
+        errors = sorted({w.error for w in self.watches.values() if w.error})
+        if not errors:
+            return
+        base = self.status or NodeStateStatus(heartbeat_time=_now())
+        self.status = base.model_copy(update={"error": _message(errors)})
+
+    def _node_status(self, plan: Plan, inv: Inventory) -> NodeStateStatus:
+        wanted = sorted({n for lst in plan.listeners for n in listener_interfaces(lst, inv)})
+        interfaces = []
+        for name in wanted:
+            error = ""
+            if name not in inv.ifindex:
+                error = "no such interface on this node"
+            elif name not in self.attached:
+                error = "not attached (see the agent log)"
+            interfaces.append(InterfaceState(name=name[:15], mode=self.attached.get(name, "none"),
+                                             attached=name in self.attached, error=error))
+        modes = sorted(set(self.attached.values()))
+        return NodeStateStatus(
+            heartbeat_time=_now(),
+            mode=modes[0] if len(modes) == 1 else ("generic" if modes else "none"),
+            interfaces=interfaces,
+            load_balancers=[self.reported[ref] for ref in sorted(self.reported)],
+            error=_message([self.last_error]) if self.last_error else "",
+        )
+
+    # -- NodeState ----------------------------------------------------------------------------
+    def report(self, force: bool = False) -> None:
+        """Write the NodeState status when it changed (at most once per min_write_seconds)
+        and at least every heartbeat."""
+        if self.status is None:
+            return
+        body = self.status.to_json()
+        content = {k: v for k, v in body.items() if k != "heartbeatTime"}
+        since = time.monotonic() - self._written_at
+        changed = content != self._written
+        if not force and not (changed and since >= self.opts.min_write_seconds) \
+                and since < self.opts.heartbeat_seconds:
+            return
+        body["heartbeatTime"] = rfc3339(_now())
+        try:
+            self._ensure_nodestate()
+            self.custom.patch_cluster_custom_object_status(
+                GROUP, VERSION, "nodestates", self.opts.node_name, {"status": body})
+        except ApiException as e:
+            if e.status == 404:
+                self._nodestate_ready = False  # deleted under us: create it again next time
+            log.warning("cannot write NodeState %s: %s", self.opts.node_name, e.reason)
+            self._written_at = time.monotonic()  # retry at the write pace, not in a hot loop
+            return
+        self._written, self._written_at = content, time.monotonic()
+
+    def _ensure_nodestate(self) -> None:
+        if self._nodestate_ready:
+            return
+        node = next(iter(self.stores.by_key.get("node", {}).values()), None)
+        owner = []
+        if node:
+            owner = [{"apiVersion": "v1", "kind": "Node", "name": self.opts.node_name,
+                      "uid": node["metadata"].get("uid", "")}]
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "NodeState",
+                "metadata": {"name": self.opts.node_name, "ownerReferences": owner}}
+        try:
+            self.custom.create_cluster_custom_object(GROUP, VERSION, "nodestates", body)
+        except ApiException as e:
+            if e.status != 409:  # 409: it exists already (an earlier run of this agent)
+                raise
+        self._nodestate_ready = True
+
+
+def _api_client() -> kubernetes.client.ApiClient:
+    """Find the API as kubectl does: the in-cluster service account, else KUBECONFIG."""
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    return kubernetes.client.ApiClient()

@@ -1,0 +1,151 @@
+"""The agent DaemonSet, built from the operator's settings (pure; no API calls).
+
+LoadBalancers never appear here: every agent watches them itself, so a
+LoadBalancer change never rolls the DaemonSet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from xdplb.dataplane.config import Capacities, Timeouts
+
+AGENT_LABELS = {"app.kubernetes.io/name": "xdplb", "app.kubernetes.io/component": "agent"}
+
+# Each capability the agent keeps, and why; everything else is dropped. Measured with
+# `setpriv --bounding-set=-all,+bpf,+net_admin[,+perfmon] xdplb verify` on kernel 6.18:
+# without PERFMON the verifier rejects the ingress program ("pointer arithmetic
+# prohibited for !root"); without NET_ADMIN loading fails with EPERM.
+CAPABILITIES: dict[str, str] = {
+    "BPF": "load programs, create and pin maps, reopen pinned maps (bpf() without SYS_ADMIN)",
+    "NET_ADMIN": "load XDP and TC programs and attach them to interfaces",
+    "PERFMON": "privileged verification: the packet parser's pointer arithmetic is refused"
+               " to a loader without it",
+}
+# Reading the name of an XDP program already attached (another program, or our own
+# after a restart) goes through BPF_PROG_GET_FD_BY_ID, which requires CAP_SYS_ADMIN.
+SYS_ADMIN_REASON = ("identify the XDP program already attached to an interface by id, so a"
+                    " restarted agent adopts its own program (hitless) and refuses a foreign one")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """What the operator puts into the agent DaemonSet (Helm values later)."""
+
+    namespace: str = "xdplb-system"
+    name: str = "xdplb-agent"
+    image: str = "xdplb/xdplb:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    service_account: str = "xdplb-agent"
+    node_selector: dict[str, str] = field(
+        default_factory=lambda: {"kubernetes.io/os": "linux"})
+    # Load balancer nodes are often tainted; agents run wherever they are scheduled.
+    tolerations: list[dict[str, Any]] = field(default_factory=lambda: [{"operator": "Exists"}])
+    xdp_mode: str = "native"
+    conntrack_capacity: int = Capacities.conntrack
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    metrics_port: int = 9090
+    log_format: str = "text"
+    pin_dir: str = "/sys/fs/bpf/xdplb"
+    sys_admin: bool = True
+    resources: dict[str, Any] = field(default_factory=lambda: {
+        "requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}})
+
+    @property
+    def capabilities(self) -> list[str]:
+        return sorted([*CAPABILITIES, *(["SYS_ADMIN"] if self.sys_admin else [])])
+
+
+def agent_args(s: AgentSettings) -> list[str]:
+    args = ["agent", "--kubernetes", "--xdp-mode", s.xdp_mode,
+            "--conntrack-capacity", str(s.conntrack_capacity),
+            "--metrics-port", str(s.metrics_port), "--log-format", s.log_format,
+            "--pin-dir", s.pin_dir]
+    for f in fields(Timeouts):
+        args += [f"--{f.name.replace('_', '-')}-timeout", str(getattr(s.timeouts, f.name))]
+    return args
+
+
+def agent_daemonset(s: AgentSettings, owner: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DaemonSet; ``owner`` (the operator's Deployment) makes it go with the install."""
+    meta: dict[str, Any] = {"name": s.name, "namespace": s.namespace, "labels": dict(AGENT_LABELS)}
+    if owner:
+        meta["ownerReferences"] = [{
+            "apiVersion": "apps/v1", "kind": "Deployment", "name": owner["metadata"]["name"],
+            "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
+    container = {
+        "name": "agent",
+        "image": s.image,
+        "imagePullPolicy": s.image_pull_policy,
+        "args": agent_args(s),
+        "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+        "ports": [{"name": "metrics", "containerPort": s.metrics_port, "protocol": "TCP"}],
+        "resources": s.resources,
+        "securityContext": {
+            "privileged": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": s.capabilities},
+        },
+        "volumeMounts": [
+            # The host's bpffs: pins outlive the pod, so a restarted agent adopts its maps.
+            {"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "HostToContainer"},
+            {"name": "run", "mountPath": "/run/xdplb"},
+            {"name": "tmp", "mountPath": "/tmp"},  # the root filesystem is read-only
+        ],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": meta,
+        "spec": {
+            "selector": {"matchLabels": dict(AGENT_LABELS)},
+            # One node at a time, so an upgrade never takes every load balancer node at once.
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "template": {
+                "metadata": {"labels": dict(AGENT_LABELS)},
+                "spec": {
+                    "serviceAccountName": s.service_account,
+                    "hostNetwork": True,  # XDP attaches to the node's own interfaces
+                    "dnsPolicy": "ClusterFirstWithHostNet",
+                    "priorityClassName": "system-node-critical",
+                    "nodeSelector": dict(s.node_selector),
+                    "tolerations": [dict(t) for t in s.tolerations],
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "bpffs",
+                         "hostPath": {"path": "/sys/fs/bpf", "type": "DirectoryOrCreate"}},
+                        {"name": "run", "emptyDir": {}},
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def covers(actual: Any, wanted: Any) -> bool:
+    """Whether ``actual`` holds everything in ``wanted`` (the API server adds defaults)."""
+    if isinstance(wanted, dict):
+        return isinstance(actual, dict) and all(covers(actual.get(k), v) for k, v in wanted.items())
+    if isinstance(wanted, list):
+        return (isinstance(actual, list) and len(actual) == len(wanted)
+                and all(covers(a, w) for a, w in zip(actual, wanted, strict=True)))
+    return bool(actual == wanted)
+
+
+def drift_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any] | None:
+    """A merge patch bringing ``current`` to ``desired`` in the parts the operator owns."""
+    patch: dict[str, Any] = {}
+    if not covers(current.get("spec", {}).get("template"), desired["spec"]["template"]):
+        patch["spec"] = {"template": desired["spec"]["template"],
+                         "updateStrategy": desired["spec"]["updateStrategy"]}
+    meta, want = current.get("metadata", {}), desired["metadata"]
+    labels = {k: v for k, v in want["labels"].items() if (meta.get("labels") or {}).get(k) != v}
+    if labels:
+        patch["metadata"] = {"labels": labels}
+    if want.get("ownerReferences") and meta.get("ownerReferences") != want["ownerReferences"]:
+        patch.setdefault("metadata", {})["ownerReferences"] = want["ownerReferences"]
+    return patch or None

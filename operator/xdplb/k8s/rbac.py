@@ -1,0 +1,39 @@
+"""The operator's ClusterRole rules: one list, used by the chart and checked by the tests.
+
+The tests run the operator with exactly these grants (the API emulator answers
+403 to anything else) and fail on a grant no request used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+OPERATOR_RULES: list[dict[str, Any]] = [
+    # Watch LoadBalancers; add and remove the finalizer (a JSON patch: no get needed).
+    {"apiGroups": ["xdplb.io"], "resources": ["loadbalancers"],
+     "verbs": ["list", "watch", "patch"]},
+    {"apiGroups": ["xdplb.io"], "resources": ["loadbalancers/status"], "verbs": ["patch"]},
+    # Per-node reports of the agents, aggregated into the status.
+    {"apiGroups": ["xdplb.io"], "resources": ["nodestates"], "verbs": ["list", "watch"]},
+    # Which nodes are selected (labels, Linux, being deleted).
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    # Backend counts of groups that name a Service.
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+     "verbs": ["list", "watch"]},
+    # The single agent DaemonSet: created once, then patched in place.
+    {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "create", "patch"]},
+    # Our own Deployment (Pod -> ReplicaSet -> Deployment), the DaemonSet's owner.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+    {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get"]},
+    # kopf follows CRDs appearing while it runs. (Namespaces only matter to kopf for
+    # namespace patterns, which the operator does not use.)
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+     "verbs": ["list", "watch"]},
+]
+
+
+def cluster_role(name: str = "xdplb-operator") -> dict[str, Any]:
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": name}, "rules": OPERATOR_RULES}

@@ -1,0 +1,55 @@
+"""The LoadBalancer status the operator writes (KEP-1623 conditions), as a model.
+
+Only its schema is used (the CRD's status schema); the operator builds the
+dicts in xdplb.k8s.conditions.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["Condition", "ListenerStatus", "LoadBalancerStatus", "NodeCounts"]
+
+Count = Annotated[int, Field(ge=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Condition(_Model):
+    """metav1.Condition, with the bounds the Kubernetes API gives it."""
+
+    type: str = Field(
+        max_length=316,
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+        r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$",
+    )
+    status: Literal["True", "False", "Unknown"]
+    observed_generation: Count | None = Field(default=None, alias="observedGeneration")
+    last_transition_time: datetime.datetime = Field(alias="lastTransitionTime")
+    reason: str = Field(
+        min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+    )
+    message: str = Field(max_length=32768)
+
+
+class NodeCounts(_Model):
+    selected: Count = 0
+    programmed: Count = 0
+    summary: str = Field(default="0/0", max_length=32, description="programmed/selected")
+
+
+class ListenerStatus(_Model):
+    name: str = Field(max_length=63)
+    backends: Count = Field(default=0, description="distinct backends of the listener's groups")
+
+
+class LoadBalancerStatus(_Model):
+    observed_generation: Count | None = Field(default=None, alias="observedGeneration")
+    conditions: list[Condition] = Field(default_factory=list, max_length=8)
+    nodes: NodeCounts | None = None
+    listeners: list[ListenerStatus] = Field(default_factory=list, max_length=64)

@@ -1,0 +1,205 @@
+"""SNI entries of the map writer, the acceptor's backend choice read back from those maps
+(it must agree with the plan's Maglev table and flow hash, as XDP does), the listening
+addresses of SNI listeners and the PROXY v2 header, all without a kernel."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from xdplb.dataplane import layout as L
+from xdplb.dataplane.alloc import CapacityError
+from xdplb.dataplane.config import Capacities
+from xdplb.dataplane.entries import Inventory
+from xdplb.dataplane.writer import MapWriter, sni_key
+from xdplb.plan.flowhash import client_hash, flow_hash
+from xdplb.plan.planner import build_plan
+from xdplb.sni.acceptor import proxy_v2_header
+from xdplb.sni.routes import Route, pick_backend
+from xdplb.sni.service import bindings, local_routes_needed
+from xdplb.spec.load import SpecError, parse_manifests
+
+INV = Inventory(ifindex={"eth0": 2, "eth1": 3},
+                addresses={"eth0": ("10.0.0.1",), "eth1": ("10.1.0.1", "10.1.0.2")},
+                default_interface="eth0")
+NAMES = [name for name, _key, _value in L.MAP_LAYOUTS]
+
+
+class MemoryMap:
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.syscalls = 0
+        self.value_size = 8
+
+    def update(self, key: bytes, value: bytes) -> None:
+        self.data[key] = value
+
+    def delete(self, key: bytes) -> None:
+        del self.data[key]
+
+    def update_batch(self, keys: list[bytes], values: list[bytes]) -> None:
+        self.data.update(zip(keys, values, strict=True))
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        return list(self.data.items())
+
+    def lookup(self, key: bytes) -> bytes | None:
+        return self.data.get(key)
+
+
+def manifest(hosts: dict[str, list[str]], address: str | None = "192.0.2.10",
+             extra: str = "") -> str:
+    routes = "".join(
+        f"    - hostname: {h}\n      backends: ["
+        + ", ".join(f"{{address: {a}, port: 443}}" for a in addrs) + "]\n"
+        for h, addrs in hosts.items())
+    addr = f"    address: {address}\n" if address else ""
+    return f"""
+apiVersion: xdplb.io/v1alpha1
+kind: LoadBalancer
+metadata: {{name: tls}}
+spec:
+  interfaces: [eth0, eth1]
+  listeners:
+  - name: tls
+    protocol: TCP
+    port: 443
+{addr}    backends: [{{address: 10.9.0.1, port: 443}}, {{address: 10.9.0.2, port: 443}}]
+    sniRoutes:
+{routes}{extra}"""
+
+
+HOSTS = {"a.example.com": ["10.9.1.1", "10.9.1.2", "10.9.1.3"], "b.example.com": ["10.9.2.1"]}
+
+
+def applied(text: str) -> tuple[MapWriter, dict[str, MemoryMap]]:
+    maps = {n: MemoryMap() for n in NAMES}
+    w = MapWriter(maps, Capacities(table_slots=100_000))
+    w.apply(build_plan(parse_manifests(text)), INV)
+    return w, maps
+
+
+def test_sni_entries_name_each_hostname_and_the_default() -> None:
+    w, maps = applied(manifest(HOSTS))
+    lid = next(iter(w.listener_ids.values()))
+    assert set(maps["sni_routes"].data) == {sni_key(lid, h) for h in ["", *HOSTS]}
+    gid_of = {g.backends[0].address: slot.id for g, slot in w.groups.items()}
+    entry = maps["sni_routes"].data
+    assert entry[sni_key(lid, "a.example.com")] == gid_of["10.9.1.1"].to_bytes(4, "little")
+    assert entry[sni_key(lid, "")] == gid_of["10.9.0.1"].to_bytes(4, "little")
+    # The key is the lower-cased name; the listener entry marks the SNI path.
+    assert sni_key(lid, "A.Example.COM") == sni_key(lid, "a.example.com")
+    val = L.ListenerVal.from_buffer_copy(next(iter(maps["listeners"].data.values())))
+    assert val.flags & L.LF_SNI
+
+
+def test_sni_entries_are_diffs_and_removed_with_the_listener() -> None:
+    w, maps = applied(manifest(HOSTS))
+    plan = build_plan(parse_manifests(manifest({**HOSTS, "c.example.com": ["10.9.2.1"]})))
+    r = w.apply(plan, INV)
+    # one new SNI entry; group 10.9.2.1 is shared with b.example.com: no new table
+    assert (r.written, r.deleted) == (1, 0), r.summary()
+    rev_before = len(maps["rev_nat"].data)
+    r = w.apply(build_plan(parse_manifests(manifest({}, extra="").replace(
+        "    sniRoutes:\n", ""))), INV)
+    assert maps["sni_routes"].data == {}
+    # the four SNI entries, and the reverse-NAT entries of backends only the routes used
+    assert rev_before - len(maps["rev_nat"].data) == 4
+    assert r.deleted == 4 + 4
+
+
+def test_hash_collision_is_refused_and_nothing_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    maps = {n: MemoryMap() for n in NAMES}
+    w = MapWriter(maps, Capacities(table_slots=100_000))
+    monkeypatch.setattr(L, "sni_hash", lambda name: 7 if name else 1)
+    with pytest.raises(CapacityError,
+                       match=r"'a\.example\.com' and 'b\.example\.com' have the same"):
+        w.apply(build_plan(parse_manifests(manifest(HOSTS))), INV)
+    assert maps["listeners"].data == {} and maps["sni_routes"].data == {}
+
+
+def test_fnv1a_64_reference_values() -> None:
+    assert L.sni_hash("") == 0xCBF29CE484222325
+    assert L.sni_hash("a") == 0xAF63DC4C8601EC8C
+    assert L.sni_hash("foobar") == 0x85944171F73967E8
+
+
+@pytest.mark.parametrize("affinity", [False, True])
+def test_pick_backend_agrees_with_the_plan_table(affinity: bool) -> None:
+    extra = "    sessionAffinity: ClientIP\n" if affinity else ""
+    text = manifest(HOSTS, extra=extra)
+    plan = build_plan(parse_manifests(text))
+    w, maps = applied(text)
+    lst = plan.listeners[0]
+    route = Route(w.listener_ids[lst.identity], lst.label, affinity)
+    group_of = {r.hostname: r.group for r in lst.sni_routes}
+    seen: set[str] = set()
+    for i in range(300):
+        client = (f"10.10.{i % 7}.{i % 250 + 1}", 1024 + 37 * i)
+        local = ("192.0.2.10", 443)
+        for host in ["a.example.com", "B.EXAMPLE.COM", "nope.example.com", None]:
+            g = group_of.get((host or "").lower(), lst.default)
+            h = client_hash(client[0]) if affinity \
+                else flow_hash(client[0], local[0], client[1], local[1], "TCP")
+            b = g.backends[g.table[h % len(g.table)]]
+            got = pick_backend(maps, route, host, client, local)  # type: ignore[arg-type]
+            assert got == (b.address, b.port), (host, client)
+            seen.add(b.address)
+    assert {"10.9.1.1", "10.9.1.2", "10.9.1.3", "10.9.0.1", "10.9.0.2"} <= seen
+
+
+def test_pick_backend_without_entries_is_none() -> None:
+    maps = {n: MemoryMap() for n in NAMES}
+    assert pick_backend(maps, Route(0, "x"), "a.example.com",  # type: ignore[arg-type]
+                        ("10.0.0.1", 1), ("192.0.2.10", 443)) is None
+
+
+def test_bindings_exact_address_and_wildcard_on_interface_addresses() -> None:
+    text = manifest(HOSTS) + """\
+  - name: any
+    protocol: TCP
+    port: 443
+    backends: [{address: 10.9.0.9, port: 443}]
+    sniRoutes:
+    - hostname: z.example.com
+      backends: [{address: 10.9.0.8, port: 443}]
+  - name: plain
+    protocol: TCP
+    port: 80
+    backends: [{address: 10.9.0.9, port: 80}]
+"""
+    plan = build_plan(parse_manifests(text))
+    ids = {lst.identity: i for i, lst in enumerate(plan.listeners)}
+    got = bindings(plan, INV, ids)
+    labels = {addr: r.label for addr, r in got.items()}
+    assert labels == {("192.0.2.10", 443): "default/tls/tls",
+                      ("10.0.0.1", 443): "default/tls/any",
+                      ("10.1.0.1", 443): "default/tls/any",
+                      ("10.1.0.2", 443): "default/tls/any"}
+    assert local_routes_needed(got, INV) == {"192.0.2.10"}
+
+
+def test_proxy_protocol_reaches_the_route() -> None:
+    plan = build_plan(parse_manifests(manifest(HOSTS, extra="").replace(
+        "    sniRoutes:", "    proxyProtocol: v2\n    sniRoutes:")))
+    route = bindings(plan, INV, {plan.listeners[0].identity: 5})[("192.0.2.10", 443)]
+    assert (route.listener_id, route.proxy_protocol) == (5, True)
+
+
+def test_proxy_protocol_is_refused_with_source_routes() -> None:
+    text = manifest(HOSTS).replace("    sniRoutes:", "    proxyProtocol: v2\n    sourceRoutes:\n"
+                                   "    - cidr: 10.0.0.0/8\n      backends: [{address: 10.9.9.9, "
+                                   "port: 443}]\n    sniRoutes:")
+    with pytest.raises(SpecError, match=r"listeners\[0\]\.proxyProtocol: proxyProtocol cannot"):
+        parse_manifests(text)
+
+
+def test_proxy_v2_header_bytes() -> None:
+    h = proxy_v2_header(("10.10.1.2", 40000), ("192.0.2.10", 443))
+    assert h[:12] == b"\r\n\r\n\x00\r\nQUIT\n"
+    assert h[12:16] == bytes([0x21, 0x11, 0, 12])
+    assert h[16:20] == socket.inet_aton("10.10.1.2") and h[20:24] == socket.inet_aton(
+        "192.0.2.10")
+    assert h[24:28] == (40000).to_bytes(2, "big") + (443).to_bytes(2, "big")
+    assert len(h) == 28
