@@ -39,8 +39,9 @@ from tests.test_e2e import (
     start_lab,
     start_stream_on,
 )
-from xdplb.agent.cluster import AGENT_RULES, ClusterAgent, ClusterOptions
+from xdplb.agent.cluster import AGENT_RULES, ClusterAgent, ClusterOptions, desire
 from xdplb.dataplane.loader import ensure_bpffs
+from xdplb.plan.endpoints import EndpointIndex
 from xdplb.plan.model import Backend
 
 pytestmark = pytest.mark.skipif(not KUBECTL.exists(), reason="run scripts/setup.sh for kubectl")
@@ -442,3 +443,17 @@ def test_cli_needs_a_node_name(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv("NODE_NAME", raising=False)
     assert main(["agent", "--kubernetes"]) == 2
     assert "--kubernetes needs --node-name (or the NODE_NAME variable)" in caplog.text
+
+
+def test_backends_failing_health_checks_get_weight_zero_in_the_plan() -> None:
+    doc = lb_doc("hc", 80, backends=backends(1, 2),
+                 healthCheck={"protocol": "TCP", "intervalSeconds": 1})
+    doc["metadata"].update(uid="u1", generation=1, creationTimestamp="2026-01-01T00:00:00Z")
+    plain = desire({("default", "hc"): doc}, {}, EndpointIndex.of([], []))
+    (lst,) = plain.plan.listeners
+    assert {(t.address, t.port) for t in lst.health_targets} == {("10.0.0.1", 8080),
+                                                                  ("10.0.0.2", 8080)}
+    dead = next(t for t in lst.health_targets if t.address == "10.0.0.1")
+    (lst,) = desire({("default", "hc"): doc}, {}, EndpointIndex.of([], []),
+                    frozenset({dead})).plan.listeners
+    assert lst.default.backends == (Backend("10.0.0.1", 8080, 0), Backend("10.0.0.2", 8080, 1))

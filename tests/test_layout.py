@@ -12,6 +12,7 @@ import pytest
 
 from tests.datapath import Harness, needs_bpf
 from xdplb.dataplane import layout as L
+from xdplb.dataplane.config import Timeouts, cflags, map_entries
 
 
 def _describe(t: Any) -> Any:
@@ -47,10 +48,26 @@ def test_map_layout_matches_c(harness: Harness, name: str, key: type, value: typ
     assert (info.key_size, info.value_size) == (ctypes.sizeof(key), ctypes.sizeof(value))
 
 
+MAP_DEF = re.compile(r"BPF_(?:F_)?TABLE\(\s*\"\w+\",\s*[^,]+,\s*[^,]+,\s*(\w+),\s*(\w+)")
+
+
 def test_every_map_of_maps_h_has_a_layout() -> None:
-    text = (L.BPF_DIR / "maps.h").read_text()
-    names = re.findall(r"BPF_TABLE_PINNED\(\s*\"\w+\",\s*[^,]+,\s*[^,]+,\s*(\w+)", text)
+    names = [name for name, _size in MAP_DEF.findall((L.BPF_DIR / "maps.h").read_text())]
     assert sorted(names) == sorted(m[0] for m in L.MAP_LAYOUTS)
+
+
+def test_map_sizes_follow_the_capacity_flags(harness: Harness) -> None:
+    # maps.h sizes a map by a -D define; the agent creates it from map_entries():
+    # both must name the same capacity flag.
+    defines = dict(f.removeprefix("-D").split("=", 1)
+                   for f in cflags("/pins", harness.caps, Timeouts()))
+    sizes = map_entries(harness.caps)
+    for name, size in MAP_DEF.findall((L.BPF_DIR / "maps.h").read_text()):
+        created = harness.maps[name].info.max_entries
+        if name in sizes:
+            assert int(defines[size]) == sizes[name] == created, name
+        else:  # a fixed size: what bcc compiled
+            assert created == harness.dp.bpf[name.encode()].max_entries, name
 
 
 def _c_enum_stat() -> list[str]:

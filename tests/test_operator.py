@@ -194,7 +194,7 @@ def test_create_accepts_and_ensures_the_agent_daemonset(env: Env) -> None:
             "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in agent["env"]
     assert spec["hostNetwork"] is True
     assert agent["securityContext"]["capabilities"] == {
-        "drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"]}
+        "drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "PERFMON"]}
     assert agent["securityContext"]["privileged"] is False
     assert {"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "DirectoryOrCreate"}
             } in spec["volumes"]

@@ -43,7 +43,7 @@ from xdplb.k8s.nodestate import (
     rfc3339,
 )
 from xdplb.plan.endpoints import SERVICE_NAME_LABEL, EndpointIndex
-from xdplb.plan.model import Plan
+from xdplb.plan.model import Plan, Target
 from xdplb.plan.planner import build_plan
 from xdplb.spec.model import LoadBalancer
 
@@ -108,8 +108,10 @@ def _message(lines: Iterable[str]) -> str:
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
 
 
-def desire(lbs: Mapping[Ref, Json], labels: Mapping[str, str], index: EndpointIndex) -> Desired:
-    """The plan for the LoadBalancers that select this node, and what to report for them.
+def desire(lbs: Mapping[Ref, Json], labels: Mapping[str, str], index: EndpointIndex,
+           down: frozenset[Target] = frozenset()) -> Desired:
+    """The plan for the LoadBalancers that select this node, and what to report for them
+    (`down`: backends failing their health checks, given weight 0).
 
     Invalid objects and the younger side of a listener conflict (the operator's
     rule: the oldest wins) are left out and reported Failed.
@@ -129,7 +131,7 @@ def desire(lbs: Mapping[Ref, Json], labels: Mapping[str, str], index: EndpointIn
                      for ref, (raw, _) in valid.items())
     for ref, conflict in losers.items():
         entries[ref] = _state(valid.pop(ref)[0], "Failed", f"Conflicted: {conflict.message()}")
-    plan = build_plan((lb for _, lb in valid.values()), index.backends)
+    plan = build_plan((lb for _, lb in valid.values()), index.backends, down)
     for ref, (raw, _) in valid.items():
         mine = [lst for lst in plan.listeners if lst.owner == f"{ref[0]}/{ref[1]}"]
         backends = {(b.address, b.port) for lst in mine for g in lst.groups() for b in g.backends}
@@ -293,6 +295,9 @@ class ClusterAgent(Agent):
             # Addresses and interfaces come and go without an API event.
             self._next_inventory = time.monotonic() + INVENTORY_SECONDS
             self._dirty |= read_inventory() != self._inventory
+        if self._health_changed.is_set():
+            self._health_changed.clear()
+            self._dirty = True
         if self._dirty:
             self._dirty = False
             self.reconcile()
@@ -379,13 +384,14 @@ class ClusterAgent(Agent):
         lbs = self.stores.by_key.get("lb", {})
         slices = self.stores.values("eps/")
         services = [s for ref in self.wanted_services if (s := self._service(ref))]
-        desired = desire(lbs, labels, EndpointIndex.of(services, slices))
+        desired = desire(lbs, labels, EndpointIndex.of(services, slices), self.health.down())
         if desired.services != self.wanted_services:
             self._want(desired.services)
             if not self._synced():
                 return  # again once the new EndpointSlice watches have listed
             services = [s for ref in self.wanted_services if (s := self._service(ref))]
-            desired = desire(lbs, labels, EndpointIndex.of(services, self.stores.values("eps/")))
+            desired = desire(lbs, labels, EndpointIndex.of(services, self.stores.values("eps/")),
+                             self.health.down())
 
         inv = read_inventory()
         t0 = time.monotonic()

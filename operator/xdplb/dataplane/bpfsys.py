@@ -12,6 +12,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_BPF = 321  # x86_64
 
 MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 1, 2, 3, 4
+MAP_CREATE = 0
 PROG_LOAD, OBJ_PIN, OBJ_GET = 5, 6, 7
 PROG_TEST_RUN = 10
 PROG_GET_FD_BY_ID = 13
@@ -51,7 +52,7 @@ def obj_pin(fd: int, path: str) -> None:
     bpf(OBJ_PIN, _attr("=QII", ctypes.addressof(p), fd, 0))
 
 
-PROG_TYPE_XDP = 6
+PROG_TYPE_SCHED_CLS, PROG_TYPE_XDP = 3, 6
 F_XDP_HAS_FRAGS = 1 << 5
 
 
@@ -85,14 +86,21 @@ class MapInfo:
     value_size: int
     max_entries: int
     name: str
+    flags: int = 0
 
 
 def map_info(fd: int) -> MapInfo:
     info = ctypes.create_string_buffer(88)
     bpf(OBJ_GET_INFO_BY_FD, _attr("=IIQ", fd, len(info), ctypes.addressof(info)))
-    typ, mid, ks, vs, me, _flags = struct.unpack_from("=6I", info, 0)
+    typ, mid, ks, vs, me, flags = struct.unpack_from("=6I", info, 0)
     name = info.raw[24:40].split(b"\0", 1)[0].decode()
-    return MapInfo(typ, mid, ks, vs, me, name)
+    return MapInfo(typ, mid, ks, vs, me, name, flags)
+
+
+def map_create(info: MapInfo, max_entries: int) -> int:
+    """A new map shaped like `info` (type, key and value sizes, flags, name)."""
+    return bpf(MAP_CREATE, _attr("=IIIIIII16s", info.type, info.key_size, info.value_size,
+                                 max_entries, info.flags, 0, 0, info.name.encode()[:15]))
 
 
 @dataclass(frozen=True)

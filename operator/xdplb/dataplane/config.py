@@ -28,6 +28,27 @@ class Timeouts:
     udp: int = 30
 
 
+def map_entries(caps: Capacities) -> dict[str, int]:
+    """Capacity of each map whose size is an agent flag (maps.h sizes them alike)."""
+    return {
+        "listeners": caps.listener_keys,
+        "src_routes": caps.source_routes,
+        "groups": caps.groups,
+        "pool": caps.table_slots,
+        "snat_src": caps.backends,
+        "rev_nat": caps.backends,
+        "ct": 2 * caps.conntrack,
+        "listener_stats": caps.listeners,
+        "backend_stats": caps.backends,
+    }
+
+
+# What the programs are compiled against when the agent creates the maps itself:
+# the maps bcc creates along are never used, so they are made as small as can be.
+COMPILE_CAPS = Capacities(conntrack=1, listener_keys=1, listeners=1, source_routes=1,
+                          groups=1, table_slots=1, backends=1)
+
+
 def cflags(pin_dir: str, caps: Capacities, timeouts: Timeouts) -> list[str]:
     defines = {
         "PIN_DIR": f'"{pin_dir}"',

@@ -13,14 +13,21 @@ import logging
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
 
 from xdplb.dataplane import bpfsys
-from xdplb.dataplane.config import Capacities, Timeouts, capacity_hash, cflags
+from xdplb.dataplane.config import (
+    COMPILE_CAPS,
+    Capacities,
+    Timeouts,
+    capacity_hash,
+    cflags,
+    map_entries,
+)
 from xdplb.dataplane.layout import BPF_DIR, MAP_LAYOUTS, layout_hash
 
 log = logging.getLogger(__name__)
@@ -78,22 +85,43 @@ def _fs_type(path: Path) -> str:
     return fstype
 
 
-def load_xdp_frags(bpf: Any, func: str) -> Any:
-    """Load an XDP function of a bcc module as multi-buffer aware (xdplb reads only
-    the headers, which are in the first buffer), so that native XDP attaches to
-    jumbo-MTU interfaces and veths above 3,506 bytes. bcc's loader has no
-    program-flags argument, so its relocated instructions are loaded here. A
-    program it tail-calls, or that tail-calls it, must be loaded the same way."""
+LD_IMM64, PSEUDO_MAP_FD = 0x18, 1
+
+
+def swap_map_fds(insns: bytes, swap: dict[int, int]) -> bytes:
+    """The instructions with every map reference (a 64-bit immediate load of a map
+    fd) to a map in `swap` pointed at its replacement."""
+    out = bytearray(insns)
+    for off in range(0, len(out) - 8, 8):
+        if out[off] == LD_IMM64 and out[off + 1] >> 4 == PSEUDO_MAP_FD:
+            fd = int.from_bytes(out[off + 4:off + 8], "little", signed=True)
+            if fd in swap:
+                out[off + 4:off + 8] = swap[fd].to_bytes(4, "little", signed=True)
+    return bytes(out)
+
+
+def load_program(bpf: Any, func: str, prog_type: int, swap: dict[int, int] | None = None,
+                 flags: int = 0) -> Any:
+    """Load a function of a bcc module from its relocated instructions: its map
+    references swapped (swap_map_fds), and with program flags, which bcc's loader
+    cannot pass. XDP programs are loaded multi-buffer aware (xdplb reads only the
+    headers, which are in the first buffer), so that native XDP attaches to
+    jumbo-MTU interfaces and veths above 3,506 bytes; a program that tail-calls
+    one, or that one tail-calls, must be loaded the same way."""
     from bcc import BPF, lib
 
     name = func.encode()
     start = lib.bpf_function_start(bpf.module, name)
     size = lib.bpf_function_size(bpf.module, name)
-    fd = bpfsys.prog_load(bpfsys.PROG_TYPE_XDP, ctypes.string_at(start, size), func,
-                          bpfsys.F_XDP_HAS_FRAGS)
+    insns = swap_map_fds(ctypes.string_at(start, size), swap or {})
+    fd = bpfsys.prog_load(prog_type, insns, func, flags)
     fn = BPF.Function(bpf, name, fd)
     bpf.funcs[name] = fn  # closed with the module
     return fn
+
+
+def load_xdp_frags(bpf: Any, func: str) -> Any:
+    return load_program(bpf, func, bpfsys.PROG_TYPE_XDP, flags=bpfsys.F_XDP_HAS_FRAGS)
 
 
 class DataPlane:
@@ -121,17 +149,47 @@ class DataPlane:
                         ", ".join(stale))
         self.adopted = os.path.exists(f"{self.pin_dir}/ct")
         os.makedirs(self.pin_dir, exist_ok=True)
+        # Compiled and relocated by bcc against maps of its own, made as small as can
+        # be; the programs are then loaded against the real maps (see maps.h).
+        compile_caps = replace(COMPILE_CAPS, snat_port_min=self.caps.snat_port_min,
+                               snat_port_max=self.caps.snat_port_max)
         self.bpf = BPF(src_file=str(BPF_DIR / "xdplb.c").encode(),
-                       cflags=[f"-I{BPF_DIR}", *cflags(self.pin_dir, self.caps, self.timeouts)])
-        self.xdp_fn = load_xdp_frags(self.bpf, XDP_PROG)
+                       cflags=[f"-I{BPF_DIR}", *cflags(self.pin_dir, compile_caps,
+                                                       self.timeouts)])
+        swap = self._open_maps()
+        self.xdp_fn = load_program(self.bpf, XDP_PROG, bpfsys.PROG_TYPE_XDP, swap,
+                                   bpfsys.F_XDP_HAS_FRAGS)
+        self.tc_fn = load_program(self.bpf, TC_PROG, bpfsys.PROG_TYPE_SCHED_CLS, swap)
         # Pinned under its id, so that this or a later agent recognises the program
         # attached to an interface from the id netlink reports, without CAP_SYS_ADMIN
         # (BPF_PROG_GET_FD_BY_ID); the pin also keeps the id from being reused.
         self.xdp_id = bpfsys.prog_info(self.xdp_fn.fd).id
         bpfsys.obj_pin(self.xdp_fn.fd, f"{self.pin_dir}/{PROG_PIN_PREFIX}{self.xdp_id}")
-        self.tc_fn = self.bpf.load_func(TC_PROG.encode(), BPF.SCHED_CLS)
+
+    def _open_maps(self) -> dict[int, int]:
+        """The pinned maps (a predecessor's, adopted), or new ones pinned now; returns
+        bcc's map fd -> ours, for the programs' map references."""
+        sizes = map_entries(self.caps)
+        swap = {}
         for name, _k, _v in MAP_LAYOUTS:
-            self.maps[name] = bpfsys.BpfMap(os.dup(self.bpf[name.encode()].map_fd), name)
+            bcc_fd = self.bpf[name.encode()].map_fd
+            shape = bpfsys.map_info(bcc_fd)
+            entries = sizes.get(name, shape.max_entries)
+            pin = f"{self.pin_dir}/{name}"
+            if os.path.exists(pin):
+                fd = bpfsys.obj_get(pin)
+                have = bpfsys.map_info(fd)
+                want = (shape.type, shape.key_size, shape.value_size, entries)
+                if (have.type, have.key_size, have.value_size, have.max_entries) != want:
+                    os.close(fd)
+                    raise AttachError(f"pinned map {pin} has another shape than this agent "
+                                      "expects: remove it (xdplb agent --cleanup)")
+            else:
+                fd = bpfsys.map_create(shape, entries)
+                bpfsys.obj_pin(fd, pin)
+            self.maps[name] = bpfsys.BpfMap(fd, name)
+            swap[bcc_fd] = fd
+        return swap
 
     def remove_stale_pins(self) -> None:
         """Once attached everywhere: drop other layouts' maps and older programs."""

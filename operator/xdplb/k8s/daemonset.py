@@ -14,19 +14,19 @@ from xdplb.dataplane.config import Capacities, Timeouts
 AGENT_LABELS = {"app.kubernetes.io/name": "xdplb", "app.kubernetes.io/component": "agent"}
 
 # Each capability the agent keeps, and why; everything else is dropped. Measured with
-# `setpriv --bounding-set=-all,+bpf,+net_admin[,+perfmon] xdplb verify` on kernel 6.18:
-# without PERFMON the verifier rejects the ingress program ("pointer arithmetic
-# prohibited for !root"); without NET_ADMIN loading fails with EPERM.
+# `setpriv --bounding-set=-all,+bpf,+net_admin[,+perfmon]` on kernel 6.18: without
+# PERFMON the verifier rejects the ingress program ("pointer arithmetic prohibited
+# for !root"); without NET_ADMIN loading fails with EPERM. tests/test_privileges.py
+# starts, kills and restarts the agent with exactly these. No SYS_ADMIN: the agent
+# creates and pins its maps itself and reopens them by path, never by id, and it
+# recognises its own attached program by the id in its pin's name. The host's bpffs
+# is mounted into the pod, so the agent never mounts one.
 CAPABILITIES: dict[str, str] = {
-    "BPF": "load programs, create and pin maps, reopen pinned maps (bpf() without SYS_ADMIN)",
-    "NET_ADMIN": "load XDP and TC programs and attach them to interfaces",
+    "BPF": "load programs, create, pin and reopen maps (bpf() without SYS_ADMIN)",
+    "NET_ADMIN": "attach XDP and TC programs to interfaces; set accept_local for source NAT",
     "PERFMON": "privileged verification: the packet parser's pointer arithmetic is refused"
                " to a loader without it",
 }
-# Reading the name of an XDP program already attached (another program, or our own
-# after a restart) goes through BPF_PROG_GET_FD_BY_ID, which requires CAP_SYS_ADMIN.
-SYS_ADMIN_REASON = ("identify the XDP program already attached to an interface by id, so a"
-                    " restarted agent adopts its own program (hitless) and refuses a foreign one")
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,12 @@ class AgentSettings:
     metrics_port: int = 9090
     log_format: str = "text"
     pin_dir: str = "/sys/fs/bpf/xdplb"
-    sys_admin: bool = True
     resources: dict[str, Any] = field(default_factory=lambda: {
         "requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}})
 
     @property
     def capabilities(self) -> list[str]:
-        return sorted([*CAPABILITIES, *(["SYS_ADMIN"] if self.sys_admin else [])])
+        return sorted(CAPABILITIES)
 
 
 def agent_args(s: AgentSettings) -> list[str]:

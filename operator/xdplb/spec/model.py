@@ -382,7 +382,7 @@ class HealthCheck(_Model):
     interval_seconds: Annotated[int, Field(strict=True, ge=1, le=300)] = Field(
         default=5, alias="intervalSeconds")
     timeout_seconds: Annotated[int, Field(strict=True, ge=1, le=60)] = Field(
-        default=2, alias="timeoutSeconds")
+        default=1, alias="timeoutSeconds")  # 1: never above the shortest interval
     healthy_threshold: Annotated[int, Field(strict=True, ge=1, le=10)] = Field(
         default=2, alias="healthyThreshold")
     unhealthy_threshold: Annotated[int, Field(strict=True, ge=1, le=10)] = Field(

@@ -1,0 +1,110 @@
+"""The agent's least privileges: CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, no
+CAP_SYS_ADMIN (the DaemonSet's set), are enough to start, to be killed and to
+start again adopting the pinned maps and replacing its own program in place."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from xdplb.dataplane import loader
+from xdplb.k8s.daemonset import CAPABILITIES
+
+ROOT = Path(__file__).resolve().parents[1]
+XDPLB = ROOT / ".venv/bin/xdplb"
+NS = "xpv-ns"
+# `ip netns exec` gives the agent a sysfs of its own, without /sys/fs/bpf: the pins live
+# on a bpffs mounted beforehand, as a pod mounts the host's (mounting needs SYS_ADMIN).
+PIN_ROOT = "/run/xdplb-test-privileges/bpf"
+
+CONFIG = """\
+apiVersion: xdplb.io/v1alpha1
+kind: LoadBalancer
+metadata: {name: caps, namespace: default}
+spec:
+  interfaces: [xp0]
+  listeners:
+  - name: web
+    protocol: TCP
+    port: 80
+    address: 192.0.2.10
+    backends: [{address: 10.0.0.2, port: 8080}]
+"""
+
+
+def sh(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def netns(tmp_path: Path) -> Iterator[Path]:
+    subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+    sh("ip", "netns", "add", NS)
+    sh("ip", "-n", NS, "link", "add", "xp0", "type", "veth", "peer", "name", "xp1")
+    sh("ip", "-n", NS, "link", "set", "xp0", "up")
+    sh("ip", "-n", NS, "link", "set", "xp1", "up")
+    (tmp_path / "lb.yaml").write_text(CONFIG)
+    yield tmp_path
+    subprocess.run([str(XDPLB), "agent", "--cleanup", "--pin-dir", PIN_ROOT],
+                   capture_output=True)
+    sh("ip", "netns", "del", NS)
+
+
+def start_agent(work: Path, log: Path) -> subprocess.Popen[bytes]:
+    caps = ",".join(f"+{c.lower()}" for c in sorted(CAPABILITIES))
+    with open(log, "a") as out:
+        return subprocess.Popen(
+            ["ip", "netns", "exec", NS, "setpriv", f"--bounding-set=-all,{caps}",
+             str(XDPLB), "agent", "--config", str(work / "lb.yaml"), "--pin-dir", PIN_ROOT,
+             "--state-file", str(work / "agent.json"), "--conntrack-capacity", "4096"],
+            stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for(log: Path, text: str, after: int, proc: subprocess.Popen[bytes]) -> None:
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        if text in log.read_text()[after:]:
+            return
+        assert proc.poll() is None, f"agent exited {proc.returncode}:\n{log.read_text()}"
+        time.sleep(0.1)
+    pytest.fail(f"no {text!r} in the agent log:\n{log.read_text()}")
+
+
+def xdp_prog_id() -> int:
+    out = sh("ip", "-n", NS, "-j", "-d", "link", "show", "dev", "xp0")
+    return int(__import__("json").loads(out)[0].get("xdp", {}).get("prog", {}).get("id", 0))
+
+
+def test_agent_restarts_hitlessly_without_sys_admin(netns: Path) -> None:
+    assert "SYS_ADMIN" not in CAPABILITIES and {"BPF", "NET_ADMIN"} <= set(CAPABILITIES)
+    os.makedirs(PIN_ROOT, exist_ok=True)
+    if subprocess.run(["mountpoint", "-q", PIN_ROOT]).returncode != 0:
+        sh("mount", "-t", "bpf", "bpf", PIN_ROOT)
+    log = netns / "agent.log"
+    log.touch()
+    first = start_agent(netns, log)
+    wait_for(log, "applied", 0, first)
+    old = xdp_prog_id()
+    assert old and old in loader.pinned_program_ids(PIN_ROOT)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+
+    mark = len(log.read_text())
+    second = start_agent(netns, log)
+    try:
+        wait_for(log, "adopted pinned maps", mark, second)
+        wait_for(log, "attached to xp0", mark, second)
+        wait_for(log, "applied", mark, second)
+        new = xdp_prog_id()
+        assert new and new != old, "the new agent did not replace its predecessor's program"
+        assert loader.pinned_program_ids(PIN_ROOT) == {new}  # the old pin went with it
+        assert "--force" not in log.read_text()
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0, log.read_text()
