@@ -7,8 +7,10 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN_BASE = "/run/xdplb-bench/bpf"
@@ -66,3 +68,21 @@ def mount_bpffs(path: str = PIN_BASE) -> None:
 def require_root() -> None:
     if os.geteuid() != 0:
         sys.exit("run as root (BPF, network namespaces)")
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def wait_until(check: Any, what: str, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(0.1)
+    raise BenchError(f"timed out waiting for {what}")
+
+
+def listening(lab: Any, ns: str, port: int) -> bool:
+    """A TCP socket listens on `port` in the lab namespace `ns`."""
+    return bool(lab.exec(ns, "ss", "-Htln", f"sport = :{port}", check=False).stdout.strip())

@@ -21,7 +21,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import (
     PIN_BASE,
     ROOT,
+    BenchError,
     fmt_stat,
     header,
+    listening,
     median,
     mount_bpffs,
     require_root,
     table,
+    wait_until,
 )
 
 from tests.lab import Lab
@@ -103,24 +105,6 @@ http {{
     }}
 }}
 """
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-def wait_until(check: Any, what: str, timeout: float = 20) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(0.1)
-    raise BenchError(f"timed out waiting for {what}")
-
-
-def listening(lab: Lab, ns: str, port: int) -> bool:
-    out = lab.exec(ns, "ss", "-Htln", f"sport = :{port}", check=False).stdout
-    return bool(out.strip())
 
 
 def start_servers(lab: Lab) -> None:

@@ -27,14 +27,24 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import PIN_BASE, ROOT, fmt_stat, header, mount_bpffs, require_root, table
+from common import (
+    PIN_BASE,
+    ROOT,
+    BenchError,
+    fmt_stat,
+    header,
+    listening,
+    mount_bpffs,
+    require_root,
+    table,
+    wait_until,
+)
 
 from tests.lab import Lab
 
@@ -102,23 +112,6 @@ stream {{
     }}
 }}
 """
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-def wait_until(check: Any, what: str, timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(0.1)
-    raise BenchError(f"timed out waiting for {what}")
-
-
-def listening(lab: Lab, ns: str, port: int) -> bool:
-    return bool(lab.exec(ns, "ss", "-Htln", f"sport = :{port}", check=False).stdout.strip())
 
 
 def start_backends(lab: Lab, size_mib: int) -> None:

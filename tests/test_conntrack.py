@@ -33,8 +33,8 @@ def put_flow(dp: DataPlane, client_port: int, idle_s: float, flags: int = L.CT_R
                   proto, 0, 0)
     rev = L.CtKey(L.be32("10.20.1.2"), L.be32("10.10.1.2"), L.be16(8080), L.be16(client_port),
                   proto, 1, 0)
-    v = L.CtVal(L.be32("10.20.1.2"), L.be16(8080), 0, 0, flags, last, last)
-    r = L.CtVal(L.be32("192.0.2.10"), L.be16(80), 0, 0, 0, last, last)
+    v = L.CtVal(nat_addr=L.be32("10.20.1.2"), nat_port=L.be16(8080), flags=flags, last_ns=last)
+    r = L.CtVal(nat_addr=L.be32("192.0.2.10"), nat_port=L.be16(80), last_ns=last)
     dp.maps["ct"].update(bytes(fwd), bytes(v))
     dp.maps["ct"].update(bytes(rev), bytes(r))
 
@@ -73,10 +73,11 @@ def put_snat_flow(dp: DataPlane, client_port: int, node_port: int, idle_s: float
                   6, 0, 0)
     rev = L.CtKey(L.be32("10.20.1.2"), L.be32("10.20.1.1"), L.be16(8080), L.be16(node_port),
                   6, 1, 0)
-    v = L.CtVal(L.be32("10.20.1.2"), L.be16(8080), 0, 0, L.CT_REPLIED | L.CT_SNAT, last, last,
+    v = L.CtVal(nat_addr=L.be32("10.20.1.2"), nat_port=L.be16(8080),
+                flags=L.CT_REPLIED | L.CT_SNAT, last_ns=last,
                 snat_addr=L.be32("10.20.1.1"), snat_port=L.be16(node_port))
-    r = L.CtVal(L.be32("192.0.2.10"), L.be16(80), 0, 0, L.CT_SNAT, last, last,
-                snat_addr=L.be32("10.10.1.2"), snat_port=L.be16(client_port))
+    r = L.CtVal(nat_addr=L.be32("192.0.2.10"), nat_port=L.be16(80), flags=L.CT_SNAT,
+                last_ns=last, snat_addr=L.be32("10.10.1.2"), snat_port=L.be16(client_port))
     dp.maps["ct"].update(bytes(fwd), bytes(v))
     dp.maps["ct"].update(bytes(rev), bytes(r))
 
@@ -98,8 +99,8 @@ def test_sweep_keeps_direct_connection_markers_until_idle(dp: DataPlane) -> None
         last = L.ct_now_ns() - idle * 1_000_000_000
         key = L.CtKey(L.be32("10.20.1.2"), L.be32("10.10.1.2"), L.be16(8080), L.be16(port),
                       6, 1, 0)
-        val = L.CtVal(L.be32("10.20.1.2"), L.be16(8080), 0, 0,
-                      L.CT_DIRECT | L.CT_REPLIED, last, last)
+        val = L.CtVal(nat_addr=L.be32("10.20.1.2"), nat_port=L.be16(8080),
+                      flags=L.CT_DIRECT | L.CT_REPLIED, last_ns=last)
         dp.maps["ct"].update(bytes(key), bytes(val))
     assert conntrack.sweep(dp.maps["ct"], Timeouts()) == (1, 1)
     ((key, _val),) = conntrack.read(dp.maps["ct"])

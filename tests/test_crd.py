@@ -404,6 +404,19 @@ def test_standalone_rejects_service_groups() -> None:
     assert lb.spec.listeners[0].service == model.ServiceRef(name="web", port="http")
 
 
+def test_standalone_rejects_a_traffic_policy() -> None:
+    doc = manifest([listener()])
+    doc["spec"]["trafficPolicy"] = "Local"
+    text = yaml.safe_dump(doc)
+    with pytest.raises(SpecError) as info:
+        parse_manifests(text, "lb.yaml")
+    assert info.value.errors == [
+        "lb.yaml document 1 (default/web): spec.trafficPolicy: it picks among a Service's "
+        "endpoints, which needs the agent in Kubernetes mode (--kubernetes)"]
+    (lb,) = parse_manifests(text, "lb.yaml", Limits(service_backends=True))
+    assert lb.spec.traffic_policy == "Local"
+
+
 # --- the generated files ---------------------------------------------------------------------
 
 

@@ -133,3 +133,34 @@ def test_plan_groups_follow_endpoint_changes() -> None:
     none_ready = plan_for(endpoint("10.0.0.2", ready=False, serving=True, terminating=True))
     assert none_ready.default.table == ()  # a group with no eligible backend
     assert plan_for().default.backends == ()
+
+
+def on(node: str, ep: dict[str, Any]) -> dict[str, Any]:
+    return {**ep, "nodeName": node}
+
+
+def lb_with(policy: str) -> LoadBalancer:
+    doc = lb().model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc["spec"]["trafficPolicy"] = policy
+    return LoadBalancer.model_validate(doc)
+
+
+def test_traffic_policy_local_keeps_this_nodes_endpoints_and_the_client_address() -> None:
+    slices = [eps("web-a", [on("n1", endpoint("10.0.0.1")), on("n2", endpoint("10.0.0.2"))])]
+    plan = build_plan([lb_with("Local")], EndpointIndex.of([service()], slices, "n1").backends)
+    (listener,) = plan.listeners
+    assert listener.default.backends == (Backend("10.0.0.1", 8080, 1),)
+    assert not listener.source_nat and plan.untouched == ()
+
+
+def test_traffic_policy_local_without_a_local_endpoint_leaves_the_listener_alone() -> None:
+    slices = [eps("web-a", [on("n2", endpoint("10.0.0.2"))])]
+    plan = build_plan([lb_with("Local")], EndpointIndex.of([service()], slices, "n1").backends)
+    assert plan.listeners == () and plan.untouched == ("default/web/http",)
+
+
+def test_traffic_policy_cluster_takes_any_endpoint_with_source_nat() -> None:
+    slices = [eps("web-a", [on("n1", endpoint("10.0.0.1")), on("n2", endpoint("10.0.0.2"))])]
+    plan = build_plan([lb_with("Cluster")], EndpointIndex.of([service()], slices, "n1").backends)
+    (listener,) = plan.listeners
+    assert len(listener.default.backends) == 2 and listener.source_nat

@@ -8,6 +8,7 @@ import socket
 
 import pytest
 
+from tests.memory_map import MemoryMap
 from xdplb.dataplane import layout as L
 from xdplb.dataplane.alloc import CapacityError
 from xdplb.dataplane.config import Capacities
@@ -24,28 +25,6 @@ INV = Inventory(ifindex={"eth0": 2, "eth1": 3},
                 addresses={"eth0": ("10.0.0.1",), "eth1": ("10.1.0.1", "10.1.0.2")},
                 default_interface="eth0")
 NAMES = [name for name, _key, _value in L.MAP_LAYOUTS]
-
-
-class MemoryMap:
-    def __init__(self) -> None:
-        self.data: dict[bytes, bytes] = {}
-        self.syscalls = 0
-        self.value_size = 8
-
-    def update(self, key: bytes, value: bytes) -> None:
-        self.data[key] = value
-
-    def delete(self, key: bytes) -> None:
-        del self.data[key]
-
-    def update_batch(self, keys: list[bytes], values: list[bytes]) -> None:
-        self.data.update(zip(keys, values, strict=True))
-
-    def items(self) -> list[tuple[bytes, bytes]]:
-        return list(self.data.items())
-
-    def lookup(self, key: bytes) -> bytes | None:
-        return self.data.get(key)
 
 
 def manifest(hosts: dict[str, list[str]], address: str | None = "192.0.2.10",

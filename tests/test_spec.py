@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from xdplb.spec import model
-from xdplb.spec.load import Limits, SpecError, load_file, parse_manifests
+from xdplb.spec.load import DocumentCache, Limits, SpecError, load_file, parse_manifests
 from xdplb.spec.model import (
     HOSTNAME_PATTERN,
     LoadBalancer,
@@ -827,3 +827,44 @@ def test_format_errors_always_one_clean_line_per_problem(spec: Any, metadata: An
         for line in lines:
             assert re.fullmatch(r"[^\s:]+: \S.*", line), line
             assert "https://" not in line and "Traceback" not in line and "\n" not in line
+
+
+# --- re-reading a file -------------------------------------------------------------------------
+
+
+def three_documents(port_b: int = 81) -> str:
+    return "".join(
+        f"---\napiVersion: xdplb.io/v1alpha1\nkind: LoadBalancer\nmetadata: {{name: {name}}}\n"
+        f"spec:\n  listeners:\n  - name: http\n    protocol: TCP\n    port: {port}\n"
+        f"    address: 192.0.2.10\n    backends: [{{address: 10.0.0.1, port: 8080}}]\n"
+        for name, port in (("a", 80), ("b", port_b), ("c", 82)))
+
+
+def test_document_cache_parses_only_changed_documents() -> None:
+    cache = DocumentCache()
+    first = parse_manifests(three_documents(), "lb.yaml", cache=cache)
+    second = parse_manifests(three_documents(port_b=83), "lb.yaml", cache=cache)
+    assert [lb.metadata.name for lb in second] == ["a", "b", "c"]
+    assert second[0] is first[0] and second[2] is first[2]  # taken from the cache
+    assert second[1] is not first[1] and second[1].spec.listeners[0].port == 83
+    assert len(cache.entries) == 3  # only the documents of the last parse are kept
+
+
+def test_document_cache_keeps_numbers_and_lines_of_later_documents() -> None:
+    cache = DocumentCache()
+    parse_manifests(three_documents(), "lb.yaml", cache=cache)
+    bad = three_documents().replace("port: 82", "port: 70000")
+    with pytest.raises(SpecError) as info:
+        parse_manifests(bad, "lb.yaml", cache=cache)
+    assert info.value.errors == [
+        "lb.yaml document 3 (default/c): spec.listeners[0].port: 70000 is not a valid port"]
+    broken = three_documents().replace("  listeners:\n  - name: http\n    protocol: TCP\n"
+                                       "    port: 82", "  listeners: [\n    port: 82")
+    with pytest.raises(SpecError) as info:
+        parse_manifests(broken, "lb.yaml", cache=cache)
+    (line,) = info.value.errors
+    with pytest.raises(yaml.MarkedYAMLError) as whole:  # the file read in one piece
+        list(yaml.safe_load_all(broken))
+    mark = whole.value.problem_mark
+    assert mark is not None and mark.line > 20  # in the third document
+    assert line.startswith(f"lb.yaml: line {mark.line + 1}, column {mark.column + 1}: "), line

@@ -52,7 +52,10 @@ def add_dataplane_args(p: argparse.ArgumentParser) -> None:
 
 
 def capacities(a: argparse.Namespace) -> Capacities:
-    return Capacities(**{f.name: getattr(a, f"cap_{f.name}") for f in fields(Capacities)})
+    try:
+        return Capacities(**{f.name: getattr(a, f"cap_{f.name}") for f in fields(Capacities)})
+    except ValueError as e:
+        sys.exit(f"xdplb: {e}")
 
 
 def timeouts(a: argparse.Namespace) -> Timeouts:

@@ -135,7 +135,11 @@ def desire(lbs: Mapping[Ref, Json], labels: Mapping[str, str], index: EndpointIn
     for ref, (raw, _) in valid.items():
         mine = [lst for lst in plan.listeners if lst.owner == f"{ref[0]}/{ref[1]}"]
         backends = {(b.address, b.port) for lst in mine for g in lst.groups() for b in g.backends}
-        entries[ref] = _state(raw, "Applied", "", len(mine), len(backends))
+        untouched = [label.rsplit("/", 1)[1] for label in plan.untouched
+                     if label.startswith(f"{ref[0]}/{ref[1]}/")]
+        note = (f"no endpoint on this node (trafficPolicy Local): traffic of listener "
+                f"{', '.join(untouched)} passes untouched") if untouched else ""
+        entries[ref] = _state(raw, "Applied", note, len(mine), len(backends))
     services = frozenset(
         (lb.metadata.namespace, group.service.name)
         for _, lb in valid.values()
@@ -384,14 +388,16 @@ class ClusterAgent(Agent):
         lbs = self.stores.by_key.get("lb", {})
         slices = self.stores.values("eps/")
         services = [s for ref in self.wanted_services if (s := self._service(ref))]
-        desired = desire(lbs, labels, EndpointIndex.of(services, slices), self.health.down())
+        desired = desire(lbs, labels, EndpointIndex.of(services, slices, self.opts.node_name),
+                         self.health.down())
         if desired.services != self.wanted_services:
             self._want(desired.services)
             if not self._synced():
                 return  # again once the new EndpointSlice watches have listed
             services = [s for ref in self.wanted_services if (s := self._service(ref))]
-            desired = desire(lbs, labels, EndpointIndex.of(services, self.stores.values("eps/")),
-                             self.health.down())
+            desired = desire(lbs, labels,
+                             EndpointIndex.of(services, self.stores.values("eps/"),
+                                              self.opts.node_name), self.health.down())
 
         inv = read_inventory()
         t0 = time.monotonic()

@@ -31,7 +31,7 @@ from xdplb.dataplane.writer import MapWriter
 from xdplb.plan.model import Plan, all_backends, snat_backends
 from xdplb.plan.planner import build_plan
 from xdplb.sni.service import SniService
-from xdplb.spec.load import Limits, SpecError, parse_manifests
+from xdplb.spec.load import DocumentCache, Limits, SpecError, parse_manifests
 from xdplb.spec.model import LoadBalancer
 
 log = logging.getLogger("xdplb.agent")
@@ -81,7 +81,9 @@ class Agent:
         self.plan = Plan()
         self._health_changed = threading.Event()
         self.health = HealthChecker(on_change=self._health_changed.set)
-        self._lbs: list[LoadBalancer] | None = None  # the last good specs
+        # The last good specs, kept only when health checks may need a new plan.
+        self._lbs: list[LoadBalancer] | None = None
+        self._documents = DocumentCache()  # unchanged documents are not parsed again
         self._applied_inventory: Inventory | None = None
         self._drops: dict[Stat, int] = {}  # drop counters at the last sweep
         self.last_error = ""
@@ -154,7 +156,7 @@ class Agent:
             return
         self._file_digest, self._inventory = digest, inv
         try:
-            lbs = parse_manifests(text, str(path), limits_of(self.opts.caps))
+            lbs = parse_manifests(text, str(path), limits_of(self.opts.caps), self._documents)
         except SpecError as e:
             metrics.ERRORS.labels("config").inc()
             self.last_error = str(e)
@@ -162,8 +164,9 @@ class Agent:
                 log.error("invalid configuration: %s", line)
             log.error("keeping the last good state (%d listeners)", len(self.plan.listeners))
             return
-        self._lbs = lbs
-        self.apply(build_plan(lbs, down=self.health.down()), inv)
+        plan = build_plan(lbs, down=self.health.down())
+        self._lbs = lbs if plan.health_targets() else None
+        self.apply(plan, inv)
 
     def replan(self) -> None:
         """A backend's health changed: the same specs, other effective weights."""

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class Capacities:
+    """Sizes of the maps. Listener and backend ids are 16-bit in conntrack entries."""
+
     conntrack: int = 1_000_000       # flows; the map holds two entries per flow
     listener_keys: int = 16_384      # (interface, address, port, protocol) entries
     listeners: int = 4096            # distinct listeners (counters)
@@ -18,6 +20,13 @@ class Capacities:
     backends: int = 65_536           # distinct (address, port) backends
     snat_port_min: int = 32_768      # source-NAT ports, per (node address, backend)
     snat_port_max: int = 65_535
+
+    def __post_init__(self) -> None:
+        for name in ("listeners", "backends"):
+            if not 1 <= getattr(self, name) <= 65_536:
+                raise ValueError(f"--max-{name} must be 1..65536")
+        if not 1 <= self.snat_port_min <= self.snat_port_max <= 65_535:
+            raise ValueError("--snat-port-min..--snat-port-max must be a range within 1..65535")
 
 
 @dataclass(frozen=True)

@@ -86,10 +86,9 @@ class RevNatVal(ctypes.Structure):
 
 
 class CtVal(ctypes.Structure):
-    _fields_ = [("nat_addr", u32), ("nat_port", u16), ("backend", u16), ("listener", u32),
-                ("flags", u32), ("created_ns", u64), ("last_ns", u64),
-                ("packets", u64 * 2), ("bytes", u64 * 2), ("snat_addr", u32),
-                ("snat_port", u16), ("pad", u16)]
+    _fields_ = [("nat_addr", u32), ("nat_port", u16), ("backend", u16), ("listener", u16),
+                ("flags", u16), ("snat_addr", u32), ("snat_port", u16), ("pad", u16),
+                ("created_s", u32), ("last_ns", u64), ("packets", u64 * 2), ("bytes", u64 * 2)]
 
 
 class FlowStats(ctypes.Structure):

@@ -65,8 +65,10 @@ def _weight(endpoint: Json) -> int | None:
     return None
 
 
-def slice_backends(slices: Iterable[Json], port_name: str, protocol: str) -> tuple[Backend, ...]:
-    """The backends that ``slices`` give for the Service port named ``port_name``."""
+def slice_backends(slices: Iterable[Json], port_name: str, protocol: str,
+                   node: str | None = None) -> tuple[Backend, ...]:
+    """The backends that ``slices`` give for the Service port named ``port_name``
+    (with ``node``: only the endpoints on that node)."""
     weights: dict[tuple[str, int], int] = {}
     for eps in slices:
         if eps.get("addressType", "IPv4") != "IPv4":
@@ -76,6 +78,8 @@ def slice_backends(slices: Iterable[Json], port_name: str, protocol: str) -> tup
                  and p.get("port")]
         for port in ports:
             for endpoint in eps.get("endpoints") or []:
+                if node is not None and endpoint.get("nodeName") != node:
+                    continue
                 weight = _weight(endpoint)
                 addresses = endpoint.get("addresses") or []
                 if weight is None or not addresses:
@@ -92,9 +96,10 @@ class EndpointIndex:
 
     services: Mapping[Ref, Json] = field(default_factory=dict)
     slices: Mapping[Ref, tuple[Json, ...]] = field(default_factory=dict)
+    node: str = ""  # this node, for trafficPolicy Local
 
     @staticmethod
-    def of(services: Iterable[Json], slices: Iterable[Json]) -> EndpointIndex:
+    def of(services: Iterable[Json], slices: Iterable[Json], node: str = "") -> EndpointIndex:
         by_service: dict[Ref, list[Json]] = defaultdict(list)
         for eps in slices:
             meta = eps.get("metadata") or {}
@@ -104,12 +109,16 @@ class EndpointIndex:
         return EndpointIndex(
             {(s["metadata"].get("namespace", ""), s["metadata"]["name"]): s for s in services},
             {ref: tuple(items) for ref, items in by_service.items()},
+            node,
         )
 
-    def backends(self, namespace: str, ref: ServiceRef, protocol: str) -> tuple[Backend, ...]:
-        """The group of ``ref`` (the planner's ServiceResolver)."""
+    def backends(self, namespace: str, ref: ServiceRef, protocol: str,
+                 local: bool = False) -> tuple[Backend, ...]:
+        """The group of ``ref`` (the planner's ServiceResolver); ``local``: only the
+        endpoints on ``node`` (trafficPolicy Local)."""
         key = (namespace, ref.name)
         port_name = service_port_name(self.services.get(key), ref.port, protocol)
         if port_name is None:
             return ()
-        return slice_backends(self.slices.get(key, ()), port_name, protocol)
+        return slice_backends(self.slices.get(key, ()), port_name, protocol,
+                              self.node if local else None)

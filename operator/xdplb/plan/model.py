@@ -122,6 +122,8 @@ def snat_backends(plan: Plan) -> set[str]:
 @dataclass(frozen=True)
 class Plan:
     listeners: tuple[Listener, ...] = field(default_factory=tuple)
+    # Listeners left out on purpose (trafficPolicy Local, no endpoint on this node).
+    untouched: tuple[str, ...] = ()
 
     def health_targets(self) -> frozenset[Target]:
         return frozenset(t for lst in self.listeners for t in lst.health_targets)

@@ -17,11 +17,13 @@ from xdplb.plan.model import (
 )
 from xdplb.spec import model as spec
 
-# (namespace, Service port, protocol) -> its backends now: plan.endpoints.EndpointIndex.
-ServiceResolver = Callable[[str, spec.ServiceRef, str], Iterable[Backend]]
+# (namespace, Service port, protocol, this node's endpoints only) -> its backends now:
+# plan.endpoints.EndpointIndex.
+ServiceResolver = Callable[[str, spec.ServiceRef, str, bool], Iterable[Backend]]
 
 
-def _no_services(namespace: str, ref: spec.ServiceRef, protocol: str) -> Iterable[Backend]:
+def _no_services(namespace: str, ref: spec.ServiceRef, protocol: str,
+                 local: bool) -> Iterable[Backend]:
     raise ValueError(f"Service {namespace}/{ref.name} needs a resolver (Kubernetes mode)")
 
 
@@ -41,7 +43,8 @@ def plan_listener(lb: spec.LoadBalancer, lst: spec.Listener,
 
     def _group(group: spec.Listener | spec.SourceRoute | spec.SniRoute) -> Group:
         if group.service is not None:
-            backends = list(services(lb.metadata.namespace, group.service, lst.protocol))
+            backends = list(services(lb.metadata.namespace, group.service, lst.protocol,
+                                     lb.spec.traffic_policy == "Local"))
         else:
             backends = [Backend(b.address, b.port, b.weight) for b in group.backends or ()]
         check = health_check(getattr(group, "health_check", None) or lst.health_check)
@@ -68,7 +71,8 @@ def plan_listener(lb: spec.LoadBalancer, lst: spec.Listener,
                                  for r in lst.sni_routes), key=lambda r: r.hostname)),
         client_ip_affinity=lst.session_affinity == "ClientIP",
         proxy_protocol=lst.proxy_protocol == "v2",
-        source_nat=lst.source_nat == "Node",
+        # trafficPolicy Cluster: an endpoint on another node answers this one, not the client.
+        source_nat=lst.source_nat == "Node" or lb.spec.traffic_policy == "Cluster",
         health_targets=tuple(sorted(targets)),
     )
 
@@ -76,7 +80,16 @@ def plan_listener(lb: spec.LoadBalancer, lst: spec.Listener,
 def build_plan(lbs: Iterable[spec.LoadBalancer],
                services: ServiceResolver = _no_services,
                down: frozenset[Target] = frozenset()) -> Plan:
-    listeners = [plan_listener(lb, lst, services, down)
-                 for lb in lbs for lst in lb.spec.listeners]
+    listeners, untouched = [], []
+    for lb in lbs:
+        for lst in lb.spec.listeners:
+            planned = plan_listener(lb, lst, services, down)
+            # trafficPolicy Local on a node without a local endpoint: leave the traffic
+            # to whatever else serves it here, rather than refuse it.
+            if (lb.spec.traffic_policy == "Local" and lst.service is not None
+                    and not planned.default.backends):
+                untouched.append(planned.label)
+            else:
+                listeners.append(planned)
     listeners.sort(key=lambda lst: (lst.owner, lst.name))
-    return Plan(tuple(listeners))
+    return Plan(tuple(listeners), tuple(sorted(untouched)))

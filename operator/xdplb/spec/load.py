@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -148,27 +149,65 @@ class _Loader(_SafeBase):  # type: ignore[valid-type,misc]
         return super().construct_mapping(node, deep=deep)
 
 
-def _yaml_documents(text: str, source: str) -> list[Any]:
+def _yaml_documents(text: str, source: str, first_line: int = 0) -> list[Any]:
     try:
         return list(yaml.load_all(text, Loader=_Loader))  # _Loader is a SafeLoader
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        where = f"line {first_line + mark.line + 1}, column {mark.column + 1}: " if mark else ""
         context = f" ({exc.context})" if exc.context else ""
         raise SpecError([f"{source}: {where}{exc.problem}{context}"]) from None
     except yaml.YAMLError as exc:
         raise SpecError([f"{source}: invalid YAML: {exc}"]) from None
 
 
-def _label(doc: Any, source: str, number: int) -> str:
-    """'file.yaml document 2 (default/web)', with the name when one can be found."""
-    label = f"{source} document {number}"
+def _name_of(doc: Any) -> str:
+    """' (default/web)' for a label, when a name can be found."""
     meta = doc.get("metadata") if isinstance(doc, dict) else None
     if isinstance(meta, dict) and isinstance(meta.get("name"), str):
         namespace = meta.get("namespace")
         namespace = namespace if isinstance(namespace, str) else "default"
-        label += f" ({namespace}/{meta['name']})"
-    return label
+        return f" ({namespace}/{meta['name']})"
+    return ""
+
+
+@dataclass(frozen=True)
+class _Document:
+    """One document, validated on its own: the model, or what is wrong with it."""
+
+    name: str  # for labels: ' (namespace/name)' or ''
+    lb: LoadBalancer | None
+    problems: tuple[str, ...]
+
+
+def _validate_document(doc: Any) -> _Document:
+    problems = _document_errors(doc)
+    if not problems:
+        try:
+            return _Document(_name_of(doc), LoadBalancer.model_validate(doc), ())
+        except ValidationError as exc:
+            problems = format_errors(exc)
+    return _Document(_name_of(doc), None, tuple(problems))
+
+
+# A line that starts a document. Manifests are mappings, so such a line at
+# column 0 can only be a document marker.
+_DOC_START = re.compile(r"^---(?=[ \t\r\n]|$)", re.M)
+
+
+def _chunks(text: str) -> list[tuple[int, str]]:
+    """(first line, text) of each document's part of the file."""
+    cuts = [0, *[m.start() for m in _DOC_START.finditer(text) if m.start() > 0], len(text)]
+    return [(text.count("\n", 0, a), text[a:b]) for a, b in pairwise(cuts)]
+
+
+class DocumentCache:
+    """Validated documents by their exact text, as of the last parse: reading the
+    file again parses and validates only the documents that changed (a one-route
+    change in a 100,000-route file costs one document, not the file)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, list[_Document | None]] = {}
 
 
 def _document_errors(doc: Any) -> list[str]:
@@ -185,22 +224,31 @@ def _document_errors(doc: Any) -> list[str]:
 
 
 def parse_manifests(
-    text: str, source: str = "<config>", limits: Limits = DEFAULT_LIMITS
+    text: str, source: str = "<config>", limits: Limits = DEFAULT_LIMITS,
+    cache: DocumentCache | None = None,
 ) -> list[LoadBalancer]:
-    """Parse and validate every LoadBalancer in `text`; raise SpecError listing all problems."""
+    """Parse and validate every LoadBalancer in `text`; raise SpecError listing all problems.
+    Documents are read one at a time (only one document's raw data is held at once)."""
     errors: list[str] = []
     valid: list[tuple[str, LoadBalancer]] = []
-    for number, doc in enumerate(_yaml_documents(text, source), start=1):
-        if doc is None:  # empty document, e.g. a trailing '---'
-            continue
-        label = _label(doc, source, number)
-        problems = _document_errors(doc)
-        if not problems:
-            try:
-                valid.append((label, LoadBalancer.model_validate(doc)))
-            except ValidationError as exc:
-                problems = format_errors(exc)
-        errors += [f"{label}: {problem}" for problem in problems]
+    seen: dict[str, list[_Document | None]] = {}
+    number = 0
+    for first_line, chunk in _chunks(text):
+        docs = cache.entries.get(chunk) if cache is not None else None
+        if docs is None:
+            docs = [None if doc is None else _validate_document(doc)  # None: empty document
+                    for doc in _yaml_documents(chunk, source, first_line)]
+        seen[chunk] = docs
+        for doc in docs:
+            number += 1
+            if doc is None:
+                continue
+            label = f"{source} document {number}{doc.name}"
+            if doc.lb is not None:
+                valid.append((label, doc.lb))
+            errors += [f"{label}: {problem}" for problem in doc.problems]
+    if cache is not None:
+        cache.entries = seen
 
     errors += _cross_document_errors(valid)
     errors += _limit_errors(valid, source, limits)
@@ -232,7 +280,11 @@ def _cross_document_errors(valid: list[tuple[str, LoadBalancer]]) -> Iterator[st
 
 
 def _limit_errors(valid: list[tuple[str, LoadBalancer]], source: str, limits: Limits) -> list[str]:
-    errors: list[str] = []
+    errors: list[str] = [
+        f"{label}: spec.trafficPolicy: it picks among a Service's endpoints, which needs the "
+        "agent in Kubernetes mode (--kubernetes)"
+        for label, lb in valid if lb.spec.traffic_policy is not None and not limits.service_backends
+    ]
     listeners = [(label, i, ln) for label, lb in valid for i, ln in enumerate(lb.spec.listeners)]
     for label, i, listener in listeners:
         groups: list[tuple[str, Listener | SourceRoute | SniRoute]] = [

@@ -499,6 +499,11 @@ class LoadBalancerSpec(_Model):
         alias="nodeSelector",
         description="Labels a Node must have to serve this LoadBalancer; omitted = every node",
     )
+    traffic_policy: Literal["Cluster", "Local"] | None = Field(
+        default=None, alias="trafficPolicy",
+        description="Service groups (Kubernetes mode): Cluster = any endpoint, with source NAT;"
+        " Local = only this node's endpoints, client address kept (a node without one leaves"
+        " the listener's traffic untouched); omitted = any endpoint, per listener sourceNAT")
     listeners: Annotated[list[Listener], Field(min_length=1, max_length=MAX_LISTENERS)]
 
 

@@ -109,19 +109,20 @@ struct ct_key {
 #define CT_DIRECT  32  /* dir 1 only: a connection made to a backend itself, not via a
 			* listener; its replies pass untouched */
 
+/* 64 bytes, one cache line: a new flow writes two of these. */
 struct ct_val {
 	__be32 nat_addr;
 	__be16 nat_port;
 	__u16 backend;     /* backend id */
-	__u32 listener;    /* listener id */
-	__u32 flags;       /* CT_* (kept on the dir 0 entry) */
-	__u64 created_ns;
-	__u64 last_ns;     /* CLOCK_MONOTONIC (coarse) of the last packet either way */
-	__u64 packets[2];  /* [0] client -> backend, [1] backend -> client */
-	__u64 bytes[2];
+	__u16 listener;    /* listener id */
+	__u16 flags;       /* CT_* (kept on the dir 0 entry) */
 	__be32 snat_addr;  /* CT_SNAT: see above */
 	__be16 snat_port;
 	__u16 pad;
+	__u32 created_s;   /* CLOCK_MONOTONIC seconds when the flow began */
+	__u64 last_ns;     /* CLOCK_MONOTONIC (coarse) of the last packet either way */
+	__u64 packets[2];  /* [0] client -> backend, [1] backend -> client */
+	__u64 bytes[2];
 };
 
 struct flow_stats {

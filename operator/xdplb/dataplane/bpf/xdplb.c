@@ -362,7 +362,7 @@ int xdplb_ingress(struct xdp_md *ctx)
 	struct ct_val v = {
 		.nat_addr = b->addr, .nat_port = b->port, .backend = b->id, .listener = lid,
 		.flags = lost ? ct_flags_of(0, p.tcp_flags) : 0,
-		.created_ns = now, .last_ns = now, .packets = {1, 0}, .bytes = {bytes, 0},
+		.created_s = now / SEC_NS, .last_ns = now, .packets = {1, 0}, .bytes = {bytes, 0},
 	};
 	struct ct_key rkey = {
 		.src = b->addr, .dst = p.ip->saddr, .sport = b->port, .dport = p.sport,
@@ -370,7 +370,7 @@ int xdplb_ingress(struct xdp_md *ctx)
 	};
 	struct ct_val rv = {
 		.nat_addr = p.ip->daddr, .nat_port = p.dport, .backend = b->id, .listener = lid,
-		.created_ns = now, .last_ns = now,
+		.created_s = now / SEC_NS, .last_ns = now,
 	};
 	/* The reply entry first: with source NAT it is what claims the port. A backend
 	 * that reaches itself through its listener (hairpin) would answer itself
@@ -496,7 +496,7 @@ static __always_inline int egress_untracked(struct __sk_buff *skb, struct pkt *p
 	if (p->tcp_flags & TCPF_SYN) {
 		struct ct_val d = {
 			.nat_addr = p->ip->saddr, .nat_port = p->sport,
-			.flags = CT_DIRECT | CT_REPLIED, .created_ns = now, .last_ns = now,
+			.flags = CT_DIRECT | CT_REPLIED, .created_s = now / SEC_NS, .last_ns = now,
 		};
 		ct.update(rkey, &d);
 		return TC_ACT_OK;
@@ -510,12 +510,12 @@ static __always_inline int egress_untracked(struct __sk_buff *skb, struct pkt *p
 	};
 	struct ct_val v = {
 		.nat_addr = p->ip->saddr, .nat_port = p->sport, .backend = bid, .listener = lid,
-		.flags = ct_flags_of(1, p->tcp_flags), .created_ns = now, .last_ns = now,
+		.flags = ct_flags_of(1, p->tcp_flags), .created_s = now / SEC_NS, .last_ns = now,
 		.packets = {0, 1}, .bytes = {0, skb->len},
 	};
 	struct ct_val rv = {
 		.nat_addr = vip, .nat_port = vport, .backend = bid, .listener = lid,
-		.created_ns = now, .last_ns = now,
+		.created_s = now / SEC_NS, .last_ns = now,
 	};
 	if (ct.update(rkey, &rv) || ct.update(&fkey, &v)) {
 		count(ST_CT_FULL);
