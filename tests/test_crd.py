@@ -582,7 +582,8 @@ def worst_case_loadbalancer() -> dict[str, Any]:
                         {
                             "hostname": f"{i:0>2}{j:0>61}.{label}.{label}.{'b' * 61}",
                             "backends": [{"address": addr(k), "port": 65535, "weight": 65535}
-                                         for k in range(4)],
+                                         for k in range(crd.STORAGE_MAX_ITEMS[
+                                             "spec.listeners[].sniRoutes[].backends"])],
                         }
                         for j in range(per_listener)
                     ],

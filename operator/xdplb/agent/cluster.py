@@ -43,7 +43,7 @@ from xdplb.k8s.nodestate import (
     rfc3339,
 )
 from xdplb.plan.endpoints import SERVICE_NAME_LABEL, EndpointIndex
-from xdplb.plan.model import Plan, Target
+from xdplb.plan.model import Listener, Plan, Target
 from xdplb.plan.planner import build_plan
 from xdplb.spec.model import LoadBalancer
 
@@ -108,8 +108,45 @@ def _message(lines: Iterable[str]) -> str:
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
 
 
+class ParseCache:
+    """Validated LoadBalancers by (uid, generation): a change re-validates one object,
+    not every object of the cluster (a spec change always bumps the generation)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, int], tuple[LoadBalancer | None, list[str]]] = {}
+        self.plans: dict[int, tuple[LoadBalancer, list[Listener]]] = {}
+
+    def parse(self, raw: Json) -> tuple[LoadBalancer | None, list[str]]:
+        meta = raw.get("metadata") or {}
+        key = (str(meta.get("uid", "")), int(meta.get("generation") or 0))
+        if not key[0]:
+            return parse_object(raw)
+        if key not in self.entries:
+            self.entries[key] = parse_object(raw)
+        return self.entries[key]
+
+    def keep_only(self, lbs: Mapping[Ref, Json]) -> None:
+        live = {(str((r.get("metadata") or {}).get("uid", "")),
+                 int((r.get("metadata") or {}).get("generation") or 0)) for r in lbs.values()}
+        self.entries = {k: v for k, v in self.entries.items() if k in live}
+        models = {id(lb) for lb, _ in self.entries.values() if lb is not None}
+        self.plans = {k: v for k, v in self.plans.items() if k in models}
+
+    def planned(self, lb: LoadBalancer, compute: Callable[[], list[Listener]]) -> list[Listener]:
+        """The planned listeners of ``lb``, computed once when they depend on its spec
+        alone (no Service groups, whose endpoints move; no health checks, whose
+        results do)."""
+        if any(g.service is not None or getattr(g, "health_check", None) is not None
+               for lst in lb.spec.listeners
+               for g in (lst, *lst.source_routes, *lst.sni_routes)):
+            return compute()
+        if id(lb) not in self.plans:
+            self.plans[id(lb)] = (lb, compute())  # holding lb keeps its id unique
+        return self.plans[id(lb)][1]
+
+
 def desire(lbs: Mapping[Ref, Json], labels: Mapping[str, str], index: EndpointIndex,
-           down: frozenset[Target] = frozenset()) -> Desired:
+           down: frozenset[Target] = frozenset(), cache: ParseCache | None = None) -> Desired:
     """The plan for the LoadBalancers that select this node, and what to report for them
     (`down`: backends failing their health checks, given weight 0).
 
@@ -122,7 +159,7 @@ def desire(lbs: Mapping[Ref, Json], labels: Mapping[str, str], index: EndpointIn
         meta = raw.get("metadata") or {}
         if meta.get("deletionTimestamp") or not selects(raw, labels):
             continue
-        lb, problems = parse_object(raw)
+        lb, problems = cache.parse(raw) if cache is not None else parse_object(raw)
         if lb is None:
             entries[ref] = _state(raw, "Failed", _message(problems))
         else:
@@ -131,7 +168,8 @@ def desire(lbs: Mapping[Ref, Json], labels: Mapping[str, str], index: EndpointIn
                      for ref, (raw, _) in valid.items())
     for ref, conflict in losers.items():
         entries[ref] = _state(valid.pop(ref)[0], "Failed", f"Conflicted: {conflict.message()}")
-    plan = build_plan((lb for _, lb in valid.values()), index.backends, down)
+    plan = build_plan((lb for _, lb in valid.values()), index.backends, down,
+                      cache.planned if cache is not None else None)
     for ref, (raw, _) in valid.items():
         mine = [lst for lst in plan.listeners if lst.owner == f"{ref[0]}/{ref[1]}"]
         backends = {(b.address, b.port) for lst in mine for g in lst.groups() for b in g.backends}
@@ -259,6 +297,7 @@ class ClusterAgent(Agent):
         self._written_at = 0.0
         self._nodestate_ready = False
         self._dirty = True
+        self._parsed = ParseCache()
         self._next_inventory = 0.0
         self._watch_seq = 0
 
@@ -388,8 +427,9 @@ class ClusterAgent(Agent):
         lbs = self.stores.by_key.get("lb", {})
         slices = self.stores.values("eps/")
         services = [s for ref in self.wanted_services if (s := self._service(ref))]
+        self._parsed.keep_only(lbs)
         desired = desire(lbs, labels, EndpointIndex.of(services, slices, self.opts.node_name),
-                         self.health.down())
+                         self.health.down(), self._parsed)
         if desired.services != self.wanted_services:
             self._want(desired.services)
             if not self._synced():
@@ -397,7 +437,8 @@ class ClusterAgent(Agent):
             services = [s for ref in self.wanted_services if (s := self._service(ref))]
             desired = desire(lbs, labels,
                              EndpointIndex.of(services, self.stores.values("eps/"),
-                                              self.opts.node_name), self.health.down())
+                                              self.opts.node_name), self.health.down(),
+                             self._parsed)
 
         inv = read_inventory()
         t0 = time.monotonic()

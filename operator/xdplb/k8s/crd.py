@@ -12,10 +12,10 @@ hundreds of megabytes, and etcd refuses a request over 1.5 MiB. A cluster
 object is therefore bounded tighter (:data:`STORAGE_MAX_ITEMS` and the route
 total :data:`ROUTE_TOTAL_RULE`); larger configurations are split over several
 LoadBalancers, and big groups name a Service instead of listing addresses.
-Their worst case (tests/test_crd.py bounds it from the schema) is 0.73 MiB of
-spec and 0.27 MiB of status, two thirds of etcd's limit, leaving room for
-metadata and managedFields. The 512-route total is what a full health check
-on every route (a 512-byte payload each) leaves room for. Big objects are best applied with
+Their worst case (tests/test_crd.py bounds it from the schema, and prints it)
+stays under three quarters of etcd's limit, leaving room for metadata and
+managedFields. The 1,024-route total is what a full health check on every
+route (a 64-byte payload each) leaves room for. Big objects are best applied with
 ``kubectl apply --server-side`` (client-side apply copies the object into an
 annotation, and annotations are limited to 256 KiB).
 """
@@ -55,14 +55,14 @@ Schema = dict[str, Any]
 
 # Cluster-only list bounds by schema path ("[]" = every item); see the module doc.
 MAX_LISTENERS_PER_OBJECT = 16
-MAX_ROUTES_PER_OBJECT = 512
+MAX_ROUTES_PER_OBJECT = 1024
 STORAGE_MAX_ITEMS: dict[str, int] = {
     "spec.listeners": MAX_LISTENERS_PER_OBJECT,
     "spec.listeners[].backends": 64,
     "spec.listeners[].sourceRoutes": MAX_ROUTES_PER_OBJECT,
-    "spec.listeners[].sourceRoutes[].backends": 4,
+    "spec.listeners[].sourceRoutes[].backends": 2,
     "spec.listeners[].sniRoutes": MAX_ROUTES_PER_OBJECT,
-    "spec.listeners[].sniRoutes[].backends": 4,
+    "spec.listeners[].sniRoutes[].backends": 2,
 }
 
 

@@ -77,13 +77,21 @@ def plan_listener(lb: spec.LoadBalancer, lst: spec.Listener,
     )
 
 
+# A memo for the listeners of one LoadBalancer: (spec, compute) -> listeners.
+Memo = Callable[[spec.LoadBalancer, Callable[[], list[Listener]]], list[Listener]]
+
+
 def build_plan(lbs: Iterable[spec.LoadBalancer],
                services: ServiceResolver = _no_services,
-               down: frozenset[Target] = frozenset()) -> Plan:
+               down: frozenset[Target] = frozenset(),
+               memo: Memo | None = None) -> Plan:
     listeners, untouched = [], []
     for lb in lbs:
-        for lst in lb.spec.listeners:
-            planned = plan_listener(lb, lst, services, down)
+        def compute(lb: spec.LoadBalancer = lb) -> list[Listener]:
+            return [plan_listener(lb, lst, services, down) for lst in lb.spec.listeners]
+
+        for lst, planned in zip(lb.spec.listeners, memo(lb, compute) if memo else compute(),
+                                strict=True):
             # trafficPolicy Local on a node without a local endpoint: leave the traffic
             # to whatever else serves it here, rather than refuse it.
             if (lb.spec.traffic_policy == "Local" and lst.service is not None

@@ -387,7 +387,7 @@ class HealthCheck(_Model):
         default=2, alias="healthyThreshold")
     unhealthy_threshold: Annotated[int, Field(strict=True, ge=1, le=10)] = Field(
         default=3, alias="unhealthyThreshold")
-    payload: Annotated[str, Field(max_length=512)] | None = None
+    payload: Annotated[str, Field(max_length=64)] | None = None
 
 
 # A listener's default group or a route's group: inline backends or a Service.
