@@ -74,12 +74,12 @@ class BenchError(RuntimeError):
     pass
 
 
-def wait_until(check: Any, what: str, timeout: float = 30) -> None:
+def wait_until(check: Any, what: str, timeout: float = 30, interval: float = 0.1) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if check():
             return
-        time.sleep(0.1)
+        time.sleep(interval)
     raise BenchError(f"timed out waiting for {what}")
 
 

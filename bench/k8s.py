@@ -32,7 +32,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import PIN_BASE, ROOT, BenchError, fmt_stat, header, mount_bpffs, require_root, table
+from common import (
+    PIN_BASE,
+    ROOT,
+    BenchError,
+    fmt_stat,
+    header,
+    mount_bpffs,
+    require_root,
+    table,
+    wait_until,
+)
 
 from tests.k8s.cluster import KUBECTL, Cluster, crd_manifests
 
@@ -61,15 +71,6 @@ def applied_lines(log: Path, offset: int = 0) -> list[tuple[str, int]]:
         r"applied default/(lb-\d+) generation (\d+):", text)]
 
 
-def wait(what: str, check: Any, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(0.005)
-    raise BenchError(f"timed out waiting for {what}")
-
-
 def memory(pid: int) -> tuple[float, float]:
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
                   .splitlines() if ":" in line)
@@ -95,14 +96,14 @@ def one_round(a: argparse.Namespace) -> dict[str, Any]:
                  "--pin-dir", pins, "--state-file", str(work / "agent.json")],
                 stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
-            wait("the agent to start", lambda: "started in" in log.read_text())
+            wait_until(lambda: "started in" in log.read_text(), "the agent to start", 120)
             t0 = time.monotonic()
             for i in range(a.lbs):
                 custom.create_namespaced_custom_object("xdplb.io", "v1alpha1", "default",
                                                        "loadbalancers", lb(i, a.routes))
             created = time.monotonic() - t0
-            wait(f"{a.lbs} LoadBalancers applied",
-                 lambda: len({n for n, _g in applied_lines(log)}) >= a.lbs, timeout=600)
+            wait_until(lambda: len({n for n, _g in applied_lines(log)}) >= a.lbs,
+                       f"{a.lbs} LoadBalancers applied", 600)
             scale_s = time.monotonic() - t0
             rss, hwm = memory(agent.pid)
 
@@ -118,9 +119,9 @@ def one_round(a: argparse.Namespace) -> dict[str, Any]:
                 t2 = time.monotonic()
                 if res.returncode != 0:
                     raise BenchError(f"kubectl apply: {res.stderr}")
-                wait(f"change {c} applied",
-                     lambda i=i, mark=mark: any(n == f"lb-{i}" for n, _g in
-                                                 applied_lines(log, mark)), timeout=60)
+                wait_until(lambda i=i, mark=mark: any(n == f"lb-{i}" for n, _g in
+                                                      applied_lines(log, mark)),
+                           f"change {c} applied", 60, interval=0.005)
                 latencies.append(time.monotonic() - t1)
                 kubectl_s.append(t2 - t1)
         finally:
