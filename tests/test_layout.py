@@ -60,7 +60,7 @@ def test_map_sizes_follow_the_capacity_flags(harness: Harness) -> None:
     # maps.h sizes a map by a -D define; the agent creates it from map_entries():
     # both must name the same capacity flag.
     defines = dict(f.removeprefix("-D").split("=", 1)
-                   for f in cflags("/pins", harness.caps, Timeouts()))
+                   for f in cflags(harness.caps, Timeouts()))
     sizes = map_entries(harness.caps)
     for name, size in MAP_DEF.findall((L.BPF_DIR / "maps.h").read_text()):
         created = harness.maps[name].info.max_entries

@@ -221,19 +221,13 @@ def _load_only(a: argparse.Namespace) -> object:
 
     from xdplb.dataplane.config import cflags
     from xdplb.dataplane.layout import BPF_DIR
-    from xdplb.dataplane.loader import ensure_bpffs
 
-    pin = f"{a.pin_dir}/verify-{os.getpid()}"
-    ensure_bpffs(a.pin_dir)
-    os.makedirs(pin, exist_ok=True)
-    try:
-        b = BPF(src_file=str(BPF_DIR / "xdplb.c"),
-                cflags=[f"-I{BPF_DIR}", *cflags(pin, capacities(a), timeouts(a))])
-        progs = [b.load_func("xdplb_ingress", BPF.XDP), b.load_func("xdplb_egress",
-                                                                     BPF.SCHED_CLS)]
-        return b, progs
-    finally:
-        subprocess.run(["rm", "-rf", pin], check=False)
+    # Maps are not pinned (maps.h): verifying leaves nothing behind.
+    b = BPF(src_file=str(BPF_DIR / "xdplb.c"),
+            cflags=[f"-I{BPF_DIR}", *cflags(capacities(a), timeouts(a))])
+    progs = [b.load_func("xdplb_ingress", BPF.XDP), b.load_func("xdplb_egress",
+                                                                 BPF.SCHED_CLS)]
+    return b, progs
 
 
 def cmd_verify(a: argparse.Namespace) -> int:

@@ -58,9 +58,8 @@ COMPILE_CAPS = Capacities(conntrack=1, listener_keys=1, listeners=1, source_rout
                           groups=1, table_slots=1, backends=1)
 
 
-def cflags(pin_dir: str, caps: Capacities, timeouts: Timeouts) -> list[str]:
+def cflags(caps: Capacities, timeouts: Timeouts) -> list[str]:
     defines = {
-        "PIN_DIR": f'"{pin_dir}"',
         "MAX_LISTENER_KEYS": caps.listener_keys,
         "MAX_LISTENERS": caps.listeners,
         "MAX_SOURCE_ROUTES": caps.source_routes,

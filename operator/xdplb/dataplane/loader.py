@@ -142,7 +142,7 @@ class DataPlane:
         from bcc import BPF  # system package: imported late so pure modules never need it
 
         ensure_bpffs(self.pin_root)
-        stale = [d for d in os.listdir(self.pin_root) if d != os.path.basename(self.pin_dir)]
+        stale = self._other_layouts()
         if stale:
             log.warning("pinned maps with another layout or capacity found (%s): flows "
                         "tracked there will be lost when their programs are replaced",
@@ -154,8 +154,7 @@ class DataPlane:
         compile_caps = replace(COMPILE_CAPS, snat_port_min=self.caps.snat_port_min,
                                snat_port_max=self.caps.snat_port_max)
         self.bpf = BPF(src_file=str(BPF_DIR / "xdplb.c").encode(),
-                       cflags=[f"-I{BPF_DIR}", *cflags(self.pin_dir, compile_caps,
-                                                       self.timeouts)])
+                       cflags=[f"-I{BPF_DIR}", *cflags(compile_caps, self.timeouts)])
         swap = self._open_maps()
         self.xdp_fn = load_program(self.bpf, XDP_PROG, bpfsys.PROG_TYPE_XDP, swap,
                                    bpfsys.F_XDP_HAS_FRAGS)
@@ -191,11 +190,17 @@ class DataPlane:
             swap[bcc_fd] = fd
         return swap
 
+    def _other_layouts(self) -> list[str]:
+        """Pin directories of other layouts or capacities (a bpffs root also holds
+        files of its own, such as maps.debug: only directories count)."""
+        return sorted(d for d in os.listdir(self.pin_root)
+                      if d != os.path.basename(self.pin_dir)
+                      and os.path.isdir(f"{self.pin_root}/{d}"))
+
     def remove_stale_pins(self) -> None:
         """Once attached everywhere: drop other layouts' maps and older programs."""
-        for d in os.listdir(self.pin_root):
-            if d != os.path.basename(self.pin_dir):
-                shutil.rmtree(f"{self.pin_root}/{d}", ignore_errors=True)
+        for d in self._other_layouts():
+            shutil.rmtree(f"{self.pin_root}/{d}", ignore_errors=True)
         for pin in Path(self.pin_dir).glob(f"{PROG_PIN_PREFIX}*"):
             if pin.name != f"{PROG_PIN_PREFIX}{self.xdp_id}":
                 pin.unlink(missing_ok=True)

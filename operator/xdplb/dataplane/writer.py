@@ -21,7 +21,7 @@ from xdplb.dataplane import layout as L
 from xdplb.dataplane.alloc import CapacityError, IdAllocator, RegionAllocator
 from xdplb.dataplane.config import Capacities
 from xdplb.dataplane.entries import Expansion, Inventory, expand, translated_listeners
-from xdplb.plan.model import Group, Plan
+from xdplb.plan.model import Group, Listener, Plan
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,11 @@ class MapWriter:
                                 f"{self.caps.source_routes} (--max-source-routes)")
 
         want_sni = self._sni_entries(plan, lids, live)
-        want_snat = self._snat_sources(plan, inv, res)
+        translated = translated_listeners(plan, inv)
+        want_snat = self._snat_sources(translated, inv, res)
         want_rev = self._rev_nat_entries(exp, lids)
         snat_bits = 0
-        for lst in translated_listeners(plan, inv):
+        for lst in translated:
             snat_bits |= L.pf_snat(L.PROTO[lst.protocol])
         if snat_bits:  # backends' replies arrive at these ports of the node
             for port in range(self.caps.snat_port_min, self.caps.snat_port_max + 1):
@@ -218,11 +219,12 @@ class MapWriter:
                                 f"{L.MAX_SNI_ROUTES}")
         return want
 
-    def _snat_sources(self, plan: Plan, inv: Inventory, res: ApplyResult) -> dict[bytes, bytes]:
-        """Backend id -> the node's address toward it, for backends of listeners whose
+    def _snat_sources(self, translated: list[Listener], inv: Inventory,
+                      res: ApplyResult) -> dict[bytes, bytes]:
+        """Backend id -> the node's address toward it, for backends of the listeners whose
         flows may be source-NATed (sourceNAT: Node, or hairpin)."""
         want: dict[bytes, bytes] = {}
-        for lst in translated_listeners(plan, inv):
+        for lst in translated:
             for b in sorted({b for g in lst.groups() for b in g.backends}):
                 route = inv.routes.get(b.address)
                 if route is not None:
