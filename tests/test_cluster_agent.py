@@ -25,6 +25,7 @@ import kubernetes
 import pytest
 from prometheus_client import REGISTRY
 
+from tests.chart import chart_grants
 from tests.k8s.cluster import KUBECTL, Cluster, crd_manifests, wait_for
 from tests.lab import Lab, bytes_since
 from tests.test_e2e import (
@@ -39,8 +40,14 @@ from tests.test_e2e import (
     start_lab,
     start_stream_on,
 )
-from xdplb.agent.cluster import AGENT_RULES, ClusterAgent, ClusterOptions, desire
+from xdplb.agent.cluster import (
+    ClusterAgent,
+    ClusterOptions,
+    desire,
+    uninstalling,
+)
 from xdplb.dataplane.loader import ensure_bpffs
+from xdplb.k8s.daemonset import AgentSettings, agent_daemonset
 from xdplb.plan.endpoints import EndpointIndex
 from xdplb.plan.model import Backend
 
@@ -110,7 +117,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     with Cluster(tmp) as cluster:
         cluster.kubectl("apply", *[a for f in crd_manifests(tmp) for a in ("-f", str(f))])
         account = cluster.emulator.grant(AGENT_TOKEN, "system:serviceaccount:xdplb:agent",
-                                         AGENT_RULES)
+                                         chart_grants("agent", "xdplb"))
         admin = kubernetes.client.CoreV1Api(cluster.client())
         admin.create_node({"metadata": {"name": NODE, "labels": {"role": "edge"}}})
         api = kubernetes.config.new_client_from_config(
@@ -265,6 +272,9 @@ def test_reports_are_coalesced_and_rights_are_minimal(env: Env) -> None:
     finally:
         env.agent.opts.heartbeat_seconds = 10.0
     # Every write the agent made was allowed by its rules: none touches LoadBalancers.
+    # With the uninstall test (which uses the other two), every granted rule is needed.
+    unused = set(env.account.unused())  # type: ignore[attr-defined]
+    assert unused <= {"delete nodestates.xdplb.io", "get daemonsets.apps"}, unused
     used = {(res, verb) for _, _, res, verb in env.account.used}  # type: ignore[attr-defined]
     assert ("loadbalancers", "list") in used and ("nodestates/status", "patch") in used
     assert not {v for r, v in used if r == "loadbalancers"} - {"list", "watch"}
@@ -332,7 +342,8 @@ def test_end_to_end_apply_traffic_and_drain(tmp_path: Path) -> None:
     try:
         with Cluster(tmp_path) as cluster:
             cluster.kubectl("apply", *[a for f in crd_manifests(tmp_path) for a in ("-f", str(f))])
-            cluster.emulator.grant(AGENT_TOKEN, "system:serviceaccount:xdplb:agent", AGENT_RULES)
+            cluster.emulator.grant(AGENT_TOKEN, "system:serviceaccount:xdplb:agent",
+                                   chart_grants("agent", "xdplb"))
             api = cluster.client()
             core = kubernetes.client.CoreV1Api(api)
             discovery = kubernetes.client.DiscoveryV1Api(api)
@@ -415,6 +426,97 @@ def test_end_to_end_apply_traffic_and_drain(tmp_path: Path) -> None:
             relay.wait(10)
         lab.close()
         shutil.rmtree(E2E_PIN_DIR, ignore_errors=True)
+
+
+UNINSTALL_PINS = "/run/xdplb-k8s/bpf/uninstall"
+UNINSTALL_IF = "xkun0"
+
+
+def xdp_attached(ifname: str) -> bool:
+    out = subprocess.run(["ip", "-j", "link", "show", ifname], capture_output=True, text=True,
+                         check=True).stdout
+    return "xdp" in json.loads(out)[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to attach XDP")
+def test_uninstall_removes_programs_pins_and_nodestate(tmp_path: Path) -> None:
+    """A stop with the DaemonSet in place keeps everything for the next agent; a stop
+    while it is deleted (helm uninstall) leaves nothing behind."""
+    subprocess.run(["ip", "link", "del", UNINSTALL_IF], capture_output=True)
+    subprocess.run(["ip", "link", "add", UNINSTALL_IF, "type", "veth", "peer", "name", "xkun1"],
+                   check=True)
+    ensure_bpffs(str(Path(UNINSTALL_PINS).parent))
+    try:
+        with Cluster(tmp_path) as cluster:
+            cluster.kubectl("apply", *[a for f in crd_manifests(tmp_path) for a in ("-f", str(f))])
+            account = cluster.emulator.grant(AGENT_TOKEN, "system:serviceaccount:xdplb:agent",
+                                             chart_grants("agent", "xdplb"))
+            admin = cluster.client()
+            kubernetes.client.CoreV1Api(admin).create_node({"metadata": {"name": NODE}})
+            apps = kubernetes.client.AppsV1Api(admin)
+            ds = agent_daemonset(AgentSettings(namespace="xdplb"))
+            ds["metadata"]["finalizers"] = ["test.xdplb.io/hold"]  # deletion takes a while
+            apps.create_namespaced_daemon_set("xdplb", ds)
+            cluster.kubectl("apply", "-f", "-", stdin=json.dumps({
+                **lb_doc("web", 80, backends=backends(1)),
+                "spec": {"interfaces": [UNINSTALL_IF], "listeners": [{
+                    "name": "http", "protocol": "TCP", "port": 80, "address": "192.0.2.10",
+                    "backends": backends(1)}]}}))
+            api = kubernetes.config.new_client_from_config(
+                str(cluster.kubeconfig("agent", AGENT_TOKEN)))
+            custom = kubernetes.client.CustomObjectsApi(admin)
+
+            def run_agent() -> ClusterAgent:
+                agent = ClusterAgent(ClusterOptions(
+                    config="kubernetes", node_name=NODE, pin_root=UNINSTALL_PINS,
+                    detach_on_exit=False, daemonset="xdplb/xdplb-agent",
+                    state_file=str(tmp_path / "agent.json"), poll_seconds=0.05,
+                    min_write_seconds=0.2), api=api)
+                agent.start()
+                wait_for("web applied and attached", lambda: (
+                    agent.step(0.05) or (agent.plan is not None and agent.plan.listeners
+                                         and xdp_attached(UNINSTALL_IF))), timeout=30)
+                return agent
+
+            def nodestate() -> bool:
+                try:
+                    custom.get_cluster_custom_object("xdplb.io", "v1alpha1", "nodestates", NODE)
+                except kubernetes.client.ApiException as e:
+                    assert e.status == 404
+                    return False
+                return True
+
+            # A restart (rolling update, crash): the DaemonSet stays, so does the data plane.
+            agent = run_agent()
+            wait_for("the NodeState", nodestate)
+            agent.shutdown()
+            assert xdp_attached(UNINSTALL_IF) and Path(UNINSTALL_PINS).is_dir() and nodestate()
+
+            # helm uninstall: the DaemonSet is being deleted when its pods get SIGTERM.
+            agent = run_agent()
+            apps.delete_namespaced_daemon_set("xdplb-agent", "xdplb")
+            assert uninstalling(api, "xdplb/xdplb-agent")
+            agent.shutdown()
+            assert not xdp_attached(UNINSTALL_IF)
+            assert not Path(UNINSTALL_PINS).exists()
+            assert not nodestate()
+            assert {"delete nodestates.xdplb.io", "get daemonsets.apps"}.isdisjoint(
+                account.unused())  # the rules only an uninstall needs
+
+            # Gone outright, or our account deleted with it: an uninstall too. Unset: never.
+            assert not uninstalling(api, "")
+            apps.patch_namespaced_daemon_set("xdplb-agent", "xdplb",
+                                             {"metadata": {"finalizers": None}})
+            assert uninstalling(api, "xdplb/xdplb-agent")
+            apps.create_namespaced_daemon_set("xdplb", agent_daemonset(
+                AgentSettings(namespace="xdplb")))
+            assert not uninstalling(api, "xdplb/xdplb-agent")
+            cluster.emulator.revoke(AGENT_TOKEN)
+            assert uninstalling(api, "xdplb/xdplb-agent")
+    finally:
+        subprocess.run(["ip", "link", "del", UNINSTALL_IF], capture_output=True)
+        subprocess.run([str(XDPLB), "agent", "--cleanup", "--pin-dir", UNINSTALL_PINS],
+                       capture_output=True)
 
 
 def test_a_watch_refused_is_reported_and_keeps_the_maps(env: Env) -> None:

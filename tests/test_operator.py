@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 
+from tests.chart import chart_grants
 from tests.k8s.cluster import KUBECTL, Cluster, wait_for
 from xdplb.k8s.daemonset import AgentSettings
 from xdplb.k8s.operator import Kube, State, run
-from xdplb.k8s.rbac import OPERATOR_RULES
-from xdplb.k8s.settings import OperatorSettings
+from xdplb.k8s.settings import LeaderElectionSettings, OperatorSettings
 from xdplb.k8s.status import LoadBalancerStatus
 
 pytestmark = pytest.mark.skipif(not KUBECTL.exists(), reason="run scripts/setup.sh for kubectl")
@@ -145,14 +145,18 @@ def operator_env(tmp_path: Any, **overrides: Any) -> Iterator[Env]:
     with Cluster(tmp_path) as cluster:
         cluster.apply_crds()
         cluster.emulator.grant(OPERATOR_TOKEN, f"system:serviceaccount:{SYSTEM_NS}:xdplb-operator",
-                               OPERATOR_RULES)
+                               chart_grants("operator", SYSTEM_NS))
         admin = Kube(str(cluster.admin_kubeconfig))
         seed_operator_deployment(admin)
         settings = replace(OperatorSettings(
             kubeconfig=str(cluster.kubeconfig("operator", OPERATOR_TOKEN)),
             pod_name="xdplb-operator-5d4f-x2x9q", pod_namespace=SYSTEM_NS,
             agent=AgentSettings(namespace=SYSTEM_NS, image="registry.example/xdplb:1.2.3"),
-            status_interval=0.2, resync_interval=0.3), **overrides)
+            status_interval=0.2, resync_interval=0.3,
+            # As deployed: the Lease taken and renewed (each granted verb used within 0.5 s).
+            leader_election=LeaderElectionSettings(
+                enabled=True, namespace=SYSTEM_NS, identity="xdplb-operator-5d4f-x2x9q",
+                retry_period=0.5)), **overrides)
         state = State(settings)
         stop, ready = threading.Event(), threading.Event()
         thread = threading.Thread(target=run, args=(settings, stop, ready, state), daemon=True)
@@ -495,7 +499,7 @@ def test_xdplb_operator_command_finds_the_api_through_kubeconfig(tmp_path: Any) 
     with Cluster(tmp_path) as cluster:
         cluster.apply_crds()
         cluster.emulator.grant(OPERATOR_TOKEN, "system:serviceaccount:x:xdplb-operator",
-                               OPERATOR_RULES)
+                               chart_grants("operator", "lb-system"))
         env_vars = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig("op", OPERATOR_TOKEN)),
                     "XDPLB_AGENT_IMAGE": "registry.example/agent:9", "XDPLB_XDP_MODE": "generic"}
         env_vars.pop("POD_NAME", None)

@@ -684,7 +684,7 @@ def test_limit_sni_routes(monkeypatch: pytest.MonkeyPatch) -> None:
     docs = [many_listeners("a", 2, routes=2, key="sniRoutes")]
     assert problems(*docs, limits=Limits(max_sni_routes=2)) == []
     assert problems(*docs, limits=Limits(max_sni_routes=1)) == [
-        f"{SRC}: 2 SNI routes exceed the capacity 1 (--max-sni-routes)"
+        f"{SRC}: 2 SNI routes exceed the capacity 1 (the SNI map)"
     ]
 
 
@@ -696,7 +696,7 @@ def test_limit_backends_per_group() -> None:
     assert problems(doc, limits=Limits(max_backends_per_group=2)) == []
     assert problems(doc, limits=Limits(max_backends_per_group=1)) == [
         PREFIX + "spec.listeners[0].backends: 2 backends exceed the capacity 1"
-        " (--max-backends-per-group)"
+        " of a group"
     ]
 
 

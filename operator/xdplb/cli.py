@@ -81,7 +81,8 @@ def cmd_agent(a: argparse.Namespace) -> int:
             logging.error("--kubernetes needs --node-name (or the NODE_NAME variable)")
             return 2
         ClusterAgent(ClusterOptions(
-            config="kubernetes", node_name=a.node_name, xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
+            config="kubernetes", node_name=a.node_name, daemonset=a.daemonset,
+            xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
             caps=capacities(a), timeouts=timeouts(a),
             detach_on_exit=detach, force=a.force,
             metrics_port=a.metrics_port, state_file=a.state_file)).run()
@@ -104,6 +105,14 @@ def cmd_operator(a: argparse.Namespace) -> int:
     setup_logging(a.log_format)
     run(settings_from_args(a))
     return 0
+
+
+def cmd_uninstall(a: argparse.Namespace) -> int:
+    from xdplb.k8s.operator import Kube
+    from xdplb.k8s.uninstall import uninstall
+
+    setup_logging(a.log_format)
+    return 0 if uninstall(Kube(), a.namespace, a.deployment, a.timeout) else 1
 
 
 def cmd_crds(a: argparse.Namespace) -> int:
@@ -133,6 +142,20 @@ def cmd_validate(a: argparse.Namespace) -> int:
         return 1
     n = sum(len(lb.spec.listeners) for lb in lbs)
     print(f"{a.file}: valid ({len(lbs)} LoadBalancers, {n} listeners)")
+    return 0
+
+
+def cmd_reference(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from xdplb.spec.reference import render
+
+    text = render()
+    if a.output is None:
+        print(text, end="")
+        return 0
+    Path(a.output).write_text(text)
+    print(f"wrote {a.output}")
     return 0
 
 
@@ -267,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cleanup", action="store_true", help="remove programs, filters, pins")
     p.add_argument("--kubernetes", action="store_true", help="take LoadBalancers from the API")
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME", ""))
+    p.add_argument("--daemonset", default="", metavar="NAMESPACE/NAME",
+                   help="the agents' DaemonSet: when it is gone at a stop, clean up as"
+                        " --cleanup does (set by the operator)")
     p.add_argument("--state-file", default="/run/xdplb/agent.json")
     add_dataplane_args(p)
     p.set_defaults(fn=cmd_agent)
@@ -275,6 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     add_operator_args(p)
     p.set_defaults(fn=cmd_operator)
 
+    p = sub.add_parser("uninstall", help="before deleting an install: stop the operator and"
+                       " agents, release LoadBalancers' finalizers, delete NodeStates")
+    p.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "xdplb-system"),
+                   help="namespace of the operator (default: $POD_NAMESPACE, else %(default)s)")
+    p.add_argument("--deployment", default="xdplb-operator", help="the operator's Deployment")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for the operator's pods to stop")
+    p.add_argument("--log-format", choices=["text", "json"], default="text")
+    p.set_defaults(fn=cmd_uninstall)
+
     p = sub.add_parser("crds", help="print the CustomResourceDefinitions (or write them)")
     p.add_argument("--output-dir", default=None, help="write one YAML file per CRD here")
     p.set_defaults(fn=cmd_crds)
@@ -282,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", help="validate a YAML file of LoadBalancers")
     p.add_argument("file")
     p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("reference", help="print the configuration reference (Markdown)")
+    p.add_argument("--output", default=None, help="write it to this file instead")
+    p.set_defaults(fn=cmd_reference)
 
     p = sub.add_parser("explain", help="which listener, route and backend a new flow gets")
     p.add_argument("--config", default=DEFAULT_CONFIG)

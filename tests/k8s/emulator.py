@@ -17,7 +17,8 @@ kubectl rely on from a real server:
   ``/status`` changes only the status;
 - finalizers and ``deletionTimestamp``;
 - RBAC: a request with a known ServiceAccount token is allowed only by that
-  account's ClusterRole rules (403 otherwise), and every rule a request used is
+  account's ClusterRole and Role rules (403 otherwise; a rule with a ``namespace``
+  key is a Role's), and every rule a request used is
   recorded so a test can find grants nothing needed.
 """
 
@@ -69,6 +70,13 @@ BACKBONE = [
     ResourceType("apps", "v1", "deployments", "Deployment", True, True, ("deploy",)),
     ResourceType("apps", "v1", "replicasets", "ReplicaSet", True, True, ("rs",)),
     ResourceType("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", True),
+    ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True),
+    ResourceType("batch", "v1", "jobs", "Job", True, True),
+    ResourceType("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False),
+    ResourceType("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding",
+                 False),
+    ResourceType("rbac.authorization.k8s.io", "v1", "roles", "Role", True),
+    ResourceType("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True),
     ResourceType("apiextensions.k8s.io", "v1", "customresourcedefinitions",
                  "CustomResourceDefinition", False, True, ("crd", "crds")),
 ]
@@ -208,6 +216,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
     types: dict[ResKey, ResourceType] = attrs.field(factory=dict)
     store: dict[tuple[ResKey, str | None, str], Json] = attrs.field(factory=dict)
     accounts: dict[str, Account] = attrs.field(factory=dict)  # bearer token -> account
+    revoked: set[str] = attrs.field(factory=set)
     log: list[tuple[int, ResKey, str, Json]] = attrs.field(factory=list)  # (rv, res, type, obj)
     revision: int = 0
     closing: bool = False
@@ -232,6 +241,11 @@ class ApiEmulator(kmock.KubernetesEmulator):
         """Requests bearing ``token`` act as ``user``, allowed only by ``rules``."""
         self.accounts[token] = Account(user, copy.deepcopy(rules))
         return self.accounts[token]
+
+    def revoke(self, token: str) -> None:
+        """``token`` stops working (401), as when its ServiceAccount is deleted."""
+        self.accounts.pop(token, None)
+        self.revoked.add(token)
 
     async def end_watches(self) -> None:
         """End every watch stream, so that the server stops without waiting for clients."""
@@ -296,7 +310,10 @@ class ApiEmulator(kmock.KubernetesEmulator):
 
     def _authorize(self, raw: aiohttp.web.BaseRequest, route: Route, verb: str) -> None:
         auth = raw.headers.get("Authorization", "")
-        account = self.accounts.get(auth.removeprefix("Bearer ").strip())
+        token = auth.removeprefix("Bearer ").strip()
+        if token in self.revoked:
+            raise ApiError(401, "Unauthorized", "Unauthorized")
+        account = self.accounts.get(token)
         if account is None:
             return  # the cluster admin (kubectl, test set-up)
         rt = route.rtype
@@ -305,6 +322,8 @@ class ApiEmulator(kmock.KubernetesEmulator):
             groups, resources, verbs = (rule.get(k, []) for k in ("apiGroups", "resources",
                                                                    "verbs"))
             names = rule.get("resourceNames") or []
+            if rule.get("namespace") not in (None, route.namespace):
+                continue  # a Role's rule: its namespace only
             if ((rt.group in groups or "*" in groups)
                     and (resource in resources or "*" in resources)
                     and (verb in verbs or "*" in verbs)

@@ -66,7 +66,8 @@ LB_GENERATION = Gauge("xdplb_loadbalancer_applied_generation",
 # LoadBalancers: the operator owns their status.
 AGENT_RULES: list[Json] = [
     {"apiGroups": [GROUP], "resources": ["loadbalancers"], "verbs": ["list", "watch"]},
-    {"apiGroups": [GROUP], "resources": ["nodestates"], "verbs": ["create"]},
+    # Its own NodeState: created at start, deleted when xdplb is uninstalled.
+    {"apiGroups": [GROUP], "resources": ["nodestates"], "verbs": ["create", "delete"]},
     {"apiGroups": [GROUP], "resources": ["nodestates/status"], "verbs": ["patch"]},
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]},
@@ -74,12 +75,45 @@ AGENT_RULES: list[Json] = [
      "verbs": ["list", "watch"]},
 ]
 
+# A Role in the agents' namespace: whether this stop is an uninstall (see uninstalling).
+AGENT_NAMESPACE_RULES: list[Json] = [
+    {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get"]},
+]
+
 
 @dataclass
 class ClusterOptions(AgentOptions):
     node_name: str = ""
+    daemonset: str = ""  # namespace/name of the agents' DaemonSet ("": never uninstall)
     heartbeat_seconds: float = 10.0
     min_write_seconds: float = 1.0  # NodeState writes are coalesced to at most one per this
+
+
+def uninstalling(api: kubernetes.client.ApiClient, daemonset: str) -> bool:
+    """Whether the agents' DaemonSet is gone or going: this stop ends the install.
+
+    A rolling update, a node drain or a crash keeps the DaemonSet, and the next agent
+    adopts the programs and pins; an uninstall deletes it, and nothing may stay
+    behind. 401 means our ServiceAccount is gone, which only an uninstall does. Any
+    other doubt keeps the data plane: a leftover program is better than an outage.
+    """
+    if not daemonset:
+        return False
+    namespace, name = daemonset.split("/", 1)
+    try:
+        ds = kubernetes.client.AppsV1Api(api).read_namespaced_daemon_set(
+            name, namespace, _request_timeout=5)
+    except ApiException as e:
+        if e.status in (401, 404):
+            return True
+        log.warning("cannot tell whether xdplb is being uninstalled (%s %s): keeping programs"
+                    " and pins", e.status, e.reason)
+        return False
+    except Exception as e:  # unreachable API: the node is more likely restarting
+        log.warning("cannot tell whether xdplb is being uninstalled (%s): keeping programs"
+                    " and pins", e)
+        return False
+    return ds.metadata.deletion_timestamp is not None
 
 
 # --- what this node should do (pure) ---------------------------------------------------------
@@ -351,6 +385,16 @@ class ClusterAgent(Agent):
     def shutdown(self) -> None:
         for w in self.watches.values():
             w.stop()
+        if not self.opts.detach_on_exit and uninstalling(self.api, self.opts.daemonset):
+            log.info("the agent DaemonSet %s is gone: removing programs, filters, pins and"
+                     " NodeState %s", self.opts.daemonset, self.opts.node_name)
+            self.opts.detach_on_exit = True
+            try:
+                self.custom.delete_cluster_custom_object(GROUP, VERSION, "nodestates",
+                                                         self.opts.node_name)
+            except ApiException as e:
+                if e.status not in (401, 404):
+                    log.warning("NodeState %s not deleted: %s", self.opts.node_name, e.reason)
         super().shutdown()
 
     # -- events -------------------------------------------------------------------------------

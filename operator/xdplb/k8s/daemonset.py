@@ -60,7 +60,7 @@ def agent_args(s: AgentSettings) -> list[str]:
     args = ["agent", "--kubernetes", "--xdp-mode", s.xdp_mode,
             "--conntrack-capacity", str(s.conntrack_capacity),
             "--metrics-port", str(s.metrics_port), "--log-format", s.log_format,
-            "--pin-dir", s.pin_dir]
+            "--pin-dir", s.pin_dir, "--daemonset", f"{s.namespace}/{s.name}"]
     for f in fields(Timeouts):
         args += [f"--{f.name.replace('_', '-')}-timeout", str(getattr(s.timeouts, f.name))]
     return args
@@ -82,6 +82,10 @@ def agent_daemonset(s: AgentSettings, owner: dict[str, Any] | None = None) -> di
         "ports": [{"name": "metrics", "containerPort": s.metrics_port, "protocol": "TCP"}],
         "resources": s.resources,
         "securityContext": {
+            # Root with the three capabilities only: the image's default user is the
+            # operator's, and capabilities are not effective for a non-root process.
+            "runAsUser": 0,
+            "runAsNonRoot": False,
             "privileged": False,
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -92,6 +96,8 @@ def agent_daemonset(s: AgentSettings, owner: dict[str, Any] | None = None) -> di
             {"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "HostToContainer"},
             {"name": "run", "mountPath": "/run/xdplb"},
             {"name": "tmp", "mountPath": "/tmp"},  # the root filesystem is read-only
+            # The entrypoint links the image's kernel headers here for this node's kernel.
+            {"name": "modules", "mountPath": "/lib/modules"},
         ],
     }
     return {
@@ -118,6 +124,7 @@ def agent_daemonset(s: AgentSettings, owner: dict[str, Any] | None = None) -> di
                          "hostPath": {"path": "/sys/fs/bpf", "type": "DirectoryOrCreate"}},
                         {"name": "run", "emptyDir": {}},
                         {"name": "tmp", "emptyDir": {}},
+                        {"name": "modules", "emptyDir": {}},
                     ],
                 },
             },

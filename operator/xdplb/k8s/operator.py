@@ -6,6 +6,10 @@ NodeStates decides which LoadBalancers a change touches: a heartbeat that
 changes nothing but its time wakes nobody, and a node that falls silent is
 found by a cheap scan of heartbeat ages. Status writes are coalesced to at
 most one per LoadBalancer per ``status_interval``, and only when they change.
+
+With leader election on, a replica runs kopf only while it holds the Lease
+(see lease.py) and exits non-zero when it loses it; /healthz and /readyz
+answer for the leader and the standbys alike.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import datetime
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import kopf
@@ -39,6 +45,7 @@ from xdplb.k8s.conditions import (
 )
 from xdplb.k8s.conflicts import Claim, Conflict, claim_of, resolve
 from xdplb.k8s.daemonset import agent_daemonset, drift_patch
+from xdplb.k8s.lease import LeaderElector, LeaseLost
 from xdplb.k8s.settings import OperatorSettings
 from xdplb.plan.endpoints import SERVICE_NAME_LABEL, service_port_name, slice_backends
 from xdplb.spec.model import LoadBalancer, format_errors
@@ -65,6 +72,7 @@ class Kube:
                                                client_configuration=config)
         self.config = config
         self.client = kubernetes.client.ApiClient(config)
+        self.answered = False  # the API server has authenticated and served a request
 
     def connection(self) -> kopf.ConnectionInfo:
         header = (self.config.get_api_key_with_prefix("BearerToken")
@@ -75,13 +83,16 @@ class Kube:
             certificate_path=self.config.cert_file, private_key_path=self.config.key_file)
 
     def request(self, method: str, path: str, body: Any = None,
-                content_type: str = "application/json") -> Any:
+                content_type: str = "application/json", timeout: float | None = None) -> Any:
         c = self.client
         method, url, headers, body, _ = c.param_serialize(
             method, path, body=body, auth_settings=["BearerToken"],
             header_params={"Content-Type": content_type, "Accept": "application/json"})
-        response = c.call_api(method, url, header_params=headers, body=body)
+        response = c.call_api(method, url, header_params=headers, body=body,
+                              _request_timeout=timeout)
         response.read()
+        if response.status < 500 and response.status not in (401, 403):
+            self.answered = True  # a 404 or 409 is an answer too
         return c.response_deserialize(response, {"2XX": "object"}).data
 
     def get(self, path: str) -> Any:
@@ -446,7 +457,8 @@ async def release(opts: OperatorSettings, state: State, kube: Kube, body: dict[s
     log.info("released %s/%s", *ref)
 
 
-def build_registry(opts: OperatorSettings, state: State, kube: Kube) -> kopf.OperatorRegistry:
+def build_registry(opts: OperatorSettings, state: State, kube: Kube,
+                   probes: Probes | None = None) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     tasks: list[asyncio.Task[None]] = []
     releasing: dict[Ref, asyncio.Task[None]] = {}
@@ -457,11 +469,13 @@ def build_registry(opts: OperatorSettings, state: State, kube: Kube) -> kopf.Ope
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.peering.standalone = True  # one replica; leader election is the Deployment's
+        settings.peering.standalone = True  # our Lease, not kopf's peering, picks the replica
         settings.posting.level = logging.ERROR  # Events are ours, not kopf's log lines
         state.changed = asyncio.Event()
         tasks.append(asyncio.create_task(status_loop(state, kube)))
         tasks.append(asyncio.create_task(daemonset_loop(opts, kube)))
+        if probes is not None:
+            probes.loops.extend(tasks)
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
@@ -509,13 +523,135 @@ def build_registry(opts: OperatorSettings, state: State, kube: Kube) -> kopf.Ope
     return registry
 
 
+# --- probes and the run -------------------------------------------------------------
+
+
+class Probes:
+    """What /healthz and /readyz answer, read by the probe server's thread.
+
+    Alive while every loop of this replica's role runs: the Lease loop of a standby;
+    kopf, the Lease renewal, the status and DaemonSet loops of the leader. Ready once the
+    API server has answered: a standby is ready too, or a rolling update with
+    maxUnavailable 0 would wait forever for a replica that only stands by.
+    """
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self.role = "starting"
+        self.loops: list[asyncio.Future[Any]] = []
+
+    def alive(self) -> bool:
+        return not any(t.done() for t in self.loops)
+
+    def ready(self) -> bool:
+        return self.kube.answered
+
+
+class _DualStackServer(ThreadingHTTPServer):
+    daemon_threads = True
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        with contextlib.suppress(OSError):  # IPv4 too: the pod may have either address
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def serve_probes(port: int, probes: Probes) -> ThreadingHTTPServer:
+    """/healthz and /readyz on ``port``, from a thread: kopf counts every task started
+    on its loop as its own, and a blocked loop still fails the probe by its timeout."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            check = {"/healthz": probes.alive, "/readyz": probes.ready}.get(
+                self.path.split("?")[0])
+            ok = check is not None and check()
+            code = 404 if check is None else 200 if ok else 503
+            text = f"{'ok' if ok else 'not ok'}: {probes.role}\n".encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(text)))
+            self.end_headers()
+            self.wfile.write(text)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # kubelet probes every few seconds: no log line each
+
+    try:
+        server: ThreadingHTTPServer = _DualStackServer(("::", port), Handler)
+    except OSError:  # no IPv6 in this network namespace
+        server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="probes", daemon=True).start()
+    return server
+
+
+async def _flag(stop: threading.Event | None) -> None:
+    """Return once ``stop`` is set (never when None)."""
+    while stop is None or not stop.is_set():
+        await asyncio.sleep(0.1 if stop else 3600)
+
+
+async def operate(settings: OperatorSettings, kube: Kube, registry: kopf.OperatorRegistry,
+                  probes: Probes, stop: threading.Event | None,
+                  ready: threading.Event | None) -> str | None:
+    """Stand by for the Lease (when electing), then run kopf until stopped; return why the
+    Lease was lost, if it was."""
+    stopped = asyncio.create_task(_flag(stop))
+    elector: LeaderElector | None = None
+    holding: asyncio.Task[str] | None = None
+    try:
+        if settings.leader_election.enabled:
+            elector = LeaderElector(kube, settings.leader_election)
+            acquiring = asyncio.create_task(elector.acquire())
+            probes.role, probes.loops = "standby", [acquiring]
+            await asyncio.wait({acquiring, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not acquiring.done():
+                acquiring.cancel()
+                return None
+            # Started before kopf: kopf, when it stops, ends every task started after it.
+            holding = asyncio.create_task(elector.hold())
+        kopf_stop = asyncio.Event()
+        running = asyncio.create_task(kopf.operator(
+            registry=registry, standalone=True, clusterwide=True, stop_flag=kopf_stop,
+            ready_flag=ready))
+        probes.role, probes.loops = "leader", [running, *([holding] if holding else [])]
+        await asyncio.wait({running, stopped, *([holding] if holding else [])},
+                           return_when=asyncio.FIRST_COMPLETED)
+        lost = holding.result() if holding is not None and holding.done() else None
+        if lost:
+            log.error("%s; stopping", lost)
+        kopf_stop.set()
+        try:
+            await running
+        finally:
+            if holding is not None:
+                holding.cancel()
+            if elector is not None and not lost:
+                await asyncio.to_thread(elector.release)
+        return lost
+    finally:
+        stopped.cancel()
+
+
 def run(settings: OperatorSettings, stop: threading.Event | None = None,
         ready: threading.Event | None = None, state: State | None = None) -> None:
-    """Run until ``stop`` is set (or forever); ``state`` lets a caller watch the index."""
+    """Run until ``stop`` is set (or forever); ``state`` lets a caller watch the index.
+
+    Raises LeaseLost (a SystemExit: the process ends non-zero) when the Lease is lost.
+    """
     kube = Kube(settings.kubeconfig)
     state = state or State(settings)
     # kopf logs every handled event at INFO: at 1,000 nodes that is the heartbeat rate.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    registry = build_registry(settings, state, kube)
-    asyncio.run(kopf.operator(registry=registry, standalone=True, clusterwide=True,
-                              stop_flag=stop, ready_flag=ready))
+    probes = Probes(kube)
+    registry = build_registry(settings, state, kube, probes)
+    server = serve_probes(settings.health_port, probes) if settings.health_port else None
+    try:
+        lost = asyncio.run(operate(settings, kube, registry, probes, stop, ready))
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    if lost:
+        raise LeaseLost(f"xdplb operator: {lost}")

@@ -1,4 +1,4 @@
-"""The operator's ClusterRole rules: one list, used by the chart and checked by the tests.
+"""The operator's RBAC rules: the chart grants exactly these (a test compares them).
 
 The tests run the operator with exactly these grants (the API emulator answers
 403 to anything else) and fail on a grant no request used.
@@ -22,11 +22,6 @@ OPERATOR_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch"]},
     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
      "verbs": ["list", "watch"]},
-    # The single agent DaemonSet: created once, then patched in place.
-    {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "create", "patch"]},
-    # Our own Deployment (Pod -> ReplicaSet -> Deployment), the DaemonSet's owner.
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
-    {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get"]},
     # kopf follows CRDs appearing while it runs. (Namespaces only matter to kopf for
     # namespace patterns, which the operator does not use.)
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
@@ -34,6 +29,15 @@ OPERATOR_RULES: list[dict[str, Any]] = [
 ]
 
 
-def cluster_role(name: str = "xdplb-operator") -> dict[str, Any]:
-    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-            "metadata": {"name": name}, "rules": OPERATOR_RULES}
+# A Role in the operator's own namespace (where the agent DaemonSet lives too: an owner
+# reference cannot cross namespaces).
+OPERATOR_NAMESPACE_RULES: list[dict[str, Any]] = [
+    # The single agent DaemonSet: created once, then patched in place.
+    {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "create", "patch"]},
+    # Our own Deployment (Pod -> ReplicaSet -> Deployment), the DaemonSet's owner.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+    {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get"]},
+    # Leader election: one active replica holds the Lease (read, created once, renewed by PUT).
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+     "verbs": ["get", "create", "update"]},
+]

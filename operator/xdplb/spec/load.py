@@ -300,7 +300,7 @@ def _limit_errors(valid: list[tuple[str, LoadBalancer]], source: str, limits: Li
         ]
         errors += [
             f"{label}: {path}.backends: {len(group.backends)} backends exceed the capacity "
-            f"{limits.max_backends_per_group} (--max-backends-per-group)"
+            f"{limits.max_backends_per_group} of a group"
             for path, group in groups
             if group.backends and len(group.backends) > limits.max_backends_per_group
         ]
@@ -324,12 +324,12 @@ def _limit_errors(valid: list[tuple[str, LoadBalancer]], source: str, limits: Li
             sum(len(ln.sni_routes) for _, _, ln in listeners),
             "SNI routes",
             limits.max_sni_routes,
-            "--max-sni-routes",
+            "the SNI map",
         ),
     ]
     errors += [
-        f"{source}: {count} {what} exceed the capacity {capacity} ({flag})"
-        for count, what, capacity, flag in totals
+        f"{source}: {count} {what} exceed the capacity {capacity} ({why})"
+        for count, what, capacity, why in totals
         if count > capacity
     ]
     return errors

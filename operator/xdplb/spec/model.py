@@ -348,9 +348,10 @@ class _Model(BaseModel):
 class Backend(_Model):
     """One real server; traffic is split by weight (0 = no new connections)."""
 
-    address: BackendAddress
-    port: Port
-    weight: Weight = 1
+    address: BackendAddress = Field(description="the backend's IPv4 address")
+    port: Port = Field(description="the backend's port")
+    weight: Weight = Field(
+        default=1, description="share of new flows, relative to the group's other backends")
 
     @property
     def endpoint(self) -> str:
@@ -360,8 +361,9 @@ class Backend(_Model):
 class ServiceRef(_Model):
     """A Service port of the LoadBalancer's namespace; its EndpointSlices are the backends."""
 
-    name: ServiceName
-    port: ServicePort
+    name: ServiceName = Field(description="the Service's name")
+    port: ServicePort = Field(
+        description="a port of the Service, by name or by number (of the listener's protocol)")
 
 
 class HealthCheck(_Model):
@@ -380,14 +382,18 @@ class HealthCheck(_Model):
         description="TCP: connect; UDP: send payload, expect any answer")
     port: Port | None = Field(default=None, description="omitted: each backend's port")
     interval_seconds: Annotated[int, Field(strict=True, ge=1, le=300)] = Field(
-        default=5, alias="intervalSeconds")
+        default=5, alias="intervalSeconds", description="seconds between probes of a backend")
     timeout_seconds: Annotated[int, Field(strict=True, ge=1, le=60)] = Field(
-        default=1, alias="timeoutSeconds")  # 1: never above the shortest interval
+        default=1, alias="timeoutSeconds",  # 1: never above the shortest interval
+        description="seconds a probe may take before it counts as failed")
     healthy_threshold: Annotated[int, Field(strict=True, ge=1, le=10)] = Field(
-        default=2, alias="healthyThreshold")
+        default=2, alias="healthyThreshold",
+        description="passes in a row that bring a failed backend back")
     unhealthy_threshold: Annotated[int, Field(strict=True, ge=1, le=10)] = Field(
-        default=3, alias="unhealthyThreshold")
-    payload: Annotated[str, Field(max_length=64)] | None = None
+        default=3, alias="unhealthyThreshold",
+        description="failures in a row after which a backend gets no new flows")
+    payload: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None, description="the UDP probe's datagram; omitted: an empty one")
 
 
 # A listener's default group or a route's group: inline backends or a Service.
@@ -406,8 +412,8 @@ class SourceRoute(_Model):
 
     cel_rules = GROUP_RULES
 
-    cidr: Cidr
-    backends: BackendList | None = None
+    cidr: Cidr = Field(description="client network; the longest prefix matching a client wins")
+    backends: BackendList | None = Field(default=None, description="the route's backends")
     service: ServiceRef | None = None
     health_check: HealthCheck | None = Field(
         default=None, alias="healthCheck", description="omitted: the listener's")
@@ -418,8 +424,9 @@ class SniRoute(_Model):
 
     cel_rules = GROUP_RULES
 
-    hostname: Hostname
-    backends: BackendList | None = None
+    hostname: Hostname = Field(
+        description="server name of the ClientHello, matched exactly, in any case")
+    backends: BackendList | None = Field(default=None, description="the route's backends")
     service: ServiceRef | None = None
     health_check: HealthCheck | None = Field(
         default=None, alias="healthCheck", description="omitted: the listener's")
@@ -437,22 +444,27 @@ class Listener(_Model):
         ),
     )
 
-    name: ListenerName
-    protocol: Literal["TCP", "UDP"]
-    port: Port
+    name: ListenerName = Field(description="unique within the LoadBalancer")
+    protocol: Literal["TCP", "UDP"] = Field(description="transport protocol of the listener")
+    port: Port = Field(description="port the clients connect to")
     address: VipAddress | None = Field(default=None, description="VIP; omitted = every address")
-    backends: BackendList | None = None
+    backends: BackendList | None = Field(
+        default=None, description="the default group: clients that no route claims")
     service: ServiceRef | None = None
     health_check: HealthCheck | None = Field(
         default=None, alias="healthCheck",
         description="probes for this listener's groups; omitted: none")
     source_routes: list[SourceRoute] = Field(
-        default_factory=list, alias="sourceRoutes", max_length=MAX_ROUTES_PER_LISTENER
+        default_factory=list, alias="sourceRoutes", max_length=MAX_ROUTES_PER_LISTENER,
+        description="groups by client network; they win over sniRoutes",
     )
     sni_routes: list[SniRoute] = Field(
-        default_factory=list, alias="sniRoutes", max_length=MAX_ROUTES_PER_LISTENER
+        default_factory=list, alias="sniRoutes", max_length=MAX_ROUTES_PER_LISTENER,
+        description="groups by TLS server name (TLS is not terminated)",
     )
-    session_affinity: Literal["None", "ClientIP"] = Field(default="None", alias="sessionAffinity")
+    session_affinity: Literal["None", "ClientIP"] = Field(
+        default="None", alias="sessionAffinity",
+        description="None: a backend per flow; ClientIP: a backend per client address")
     source_nat: Literal["None", "Node"] = Field(
         default="None", alias="sourceNAT",
         description="None: backends see the client's address and must route replies via this"
@@ -504,15 +516,17 @@ class LoadBalancerSpec(_Model):
         description="Service groups (Kubernetes mode): Cluster = any endpoint, with source NAT;"
         " Local = only this node's endpoints, client address kept (a node without one leaves"
         " the listener's traffic untouched); omitted = any endpoint, per listener sourceNAT")
-    listeners: Annotated[list[Listener], Field(min_length=1, max_length=MAX_LISTENERS)]
+    listeners: Annotated[list[Listener], Field(min_length=1, max_length=MAX_LISTENERS)] = Field(
+        description="what to balance: one entry per (address, port, protocol)")
 
 
 class Metadata(BaseModel):
     # Kubernetes adds labels, uid, resourceVersion, ...: keep them, check only ours.
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    name: ObjectName
-    namespace: NamespaceName = "default"
+    name: ObjectName = Field(description="unique among the LoadBalancers of a namespace")
+    namespace: NamespaceName = Field(
+        default="default", description="where a group's service is looked up")
 
 
 class LoadBalancer(_Model):
@@ -522,7 +536,8 @@ class LoadBalancer(_Model):
     kind: Literal["LoadBalancer"]
     metadata: Metadata
     spec: LoadBalancerSpec
-    status: dict[str, Any] | None = None  # written by the operator, never read back
+    status: dict[str, Any] | None = Field(
+        default=None, description="written by the operator; never read back")
 
     @property
     def qualified_name(self) -> str:

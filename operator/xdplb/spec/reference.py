@@ -1,0 +1,331 @@
+"""The configuration reference (docs/reference.md), rendered from the model (pure).
+
+Two schemas are walked side by side: the model's own (``crd.structural``, what a
+standalone file is checked against) and the CRD's openAPIV3Schema (what the API
+server checks: tighter list bounds, the status the operator writes). Every
+property of either shows up; a bound the CRD tightens is shown with its cluster
+value. The cross-field rules are the CEL validations declared in the schemas,
+plus the few the model checks in Python only (:data:`MODEL_RULES`, whose
+messages tests/test_docs.py compares with the validator's).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from xdplb.k8s.crd import GROUP, VERSION, loadbalancer_crd, structural
+from xdplb.spec.model import LoadBalancer
+
+__all__ = ["MODEL_RULES", "ModelRule", "render"]
+
+Schema = dict[str, Any]
+
+# Things the model's validators check beyond the JSON schema, by format.
+FORMAT_NOTES = {
+    "ipv4": "IPv4 only; not 0.0.0.0, a multicast address or 255.255.255.255",
+    "cidr": "IPv4 only; no host bits set; standalone also takes a bare address as /32",
+}
+FORMAT_NAMES = {"ipv4": "IPv4 address", "cidr": "IPv4 CIDR", "date-time": "RFC 3339 time"}
+
+# Where the modes differ beyond bounds: spec/load.py refuses Service groups and
+# trafficPolicy without Kubernetes mode, and only the cluster agent reads nodeSelector.
+REFUSED_STANDALONE = "**Cluster only**: a standalone file with it is refused."
+CLUSTER_ONLY = {
+    "spec.nodeSelector": "**Cluster only**: a standalone agent ignores it.",
+    "spec.trafficPolicy": REFUSED_STANDALONE,
+}
+
+# A CEL rule longer than this is named, not quoted (the route total is one term per listener).
+MAX_RULE_SHOWN = 90
+CRD_FILE = f"crds/loadbalancers.{GROUP}.yaml"
+
+
+@dataclass(frozen=True)
+class ModelRule:
+    """A rule the model checks in Python only: the API server accepts such an object,
+    and the operator reports it (Accepted=False) with this message."""
+
+    applies_to: str
+    reported_at: str
+    message: str  # the validator's text; {placeholders} stand for values
+
+
+MODEL_RULES = (
+    ModelRule("spec.listeners[]", "(the object)",
+              "listener {address}:{port}/{protocol} is also defined by {path}"),
+    ModelRule("spec.listeners[]", ".proxyProtocol",
+              "proxyProtocol needs sniRoutes (the header is added by the SNI acceptor)"),
+    ModelRule("spec.listeners[]", ".proxyProtocol",
+              "proxyProtocol cannot be combined with sourceRoutes (source-routed flows bypass"
+              " the SNI acceptor)"),
+)
+
+
+@dataclass(frozen=True)
+class _Row:
+    path: str
+    type: str
+    required: bool
+    default: str
+    constraints: str
+    description: str
+
+
+@dataclass(frozen=True)
+class _Section:
+    path: str
+    description: str
+    rows: tuple[_Row, ...]
+
+
+# --- schema walk -----------------------------------------------------------------------------
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _object(node: Schema | None) -> tuple[Schema | None, bool]:
+    """The object schema below ``node`` (itself, or its items), and whether it is a list's."""
+    if node is None:
+        return None, False
+    if node.get("type") == "array":
+        items = node.get("items", {})
+        return (items, True) if "properties" in items else (None, True)
+    return (node, False) if "properties" in node else (None, False)
+
+
+def _sections(model: Schema | None, cluster: Schema | None, path: str,
+              description: str = "") -> Iterator[_Section]:
+    m_props: Schema = (model or {}).get("properties", {})
+    c_props: Schema = (cluster or {}).get("properties", {})
+    required = set((model or {}).get("required", [])) | set((cluster or {}).get("required", []))
+    rows: list[_Row] = []
+    below: list[tuple[Schema | None, Schema | None, str, str]] = []
+    for name in [*m_props, *(n for n in c_props if n not in m_props)]:
+        m, c = m_props.get(name), c_props.get(name)
+        where = _join(path, name)
+        rows.append(_row(where, m, c, name in required))
+        (m_obj, m_listed), (c_obj, c_listed) = _object(m), _object(c)
+        listed = m_listed or c_listed
+        if m_obj is not None or c_obj is not None:
+            # A list's items carry the class's own description; an object field's is the row's.
+            about = ((m_obj or c_obj or {}).get("description", "")) if listed else ""
+            below.append((m_obj, c_obj, where + ("[]" if listed else ""), about))
+    yield _Section(path, description, tuple(rows))
+    for m_obj, c_obj, where, about in below:
+        yield from _sections(m_obj, c_obj, where, about)
+
+
+def _row(path: str, model: Schema | None, cluster: Schema | None, required: bool) -> _Row:
+    node = model if model is not None else cluster
+    assert node is not None
+    description = node.get("description", "")
+    if not description and node.get("type") == "array":
+        description = node.get("items", {}).get("description", "")
+    note = CLUSTER_ONLY.get(path)
+    if note is None and path.startswith("spec.") and path.endswith(".service"):
+        note = REFUSED_STANDALONE
+    description = _text(description)
+    if note:
+        description = f"{description.rstrip('.')}. {note}" if description else note
+    default = f"`{_show(node['default'])}`" if "default" in node else ""
+    return _Row(path, _type(node), required, default, _constraints(model, cluster), description)
+
+
+def _text(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _type(node: Schema) -> str:
+    if node.get("x-kubernetes-int-or-string"):
+        return "integer or string"
+    kind = node.get("type", "")
+    if kind == "array":
+        items = node.get("items", {})
+        return "list of objects" if items.get("type") == "object" else f"list of {_type(items)}"
+    if kind == "object" and isinstance(node.get("additionalProperties"), dict):
+        return f"map of string to {_type(node['additionalProperties'])}"
+    if kind == "string" and "format" in node:
+        return FORMAT_NAMES.get(node["format"], f"string ({node['format']})")
+    return str(kind)
+
+
+# --- constraints -----------------------------------------------------------------------------
+
+_RANGES = (("minimum", "maximum", "{}"), ("minLength", "maxLength", "length {}"),
+           ("minItems", "maxItems", "{} items"), ("minProperties", "maxProperties", "{} entries"))
+
+
+def _range(node: Schema, low_key: str, high_key: str, form: str) -> str | None:
+    low, high = node.get(low_key), node.get(high_key)
+    if low is None and high is None:
+        return None
+    if low is not None and high is not None:
+        text = f"{low}..{high}"
+    else:
+        text = f"≥ {low}" if low is not None else f"≤ {high}"
+    return form.format(text)
+
+
+def _tighter(model: Schema, cluster: Schema) -> Schema:
+    """The bounds a cluster object meets: the model's and the CRD's (which may be tighter)."""
+    out = dict(model)
+    for low_key, high_key, _ in _RANGES:
+        if low_key in cluster:
+            out[low_key] = max(out.get(low_key, cluster[low_key]), cluster[low_key])
+        if high_key in cluster:
+            out[high_key] = min(out.get(high_key, cluster[high_key]), cluster[high_key])
+    return out
+
+
+def _constraints(model: Schema | None, cluster: Schema | None, sep: str = "; ") -> str:
+    node = model if model is not None else cluster
+    assert node is not None
+    parts: list[str] = []
+    if "enum" in node:
+        parts.append("one of " + ", ".join(f"`{_show(v)}`" for v in node["enum"]))
+    for low_key, high_key, form in _RANGES:
+        text = _range(node, low_key, high_key, form)
+        if model is not None and cluster is not None:
+            in_cluster = _range(_tighter(model, cluster), low_key, high_key, form)
+            if in_cluster != text:
+                text = f"{text or 'any'} (cluster: {in_cluster})"
+        if text:
+            parts.append(text)
+    if "pattern" in node:
+        parts.append(f"pattern `{node['pattern']}`")
+    if node.get("x-kubernetes-int-or-string"):
+        # Each bound applies to the branch of its type: a number, or a (port) name.
+        number = _range(node, "minimum", "maximum", "{}")
+        names = [p for p in parts if p != number]
+        parts = [f"number {number}", f"name: {', '.join(names)}"]
+    lists = cluster if cluster is not None else node
+    if lists.get("x-kubernetes-list-type") == "map":
+        keys = lists["x-kubernetes-list-map-keys"]
+        parts.append("unique by " + ", ".join(f"`{k}`" for k in keys))
+    elif lists.get("x-kubernetes-list-type") == "set":
+        parts.append("items unique")
+    if model is not None and node.get("format") in FORMAT_NOTES:
+        parts.append(FORMAT_NOTES[node["format"]])
+    for key, label in (("items", "items"), ("additionalProperties", "values")):
+        inner = node.get(key)
+        if isinstance(inner, dict) and inner.get("type") != "object":
+            cluster_inner = (cluster or {}).get(key) if model is not None else None
+            if text := _constraints(inner, cluster_inner, ", "):
+                parts.append(f"each {label[:-1]}: {text}")
+    return sep.join(parts)
+
+
+# --- rules -----------------------------------------------------------------------------------
+
+
+def _rules(node: Schema, path: str) -> Iterator[tuple[str, Schema]]:
+    for rule in node.get("x-kubernetes-validations", []):
+        yield path, rule
+    for name, prop in node.get("properties", {}).items():
+        yield from _rules(prop, _join(path, name))
+    if isinstance(node.get("items"), dict):
+        yield from _rules(node["items"], path + "[]")
+
+
+def _rule_rows(model: Schema, cluster: Schema) -> list[tuple[str, str, str, str, str]]:
+    """(applies to, reported at, message, rule, modes), one row per distinct rule."""
+    everywhere = {(path, rule["rule"]) for path, rule in _rules(model, "")}
+    merged: dict[tuple[str, str, str, str], list[str]] = {}
+    for path, rule in _rules(cluster, ""):
+        modes = "both" if (path, rule["rule"]) in everywhere else "cluster"
+        key = (rule["rule"], rule["message"], rule.get("fieldPath", ""), modes)
+        merged.setdefault(key, []).append(path)
+    rows = []
+    for (expr, message, field, modes), paths in merged.items():
+        shown = f"`{expr}`" if len(expr) <= MAX_RULE_SHOWN else f"(long; see `{CRD_FILE}`)"
+        where = ", ".join(f"`{p}`" for p in paths)
+        rows.append((where, f"`{field}`" if field else "(the object)", message, shown, modes))
+    return rows
+
+
+# --- Markdown --------------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+    # A '|' ends a table cell even inside a code span unless escaped.
+    return text.replace("|", "\\|")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def render() -> str:
+    """docs/reference.md, as Markdown."""
+    model = structural(LoadBalancer)
+    cluster = loadbalancer_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    lines = [
+        "# LoadBalancer configuration reference",
+        "",
+        "<!-- Generated by `xdplb reference --output docs/reference.md`; do not edit. -->",
+        "",
+        f"A `LoadBalancer` ({GROUP}/{VERSION}) has the same fields in a standalone file",
+        "(`xdplb agent --config`, checked by `xdplb validate`) and in a cluster",
+        f"(`kubectl apply`, checked by the CRD in `{CRD_FILE}` and again by the operator).",
+        "A bound written `A (cluster: B)` is tighter in a cluster, where one object must fit",
+        "in etcd: split a larger configuration over several LoadBalancers. Fields marked",
+        "**Cluster only** need the agent in Kubernetes mode. `[]` stands for every item of",
+        "a list. Examples: [examples.md](examples.md).",
+        "",
+        "## Fields",
+    ]
+    for section in _sections(model, cluster, ""):
+        title = section.path or "LoadBalancer"
+        lines += ["", f"### `{title}`", ""]
+        if section.description:
+            lines += [_text(section.description), ""]
+        rows = [
+            (f"`{r.path}`", r.type, "yes" if r.required else "", r.default, r.constraints,
+             r.description)
+            for r in section.rows
+        ]
+        lines += _table(("Field", "Type", "Required", "Default", "Constraints", "Description"),
+                        rows)
+    lines += [
+        "",
+        "## Cross-field rules",
+        "",
+        "CEL validations of the CRD; the model evaluates the same expressions, so a standalone",
+        "file gets the same message at the same path. Mode `cluster`: in a cluster only.",
+        "",
+    ]
+    lines += _table(("Applies to", "Reported at", "Message", "Rule (CEL)", "Mode"),
+                    list(_rule_rows(model, cluster)))
+    lines += [
+        "",
+        "Checked by the model only, in both modes: the API server accepts these objects, and",
+        "the operator reports the message in the `Accepted` condition.",
+        "",
+    ]
+    lines += _table(("Applies to", "Reported at", "Message"),
+                    [(f"`{r.applies_to}`", r.reported_at if r.reported_at.startswith("(")
+                      else f"`{r.reported_at}`", re.sub(r"\{(\w+)\}", r"*\1*", r.message))
+                     for r in MODEL_RULES])
+    lines += [
+        "",
+        "Across LoadBalancers: in a standalone file, a listener's address, port and protocol",
+        "are unique over all documents. In a cluster, listeners of different LoadBalancers",
+        "overlap when they share port and protocol and the address (or one has none); the",
+        "oldest LoadBalancer keeps the listener, the others get `Accepted=False`, reason",
+        "`Conflicted`. A standalone agent also refuses totals above its map capacities",
+        "(`xdplb agent --help`).",
+        "",
+    ]
+    return "\n".join(lines)

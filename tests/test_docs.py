@@ -1,0 +1,309 @@
+"""The documentation: the generated reference is current and complete, and every
+manifest under examples/ is valid where it is meant to be used."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.test_crd import LB_SCHEMA, api_server_errors
+from xdplb.cli import main
+from xdplb.k8s import crd
+from xdplb.spec import model
+from xdplb.spec.load import SpecError, load_file, parse_manifests
+from xdplb.spec.reference import MODEL_RULES, render
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "docs" / "reference.md"
+EXAMPLES = ROOT / "examples"
+CLUSTER_EXAMPLES = EXAMPLES / "cluster"
+
+
+@pytest.fixture(scope="module")
+def text() -> str:
+    return render()
+
+
+def rows(text: str) -> dict[str, list[str]]:
+    """Field path -> the cells of its row in the field tables."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            if len(cells) == 6:
+                out[cells[0].strip("`")] = cells[1:]
+    return out
+
+
+def property_paths(node: dict[str, Any], path: str = "") -> list[str]:
+    """Every property of a schema, as 'spec.listeners[].backends[].weight'."""
+    paths = []
+    for name, prop in node.get("properties", {}).items():
+        where = f"{path}.{name}" if path else name
+        paths.append(where)
+        paths += property_paths(prop, where)
+    if isinstance(node.get("items"), dict):
+        paths += property_paths(node["items"], path + "[]")
+    return paths
+
+
+def manifest(**listener: Any) -> dict[str, Any]:
+    fields = {"name": "http", "protocol": "TCP", "port": 80, **listener}
+    if "service" not in fields:
+        fields.setdefault("backends", [{"address": "10.0.0.11", "port": 8080}])
+    return {
+        "apiVersion": "xdplb.io/v1alpha1",
+        "kind": "LoadBalancer",
+        "metadata": {"name": "web"},
+        "spec": {"listeners": [fields]},
+    }
+
+
+# --- the reference ---------------------------------------------------------------------------
+
+
+def test_reference_is_current(text: str) -> None:
+    stale = f"{REFERENCE} is stale: run `.venv/bin/xdplb reference --output docs/reference.md`"
+    assert REFERENCE.exists(), stale
+    assert REFERENCE.read_text() == text, stale
+
+
+def test_cli_prints_and_writes(
+    text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["reference"]) == 0
+    assert capsys.readouterr().out == text
+    out = tmp_path / "reference.md"
+    assert main(["reference", "--output", str(out)]) == 0
+    assert out.read_text() == text
+
+
+def test_every_property_has_a_row(text: str) -> None:
+    # A field added to the model (or the CRD) shows up without anyone remembering to.
+    documented = rows(text)
+    paths = property_paths(LB_SCHEMA) + property_paths(crd.structural(model.LoadBalancer))
+    assert len(paths) > 50
+    assert sorted(set(paths) - documented.keys()) == []
+    assert sorted(documented.keys() - set(paths)) == []
+
+
+def test_every_spec_field_has_a_description(text: str) -> None:
+    missing = [path for path, cells in rows(text).items()
+               if path.startswith("spec.") and not cells[4]]
+    assert missing == [], "add description= to these fields in xdplb/spec/model.py"
+
+
+@pytest.mark.parametrize(
+    ("path", "type_", "required", "default", "constraints"),
+    [
+        ("spec.listeners[].port", "integer", "yes", "", "1..65535"),
+        ("spec.listeners[].backends[].weight", "integer", "", "`1`", "0..65535"),
+        ("spec.listeners[].protocol", "string", "yes", "", "one of `TCP`, `UDP`"),
+        ("spec.listeners[].healthCheck.intervalSeconds", "integer", "", "`5`", "1..300"),
+        ("spec.listeners[].healthCheck.payload", "string", "", "", "length ≤ 64"),
+        (
+            "spec.listeners",
+            "list of objects",
+            "yes",
+            "",
+            f"1..{model.MAX_LISTENERS} items"
+            f" (cluster: 1..{crd.STORAGE_MAX_ITEMS['spec.listeners']} items); unique by `name`",
+        ),
+        (
+            "spec.listeners[].sourceRoutes",
+            "list of objects",
+            "",
+            "",
+            f"≤ {model.MAX_ROUTES_PER_LISTENER} items (cluster: ≤ {crd.MAX_ROUTES_PER_OBJECT}"
+            " items); unique by `cidr`",
+        ),
+        (
+            "spec.listeners[].sniRoutes[].backends",
+            "list of objects",
+            "",
+            "",
+            f"1..{model.MAX_BACKENDS_PER_GROUP} items (cluster: 1..2 items);"
+            " unique by `address`, `port`",
+        ),
+        (
+            "spec.listeners[].service.port",
+            "integer or string",
+            "yes",
+            "",
+            f"number 1..65535; name: length ≤ 15, pattern `{model.PORT_NAME_PATTERN}`",
+        ),
+        (
+            "spec.interfaces",
+            "list of string",
+            "",
+            "",
+            f"1..64 items; items unique; each item: length 1..15,"
+            f" pattern `{model.INTERFACE_PATTERN}`",
+        ),
+    ],
+)
+def test_rows_state_the_bounds(
+    text: str, path: str, type_: str, required: str, default: str, constraints: str
+) -> None:
+    assert rows(text)[path][:4] == [type_, required, default, constraints]
+
+
+def test_cel_rules_are_listed_with_their_mode(text: str) -> None:
+    section = text.split("## Cross-field rules", 1)[1]
+    messages = [r["message"] for node in _schema_nodes(LB_SCHEMA)
+                for r in node.get("x-kubernetes-validations", [])]
+    assert len(messages) >= 10
+    for message in messages:
+        assert message in section
+    (total,) = [line for line in section.splitlines() if crd.ROUTE_TOTAL_RULE.message in line]
+    assert total.endswith("| cluster |")
+    (timeout,) = [line for line in section.splitlines() if "exceed intervalSeconds" in line]
+    assert "`spec.listeners[].sourceRoutes[].healthCheck`" in timeout
+    assert timeout.endswith("| both |")
+
+
+def _schema_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    nodes = [node]
+    for prop in node.get("properties", {}).values():
+        nodes += _schema_nodes(prop)
+    if isinstance(node.get("items"), dict):
+        nodes += _schema_nodes(node["items"])
+    return nodes
+
+
+def _sni(**extra: Any) -> dict[str, Any]:
+    route = {"hostname": "a.example.com", "backends": [{"address": "10.0.0.12", "port": 443}]}
+    return manifest(port=443, sniRoutes=[route], **extra)
+
+
+def _twice() -> dict[str, Any]:
+    doc = manifest(address="192.0.2.1")
+    doc["spec"]["listeners"].append({**doc["spec"]["listeners"][0], "name": "again"})
+    return doc
+
+
+# One manifest per entry of MODEL_RULES, in order, that breaks that rule.
+MODEL_RULE_CASES = [
+    _twice(),
+    manifest(proxyProtocol="v2"),
+    _sni(proxyProtocol="v2", sourceRoutes=[
+        {"cidr": "10.0.0.0/8", "backends": [{"address": "10.0.0.13", "port": 443}]}]),
+]
+
+
+@pytest.mark.parametrize(("rule", "doc"), list(zip(MODEL_RULES, MODEL_RULE_CASES, strict=True)))
+def test_model_rules_are_the_validators_messages(rule: Any, doc: dict[str, Any]) -> None:
+    # The schema accepts these; the model (standalone and operator alike) must not.
+    assert api_server_errors(LB_SCHEMA, doc) == []
+    pattern = re.escape(rule.message)
+    pattern = re.sub(r"\\\{\w+\\\}", ".+", pattern)
+    field = "" if rule.reported_at.startswith("(") else re.escape(rule.reported_at)
+    errors = crd.validate_object(doc)
+    assert any(re.fullmatch(rf"spec\.listeners\[\d+\]{field}: {pattern}", e) for e in errors), (
+        errors
+    )
+
+
+def _at(doc: dict[str, Any], where: str, **fields: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(doc)
+    listener = doc["spec"]["listeners"][0]
+    target = listener if where == "listener" else listener[where][0]
+    target.pop("backends", None)
+    target.update(fields)
+    return doc
+
+
+SERVICE = {"name": "web", "port": "http"}
+ROUTE = {"cidr": "10.0.0.0/8", "backends": [{"address": "10.0.0.12", "port": 80}]}
+SNI_ROUTE = {"hostname": "a.example.com", "backends": [{"address": "10.0.0.12", "port": 443}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "doc"),
+    [
+        ("spec.listeners[0].service", _at(manifest(), "listener", service=SERVICE)),
+        ("spec.listeners[0].sourceRoutes[0].service",
+         _at(manifest(sourceRoutes=[ROUTE]), "sourceRoutes", service=SERVICE)),
+        ("spec.listeners[0].sniRoutes[0].service",
+         _at(manifest(sniRoutes=[SNI_ROUTE]), "sniRoutes", service=SERVICE)),
+        ("spec.trafficPolicy",
+         {**manifest(), "spec": {**manifest()["spec"], "trafficPolicy": "Cluster"}}),
+    ],
+)
+def test_fields_marked_cluster_only_are_refused_standalone(
+    text: str, path: str, doc: dict[str, Any]
+) -> None:
+    assert "Cluster only" in rows(text)[re.sub(r"\[\d+\]", "[]", path)][4]
+    assert crd.validate_object(doc) == []
+    with pytest.raises(SpecError) as info:
+        parse_manifests(yaml.safe_dump(doc), "lb.yaml")
+    assert [e.split(": ")[1] for e in info.value.errors] == [path]
+
+
+def test_node_selector_is_accepted_standalone(text: str) -> None:
+    assert "ignores it" in rows(text)["spec.nodeSelector"][4]
+    doc = {**manifest(), "spec": {**manifest()["spec"], "nodeSelector": {"role": "edge"}}}
+    assert len(parse_manifests(yaml.safe_dump(doc), "lb.yaml")) == 1
+
+
+@pytest.mark.parametrize(
+    ("address", "ok"),
+    [("10.0.0.1", True), ("0.0.0.0", False), ("224.0.0.1", False),
+     ("255.255.255.255", False), ("2001:db8::1", False)],
+)
+def test_address_note(text: str, address: str, ok: bool) -> None:
+    assert "not 0.0.0.0, a multicast address or 255.255.255.255" in rows(text)[
+        "spec.listeners[].backends[].address"][3]
+    doc = manifest(backends=[{"address": address, "port": 80}])
+    assert (crd.validate_object(doc) == []) is ok
+
+
+def test_cidr_note(text: str) -> None:
+    assert "no host bits set; standalone also takes a bare address as /32" in rows(text)[
+        "spec.listeners[].sourceRoutes[].cidr"][3]
+    bare = manifest(sourceRoutes=[{**ROUTE, "cidr": "203.0.113.7"}])
+    (lb,) = parse_manifests(yaml.safe_dump(bare), "lb.yaml")
+    assert lb.spec.listeners[0].source_routes[0].cidr == "203.0.113.7/32"
+    assert any("cidr" in e for e in api_server_errors(LB_SCHEMA, bare))
+    host_bits = manifest(sourceRoutes=[{**ROUTE, "cidr": "10.0.0.1/8"}])
+    assert any("has host bits set" in e for e in crd.validate_object(host_bits))
+
+
+# --- examples --------------------------------------------------------------------------------
+
+EXAMPLE_FILES = sorted(EXAMPLES.rglob("*.yaml"))
+
+
+def test_the_examples_are_there() -> None:
+    names = {str(p.relative_to(ROOT)) for p in EXAMPLE_FILES}
+    assert {"examples/lab.yaml", "examples/standalone.yaml", "examples/sni.yaml",
+            "examples/source-nat.yaml", "examples/cluster/web.yaml",
+            "examples/cluster/basic.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: str(p.relative_to(EXAMPLES)))
+def test_example_is_valid(path: Path) -> None:
+    if CLUSTER_EXAMPLES in path.parents:
+        # As the API server (strict field validation) and then the operator would judge it.
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        assert docs
+        for doc in docs:
+            assert api_server_errors(LB_SCHEMA, doc) == []
+            assert crd.validate_object(doc) == []
+    else:
+        # What `xdplb validate` runs.
+        assert load_file(path)
+
+
+def test_every_example_is_named_in_the_docs() -> None:
+    # README.md or any docs/*.md may name a file; docs/examples.md lists them all.
+    docs = "\n".join(p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+    files = [p for p in EXAMPLES.rglob("*") if p.is_file()]
+    assert files
+    unnamed = [str(p.relative_to(ROOT)) for p in files if str(p.relative_to(ROOT)) not in docs]
+    assert unnamed == [], "name these in README.md or docs/examples.md"
