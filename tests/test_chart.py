@@ -301,6 +301,8 @@ def test_chart_runs_the_operator_and_uninstalls(tmp_path: Path, values: tuple[st
             assert uninstall.returncode == 0, out
             assert FINALIZER not in (admin.get(lb_path)["metadata"].get("finalizers") or [])
             assert admin.get("/apis/xdplb.io/v1alpha1/nodestates")["items"] == []
+            assert admin.get(f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases")[
+                "items"] == []
             assert hook.unused() == []
         finally:
             if proc.poll() is None:

@@ -216,6 +216,13 @@ TABLE: dict[str, tuple[Any, bool]] = {
         False,
     ),
     # listener rules
+    "proxy-protocol-without-sni": (manifest([listener(proxyProtocol="v2")]), False),
+    "proxy-protocol-with-source-routes": (
+        manifest([listener(proxyProtocol="v2",
+                           sniRoutes=[{"hostname": "a.example.com", "service": SVC}],
+                           sourceRoutes=[{"cidr": "10.0.0.0/8", "service": SVC}])]),
+        False,
+    ),
     "sni-on-udp": (
         manifest([listener(protocol="UDP", sniRoutes=[{"hostname": "a.example.com",
                                                        "service": SVC}])]),
@@ -351,6 +358,11 @@ CEL_MESSAGES = {
     "neither-backends-nor-service": "spec.listeners[0].backends: is required",
     "route-without-group": "spec.listeners[0].sourceRoutes[0].backends: is required",
     "sni-on-udp": "spec.listeners[0].sniRoutes: sniRoutes are allowed only with protocol TCP",
+    "proxy-protocol-without-sni": "spec.listeners[0].proxyProtocol: proxyProtocol needs"
+                                  " sniRoutes (the header is added by the SNI acceptor)",
+    "proxy-protocol-with-source-routes": "spec.listeners[0].proxyProtocol: proxyProtocol cannot"
+                                         " be combined with sourceRoutes (source-routed flows"
+                                         " bypass the SNI acceptor)",
     "too-many-routes-in-all": f"spec.listeners: {crd.ROUTE_TOTAL_RULE.message}",
 }
 

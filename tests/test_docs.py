@@ -190,9 +190,6 @@ def _twice() -> dict[str, Any]:
 # One manifest per entry of MODEL_RULES, in order, that breaks that rule.
 MODEL_RULE_CASES = [
     _twice(),
-    manifest(proxyProtocol="v2"),
-    _sni(proxyProtocol="v2", sourceRoutes=[
-        {"cidr": "10.0.0.0/8", "backends": [{"address": "10.0.0.13", "port": 443}]}]),
 ]
 
 

@@ -9,7 +9,8 @@ keeps the finalizer can never be deleted. So, in order:
    seeing its DaemonSet going, removes its programs, filters, pins and NodeState;
 2. remove our finalizer from every LoadBalancer (the objects themselves stay: they
    are the user's);
-3. delete the NodeStates no agent could remove (nodes that were down).
+3. delete the NodeStates no agent could remove (nodes that were down), and the
+   operator's leader-election Lease.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ UNINSTALL_RULES: list[dict[str, Any]] = [
 UNINSTALL_NAMESPACE_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "delete"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["delete"]},
 ]
 
 
@@ -101,9 +103,20 @@ def delete_nodestates(kube: Kube) -> int:
     return deleted
 
 
+def delete_lease(kube: Kube, namespace: str, name: str) -> None:
+    try:
+        kube.request("DELETE", f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/"
+                     f"{name}")
+    except kubernetes.client.ApiException as e:
+        if not is_missing(e):  # a single replica without leader election has none
+            raise
+
+
 def uninstall(kube: Kube, namespace: str, deployment: str, timeout: float) -> bool:
+    """The steps above; the Lease is named after the Deployment (as the chart sets it)."""
     if not stop_operator(kube, namespace, deployment, timeout):
         return False  # releasing now would race an operator that adds the finalizer back
     log.info("released %d LoadBalancer(s); deleted %d NodeState(s)", release_all(kube),
              delete_nodestates(kube))
+    delete_lease(kube, namespace, deployment)
     return True

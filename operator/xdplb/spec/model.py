@@ -442,6 +442,19 @@ class Listener(_Model):
             "sniRoutes are allowed only with protocol TCP",
             ".sniRoutes",
         ),
+        # XDP rewrites packets and cannot add a header: only flows through the SNI
+        # acceptor can carry one, and source routes bypass it.
+        CelRule(
+            "!has(self.proxyProtocol) || (has(self.sniRoutes) && size(self.sniRoutes) > 0)",
+            "proxyProtocol needs sniRoutes (the header is added by the SNI acceptor)",
+            ".proxyProtocol",
+        ),
+        CelRule(
+            "!has(self.proxyProtocol) || !has(self.sourceRoutes) || size(self.sourceRoutes) == 0",
+            "proxyProtocol cannot be combined with sourceRoutes (source-routed flows bypass"
+            " the SNI acceptor)",
+            ".proxyProtocol",
+        ),
     )
 
     name: ListenerName = Field(description="unique within the LoadBalancer")
@@ -678,18 +691,9 @@ def check_rules(lb: LoadBalancer) -> list[tuple[str, str]]:
 
 
 def _listener_rules(lp: str, listener: Listener) -> Iterator[tuple[str, str]]:
-    # The protocol rule is a CEL rule of Listener (see cel_problems).
+    # The protocol and proxyProtocol rules are CEL rules of Listener (see cel_problems).
     if listener.sni_routes and listener.protocol == "TCP" and not SNI_SUPPORTED:
         yield f"{lp}.sniRoutes", "SNI routing is not supported yet"
-    if listener.proxy_protocol:
-        # XDP rewrites packets and cannot add a header: only flows through the SNI
-        # acceptor can carry one, and source routes bypass it.
-        if not listener.sni_routes:
-            yield f"{lp}.proxyProtocol", ("proxyProtocol needs sniRoutes (the header is "
-                                          "added by the SNI acceptor)")
-        if listener.source_routes:
-            yield f"{lp}.proxyProtocol", ("proxyProtocol cannot be combined with sourceRoutes "
-                                          "(source-routed flows bypass the SNI acceptor)")
 
     source_routes = [(f"{lp}.sourceRoutes[{j}]", r) for j, r in enumerate(listener.source_routes)]
     sni_routes = [(f"{lp}.sniRoutes[{j}]", r) for j, r in enumerate(listener.sni_routes)]

@@ -57,11 +57,6 @@ class ModelRule:
 MODEL_RULES = (
     ModelRule("spec.listeners[]", "(the object)",
               "listener {address}:{port}/{protocol} is also defined by {path}"),
-    ModelRule("spec.listeners[]", ".proxyProtocol",
-              "proxyProtocol needs sniRoutes (the header is added by the SNI acceptor)"),
-    ModelRule("spec.listeners[]", ".proxyProtocol",
-              "proxyProtocol cannot be combined with sourceRoutes (source-routed flows bypass"
-              " the SNI acceptor)"),
 )
 
 
