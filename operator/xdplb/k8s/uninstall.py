@@ -21,7 +21,7 @@ from typing import Any
 
 import kubernetes
 
-from xdplb.k8s.operator import FINALIZER, GROUP, VERSION, Kube, is_missing
+from xdplb.k8s.operator import FINALIZER, GROUP, VERSION, Kube, is_missing, set_finalizer
 
 log = logging.getLogger("xdplb.uninstall")
 
@@ -67,49 +67,39 @@ def stop_operator(kube: Kube, namespace: str, name: str, timeout: float) -> bool
     return True
 
 
-def release_all(kube: Kube) -> int:
-    """Remove our finalizer from every LoadBalancer; returns how many had it."""
-    released = 0
-    for lb in kube.get(f"/apis/{GROUP}/{VERSION}/loadbalancers").get("items", []):
-        meta = lb["metadata"]
-        finalizers = meta.get("finalizers") or []
-        if FINALIZER not in finalizers:
-            continue
-        try:  # guarded by the position, so a finalizer added meanwhile is not removed
-            kube.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{meta['namespace']}"
-                         f"/loadbalancers/{meta['name']}", [
-                             {"op": "test", "path": f"/metadata/finalizers/"
-                              f"{finalizers.index(FINALIZER)}", "value": FINALIZER},
-                             {"op": "remove", "path": f"/metadata/finalizers/"
-                              f"{finalizers.index(FINALIZER)}"}],
-                         "application/json-patch+json")
-            released += 1
-        except kubernetes.client.ApiException as e:
-            if not is_missing(e):
-                raise
-    return released
+def release_all(kube: Kube, attempts: int = 5) -> int:
+    """Remove our finalizer from every LoadBalancer; returns how many had it.
+
+    The operator's own guarded patch does it; one that lost to a concurrent change
+    (a user's edit) is read again and retried."""
+    released: set[tuple[str, str]] = set()
+    for _ in range(attempts):
+        holding = [lb for lb in kube.get(f"/apis/{GROUP}/{VERSION}/loadbalancers")["items"]
+                   if FINALIZER in (lb["metadata"].get("finalizers") or [])]
+        if not holding:
+            return len(released)
+        for lb in holding:
+            set_finalizer(kube, lb, False)
+            released.add((lb["metadata"]["namespace"], lb["metadata"]["name"]))
+    raise RuntimeError(f"the finalizer {FINALIZER} stays on {len(holding)} LoadBalancer(s)"
+                       f" after {attempts} attempts")
+
+
+def _delete(kube: Kube, path: str) -> bool:
+    """DELETE ``path``; False when it is gone already."""
+    try:
+        kube.request("DELETE", path)
+    except kubernetes.client.ApiException as e:
+        if is_missing(e):
+            return False
+        raise
+    return True
 
 
 def delete_nodestates(kube: Kube) -> int:
-    deleted = 0
-    for ns in kube.get(f"/apis/{GROUP}/{VERSION}/nodestates").get("items", []):
-        try:
-            kube.request("DELETE", f"/apis/{GROUP}/{VERSION}/nodestates/"
-                         f"{ns['metadata']['name']}")
-            deleted += 1
-        except kubernetes.client.ApiException as e:
-            if not is_missing(e):  # its agent removed it meanwhile
-                raise
-    return deleted
-
-
-def delete_lease(kube: Kube, namespace: str, name: str) -> None:
-    try:
-        kube.request("DELETE", f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/"
-                     f"{name}")
-    except kubernetes.client.ApiException as e:
-        if not is_missing(e):  # a single replica without leader election has none
-            raise
+    # An agent may delete its own meanwhile.
+    return sum(_delete(kube, f"/apis/{GROUP}/{VERSION}/nodestates/{ns['metadata']['name']}")
+               for ns in kube.get(f"/apis/{GROUP}/{VERSION}/nodestates")["items"])
 
 
 def uninstall(kube: Kube, namespace: str, deployment: str, timeout: float) -> bool:
@@ -118,5 +108,6 @@ def uninstall(kube: Kube, namespace: str, deployment: str, timeout: float) -> bo
         return False  # releasing now would race an operator that adds the finalizer back
     log.info("released %d LoadBalancer(s); deleted %d NodeState(s)", release_all(kube),
              delete_nodestates(kube))
-    delete_lease(kube, namespace, deployment)
+    # A single replica without leader election has no Lease.
+    _delete(kube, f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{deployment}")
     return True
