@@ -86,3 +86,29 @@ def wait_until(check: Any, what: str, timeout: float = 30, interval: float = 0.1
 def listening(lab: Any, ns: str, port: int) -> bool:
     """A TCP socket listens on `port` in the lab namespace `ns`."""
     return bool(lab.exec(ns, "ss", "-Htln", f"sport = :{port}", check=False).stdout.strip())
+
+
+def nginx_conf(d: Path, connections: int, block: str, top: str = "") -> str:
+    """nginx.conf text for one foreground worker whose pid and logs stay in ``d``:
+    ``top`` lines first (modules, user), then the events limit, then ``block``."""
+    return (f"{top}worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\n"
+            f"error_log {d}/error.log warn;\nevents {{ worker_connections {connections}; }}\n"
+            f"{block}")
+
+
+def nginx_http(d: Path, body: str) -> str:
+    """An http block with no access log and its temporary files in ``d``, then ``body``."""
+    temps = "".join(f"    {kind}_temp_path {d}/{name};\n" for kind, name in (
+        ("client_body", "body"), ("proxy", "proxy"), ("fastcgi", "fastcgi"),
+        ("uwsgi", "uwsgi"), ("scgi", "scgi")))
+    return f"http {{\n    access_log off;\n{temps}{body}}}\n"
+
+
+def start_nginx(lab: Any, ns: str, d: Path, conf: str, port: int) -> None:
+    """nginx with ``conf`` in the lab namespace ``ns``, once it listens on ``port``."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "nginx.conf").write_text(conf)
+    with open(d / "stderr.log", "w") as err:
+        lab.popen(ns, "nginx", "-p", d, "-e", d / "error.log", "-c", d / "nginx.conf",
+                  stdout=subprocess.DEVNULL, stderr=err)
+    wait_until(lambda: listening(lab, ns, port), f"nginx in {ns}")

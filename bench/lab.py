@@ -36,7 +36,10 @@ from common import (
     listening,
     median,
     mount_bpffs,
+    nginx_conf,
+    nginx_http,
     require_root,
+    start_nginx,
     table,
     wait_until,
 )
@@ -86,37 +89,18 @@ IPTABLES_RULES = [
      "--to-destination", f"{B1}:{IPERF_PORT}"],
 ]
 
-NGINX_CONF = """\
-worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
+HTTP_SERVER = f"""\
     server {{
-        listen {port} backlog=4096;
+        listen {HTTP_PORT} backlog=4096;
         location / {{ return 200 "ok\\n"; }}
     }}
-}}
 """
 
 
 def start_servers(lab: Lab) -> None:
     for b in ("b1", "b2"):
         d = lab.workdir / f"nginx-{b}"
-        d.mkdir()
-        conf = d / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=d, port=HTTP_PORT))
-        with open(d / "stderr.log", "w") as err:
-            lab.popen(b, "nginx", "-p", d, "-e", d / "error.log", "-c", conf,
-                      stdout=subprocess.DEVNULL, stderr=err)
-        wait_until(lambda b=b: listening(lab, b, HTTP_PORT), f"nginx in {b}")
+        start_nginx(lab, b, d, nginx_conf(d, 4096, nginx_http(d, HTTP_SERVER)), HTTP_PORT)
     lab.popen("b1", "iperf3", "-s", "-p", str(IPERF_PORT), stdout=subprocess.DEVNULL,
               stderr=subprocess.DEVNULL)
     wait_until(lambda: listening(lab, "b1", IPERF_PORT), "iperf3 server in b1")

@@ -39,9 +39,11 @@ from common import (
     BenchError,
     fmt_stat,
     header,
-    listening,
     mount_bpffs,
+    nginx_conf,
+    nginx_http,
     require_root,
+    start_nginx,
     table,
     wait_until,
 )
@@ -69,20 +71,8 @@ spec:
 """ + "".join(f"    - hostname: {h}\n      backends: [{{address: {Lab.backend_addr(k)}, "
               f"port: {PORT}}}]\n" for h, k in HOSTS.items())
 
-BACKEND_CONF = """\
-user root;
-worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
+STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+TLS_SERVER = """\
     sendfile on;
     server {{
         listen {port} ssl backlog=4096;
@@ -91,16 +81,9 @@ http {{
         root {dir}/www;
         location = / {{ return 200 "{name}\\n"; }}
     }}
-}}
 """
 
-LB_CONF = """\
-load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 16384; }}
+STREAM_BLOCK = """\
 stream {{
     map $ssl_preread_server_name $backend {{
 {map}        default b1;
@@ -127,11 +110,8 @@ def start_backends(lab: Lab, size_mib: int) -> None:
             chunk = os.urandom(MIB)
             for _ in range(size_mib):
                 f.write(chunk)
-        conf = d / "nginx.conf"
-        conf.write_text(BACKEND_CONF.format(dir=d, port=PORT, name=b))
-        lab.popen(b, "nginx", "-p", d, "-e", d / "error.log", "-c", conf,
-                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda b=b: listening(lab, b, PORT), f"nginx in {b}")
+        server = TLS_SERVER.format(dir=d, port=PORT, name=b)
+        start_nginx(lab, b, d, nginx_conf(d, 8192, nginx_http(d, server), "user root;\n"), PORT)
 
 
 MIB = 1024 * 1024
@@ -152,17 +132,14 @@ def start_agent(lab: Lab) -> None:
 
 def start_nginx_lb(lab: Lab) -> None:
     d = lab.workdir / "nginx-lb"
-    d.mkdir()
     mapping = "".join(f"        {h} b{k};\n" for h, k in HOSTS.items())
     upstreams = "".join(f"    upstream b{k} {{ server {Lab.backend_addr(k)}:{PORT}; }}\n"
                         for k in (1, 2))
-    conf = d / "nginx.conf"
-    conf.write_text(LB_CONF.format(dir=d, map=mapping, upstreams=upstreams, vip=VIP, port=PORT))
+    stream = STREAM_BLOCK.format(map=mapping, upstreams=upstreams, vip=VIP, port=PORT)
     # The same trick as the agent's: the VIP made local, so nginx can bind it.
     lab.exec("lb", "ip", "route", "add", "local", f"{VIP}/32", "dev", "lo", "table", "local")
-    lab.popen("lb", "nginx", "-p", d, "-e", d / "error.log", "-c", conf,
-              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: listening(lab, "lb", PORT), "nginx in lb")
+    start_nginx(lab, "lb", d, nginx_conf(d, 16384, stream, f"load_module {STREAM_MODULE};\n"),
+                PORT)
 
 
 def lb_cpu(lab: Lab) -> float:
@@ -266,7 +243,7 @@ def main() -> int:
     for tool in ("wrk", "nginx", "curl", "openssl", "ss"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: run scripts/setup.sh")
-    if not Path("/usr/lib/nginx/modules/ngx_stream_module.so").exists():
+    if not Path(STREAM_MODULE).exists():
         sys.exit("nginx stream module missing: apt install libnginx-mod-stream")
     mount_bpffs()
 
