@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,9 @@ import yaml
 
 from tests.chart import CHART, CUSTOM_VALUES, HELM, ROOT, find, grants_of, helm, render
 from tests.k8s.cluster import Cluster, wait_for
+from tests.test_health import free_port
+from tests.test_leader import probe
+from tests.test_operator import seed_operator_pod
 from xdplb.agent.cluster import AGENT_NAMESPACE_RULES, AGENT_RULES
 from xdplb.k8s.daemonset import CAPABILITIES
 from xdplb.k8s.operator import FINALIZER, Kube
@@ -172,22 +172,6 @@ def test_uninstall_hook_can_be_turned_off() -> None:
 # --- the chart's Deployment runs the operator; its Job uninstalls --------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def probe(port: int, path: str) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as e:
-        return int(e.code)
-    except OSError:
-        return 0
-
-
 def container_env(c: dict[str, Any], fields: dict[str, str]) -> dict[str, str]:
     """A container's environment as kubelet sets it (fieldRefs resolved from ``fields``)."""
     env = {}
@@ -199,20 +183,6 @@ def container_env(c: dict[str, Any], fields: dict[str, str]) -> dict[str, str]:
 
 def namespace_doc(name: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
-
-
-def seed_pod(admin: Kube, deployment: dict[str, Any], namespace: str) -> str:
-    """What the Deployment controller would make: a ReplicaSet and a pod, owned in turn."""
-    labels = deployment["spec"]["selector"]["matchLabels"]
-    rs = admin.request("POST", f"/apis/apps/v1/namespaces/{namespace}/replicasets", {
-        "metadata": {"name": "xdplb-operator-7c9d", "labels": labels, "ownerReferences": [{
-            "apiVersion": "apps/v1", "kind": "Deployment", "name": "xdplb-operator",
-            "uid": deployment["metadata"]["uid"], "controller": True}]}})
-    pod = admin.request("POST", f"/api/v1/namespaces/{namespace}/pods", {
-        "metadata": {"name": "xdplb-operator-7c9d-abcde", "labels": labels, "ownerReferences": [{
-            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs["metadata"]["name"],
-            "uid": rs["metadata"]["uid"], "controller": True}]}})
-    return str(pod["metadata"]["name"])
 
 
 @pytest.mark.parametrize("values", [DEFAULT, CUSTOM], ids=["deploy-dir", "custom"])
@@ -230,7 +200,7 @@ def test_chart_runs_the_operator_and_uninstalls(tmp_path: Path, values: tuple[st
             cluster.kubectl("apply", "-f", "-", stdin="\n".join(json.dumps(d) for d in plain))
         admin = Kube(str(cluster.admin_kubeconfig))
         deployment = admin.get(f"/apis/apps/v1/namespaces/{ns}/deployments/xdplb-operator")
-        pod_name = seed_pod(admin, deployment, ns)
+        pod_name = seed_operator_pod(admin, deployment)
         cluster.emulator.grant("op-token", f"system:serviceaccount:{ns}:xdplb-operator",
                                grants_of(docs, "xdplb-operator", ns))
         op = container(find(docs, "Deployment", "xdplb-operator"))
@@ -247,9 +217,9 @@ def test_chart_runs_the_operator_and_uninstalls(tmp_path: Path, values: tuple[st
             def ready() -> bool:
                 if proc.poll() is not None:
                     raise AssertionError(f"the operator exited:\n{proc.communicate()[0]}")
-                return probe(health, "/readyz") == 200
+                return probe(health, "/readyz")[0] == 200
             wait_for("/readyz 200", ready, timeout=30)
-            assert probe(health, "/healthz") == 200
+            assert probe(health, "/healthz") == (200, "ok: leader")
             lease = wait_for("the Lease held by the pod", lambda: (
                 (le := admin.get(f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/"
                                  f"xdplb-operator"))["spec"].get("holderIdentity") == pod_name

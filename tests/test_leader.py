@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import socket
 import threading
 import time
 import urllib.error
@@ -25,6 +24,7 @@ import yaml
 
 from tests.chart import chart_grants
 from tests.k8s.cluster import KUBECTL, Cluster, wait_for
+from tests.test_health import free_port
 from xdplb.k8s.daemonset import AgentSettings
 from xdplb.k8s.lease import LeaderElector, LeaseLost, decide, released
 from xdplb.k8s.operator import Kube, State, run
@@ -159,10 +159,15 @@ needs_kubectl = pytest.mark.skipif(not KUBECTL.exists(),
                                    reason="run scripts/setup.sh for kubectl")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def probe(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of a probe on ``port``; (0, "") while nothing listens yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+            return r.status, r.read().decode().strip()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode().strip()
+    except OSError:
+        return 0, ""
 
 
 class Replica:
@@ -188,15 +193,7 @@ class Replica:
             self.error = e
 
     def probe(self, path: str) -> tuple[int, str]:
-        """(status, body) of a probe; (0, "") while nothing listens yet."""
-        url = f"http://127.0.0.1:{self.settings.health_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                return r.status, r.read().decode().strip()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode().strip()
-        except OSError:
-            return 0, ""
+        return probe(self.settings.health_port, path)
 
     def halt(self) -> None:
         self.stop.set()

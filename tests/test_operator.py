@@ -125,18 +125,32 @@ def lb_doc(name: str, port: int = 80, address: str | None = "192.0.2.10",
             "spec": {"listeners": [listener], **spec}}
 
 
+OPERATOR_POD = "xdplb-operator-5d4f-x2x9q"
+
+
+def seed_operator_pod(admin: Kube, deployment: dict[str, Any]) -> str:
+    """What the Deployment controller makes of ``deployment``: a ReplicaSet and its pod
+    (labelled with the Deployment's selector), each owned by the one before."""
+    meta = deployment["metadata"]
+    labels = ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    api = f"namespaces/{meta['namespace']}"
+    rs = admin.request("POST", f"/apis/apps/v1/{api}/replicasets", {
+        "metadata": {"name": OPERATOR_POD.rsplit("-", 1)[0], "labels": labels,
+                     "ownerReferences": [{
+                         "apiVersion": "apps/v1", "kind": "Deployment", "name": meta["name"],
+                         "uid": meta["uid"], "controller": True}]}})
+    admin.request("POST", f"/api/v1/{api}/pods", {
+        "metadata": {"name": OPERATOR_POD, "labels": labels, "ownerReferences": [{
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs["metadata"]["name"],
+            "uid": rs["metadata"]["uid"], "controller": True}]}})
+    return OPERATOR_POD
+
+
 def seed_operator_deployment(admin: Kube) -> dict[str, Any]:
     """The operator's Deployment -> ReplicaSet -> Pod chain, as a cluster has it."""
     dep = admin.request("POST", f"/apis/apps/v1/namespaces/{SYSTEM_NS}/deployments", {
         "metadata": {"name": "xdplb-operator"}, "spec": {"replicas": 1}})
-    rs = admin.request("POST", f"/apis/apps/v1/namespaces/{SYSTEM_NS}/replicasets", {
-        "metadata": {"name": "xdplb-operator-5d4f", "ownerReferences": [{
-            "apiVersion": "apps/v1", "kind": "Deployment", "name": "xdplb-operator",
-            "uid": dep["metadata"]["uid"], "controller": True}]}})
-    admin.request("POST", f"/api/v1/namespaces/{SYSTEM_NS}/pods", {
-        "metadata": {"name": "xdplb-operator-5d4f-x2x9q", "ownerReferences": [{
-            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs["metadata"]["name"],
-            "uid": rs["metadata"]["uid"], "controller": True}]}})
+    seed_operator_pod(admin, dep)
     return dep
 
 
@@ -150,12 +164,12 @@ def operator_env(tmp_path: Any, **overrides: Any) -> Iterator[Env]:
         seed_operator_deployment(admin)
         settings = replace(OperatorSettings(
             kubeconfig=str(cluster.kubeconfig("operator", OPERATOR_TOKEN)),
-            pod_name="xdplb-operator-5d4f-x2x9q", pod_namespace=SYSTEM_NS,
+            pod_name=OPERATOR_POD, pod_namespace=SYSTEM_NS,
             agent=AgentSettings(namespace=SYSTEM_NS, image="registry.example/xdplb:1.2.3"),
             status_interval=0.2, resync_interval=0.3,
             # As deployed: the Lease taken and renewed (each granted verb used within 0.5 s).
             leader_election=LeaderElectionSettings(
-                enabled=True, namespace=SYSTEM_NS, identity="xdplb-operator-5d4f-x2x9q",
+                enabled=True, namespace=SYSTEM_NS, identity=OPERATOR_POD,
                 retry_period=0.5)), **overrides)
         state = State(settings)
         stop, ready = threading.Event(), threading.Event()

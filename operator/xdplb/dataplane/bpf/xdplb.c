@@ -183,15 +183,24 @@ static __always_inline int send_rst(struct xdp_md *ctx, struct pkt *p)
 	return XDP_TX;
 }
 
+/* The conntrack key, direction ``dir``, of the flow an ICMP error is about: the
+ * quoted packet travelled the other way, so its ends are swapped. (ct_key has no
+ * implicit padding to clear.) */
+static __always_inline struct ct_key quoted_flow(const struct icmp_err *e, __u8 dir)
+{
+	struct ct_key k = {
+		.src = e->in_ip->daddr, .dst = e->in_ip->saddr, .sport = e->in_ports[1],
+		.dport = e->in_ports[0], .proto = e->in_proto, .dir = dir,
+	};
+	return k;
+}
+
 /* An error about a packet a source-NAT flow sent to its backend (the quote runs
  * node address -> backend), arriving at the node: make it about the client's
  * packet to the listener, and send it to the client. */
 static __always_inline int icmp_snat_forward(struct pkt *p, struct icmp_err *e)
 {
-	struct ct_key rkey = {
-		.src = e->in_ip->daddr, .dst = e->in_ip->saddr, .sport = e->in_ports[1],
-		.dport = e->in_ports[0], .proto = e->in_proto, .dir = 1,
-	};
+	struct ct_key rkey = quoted_flow(e, 1);
 	struct ct_val *rv = ct.lookup(&rkey);
 	if (!rv || !(rv->flags & CT_SNAT)) {
 		count(ST_NOMATCH);
@@ -228,10 +237,7 @@ static __always_inline int icmp_ingress(struct pkt *p, void *data_end)
 		count(ST_NOMATCH);
 		return XDP_PASS;
 	}
-	struct ct_key key = {
-		.src = e.in_ip->daddr, .dst = e.in_ip->saddr, .sport = e.in_ports[1],
-		.dport = e.in_ports[0], .proto = e.in_proto, .dir = 0,
-	};
+	struct ct_key key = quoted_flow(&e, 0);
 	struct ct_val *v = ct.lookup(&key);
 	if (!v)
 		return icmp_snat_forward(p, &e);
@@ -418,10 +424,7 @@ static __always_inline int icmp_egress(struct pkt *p, void *data_end)
 	struct icmp_err e;
 	if (parse_icmp_error(data_end, p, &e))
 		return TC_ACT_OK;
-	struct ct_key rkey = {
-		.src = e.in_ip->daddr, .dst = e.in_ip->saddr, .sport = e.in_ports[1],
-		.dport = e.in_ports[0], .proto = e.in_proto, .dir = 1,
-	};
+	struct ct_key rkey = quoted_flow(&e, 1);
 	struct ct_val *rv = ct.lookup(&rkey);
 	if (!rv)
 		return TC_ACT_OK;
