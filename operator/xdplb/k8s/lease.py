@@ -21,6 +21,7 @@ import datetime
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -114,7 +115,7 @@ def _now() -> datetime.datetime:
 
 
 class LeaderElector:
-    """The I/O around ``decide``: blocking requests, each run in a thread."""
+    """The I/O around ``decide``: blocking requests, run in the elector's own thread."""
 
     def __init__(self, kube: Client, settings: LeaderElectionSettings) -> None:
         self.kube, self.settings = kube, settings
@@ -125,6 +126,12 @@ class LeaderElector:
         # A renewal given up on (past its deadline) may still be running in its thread: the
         # release waits for it, or the renewal could land after the release.
         self.lock = threading.Lock()
+        # A thread of its own: in the default executor, renewals would queue behind the
+        # operator's status writes and finalizer patches.
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lease")
+
+    async def _attempt_in_thread(self) -> bool:
+        return await asyncio.get_running_loop().run_in_executor(self.thread, self.attempt)
 
     def _read(self) -> dict[str, Any] | None:
         try:
@@ -170,7 +177,7 @@ class LeaderElector:
         reported = ""
         while True:
             try:
-                if await asyncio.to_thread(self.attempt):
+                if await self._attempt_in_thread():
                     return
                 if self.holder != reported:
                     log.info("the Lease %s/%s is held by %s", s.namespace, s.name, self.holder)
@@ -186,7 +193,7 @@ class LeaderElector:
             await asyncio.sleep(s.retry_period)
             left = s.renew_deadline - (time.monotonic() - self.renewed)
             try:
-                held = await asyncio.wait_for(asyncio.to_thread(self.attempt),
+                held = await asyncio.wait_for(self._attempt_in_thread(),
                                               timeout=max(left, 0.01))
             except TimeoutError:
                 held = None

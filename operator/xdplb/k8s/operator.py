@@ -559,7 +559,7 @@ class _DualStackServer(ThreadingHTTPServer):
 
 def serve_probes(port: int, probes: Probes) -> ThreadingHTTPServer:
     """/healthz and /readyz on ``port``, from a thread: kopf counts every task started
-    on its loop as its own, and a blocked loop still fails the probe by its timeout."""
+    on its loop as its own. A loop that hangs without ending a task goes unnoticed."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
