@@ -84,6 +84,13 @@ class Env:
 
     # the agents' side: Nodes and NodeState reports
 
+    def programmed(self, name: str, node: str) -> None:
+        """LoadBalancer ``name`` created and reported applied by ``node``, its only node."""
+        self.node(node)
+        self.apply(lb_doc(name))
+        self.report(node, self.applied(name))
+        self.wait_condition(name, "Programmed", "True")
+
     def node(self, name: str, **labels: str) -> None:
         self.admin.request("POST", "/api/v1/nodes", {"metadata": {
             "name": name, "labels": {"kubernetes.io/os": "linux", **labels}}})
@@ -351,10 +358,7 @@ def test_release_removes_only_our_finalizer(env: Env) -> None:
 
 def test_delete_is_released_after_the_bounded_wait(tmp_path: Any) -> None:
     with operator_env(tmp_path, release_timeout=1.5) as env:
-        env.node("n1")
-        env.apply(lb_doc("web"))
-        env.report("n1", env.applied("web"))
-        env.wait_condition("web", "Programmed", "True")
+        env.programmed("web", "n1")
         env.cluster.kubectl("delete", "loadbalancer", "web", "--wait=false")
         wait_for("released after the bounded wait", lambda: env.lb("web") is None, timeout=10)
         warning = env.wait_event("web", "ReleaseTimeout")
@@ -364,10 +368,7 @@ def test_delete_is_released_after_the_bounded_wait(tmp_path: Any) -> None:
 
 def test_silent_node_is_not_programmed_and_recovers(tmp_path: Any) -> None:
     with operator_env(tmp_path, silence=2.0) as env:
-        env.node("n1")
-        env.apply(lb_doc("web"))
-        env.report("n1", env.applied("web"))
-        env.wait_condition("web", "Programmed", "True")
+        env.programmed("web", "n1")
         # No heartbeat from now on.
         degraded = env.wait_condition("web", "Degraded", "True")
         assert degraded["message"].startswith("n1: no heartbeat for ")
@@ -452,10 +453,7 @@ def status_changes(env: Env, name: str) -> int:
 
 def test_status_writes_are_coalesced_and_only_on_change(tmp_path: Any) -> None:
     with operator_env(tmp_path, status_interval=1.0) as env:
-        env.node("n1")
-        env.apply(lb_doc("web"))
-        env.report("n1", env.applied("web"))
-        env.wait_condition("web", "Programmed", "True")
+        env.programmed("web", "n1")
         time.sleep(1.0)  # let the interval since the last write pass
         writes = status_changes(env, "web")
 
@@ -480,10 +478,7 @@ def test_status_writes_are_coalesced_and_only_on_change(tmp_path: Any) -> None:
 
 def test_operator_needs_every_granted_rule(env: Env) -> None:
     """A full life cycle uses each rule of the ClusterRole: none is granted for nothing."""
-    env.node("n1")
-    env.apply(lb_doc("web"))
-    env.report("n1", env.applied("web"))
-    env.wait_condition("web", "Programmed", "True")
+    env.programmed("web", "n1")
     wait_for("agent DaemonSet", lambda: daemonset(env))
     env.cluster.kubectl("-n", SYSTEM_NS, "set", "image", "daemonset/xdplb-agent", "agent=x:0")
     wait_for("DaemonSet patched back", lambda: (d := daemonset(env)) and d["spec"]["template"][
@@ -491,6 +486,10 @@ def test_operator_needs_every_granted_rule(env: Env) -> None:
     env.cluster.kubectl("delete", "loadbalancer", "web", "--wait=false")
     env.report("n1", {**env.applied("web"), "phase": "Removed"})
     wait_for("deleted", lambda: env.lb("web") is None)
+    # The leader renews its Lease every retry period (0.5 s here): a renewal is an update.
+    lease = f"/apis/coordination.k8s.io/v1/namespaces/{SYSTEM_NS}/leases/xdplb-operator"
+    wait_for("a renewal of the Lease", lambda: (
+        (spec := env.admin.get(lease)["spec"])["renewTime"] != spec["acquireTime"]))
     assert env.account.unused() == []
 
 
