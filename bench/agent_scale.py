@@ -106,7 +106,7 @@ class AgentRun:
         out = {}
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM"):
+            if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 out[k] = int(v.split()[0])  # kB
         return out
 
@@ -125,10 +125,12 @@ def cold_start(lab: Lab) -> dict[str, float]:
     run = AgentRun(lab, cfg, "cold")
     try:
         t = run.wait(lambda s: s.count("attached to") >= len(INTERFACES), "attach")
+        mem = run.status()
         text = run.text()
         modes = set(re.findall(r"attached to \S+: XDP (\w+) mode", text))
         return {"attached_s": t, "loaded_ms": ms_in_log(text, "compiled and loaded"),
-                "started_ms": ms_in_log(text, "started"), "mode": ",".join(sorted(modes))}
+                "started_ms": ms_in_log(text, "started"), "mode": ",".join(sorted(modes)),
+                "rss_mb": mem["VmRSS"] / 1024, "file_mb": mem["RssFile"] / 1024}
     finally:
         run.stop()
 
@@ -149,7 +151,7 @@ def scale(lab: Lab, lbs: int, routes: int) -> dict[str, Any]:
         tmp = cfg.with_suffix(".tmp")
         tmp.write_text(manifest(lbs, routes, changed=True))
         tmp.replace(cfg)
-        end = time.monotonic() + 900  # the whole file is re-parsed: minutes at 100k routes
+        end = time.monotonic() + 900
         while len(run.applied()) < 2:
             if time.monotonic() > end:
                 raise RuntimeError(f"no second applied line:\n{run.text()[-2000:]}")
@@ -157,6 +159,7 @@ def scale(lab: Lab, lbs: int, routes: int) -> dict[str, Any]:
         t_change = time.monotonic() - t0
         second = run.applied()[1]
         return {"live_s": t_live, "apply_ms": first[6], "rss_mb": mem["VmRSS"] / 1024,
+                "file_mb": mem["RssFile"] / 1024,
                 "hwm_mb": mem["VmHWM"] / 1024, "written": second[3], "deleted": second[4],
                 "syscalls": second[5], "change_ms": second[6], "change_wall_s": t_change,
                 "first_written": first[3], "first_syscalls": first[5]}
@@ -198,12 +201,15 @@ def main() -> int:
         ["  agent log: compiled and loaded (ms)", fmt_stat([c["loaded_ms"] for c in cold], 0)],
         ["  agent log: started, incl. first apply and attach (ms)",
          fmt_stat([c["started_ms"] for c in cold], 0)],
+        ["  agent RSS, VmRSS (MB)", fmt_stat([c["rss_mb"] for c in cold], 0)],
+        ["    of which file-backed, RssFile (MB)", fmt_stat([c["file_mb"] for c in cold], 0)],
         [f"scale: process start -> {a.lbs * a.routes:,} routes applied (s)",
          fmt_stat([b["live_s"] for b in big], 2)],
         ["  agent log: first apply (ms)", fmt_stat([b["apply_ms"] for b in big], 0)],
         ["  first apply: entries written", fmt_stat([b["first_written"] for b in big], 0)],
         ["  first apply: bpf syscalls", fmt_stat([b["first_syscalls"] for b in big], 0)],
         ["  agent RSS once applied, VmRSS (MB)", fmt_stat([b["rss_mb"] for b in big], 0)],
+        ["    of which file-backed, RssFile (MB)", fmt_stat([b["file_mb"] for b in big], 0)],
         ["  agent peak RSS, VmHWM (MB)", fmt_stat([b["hwm_mb"] for b in big], 0)],
         ["one-route change: entries written", fmt_stat([b["written"] for b in big], 0)],
         ["  entries deleted", fmt_stat([b["deleted"] for b in big], 0)],

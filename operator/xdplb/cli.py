@@ -63,8 +63,7 @@ def timeouts(a: argparse.Namespace) -> Timeouts:
 
 
 def cmd_agent(a: argparse.Namespace) -> int:
-    from xdplb.agent.standalone import Agent, AgentOptions
-    from xdplb.dataplane.loader import AttachError, cleanup
+    from xdplb.dataplane.loader import AttachError, DataPlane, cleanup
 
     setup_logging(a.log_format)
     if a.cleanup:
@@ -72,26 +71,31 @@ def cmd_agent(a: argparse.Namespace) -> int:
         logging.info("cleanup: detached from %s, removed %s", ", ".join(detached) or "nothing",
                      a.pin_dir)
         return 0
+    if a.kubernetes and not a.node_name:
+        logging.error("--kubernetes needs --node-name (or the NODE_NAME variable)")
+        return 2
+    # Compile first: the rest of the agent is imported while the compiler runs.
+    dp = DataPlane(a.pin_dir, capacities(a), timeouts(a))
+    loading = (dp, dp.load_async())
+    from xdplb.agent.standalone import Agent, AgentOptions
+
     # A cluster agent keeps programs and pins on a clean stop: its successor adopts them.
     detach = a.detach_on_exit if a.detach_on_exit is not None else not a.kubernetes
     if a.kubernetes:
         from xdplb.agent.cluster import ClusterAgent, ClusterOptions
 
-        if not a.node_name:
-            logging.error("--kubernetes needs --node-name (or the NODE_NAME variable)")
-            return 2
         ClusterAgent(ClusterOptions(
             config="kubernetes", node_name=a.node_name, daemonset=a.daemonset,
             xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
             caps=capacities(a), timeouts=timeouts(a),
             detach_on_exit=detach, force=a.force,
-            metrics_port=a.metrics_port, state_file=a.state_file)).run()
+            metrics_port=a.metrics_port, state_file=a.state_file), loading=loading).run()
         return 0
     try:
         Agent(AgentOptions(config=a.config, xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
                            caps=capacities(a), timeouts=timeouts(a), detach_on_exit=detach,
                            force=a.force, metrics_port=a.metrics_port,
-                           state_file=a.state_file)).run()
+                           state_file=a.state_file), loading).run()
     except AttachError as e:
         logging.error("%s", e)
         return 1

@@ -33,6 +33,7 @@ from prometheus_client import Counter, Gauge
 from xdplb.agent.inventory import read_inventory
 from xdplb.agent.standalone import Agent, AgentOptions
 from xdplb.dataplane.entries import Inventory, listener_interfaces
+from xdplb.dataplane.loader import DataPlane
 from xdplb.k8s.conflicts import claim_of, resolve
 from xdplb.k8s.crd import GROUP, VERSION, parse_object
 from xdplb.k8s.nodestate import (
@@ -42,6 +43,7 @@ from xdplb.k8s.nodestate import (
     NodeStateStatus,
     rfc3339,
 )
+from xdplb.memory import gc_paused
 from xdplb.plan.endpoints import SERVICE_NAME_LABEL, EndpointIndex
 from xdplb.plan.model import Listener, Plan, Target
 from xdplb.plan.planner import build_plan
@@ -179,6 +181,7 @@ class ParseCache:
         return self.plans[id(lb)][1]
 
 
+@gc_paused()
 def desire(lbs: Mapping[Ref, Json], labels: Mapping[str, str], index: EndpointIndex,
            down: frozenset[Target] = frozenset(), cache: ParseCache | None = None) -> Desired:
     """The plan for the LoadBalancers that select this node, and what to report for them
@@ -206,7 +209,7 @@ def desire(lbs: Mapping[Ref, Json], labels: Mapping[str, str], index: EndpointIn
                       cache.planned if cache is not None else None)
     for ref, (raw, _) in valid.items():
         mine = [lst for lst in plan.listeners if lst.owner == f"{ref[0]}/{ref[1]}"]
-        backends = {(b.address, b.port) for lst in mine for g in lst.groups() for b in g.backends}
+        backends = {(b.address, b.port) for lst in mine for b in lst.backends()}
         untouched = [label.rsplit("/", 1)[1] for label in plan.untouched
                      if label.startswith(f"{ref[0]}/{ref[1]}/")]
         note = (f"no endpoint on this node (trafficPolicy Local): traffic of listener "
@@ -312,9 +315,9 @@ def _now() -> datetime.datetime:
 class ClusterAgent(Agent):
     opts: ClusterOptions
 
-    def __init__(self, opts: ClusterOptions, api: kubernetes.client.ApiClient | None = None
-                 ) -> None:
-        super().__init__(opts)
+    def __init__(self, opts: ClusterOptions, api: kubernetes.client.ApiClient | None = None,
+                 loading: tuple[DataPlane, Callable[[], None]] | None = None) -> None:
+        super().__init__(opts, loading)
         self.api = api or _api_client()
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
         self.core = kubernetes.client.CoreV1Api(self.api)
@@ -350,7 +353,10 @@ class ClusterAgent(Agent):
                           {"group": GROUP, "version": VERSION, "plural": "loadbalancers"})
         self._start_watch("node", self.core.list_node,
                           {"field_selector": f"metadata.name={self.opts.node_name}"})
-        super().start()  # compile, load, adopt pins; the first reload finds no API data yet
+        super().start()  # compile, load, adopt pins; the loop applies once the lists arrive
+
+    def read(self, force: bool = False) -> None:
+        return None  # no file: reconcile() plans from the watches
 
     def loop(self) -> None:
         next_sweep = time.monotonic() + self.opts.sweep_seconds

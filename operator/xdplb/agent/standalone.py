@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from xdplb.dataplane.entries import Inventory, listener_interfaces, translated_l
 from xdplb.dataplane.layout import Stat
 from xdplb.dataplane.loader import AttachError, DataPlane, detach
 from xdplb.dataplane.writer import MapWriter
+from xdplb.memory import gc_paused, return_free_memory
 from xdplb.plan.model import Plan, all_backends, snat_backends
 from xdplb.plan.planner import build_plan
 from xdplb.sni.service import SniService
@@ -69,9 +71,12 @@ def limits_of(caps: Capacities) -> Limits:
 
 
 class Agent:
-    def __init__(self, opts: AgentOptions) -> None:
+    def __init__(self, opts: AgentOptions, loading: tuple[DataPlane, Callable[[], None]] | None
+                 = None) -> None:
+        """`loading`: the data plane, already being loaded (DataPlane.load_async)."""
         self.opts = opts
-        self.dp = DataPlane(opts.pin_root, opts.caps, opts.timeouts)
+        self.dp, self._loaded = loading or (DataPlane(opts.pin_root, opts.caps, opts.timeouts),
+                                            None)
         self.writer: MapWriter | None = None
         self.sni: SniService | None = None    # SNI acceptor and splice
         self.attached: dict[str, str] = {}   # interface -> XDP mode in effect
@@ -91,7 +96,10 @@ class Agent:
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         t0 = time.monotonic()
-        self.dp.load()
+        # The compiler runs outside the GIL: read and plan the file meanwhile.
+        loaded = self._loaded or self.dp.load_async()
+        staged = self.read(force=True)
+        loaded()
         self.writer = MapWriter(self.dp.maps, self.dp.caps)
         self.sni = SniService(self.dp.maps)
         if self.dp.adopted:
@@ -100,7 +108,8 @@ class Agent:
                      "keep their backends", self.dp.pin_dir, n)
         log.info("compiled and loaded in %.0f ms", (time.monotonic() - t0) * 1000)
         self.health.start()
-        self.reload(force=True)
+        if staged is not None:
+            self.apply(*staged)
         self.dp.remove_stale_pins()
         log.info("started in %.0f ms", (time.monotonic() - t0) * 1000)
         if self.opts.metrics_port:
@@ -142,6 +151,12 @@ class Agent:
 
     # -- configuration ------------------------------------------------------------------
     def reload(self, force: bool = False) -> None:
+        if (staged := self.read(force)) is not None:
+            self.apply(*staged)
+
+    def read(self, force: bool = False) -> tuple[Plan, Inventory] | None:
+        """The plan of the file and the node now; None if neither changed or the
+        file is bad (logged)."""
         path = Path(self.opts.config)
         try:
             text = path.read_text()
@@ -149,11 +164,11 @@ class Agent:
             if force or self._file_digest != "unreadable":
                 log.error("cannot read %s: %s; keeping the last good state", path, e)
                 self._file_digest = "unreadable"
-            return
+            return None
         digest = hashlib.sha256(text.encode()).hexdigest()
         inv = read_inventory()
         if not force and digest == self._file_digest and inv == self._inventory:
-            return
+            return None
         self._file_digest, self._inventory = digest, inv
         try:
             lbs = parse_manifests(text, str(path), limits_of(self.opts.caps), self._documents)
@@ -163,10 +178,11 @@ class Agent:
             for line in e.errors:
                 log.error("invalid configuration: %s", line)
             log.error("keeping the last good state (%d listeners)", len(self.plan.listeners))
-            return
-        plan = build_plan(lbs, down=self.health.down())
+            return None
+        with gc_paused():
+            plan = build_plan(lbs, down=self.health.down())
         self._lbs = lbs if plan.health_targets() else None
-        self.apply(plan, inv)
+        return plan, inv
 
     def replan(self) -> None:
         """A backend's health changed: the same specs, other effective weights."""
@@ -179,7 +195,7 @@ class Agent:
             inv = replace(inv, routes=backend_routes(all_backends(plan)))
         self._applied_inventory = inv
         try:
-            with metrics.APPLY_SECONDS.time():
+            with metrics.APPLY_SECONDS.time(), gc_paused():
                 res = self.writer.apply(plan, inv)
         except CapacityError as e:
             metrics.ERRORS.labels("capacity").inc()
@@ -197,6 +213,7 @@ class Agent:
                 log.warning("%s", p)
                 res.problems.append(p)
         self.last_error = "; ".join(res.problems)
+        return_free_memory()  # what reading and planning the file left behind
         log.info("applied %s: %s", self.opts.config, res.summary())
         self._write_state()
 

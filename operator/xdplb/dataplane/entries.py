@@ -37,8 +37,7 @@ def hairpin_listeners(plan: Plan, inv: Inventory) -> list[Listener]:
     out = []
     for lst in plan.listeners:
         ifs = set(listener_interfaces(lst, inv))
-        if any(inv.routes.get(b.address, ("", ""))[1] in ifs
-               for g in lst.groups() for b in g.backends):
+        if any(inv.routes.get(b.address, ("", ""))[1] in ifs for b in lst.backends()):
             out.append(lst)
     return out
 

@@ -141,7 +141,7 @@ PROTO_NAME = {v: k for k, v in PROTO.items()}
 
 def be32(address: str) -> int:
     """An IPv4 address as the u32 whose memory holds it in network order."""
-    return int.from_bytes(ipaddress.IPv4Address(address).packed, sys.byteorder)
+    return int.from_bytes(socket.inet_aton(address), sys.byteorder)
 
 
 def be32_int(value: int) -> int:

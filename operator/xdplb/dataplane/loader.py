@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,27 @@ class DataPlane:
         self.adopted = False
 
     # -- load ---------------------------------------------------------------------------
+    def load_async(self) -> Callable[[], None]:
+        """Start load() in a thread (the compiler runs outside the GIL, so the caller
+        can go on meanwhile); returns the call that waits for it and raises its error."""
+        error: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.load()
+            except BaseException as e:  # raised again in the thread that waits
+                error.append(e)
+
+        thread = threading.Thread(target=run, name="compile")
+        thread.start()
+
+        def wait() -> None:
+            thread.join()
+            if error:
+                raise error[0]
+
+        return wait
+
     def load(self) -> None:
         from bcc import BPF  # system package: imported late so pure modules never need it
 

@@ -8,6 +8,7 @@ from it.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -21,6 +22,11 @@ class Backend:
     weight: int = 1
 
 
+def address_key(address: str) -> bytes:
+    """Sorts IPv4 addresses in numeric order (the plan holds IPv4 only)."""
+    return socket.inet_aton(address)
+
+
 @dataclass(frozen=True)
 class Group:
     """A set of weighted backends in canonical order; identical groups are
@@ -30,8 +36,16 @@ class Group:
 
     @staticmethod
     def of(backends: list[Backend] | tuple[Backend, ...]) -> Group:
-        return Group(tuple(sorted(backends, key=lambda b: (ipaddress.ip_address(b.address),
-                                                           b.port, b.weight))))
+        if len(backends) > 1:
+            backends = sorted(backends, key=lambda b: (address_key(b.address), b.port, b.weight))
+        return Group(tuple(backends))
+
+    @cached_property
+    def _hash(self) -> int:
+        return hash(self.backends)
+
+    def __hash__(self) -> int:  # groups are dictionary keys all along the writer
+        return self._hash
 
     @cached_property
     def table(self) -> tuple[int, ...]:
@@ -68,6 +82,11 @@ class SourceRoute:
     @cached_property
     def network(self) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Network(self.cidr)
+
+    def sort_key(self) -> tuple[bytes, int]:
+        """The order of `network`, without building it."""
+        address, _, length = self.cidr.partition("/")
+        return address_key(address), int(length)
 
 
 @dataclass(frozen=True)
@@ -108,15 +127,18 @@ class Listener:
         return [self.default, *(r.group for r in self.source_routes),
                 *(r.group for r in self.sni_routes)]
 
+    def backends(self) -> set[Backend]:
+        """The backends of all its groups (routes mostly share a few groups)."""
+        return {b for g in dict.fromkeys(self.groups()) for b in g.backends}
+
 
 def all_backends(plan: Plan) -> set[str]:
-    return {b.address for lst in plan.listeners for g in lst.groups() for b in g.backends}
+    return {b.address for lst in plan.listeners for b in lst.backends()}
 
 
 def snat_backends(plan: Plan) -> set[str]:
     """Addresses of the backends that source-NAT listeners send to."""
-    return {b.address for lst in plan.listeners if lst.source_nat
-            for g in lst.groups() for b in g.backends}
+    return {b.address for lst in plan.listeners if lst.source_nat for b in lst.backends()}
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,19 @@ def health_check(hc: spec.HealthCheck | None) -> HealthCheck | None:
 
 def plan_listener(lb: spec.LoadBalancer, lst: spec.Listener,
                   services: ServiceResolver = _no_services,
-                  down: frozenset[Target] = frozenset()) -> Listener:
-    """`down`: health-check targets that failed; their backends get weight 0."""
+                  down: frozenset[Target] = frozenset(),
+                  groups: dict[Group, Group] | None = None) -> Listener:
+    """`down`: health-check targets that failed; their backends get weight 0.
+    `groups`: the groups planned so far, so equal groups are one object (100,000
+    routes to the same backends hold one group, and compare by identity)."""
     targets: set[Target] = set()
+    known: dict[Group, Group] = {} if groups is None else groups
 
     def _group(group: spec.Listener | spec.SourceRoute | spec.SniRoute) -> Group:
+        g = _new_group(group)
+        return known.setdefault(g, g)
+
+    def _new_group(group: spec.Listener | spec.SourceRoute | spec.SniRoute) -> Group:
         if group.service is not None:
             backends = list(services(lb.metadata.namespace, group.service, lst.protocol,
                                      lb.spec.traffic_policy == "Local"))
@@ -66,7 +74,7 @@ def plan_listener(lb: spec.LoadBalancer, lst: spec.Listener,
         interfaces=tuple(lb.spec.interfaces or ()),
         default=_group(lst),
         source_routes=tuple(sorted((SourceRoute(r.cidr, _group(r))
-                                    for r in lst.source_routes), key=lambda r: r.network)),
+                                    for r in lst.source_routes), key=SourceRoute.sort_key)),
         sni_routes=tuple(sorted((SniRoute(r.hostname, _group(r))
                                  for r in lst.sni_routes), key=lambda r: r.hostname)),
         client_ip_affinity=lst.session_affinity == "ClientIP",
@@ -86,9 +94,10 @@ def build_plan(lbs: Iterable[spec.LoadBalancer],
                down: frozenset[Target] = frozenset(),
                memo: Memo | None = None) -> Plan:
     listeners, untouched = [], []
+    groups: dict[Group, Group] = {}
     for lb in lbs:
         def compute(lb: spec.LoadBalancer = lb) -> list[Listener]:
-            return [plan_listener(lb, lst, services, down) for lst in lb.spec.listeners]
+            return [plan_listener(lb, lst, services, down, groups) for lst in lb.spec.listeners]
 
         for lst, planned in zip(lb.spec.listeners, memo(lb, compute) if memo else compute(),
                                 strict=True):

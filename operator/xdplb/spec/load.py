@@ -16,7 +16,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from xdplb.memory import gc_paused
 from xdplb.spec.model import (
+    Backend,
     Listener,
     LoadBalancer,
     SniRoute,
@@ -24,6 +26,7 @@ from xdplb.spec.model import (
     format_errors,
     show_value,
 )
+from xdplb.spec.yamldoc import documents
 
 __all__ = ["DEFAULT_LIMITS", "Limits", "SpecError", "load_file", "parse_manifests"]
 
@@ -54,104 +57,9 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-# libyaml's parser when present: the pure-Python one needs ~0.5 ms per route.
-_SafeBase = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-_STR_TAG = "tag:yaml.org,2002:str"
-_INT_TAG = "tag:yaml.org,2002:int"
-_SEQ_TAG = "tag:yaml.org,2002:seq"
-_MAP_TAG = "tag:yaml.org,2002:map"
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-_DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9]*)")
-
-
-class _Loader(_SafeBase):  # type: ignore[valid-type,misc]
-    """A safe loader that rejects duplicate mapping keys, which PyYAML silently overwrites.
-
-    Documents are built by a direct walk of the node tree for the plain shapes
-    a manifest is made of (maps with unique keys, lists, strings, decimal
-    integers), several times faster than the generic constructor on 100,000
-    routes; any other node (merge keys, other tags, YAML 1.1 number forms)
-    goes through the safe constructor, so the result is the same."""
-
-    _scalar_tags: dict[str, str]
-
-    def resolve(self, kind: type[yaml.Node], value: Any, implicit: tuple[bool, bool]) -> str:
-        # The tag of a plain scalar depends on its text alone (a safe loader has no
-        # path resolvers), and keys like "address" repeat 100,000 times.
-        if kind is yaml.ScalarNode and implicit[0]:
-            tags = self.__dict__.setdefault("_scalar_tags", {})
-            tag = tags.get(value)
-            if tag is None:
-                tag = tags[value] = super().resolve(kind, value, implicit)
-            return tag
-        if kind is yaml.MappingNode:
-            return _MAP_TAG
-        if kind is yaml.SequenceNode:
-            return _SEQ_TAG
-        return super().resolve(kind, value, implicit)  # type: ignore[no-any-return]
-
-    def construct_document(self, node: yaml.Node) -> Any:
-        self._building: set[int] = set()
-        try:
-            return self._build(node)
-        finally:
-            self.constructed_objects = {}
-            self.recursive_objects = {}
-
-    def _build(self, node: yaml.Node) -> Any:
-        tag = node.tag
-        if tag == _STR_TAG:
-            return node.value
-        if tag == _INT_TAG and _DECIMAL.fullmatch(node.value):
-            return int(node.value)
-        plain_map = tag == _MAP_TAG and not any(k.tag == _MERGE_TAG for k, _ in node.value)
-        if (tag != _SEQ_TAG and not plain_map) or id(node) in self._building:
-            # Anything else, and aliases that refer to themselves: the safe constructor.
-            return self.construct_object(node, deep=True)
-        self._building.add(id(node))
-        try:
-            if tag == _SEQ_TAG:
-                return [self._build(item) for item in node.value]
-            result: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
-                key = self._build(key_node)
-                if isinstance(key, list | dict):
-                    return self.construct_object(node, deep=True)  # reports it
-                if key in result:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r}", key_node.start_mark
-                    )
-                result[key] = self._build(value_node)
-            return result
-        finally:
-            self._building.discard(id(node))
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        # Fast path: plain string keys (all of a manifest's) compare by their text.
-        if all(k.tag == _STR_TAG for k, _ in node.value):
-            keys = [k.value for k, _ in node.value]
-            if len(set(keys)) == len(keys):
-                return super().construct_mapping(node, deep=deep)
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, list | dict):
-                continue  # unhashable: the base class reports it
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def _yaml_documents(text: str, source: str, first_line: int = 0) -> list[Any]:
     try:
-        return list(yaml.load_all(text, Loader=_Loader))  # _Loader is a SafeLoader
+        return documents(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {first_line + mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -184,10 +92,22 @@ def _validate_document(doc: Any) -> _Document:
     problems = _document_errors(doc)
     if not problems:
         try:
-            return _Document(_name_of(doc), LoadBalancer.model_validate(doc), ())
+            return _Document(_name_of(doc), _shared(LoadBalancer.model_validate(doc)), ())
         except ValidationError as exc:
             problems = format_errors(exc)
     return _Document(_name_of(doc), None, tuple(problems))
+
+
+def _shared(lb: LoadBalancer) -> LoadBalancer:
+    """`lb` with equal backend lists of its routes made one list: routes mostly name a
+    few pools, and 100,000 routes' own copies would hold ~50 MB while cached."""
+    lists: dict[tuple[tuple[str, int, int], ...], list[Backend]] = {}
+    for listener in lb.spec.listeners:
+        for route in (*listener.source_routes, *listener.sni_routes):
+            if route.backends is not None:
+                key = tuple((b.address, b.port, b.weight) for b in route.backends)
+                route.backends = lists.setdefault(key, route.backends)
+    return lb
 
 
 # A line that starts a document. Manifests are mappings, so such a line at
@@ -229,6 +149,12 @@ def parse_manifests(
 ) -> list[LoadBalancer]:
     """Parse and validate every LoadBalancer in `text`; raise SpecError listing all problems.
     Documents are read one at a time (only one document's raw data is held at once)."""
+    with gc_paused():
+        return _parse(text, source, limits, cache)
+
+
+def _parse(text: str, source: str, limits: Limits,
+           cache: DocumentCache | None) -> list[LoadBalancer]:
     errors: list[str] = []
     valid: list[tuple[str, LoadBalancer]] = []
     seen: dict[str, list[_Document | None]] = {}

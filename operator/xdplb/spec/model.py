@@ -14,10 +14,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -136,6 +136,13 @@ def _check_hostname(value: Any) -> Any:
     return value
 
 
+# Canonical dotted quads (no leading zeros): the common case, checked without
+# ipaddress, which costs ~20 µs a call (2 s for 100,000 routes).
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_ADDRESS = re.compile(rf"({_OCTET})(?:\.{_OCTET}){{3}}")
+_CANONICAL_CIDR = re.compile(rf"({_OCTET}(?:\.{_OCTET}){{3}})/(3[0-2]|[12]?[0-9])")
+
+
 def _check_unicast(addr: ipaddress.IPv4Address, value: str) -> None:
     # Nothing can be sent to or served on these, so they are always mistakes.
     if addr.is_unspecified:
@@ -149,6 +156,8 @@ def _check_unicast(addr: ipaddress.IPv4Address, value: str) -> None:
 def _ipv4_address(value: Any) -> Any:
     if not isinstance(value, str):
         return value
+    if (m := _CANONICAL_ADDRESS.fullmatch(value)) and 0 < int(m[1]) < 224:
+        return value  # canonical and unicast: what the checks below would return
     try:
         addr = ipaddress.ip_address(value)
     except ValueError:
@@ -165,10 +174,6 @@ def _vip_address(value: Any) -> Any:
     return _ipv4_address(value)
 
 
-# Canonical dotted-quad CIDR (no leading zeros): the common case, checked
-# without ipaddress, which costs ~20 µs a call (2 s for 100,000 routes).
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_CANONICAL_CIDR = re.compile(rf"({_OCTET}(?:\.{_OCTET}){{3}})/(3[0-2]|[12]?[0-9])")
 
 
 def _ipv4_network(value: Any) -> Any:
@@ -570,14 +575,15 @@ class LoadBalancer(_Model):
 # --- cross-item rules --------------------------------------------------------
 
 
-def _repeats(items: Iterable[tuple[str, Hashable, str]]) -> Iterator[tuple[str, str, str]]:
-    """For (path, key, shown) items, yield (path, shown, first path) of every repeated key."""
-    first: dict[Hashable, str] = {}
-    for path, key, shown in items:
-        if key in first:
-            yield path, shown, first[key]
-        else:
-            first[key] = path
+def _repeats(keys: Sequence[Hashable]) -> Iterator[tuple[int, int]]:
+    """(index, index of its first occurrence) of every repeated key."""
+    if len(set(keys)) == len(keys):
+        return
+    first: dict[Hashable, int] = {}
+    for i, key in enumerate(keys):
+        j = first.setdefault(key, i)
+        if j != i:
+            yield i, j
 
 
 @dataclass(frozen=True)
@@ -586,6 +592,7 @@ class _View:
 
     values: frozenset[str] | None  # field names whose JSON value the rule reads
     presence: tuple[tuple[str, str], ...] = ()  # (alias, name) the rule tests only with has()
+    sizes: tuple[tuple[str, str], ...] = ()  # (alias, name) of lists read only by has(), size()
 
 
 @cache
@@ -595,65 +602,112 @@ def _view(cls: type[_Model], rule: CelRule) -> _View:
     if not set(named) <= by_alias.keys() or re.search(r"\bself\b(?!\.)", rule.rule):
         return _View(None)
     tested = re.findall(r"\bhas\(self\.(\w+)\)", rule.rule)
+    sized = re.findall(r"\bsize\(self\.(\w+)\)", rule.rule)
     presence = {a for a in tested if named.count(a) == tested.count(a)}
+    sizes = {a for a in sized if named.count(a) == tested.count(a) + sized.count(a)
+             and list in map(get_origin, (cls.model_fields[by_alias[a]].annotation,
+                                          *get_args(cls.model_fields[by_alias[a]].annotation)))}
     return _View(
-        frozenset(by_alias[a] for a in set(named) - presence),
+        frozenset(by_alias[a] for a in set(named) - presence - sizes),
         tuple(sorted((a, by_alias[a]) for a in presence)),
+        tuple(sorted((a, by_alias[a]) for a in sizes)),
     )
 
 
+# What a rule sees of a field it only tests or counts: absent (None), present (-1),
+# or a list of that many items.
+_Shape = tuple[tuple[str, int | None], ...]
+
+
+def _stand_in(shape: _Shape) -> dict[str, Any]:
+    return {a: True if n < 0 else [0] * n for a, n in shape if n is not None}
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """The CEL rules of a class, split by what they observe."""
+
+    shaped: tuple[tuple[str, str, bool], ...]  # (alias, name, counted) the shape rules see
+    by_shape: tuple[CelRule, ...]  # rules that see only presence and list lengths
+    by_value: tuple[CelRule, ...]
+
+
 @cache
-def _holds_for_presence(rule: CelRule, present: frozenset[str]) -> bool:
-    return evaluate(rule, dict.fromkeys(present, True))
+def _rules(cls: type[_Model]) -> _Rules:
+    views = {rule: _view(cls, rule) for rule in cls.cel_rules}
+    by_shape = tuple(r for r, v in views.items() if v.values == frozenset())
+    shaped = {(a, n, False) for r in by_shape for a, n in views[r].presence}
+    shaped |= {(a, n, True) for r in by_shape for a, n in views[r].sizes}
+    return _Rules(tuple(sorted(shaped)), by_shape,
+                  tuple(r for r in cls.cel_rules if r not in by_shape))
 
 
-def _holds(model: _Model, rule: CelRule) -> bool:
-    """Evaluate ``rule`` on the JSON form of ``model``, as far as the rule can see it.
+@cache
+def _failing_for_shape(cls: type[_Model], shape: _Shape) -> tuple[CelRule, ...]:
+    data = _stand_in(shape)
+    return tuple(r for r in _rules(cls).by_shape if not evaluate(r, data))
+
+
+def _failing(model: _Model) -> Iterator[CelRule]:
+    """The rules of ``model`` that fail on its JSON form, as far as each rule can see it.
 
     A rule observes only the fields it names, so the others are not converted
-    (a listener's 10,000 routes, say), and a field it only tests with has()
-    matters by its presence alone, so such verdicts are shared. Absent (None)
-    fields stay absent, as in the API.
+    (a listener's 10,000 routes, say). A field it only tests with has()
+    matters by its presence alone, and a list it only counts by its length,
+    so verdicts that depend on nothing else are computed once per shape (the
+    100,000 routes of a file have one or two). Absent (None) fields stay
+    absent, as in the API.
     """
-    view = _view(type(model), rule)
-    present = frozenset(a for a, name in view.presence if getattr(model, name) is not None)
-    if view.values == frozenset():
-        return _holds_for_presence(rule, present)
-    data = model.model_dump(mode="json", by_alias=True, exclude_none=True, include=view.values)
-    return evaluate(rule, {**dict.fromkeys(present, True), **data})
+    rules = _rules(type(model))
+    if rules.by_shape:
+        shape = tuple((a, None if (v := getattr(model, n)) is None else len(v) if counted else -1)
+                      for a, n, counted in rules.shaped)
+        yield from _failing_for_shape(type(model), shape)
+    for rule in rules.by_value:
+        view = _view(type(model), rule)
+        shape = tuple((a, None if (v := getattr(model, n)) is None else -1)
+                      for a, n in view.presence)
+        shape += tuple((a, None if (v := getattr(model, n)) is None else len(v))
+                       for a, n in view.sizes)
+        data = model.model_dump(mode="json", by_alias=True, exclude_none=True,
+                                include=view.values)
+        if not evaluate(rule, {**_stand_in(shape), **data}):
+            yield rule
 
 
 def cel_problems(model: BaseModel, path: str = "") -> Iterator[tuple[str, str]]:
     """Every declared CEL rule that fails in ``model`` and below, as (path, message)."""
     if isinstance(model, _Model):
-        for rule in model.cel_rules:
-            if not _holds(model, rule):
-                field = rule.field_path.lstrip(".")
-                yield (_join(path, field) if field else path), rule.message
+        for rule in _failing(model):
+            field = rule.field_path.lstrip(".")
+            yield (_join(path, field) if field else path), rule.message
         for alias, rules in model.cel_field_rules.items():
             name = next(n for n, f in type(model).model_fields.items() if (f.alias or n) == alias)
             value = getattr(model, name)
             for rule in rules if value is not None else ():
                 if not evaluate(rule, value):
                     yield _join(path, alias), rule.message
-    for name, info in type(model).model_fields.items():
-        value, where = getattr(model, name), _join(path, info.alias or name)
+    for name, alias in _ruled_fields(type(model)):
+        value, where = getattr(model, name), _join(path, alias)
         if isinstance(value, BaseModel):
             yield from cel_problems(value, where)
-        elif isinstance(value, list) and value and _has_rules(type(value[0])):
+        elif isinstance(value, list):
             for i, item in enumerate(value):
                 yield from cel_problems(item, f"{where}[{i}]")
 
 
 @cache
-def _has_rules(cls: type) -> bool:
+def _ruled_fields(cls: type[BaseModel]) -> tuple[tuple[str, str], ...]:
+    """(name, alias) of the fields whose models declare CEL rules, here or below."""
+    return tuple((name, info.alias or name) for name, info in cls.model_fields.items()
+                 if any(_has_rules(t) for t in _model_types(info.annotation)))
+
+
+@cache
+def _has_rules(cls: type[BaseModel]) -> bool:
     """Whether ``cls`` or a model below it declares CEL rules."""
-    if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
-        return False
-    if issubclass(cls, _Model) and (cls.cel_rules or cls.cel_field_rules):
-        return True
-    return any(_has_rules(arg) for info in cls.model_fields.values()
-               for arg in _model_types(info.annotation))
+    return (issubclass(cls, _Model) and bool(cls.cel_rules or cls.cel_field_rules)) or bool(
+        _ruled_fields(cls))
 
 
 def _model_types(annotation: Any) -> Iterator[type[BaseModel]]:
@@ -667,26 +721,19 @@ def check_rules(lb: LoadBalancer) -> list[tuple[str, str]]:
     """Rules spanning several items or product state, as (path, message) pairs."""
     spec = lb.spec
     problems = list(cel_problems(spec, "spec"))
-    problems += [
-        (path, f"{shown} is also listed at {first}")
-        for path, shown, first in _repeats(
-            (f"spec.interfaces[{i}]", name, show_value(name))
-            for i, name in enumerate(spec.interfaces or [])
-        )
-    ]
-    listeners = [(f"spec.listeners[{i}]", ln) for i, ln in enumerate(spec.listeners)]
-    problems += [
-        (f"{path}.name", f"{shown} is used by {first}")
-        for path, shown, first in _repeats(
-            (lp, ln.name, show_value(ln.name)) for lp, ln in listeners
-        )
-    ]
-    problems += [
-        (path, f"listener {shown} is also defined by {first}")
-        for path, shown, first in _repeats((lp, ln.identity, ln.endpoint) for lp, ln in listeners)
-    ]
-    for lp, listener in listeners:
-        problems += _listener_rules(lp, listener)
+    names = spec.interfaces or []
+    problems += [(f"spec.interfaces[{i}]",
+                  f"{show_value(names[i])} is also listed at spec.interfaces[{j}]")
+                 for i, j in _repeats(names)]
+    listeners = spec.listeners
+    problems += [(f"spec.listeners[{i}].name",
+                  f"{show_value(listeners[i].name)} is used by spec.listeners[{j}]")
+                 for i, j in _repeats([ln.name for ln in listeners])]
+    problems += [(f"spec.listeners[{i}]",
+                  f"listener {listeners[i].endpoint} is also defined by spec.listeners[{j}]")
+                 for i, j in _repeats([ln.identity for ln in listeners])]
+    for i, listener in enumerate(listeners):
+        problems += _listener_rules(f"spec.listeners[{i}]", listener)
     return problems
 
 
@@ -695,21 +742,22 @@ def _listener_rules(lp: str, listener: Listener) -> Iterator[tuple[str, str]]:
     if listener.sni_routes and listener.protocol == "TCP" and not SNI_SUPPORTED:
         yield f"{lp}.sniRoutes", "SNI routing is not supported yet"
 
-    source_routes = [(f"{lp}.sourceRoutes[{j}]", r) for j, r in enumerate(listener.source_routes)]
-    sni_routes = [(f"{lp}.sniRoutes[{j}]", r) for j, r in enumerate(listener.sni_routes)]
-    groups = [(lp, listener.backends)] + [(rp, r.backends) for rp, r in source_routes + sni_routes]
-    for gp, group in ((gp, g) for gp, g in groups if g):
-        for path, shown, first in _repeats(
-            (f"{gp}.backends[{k}]", (b.address, b.port), b.endpoint) for k, b in enumerate(group)
-        ):
-            yield path, f"backend {shown} is also listed at {first}"
+    groups = [(lp, listener.backends)]
+    groups += [(f"{lp}.sourceRoutes[{j}]", r.backends)
+               for j, r in enumerate(listener.source_routes) if r.backends and len(r.backends) > 1]
+    groups += [(f"{lp}.sniRoutes[{j}]", r.backends)
+               for j, r in enumerate(listener.sni_routes) if r.backends and len(r.backends) > 1]
+    for gp, group in groups:
+        for i, j in _repeats([(b.address, b.port) for b in group or ()]):
+            yield (f"{gp}.backends[{i}]",
+                   f"backend {group[i].endpoint} is also listed at {gp}.backends[{j}]")
 
-    for path, shown, first in _repeats((rp, r.cidr, show_value(r.cidr)) for rp, r in source_routes):
-        yield f"{path}.cidr", f"{shown} is also used by {first}"
-    for path, shown, first in _repeats(
-        (rp, r.hostname, show_value(r.hostname)) for rp, r in sni_routes
-    ):
-        yield f"{path}.hostname", f"{shown} is also used by {first}"
+    for kind, field, routes in (("sourceRoutes", "cidr", listener.source_routes),
+                                ("sniRoutes", "hostname", listener.sni_routes)):
+        keys = [getattr(r, field) for r in routes]
+        for i, j in _repeats(keys):
+            yield (f"{lp}.{kind}[{i}].{field}",
+                   f"{show_value(keys[i])} is also used by {lp}.{kind}[{j}]")
 
 
 # --- error formatting --------------------------------------------------------

@@ -1,0 +1,44 @@
+"""Memory of a process that builds large, short-lived data: 100,000 routes.
+
+Reading, validating and planning them allocates millions of objects and no
+reference cycle; every few hundred allocations would otherwise start a
+collection that walks all of them again (a 100,000-route file read 3× slower).
+What they leave behind is freed to the C allocator, which keeps it; an agent
+that lives for months should give it back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import cache
+
+__all__ = ["gc_paused", "return_free_memory"]
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside (the data built has no cycles)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+
+
+def return_free_memory() -> None:
+    """Give the free memory of glibc's heaps back to the system (malloc_trim(3));
+    nothing happens with another C library."""
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
