@@ -112,3 +112,13 @@ def test_cleanup_removes_programs_filters_and_pins(dp: loader.DataPlane) -> None
     assert loader.attached_interfaces() == []
     assert "xdplb" not in tc_egress("xa0") + tc_egress("xa1")
     assert not os.path.exists(PIN_ROOT)
+
+
+def test_load_async_hands_its_error_to_the_waiter(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(self: loader.DataPlane) -> None:
+        raise loader.AttachError("pinned map has another shape")
+
+    monkeypatch.setattr(loader.DataPlane, "load", fail)
+    wait = loader.DataPlane(PIN_ROOT, CAPS).load_async()
+    with pytest.raises(loader.AttachError, match="another shape"):
+        wait()

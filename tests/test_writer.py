@@ -13,8 +13,8 @@ from xdplb.dataplane.alloc import CapacityError, IdAllocator, RegionAllocator
 from xdplb.dataplane.config import Capacities
 from xdplb.dataplane.entries import Inventory, expand
 from xdplb.dataplane.writer import MapWriter, listener_key, lpm_key
-from xdplb.plan.planner import build_plan
-from xdplb.spec.load import parse_manifests
+from xdplb.plan.planner import PlanMemo, build_plan
+from xdplb.spec.load import DocumentCache, parse_manifests
 
 NAMES = ["listeners", "src_routes", "sni_routes", "snat_src", "rev_nat", "groups", "pool",
          "port_filter", "listener_stats", "backend_stats"]
@@ -183,3 +183,66 @@ def test_allocators() -> None:
     r2.reserve(40, 20)
     assert r2.free_slots == 80
     assert r2.allocate(40) == 0 and r2.allocate(40) == 60
+
+
+def two_documents(api_weight: int = 1) -> str:
+    api = manifest(routes=50, weight=api_weight).replace("name: web", "name: api").replace(
+        "port: 80\n    address: 192.0.2.10", "port: 8443\n    address: 192.0.2.10")
+    return manifest(routes=2000) + "\n---\n" + api
+
+
+def test_unchanged_documents_are_neither_parsed_nor_planned_again() -> None:
+    cache, memo = DocumentCache(), PlanMemo()
+    w, maps = writer()
+    before = parse_manifests(two_documents(), cache=cache)
+    first = build_plan(before, memo=memo)
+    w.apply(first, INV)
+    after = parse_manifests(two_documents(api_weight=3), cache=cache)
+    second = build_plan(after, memo=memo)
+    memo.keep_only(after)
+    assert after[0] is before[0] and after[1] is not before[1]
+    web = [lst for lst in second.listeners if lst.owner == "default/web"]
+    assert web and all(any(lst is old for old in first.listeners) for lst in web)
+
+    routes_syscalls = maps["src_routes"].syscalls
+    r = w.apply(second, INV)
+    # api's new default group (its table written whole) and its listener entries only
+    assert maps["src_routes"].syscalls == routes_syscalls and r.deleted == 0, r.summary()
+    # The maps say what a writer that never saw the first plan would write.
+    fresh, fresh_maps = writer()
+    fresh.apply(second, INV)
+    assert meaning(w, maps) == meaning(fresh, fresh_maps)
+
+
+def meaning(w: MapWriter, maps: dict[str, MemoryMap]) -> tuple[object, ...]:
+    """Listener and LPM entries with group ids replaced by the groups they name."""
+    groups = {slot.id: g for g, slot in w.groups.items()}
+    listeners = {}
+    for k, v in maps["listeners"].data.items():
+        val = L.ListenerVal.from_buffer_copy(v)
+        listeners[k] = (val.id, groups[val.group], val.flags)
+    routes = {k: groups[int.from_bytes(v, "little")] for k, v in maps["src_routes"].data.items()}
+    return listeners, routes, maps["port_filter"].data
+
+
+def test_health_checked_groups_are_planned_again_each_time() -> None:
+    text = manifest(routes=2).replace(
+        "    backends:\n    - {address: 10.0.0.11",
+        "    healthCheck: {protocol: TCP}\n    backends:\n    - {address: 10.0.0.11", 1)
+    lbs, memo = parse_manifests(text), PlanMemo()
+    (listener,) = build_plan(lbs, memo=memo).listeners
+    target = next(t for t in listener.health_targets if t.address == "10.0.0.11")
+    (again,) = build_plan(lbs, memo=memo, down=frozenset({target})).listeners
+    assert {b.address: b.weight for b in again.default.backends} == {
+        "10.0.0.11": 0, "10.0.0.12": 1}
+    assert {b.weight for b in listener.default.backends} == {1}
+
+
+def test_routes_naming_the_same_backends_share_one_list_and_group() -> None:
+    text = manifest(routes=3).replace("10.9.1.2,", "10.9.0.2,").replace("10.9.2.2,", "10.9.0.2,")
+    (lb,) = parse_manifests(text)
+    routes = lb.spec.listeners[0].source_routes
+    assert routes[0].backends is routes[1].backends is routes[2].backends
+    (listener,) = build_plan([lb]).listeners
+    assert listener.source_routes[0].group is listener.source_routes[2].group
+    assert len(listener.groups) == 2  # the default group and the routes' one

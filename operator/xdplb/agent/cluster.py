@@ -45,8 +45,8 @@ from xdplb.k8s.nodestate import (
 )
 from xdplb.memory import gc_paused
 from xdplb.plan.endpoints import SERVICE_NAME_LABEL, EndpointIndex
-from xdplb.plan.model import Listener, Plan, Target
-from xdplb.plan.planner import build_plan
+from xdplb.plan.model import Plan, Target
+from xdplb.plan.planner import PlanMemo, build_plan
 from xdplb.spec.model import LoadBalancer
 
 log = logging.getLogger("xdplb.agent")
@@ -150,7 +150,7 @@ class ParseCache:
 
     def __init__(self) -> None:
         self.entries: dict[tuple[str, int], tuple[LoadBalancer | None, list[str]]] = {}
-        self.plans: dict[int, tuple[LoadBalancer, list[Listener]]] = {}
+        self.planned = PlanMemo()
 
     def parse(self, raw: Json) -> tuple[LoadBalancer | None, list[str]]:
         meta = raw.get("metadata") or {}
@@ -165,20 +165,7 @@ class ParseCache:
         live = {(str((r.get("metadata") or {}).get("uid", "")),
                  int((r.get("metadata") or {}).get("generation") or 0)) for r in lbs.values()}
         self.entries = {k: v for k, v in self.entries.items() if k in live}
-        models = {id(lb) for lb, _ in self.entries.values() if lb is not None}
-        self.plans = {k: v for k, v in self.plans.items() if k in models}
-
-    def planned(self, lb: LoadBalancer, compute: Callable[[], list[Listener]]) -> list[Listener]:
-        """The planned listeners of ``lb``, computed once when they depend on its spec
-        alone (no Service groups, whose endpoints move; no health checks, whose
-        results do)."""
-        if any(g.service is not None or getattr(g, "health_check", None) is not None
-               for lst in lb.spec.listeners
-               for g in (lst, *lst.source_routes, *lst.sni_routes)):
-            return compute()
-        if id(lb) not in self.plans:
-            self.plans[id(lb)] = (lb, compute())  # holding lb keeps its id unique
-        return self.plans[id(lb)][1]
+        self.planned.keep_only(lb for lb, _ in self.entries.values() if lb is not None)
 
 
 @gc_paused()

@@ -31,7 +31,7 @@ from xdplb.dataplane.loader import AttachError, DataPlane, detach
 from xdplb.dataplane.writer import MapWriter
 from xdplb.memory import gc_paused, return_free_memory
 from xdplb.plan.model import Plan, all_backends, snat_backends
-from xdplb.plan.planner import build_plan
+from xdplb.plan.planner import PlanMemo, build_plan
 from xdplb.sni.service import SniService
 from xdplb.spec.load import DocumentCache, Limits, SpecError, parse_manifests
 from xdplb.spec.model import LoadBalancer
@@ -89,6 +89,7 @@ class Agent:
         # The last good specs, kept only when health checks may need a new plan.
         self._lbs: list[LoadBalancer] | None = None
         self._documents = DocumentCache()  # unchanged documents are not parsed again
+        self._plans = PlanMemo()  # nor planned again
         self._applied_inventory: Inventory | None = None
         self._drops: dict[Stat, int] = {}  # drop counters at the last sweep
         self.last_error = ""
@@ -106,7 +107,7 @@ class Agent:
             n = self.writer.adopt()
             log.info("adopted pinned maps in %s (%d listener entries): established flows "
                      "keep their backends", self.dp.pin_dir, n)
-        log.info("compiled and loaded in %.0f ms", (time.monotonic() - t0) * 1000)
+        log.info("compiled and loaded in %.0f ms", self.dp.load_seconds * 1000)
         self.health.start()
         if staged is not None:
             self.apply(*staged)
@@ -180,14 +181,16 @@ class Agent:
             log.error("keeping the last good state (%d listeners)", len(self.plan.listeners))
             return None
         with gc_paused():
-            plan = build_plan(lbs, down=self.health.down())
+            plan = build_plan(lbs, down=self.health.down(), memo=self._plans)
+        self._plans.keep_only(lbs)
         self._lbs = lbs if plan.health_targets() else None
         return plan, inv
 
     def replan(self) -> None:
         """A backend's health changed: the same specs, other effective weights."""
         if self._lbs is not None and self._applied_inventory is not None:
-            self.apply(build_plan(self._lbs, down=self.health.down()), self._applied_inventory)
+            self.apply(build_plan(self._lbs, down=self.health.down(), memo=self._plans),
+                       self._applied_inventory)
 
     def apply(self, plan: Plan, inv: Inventory) -> None:
         assert self.writer is not None

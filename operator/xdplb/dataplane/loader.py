@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -138,6 +139,7 @@ class DataPlane:
         self.tc_fn: Any = None
         self.maps: dict[str, bpfsys.BpfMap] = {}
         self.adopted = False
+        self.load_seconds = 0.0  # compile and load, for the logs
 
     # -- load ---------------------------------------------------------------------------
     def load_async(self) -> Callable[[], None]:
@@ -164,6 +166,7 @@ class DataPlane:
     def load(self) -> None:
         from bcc import BPF  # system package: imported late so pure modules never need it
 
+        t0 = time.monotonic()
         ensure_bpffs(self.pin_root)
         stale = self._other_layouts()
         if stale:
@@ -187,6 +190,7 @@ class DataPlane:
         # (BPF_PROG_GET_FD_BY_ID); the pin also keeps the id from being reused.
         self.xdp_id = bpfsys.prog_info(self.xdp_fn.fd).id
         bpfsys.obj_pin(self.xdp_fn.fd, f"{self.pin_dir}/{PROG_PIN_PREFIX}{self.xdp_id}")
+        self.load_seconds = time.monotonic() - t0
 
     def _open_maps(self) -> dict[int, int]:
         """The pinned maps (a predecessor's, adopted), or new ones pinned now; returns

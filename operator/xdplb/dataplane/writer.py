@@ -102,6 +102,8 @@ class MapWriter:
         self._retired: list[GroupSlot] = []      # released at the next apply
         self._port_filter_known = True
         self.plan = Plan()
+        # id(listener) -> (listener, its id, its groups' ids, its LPM entries); see _route_entries
+        self._routes_of: dict[int, tuple[Listener, int, tuple[int, ...], dict[bytes, bytes]]] = {}
 
     # -- adoption of maps pinned by an earlier agent --------------------------------------
     def adopt(self) -> int:
@@ -143,7 +145,7 @@ class MapWriter:
         lids = self._listener_ids(plan)
         live: dict[Group, GroupSlot] = {}
         for lst in plan.listeners:
-            for g in lst.groups():
+            for g in lst.groups:
                 if g not in live:
                     live[g] = self.groups.get(g) or self._write_group(g, res)
 
@@ -157,9 +159,9 @@ class MapWriter:
             val = L.ListenerVal(lids[lst.identity], live[lst.default].id, flags)
             want_listeners[listener_key(ifindex, addr, port, proto)] = _bytes(val)
             want_ports[port] = want_ports.get(port, 0) | L.pf_listener(L.PROTO[proto])
-        group_ids = {g: _u32(slot.id) for g, slot in live.items()}
-        want_routes = {lpm_key(lids[lst.identity], r.cidr): group_ids[r.group]
-                       for lst in plan.listeners for r in lst.source_routes}
+        want_routes: dict[bytes, bytes] = {}
+        for lst in plan.listeners:
+            want_routes.update(self._route_entries(lst, lids[lst.identity], live))
         if len(want_routes) > self.caps.source_routes:
             raise CapacityError(f"{len(want_routes)} source routes exceed the capacity "
                                 f"{self.caps.source_routes} (--max-source-routes)")
@@ -192,6 +194,8 @@ class MapWriter:
                 del self.groups[g]
         self._release(retired, res)
         self._release_ids(plan, lids)
+        live_listeners = {id(lst) for lst in plan.listeners}
+        self._routes_of = {k: v for k, v in self._routes_of.items() if k in live_listeners}
         self.plan = plan
 
         res.listeners = len(plan.listeners)
@@ -200,6 +204,20 @@ class MapWriter:
         res.syscalls = sum(m.syscalls for m in self.maps.values()) - sys0
         res.ms = (time.monotonic() - t0) * 1000
         return res
+
+    def _route_entries(self, lst: Listener, lid: int,
+                       live: dict[Group, GroupSlot]) -> dict[bytes, bytes]:
+        """The LPM entries of a listener's source routes, built again only when the
+        listener, its id or the slots of its groups changed (a plan keeps the
+        listeners of unchanged manifests)."""
+        ids = tuple(live[g].id for g in lst.groups)
+        known = self._routes_of.get(id(lst))
+        if known is not None and known[0] is lst and known[1:3] == (lid, ids):
+            return known[3]
+        gid = {g: _u32(i) for g, i in zip(lst.groups, ids, strict=True)}
+        entries = {lpm_key(lid, r.cidr): gid[r.group] for r in lst.source_routes}
+        self._routes_of[id(lst)] = (lst, lid, ids, entries)
+        return entries
 
     @staticmethod
     def _sni_entries(plan: Plan, lids: dict[tuple[str | None, int, str], int],

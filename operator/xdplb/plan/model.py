@@ -123,13 +123,14 @@ class Listener:
     def label(self) -> str:
         return f"{self.owner}/{self.name}"
 
-    def groups(self) -> list[Group]:
-        return [self.default, *(r.group for r in self.source_routes),
-                *(r.group for r in self.sni_routes)]
+    @cached_property
+    def groups(self) -> tuple[Group, ...]:
+        """Its distinct groups: the default, then the routes' (mostly a few shared ones)."""
+        return tuple(dict.fromkeys((self.default, *(r.group for r in self.source_routes),
+                                    *(r.group for r in self.sni_routes))))
 
     def backends(self) -> set[Backend]:
-        """The backends of all its groups (routes mostly share a few groups)."""
-        return {b for g in dict.fromkeys(self.groups()) for b in g.backends}
+        return {b for g in self.groups for b in g.backends}
 
 
 def all_backends(plan: Plan) -> set[str]:

@@ -89,6 +89,31 @@ def plan_listener(lb: spec.LoadBalancer, lst: spec.Listener,
 Memo = Callable[[spec.LoadBalancer, Callable[[], list[Listener]]], list[Listener]]
 
 
+class PlanMemo:
+    """A Memo by LoadBalancer object: the agents keep the objects of unchanged
+    manifests, so a change re-plans one LoadBalancer, not all of them. Listeners
+    are reused only when they depend on the spec alone: not with Service groups,
+    whose endpoints move, nor health checks, whose results do."""
+
+    def __init__(self) -> None:
+        # id -> (the object, which keeps its id unique; its listeners, None: computed each time)
+        self._plans: dict[int, tuple[spec.LoadBalancer, list[Listener] | None]] = {}
+
+    def __call__(self, lb: spec.LoadBalancer,
+                 compute: Callable[[], list[Listener]]) -> list[Listener]:
+        if id(lb) not in self._plans:
+            dynamic = any(g.service is not None or getattr(g, "health_check", None) is not None
+                          for lst in lb.spec.listeners
+                          for g in (lst, *lst.source_routes, *lst.sni_routes))
+            self._plans[id(lb)] = (lb, None if dynamic else compute())
+        listeners = self._plans[id(lb)][1]
+        return compute() if listeners is None else listeners
+
+    def keep_only(self, lbs: Iterable[spec.LoadBalancer]) -> None:
+        live = {id(lb) for lb in lbs}
+        self._plans = {k: v for k, v in self._plans.items() if k in live}
+
+
 def build_plan(lbs: Iterable[spec.LoadBalancer],
                services: ServiceResolver = _no_services,
                down: frozenset[Target] = frozenset(),

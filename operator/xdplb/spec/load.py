@@ -110,15 +110,19 @@ def _shared(lb: LoadBalancer) -> LoadBalancer:
     return lb
 
 
-# A line that starts a document. Manifests are mappings, so such a line at
-# column 0 can only be a document marker.
-_DOC_START = re.compile(r"^---(?=[ \t\r\n]|$)", re.M)
+# The end of the line before a line that starts a document. Manifests are
+# mappings, so such a line at column 0 can only be a document marker.
+_DOC_START = re.compile(r"\n---(?=[ \t\r\n]|$)")
 
 
 def _chunks(text: str) -> list[tuple[int, str]]:
     """(first line, text) of each document's part of the file."""
-    cuts = [0, *[m.start() for m in _DOC_START.finditer(text) if m.start() > 0], len(text)]
-    return [(text.count("\n", 0, a), text[a:b]) for a, b in pairwise(cuts)]
+    cuts = [0, *[m.start() + 1 for m in _DOC_START.finditer(text)], len(text)]
+    chunks, line = [], 0
+    for a, b in pairwise(cuts):
+        chunks.append((line, text[a:b]))
+        line += text.count("\n", a, b)
+    return chunks
 
 
 class DocumentCache:
@@ -213,28 +217,29 @@ def _limit_errors(valid: list[tuple[str, LoadBalancer]], source: str, limits: Li
     ]
     listeners = [(label, i, ln) for label, lb in valid for i, ln in enumerate(lb.spec.listeners)]
     for label, i, listener in listeners:
-        groups: list[tuple[str, Listener | SourceRoute | SniRoute]] = [
-            (f"spec.listeners[{i}]", listener)
-        ]
-        groups += [
-            (f"spec.listeners[{i}].{kind}[{j}]", route)
-            for kind, routes in (
-                ("sourceRoutes", listener.source_routes),
-                ("sniRoutes", listener.sni_routes),
-            )
-            for j, route in enumerate(routes)
-        ]
+        # Paths are spelled only for the groups at fault (a listener has up to 20,000).
+        groups: list[tuple[str, int, Listener | SourceRoute | SniRoute]] = [("", 0, listener)]
+        groups += [(f".{kind}", j, route)
+                   for kind, routes in (("sourceRoutes", listener.source_routes),
+                                        ("sniRoutes", listener.sni_routes))
+                   for j, route in enumerate(routes)
+                   if (route.backends and len(route.backends) > limits.max_backends_per_group)
+                   or (route.service is not None and not limits.service_backends)]
+
+        def path(kind: str, j: int, i: int = i) -> str:
+            return f"spec.listeners[{i}]{kind}[{j}]" if kind else f"spec.listeners[{i}]"
+
         errors += [
-            f"{label}: {path}.backends: {len(group.backends)} backends exceed the capacity "
-            f"{limits.max_backends_per_group} of a group"
-            for path, group in groups
+            f"{label}: {path(kind, j)}.backends: {len(group.backends)} backends exceed the "
+            f"capacity {limits.max_backends_per_group} of a group"
+            for kind, j, group in groups
             if group.backends and len(group.backends) > limits.max_backends_per_group
         ]
         if not limits.service_backends:
             errors += [
-                f"{label}: {path}.service: Service backends need the agent in Kubernetes mode"
-                " (--kubernetes); list backends instead"
-                for path, group in groups
+                f"{label}: {path(kind, j)}.service: Service backends need the agent in "
+                "Kubernetes mode (--kubernetes); list backends instead"
+                for kind, j, group in groups
                 if group.service is not None
             ]
 

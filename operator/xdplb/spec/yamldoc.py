@@ -21,21 +21,26 @@ __all__ = ["documents"]
 # Where YAML 1.1 (PyYAML) and 1.2 (yaml-rs) may read a text differently, or
 # where only PyYAML's message is wanted: anything but printable ASCII and line
 # feeds; tags, anchors and aliases, complex and merge keys, directives,
-# reserved characters, escapes, block scalars, document ends.
+# reserved characters, escapes, block scalars, document ends and a second
+# document.
 _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
-_MARKERS = ("!", "&", "*", "?", "%", "@", "`", "\\", "=", "|", ">", "<<", "\n...")
+_MARKERS = ("!", "&", "*", "?", "%", "@", "`", "\\", "=", "|", ">", "<<", "\n...", "\n---")
+# Also where libyaml is stricter than yaml-rs: a flow collection over several
+# lines (a key may not span lines), a ':' right before a flow indicator.
+_STRICTER = re.compile(r"[\[{][^\]}\n]*\n|:[,\[\]{}]")
 # And a plain scalar that is a 1.1 boolean (yes/no/on/off) or starts like a number
 # without being a decimal integer, an IPv4 address or a CIDR (octal, hex,
-# underscores, sexagesimal, floats, dates, .inf). A non-string scalar cannot hold
+# underscores, sexagesimal, floats, dates, .inf), and a ':' anywhere but at the
+# end of a token (empty keys, which libyaml refuses). A non-string scalar cannot hold
 # a space or a flow indicator, so its first whitespace-separated token shows it;
 # other tokens (of strings, quoted or not) pass, and a false alarm only costs time.
 _FLOW_TO_SPACE = str.maketrans("[]{},", "     ")
 _SAFE_TOKEN = re.compile(
     r"(?:[-+]?(?:0|[1-9][0-9]*)"
     r"|[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?:/[0-9]{1,2})?"
-    r"|(?!(?:[yY]es|YES|[nN]o|NO|[oO]n|ON|[oO]ff|OFF):?$)[^-+.0-9].*"
-    r"|[-+](?![.0-9]).*"
-    r"|\.(?![0-9A-Za-z]).*"
+    r"|(?!(?:[yY]es|YES|[nN]o|NO|[oO]n|ON|[oO]ff|OFF):?$)[^-+.0-9:][^:]*"
+    r"|[-+](?![.0-9])[^:]*"
+    r"|\.(?![0-9A-Za-z])[^:]*"
     r"):?",
     re.S,
 )
@@ -52,7 +57,7 @@ def _same_in_both(text: str) -> bool:
 def _plain(text: str) -> bool:
     if not text.isascii() or _CONTROL.search(text) or text.startswith("..."):
         return False
-    if any(marker in text for marker in _MARKERS):
+    if any(marker in text for marker in _MARKERS) or _STRICTER.search(text):
         return False
     return all(_SAFE_TOKEN.fullmatch(t) for t in set(text.translate(_FLOW_TO_SPACE).split()))
 
