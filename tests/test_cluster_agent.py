@@ -10,8 +10,10 @@ applied and the NodeState it reports.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -43,6 +45,7 @@ from tests.test_e2e import (
 from xdplb.agent.cluster import (
     ClusterAgent,
     ClusterOptions,
+    _Watch,
     desire,
     uninstalling,
 )
@@ -559,3 +562,34 @@ def test_backends_failing_health_checks_get_weight_zero_in_the_plan() -> None:
     (lst,) = desire({("default", "hc"): doc}, {}, EndpointIndex.of([], []),
                     frozenset({dead})).plan.listeners
     assert lst.default.backends == (Backend("10.0.0.1", 8080, 0), Backend("10.0.0.2", 8080, 1))
+
+
+def test_a_watch_that_times_out_resumes_without_listing_again(env: Env) -> None:
+    """Listing 100,000 routes takes seconds: a watch ends every `timeout`, and the
+    next one starts from the last version seen, so nothing is listed again."""
+    custom = kubernetes.client.CustomObjectsApi(env.cluster.client())
+    lists = []
+
+    @functools.wraps(custom.list_namespaced_custom_object)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not kwargs.get("watch"):
+            lists.append(time.monotonic())
+        return custom.list_namespaced_custom_object(*args, **kwargs)
+
+    sink: queue.Queue[tuple[str, str, Any]] = queue.Queue()
+    watch = _Watch("lb", call, {"group": "xdplb.io", "version": "v1alpha1",
+                                "namespace": "watch-test", "plural": "loadbalancers"},
+                   sink, env.cluster.client(), timeout=1)
+    watch.start()
+    try:
+        assert sink.get(timeout=10)[:2] == ("lb", "SYNC")
+        time.sleep(2.5)  # two watches have timed out
+        doc = lb_doc("late", 8099, backends=backends(1))
+        doc["metadata"]["namespace"] = "watch-test"
+        custom.create_namespaced_custom_object("xdplb.io", "v1alpha1", "watch-test",
+                                               "loadbalancers", doc)
+        key, kind, obj = sink.get(timeout=10)
+        assert (key, kind, obj["metadata"]["name"]) == ("lb", "ADDED", "late")
+        assert len(lists) == 1
+    finally:
+        watch.stop()

@@ -1,10 +1,11 @@
-"""Memory of a process that builds large, short-lived data: 100,000 routes.
+"""Memory of a process that holds large, acyclic data: 100,000 routes.
 
 Reading, validating and planning them allocates millions of objects and no
 reference cycle; every few hundred allocations would otherwise start a
-collection that walks all of them again (a 100,000-route file read 3× slower).
-What they leave behind is freed to the C allocator, which keeps it; an agent
-that lives for months should give it back.
+collection that walks all of them again (a 100,000-route file read 3× slower),
+and later full collections would walk them too, stalling the agent for a
+second now and then. What a change leaves behind is freed to the C allocator,
+which keeps it; an agent that lives for months should give it back.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 
-__all__ = ["gc_paused", "return_free_memory"]
+__all__ = ["gc_paused", "return_free_memory", "settle"]
 
 
 @contextmanager
@@ -42,3 +43,11 @@ def return_free_memory() -> None:
     nothing happens with another C library."""
     if (trim := _malloc_trim()) is not None:
         trim(0)
+
+
+def settle() -> None:
+    """After applying a change: what lives now is left out of later collections
+    (gc.freeze; it is still freed when its last reference goes, and the data
+    has no cycles that would need a collection), and free heap is returned."""
+    gc.freeze()
+    return_free_memory()

@@ -29,7 +29,7 @@ from xdplb.dataplane.entries import Inventory, listener_interfaces, translated_l
 from xdplb.dataplane.layout import Stat
 from xdplb.dataplane.loader import AttachError, DataPlane, detach
 from xdplb.dataplane.writer import MapWriter
-from xdplb.memory import gc_paused, return_free_memory
+from xdplb.memory import gc_paused, settle
 from xdplb.plan.model import Plan, all_backends, snat_backends
 from xdplb.plan.planner import PlanMemo, build_plan
 from xdplb.sni.service import SniService
@@ -216,7 +216,7 @@ class Agent:
                 log.warning("%s", p)
                 res.problems.append(p)
         self.last_error = "; ".join(res.problems)
-        return_free_memory()  # what reading and planning the file left behind
+        settle()  # what reading and planning left behind
         log.info("applied %s: %s", self.opts.config, res.summary())
         self._write_state()
 

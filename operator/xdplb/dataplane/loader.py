@@ -140,6 +140,7 @@ class DataPlane:
         self.maps: dict[str, bpfsys.BpfMap] = {}
         self.adopted = False
         self.load_seconds = 0.0  # compile and load, for the logs
+        self.loading: threading.Thread | None = None  # load_async's, while it runs
 
     # -- load ---------------------------------------------------------------------------
     def load_async(self) -> Callable[[], None]:
@@ -155,6 +156,7 @@ class DataPlane:
 
         thread = threading.Thread(target=run, name="compile")
         thread.start()
+        self.loading = thread
 
         def wait() -> None:
             thread.join()

@@ -23,7 +23,7 @@ annotation, and annotations are limited to 256 KiB).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import yaml
@@ -32,7 +32,7 @@ from pydantic import BaseModel, ValidationError
 from xdplb.k8s.nodestate import NodeState
 from xdplb.k8s.status import LoadBalancerStatus
 from xdplb.spec.cel import CelRule, evaluate
-from xdplb.spec.model import LoadBalancer, format_errors
+from xdplb.spec.model import LoadBalancer, format_errors, share_backend_lists
 
 __all__ = [
     "GROUP",
@@ -86,6 +86,17 @@ ROUTE_TOTAL_RULE = CelRule(
     ".listeners",
 )
 STORAGE_RULES: dict[str, tuple[CelRule, ...]] = {"spec": (ROUTE_TOTAL_RULE,)}
+
+
+def _route_counts(spec: dict[str, Any]) -> dict[str, Any]:
+    """What ROUTE_TOTAL_RULE reads of a spec: the lengths of the route lists (handing
+    the CEL interpreter 10,000 routes only to count them costs ~25 ms)."""
+    return {"listeners": [{key: [0] * len(ln[key]) for key in ("sourceRoutes", "sniRoutes")
+                           if key in ln} for ln in spec.get("listeners", [])]}
+
+
+_STORAGE_VIEWS: dict[CelRule, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    ROUTE_TOTAL_RULE: _route_counts}
 
 # Uniqueness the API server enforces (and server-side apply merges by).
 LIST_MAP_KEYS: dict[str, list[str]] = {
@@ -323,7 +334,8 @@ def storage_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
     for path, rules in STORAGE_RULES.items():
         for at, value in _values(doc, path):
             problems += [
-                (at + rule.field_path, rule.message) for rule in rules if not evaluate(rule, value)
+                (at + rule.field_path, rule.message) for rule in rules
+                if not evaluate(rule, _STORAGE_VIEWS.get(rule, lambda v: v)(value))
             ]
     return problems
 
@@ -340,7 +352,7 @@ def parse_object(doc: Any) -> tuple[LoadBalancer | None, list[str]]:
         return None, format_errors(exc)
     data = lb.model_dump(mode="json", by_alias=True, exclude_none=True)
     problems = [f"{path}: {message}" for path, message in storage_problems(data)]
-    return (None, problems) if problems else (lb, [])
+    return (None, problems) if problems else (share_backend_lists(lb), [])
 
 
 def validate_object(doc: Any) -> list[str]:

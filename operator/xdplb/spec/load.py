@@ -18,12 +18,12 @@ from pydantic import ValidationError
 
 from xdplb.memory import gc_paused
 from xdplb.spec.model import (
-    Backend,
     Listener,
     LoadBalancer,
     SniRoute,
     SourceRoute,
     format_errors,
+    share_backend_lists,
     show_value,
 )
 from xdplb.spec.yamldoc import documents
@@ -92,22 +92,12 @@ def _validate_document(doc: Any) -> _Document:
     problems = _document_errors(doc)
     if not problems:
         try:
-            return _Document(_name_of(doc), _shared(LoadBalancer.model_validate(doc)), ())
+            return _Document(_name_of(doc),
+                             share_backend_lists(LoadBalancer.model_validate(doc)), ())
         except ValidationError as exc:
             problems = format_errors(exc)
     return _Document(_name_of(doc), None, tuple(problems))
 
-
-def _shared(lb: LoadBalancer) -> LoadBalancer:
-    """`lb` with equal backend lists of its routes made one list: routes mostly name a
-    few pools, and 100,000 routes' own copies would hold ~50 MB while cached."""
-    lists: dict[tuple[tuple[str, int, int], ...], list[Backend]] = {}
-    for listener in lb.spec.listeners:
-        for route in (*listener.source_routes, *listener.sni_routes):
-            if route.backends is not None:
-                key = tuple((b.address, b.port, b.weight) for b in route.backends)
-                route.backends = lists.setdefault(key, route.backends)
-    return lb
 
 
 # The end of the line before a line that starts a document. Manifests are

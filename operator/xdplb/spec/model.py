@@ -52,6 +52,7 @@ __all__ = [
     "check_rules",
     "format_errors",
     "hostname_problem",
+    "share_backend_lists",
     "show_value",
 ]
 
@@ -570,6 +571,19 @@ class LoadBalancer(_Model):
                 RULES_ERROR, "{summary}", {"summary": summary, "problems": problems}
             )
         return self
+
+
+def share_backend_lists(lb: LoadBalancer) -> LoadBalancer:
+    """`lb` with equal backend lists of its routes made one list: routes mostly name a
+    few pools, and 100,000 routes' own copies would hold ~50 MB for as long as the
+    agent keeps the model. Models are never changed after validation."""
+    lists: dict[tuple[tuple[str, int, int], ...], list[Backend]] = {}
+    for listener in lb.spec.listeners:
+        for route in (*listener.source_routes, *listener.sni_routes):
+            if route.backends is not None:
+                key = tuple((b.address, b.port, b.weight) for b in route.backends)
+                route.backends = lists.setdefault(key, route.backends)
+    return lb
 
 
 # --- cross-item rules --------------------------------------------------------
