@@ -126,6 +126,7 @@ def cold_start(lab: Lab) -> dict[str, float]:
     try:
         t = run.wait(lambda s: s.count("attached to") >= len(INTERFACES), "attach")
         mem = run.status()
+        run.wait(lambda s: "started in" in s, "started line")  # logged after the attach
         text = run.text()
         modes = set(re.findall(r"attached to \S+: XDP (\w+) mode", text))
         return {"attached_s": t, "loaded_ms": ms_in_log(text, "compiled and loaded"),

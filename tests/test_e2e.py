@@ -93,8 +93,10 @@ def mount_bpffs(path: str) -> None:
 class Agent:
     """One `xdplb agent` in the lab's lb namespace, with its config, pins and log."""
 
-    def __init__(self, lab: Lab, name: str, config: str | None = None) -> None:
+    def __init__(self, lab: Lab, name: str, config: str | None = None,
+                 *flags: str) -> None:
         self.lab = lab
+        self.flags = flags  # more command-line flags
         self.pin_dir = f"{PIN_ROOT}/{name}"
         self.config = lab.workdir / "lb.yaml"
         self.state_file = lab.workdir / "agent.json"
@@ -115,7 +117,8 @@ class Agent:
             offset = self.size()
             self.proc = self.lab.popen(
                 "lb", XDPLB, "agent", "--config", self.config, "--pin-dir", self.pin_dir,
-                "--state-file", self.state_file, stdout=out, stderr=subprocess.STDOUT)
+                "--state-file", self.state_file, *self.flags, stdout=out,
+                stderr=subprocess.STDOUT)
         t0 = time.monotonic()
         self.wait_log("attached to", offset, timeout)
         self.wait_log("applied", offset, timeout)

@@ -387,9 +387,12 @@ def client_main(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------- test harness
 
 
+METRICS_PORT = 9479
+
+
 class Agent(_Agent):
     def __init__(self, lab: Lab, name: str, config: str) -> None:
-        super().__init__(lab, name, config)
+        super().__init__(lab, name, config, "--metrics-port", str(METRICS_PORT))
         self.pin_dir = f"{PIN_ROOT}/{name}"
 
     def cpu_seconds(self) -> float:
@@ -505,6 +508,29 @@ def test_non_tls_bytes_are_closed_cleanly(sni: Env) -> None:
     res = sni.client("plain")
     assert res == {"data": "", "how": "eof", "seconds": res["seconds"]}
     assert res["seconds"] < 2
+
+
+def sni_metrics(env: Env) -> dict[str, float]:
+    """The agent's SNI metrics: connections by outcome, and "pairs" spliced now."""
+    text = env.py(f"import urllib.request; print(urllib.request.urlopen("
+                  f"'http://127.0.0.1:{METRICS_PORT}/metrics', timeout=5).read().decode())",
+                  ns="lb")
+    found = {m[1] or "pairs": float(m[2]) for m in re.finditer(
+        r'^xdplb_sni_(?:connections_total\{outcome="(\w+)"\}|spliced_pairs) (\S+)$',
+        text, re.M)}
+    assert "pairs" in found and "spliced" in found, text[-2000:]
+    return found
+
+
+def test_metrics_count_what_became_of_connections(sni: Env) -> None:
+    before = sni_metrics(sni)
+    assert sni.client("plain")["how"] == "eof"
+    for host, backend in HOSTS.items():
+        assert sni.client("names", "--host", host, "--count", "2")["names"] == [backend] * 2
+    after = sni_metrics(sni)
+    assert after["not_tls"] - before["not_tls"] == 1
+    assert after["spliced"] - before["spliced"] == 2 * len(HOSTS)
+    assert after["accepted"] - before["accepted"] == 2 * len(HOSTS) + 1
 
 
 def test_silent_clients_time_out_without_delaying_others_or_spinning(sni: Env) -> None:

@@ -370,10 +370,14 @@ class ClusterAgent(Agent):
             except queue.Empty:
                 pass
             if self._synced():
+                t0 = time.monotonic()
                 node = next(iter(self.stores.by_key.get("node", {}).values()), None)
                 labels = ((node or {}).get("metadata") or {}).get("labels") or {}
-                desire(self.stores.by_key.get("lb", {}), labels, EndpointIndex.of(
-                    [], [], self.opts.node_name), self.health.down(), self._parsed)
+                lbs = self.stores.by_key.get("lb", {})
+                desire(lbs, labels, EndpointIndex.of([], [], self.opts.node_name),
+                       self.health.down(), self._parsed)
+                log.info("validated and planned the %d LoadBalancers listed while compiling"
+                         " (%.0f ms)", len(lbs), (time.monotonic() - t0) * 1000)
                 break
         return None
 

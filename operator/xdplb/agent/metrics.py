@@ -4,7 +4,7 @@ costs a few batch reads and the data path pays nothing extra."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -14,6 +14,7 @@ from prometheus_client.registry import REGISTRY, Collector
 from xdplb.dataplane.bpfsys import BpfMap, possible_cpus
 from xdplb.dataplane.layout import Stat
 from xdplb.plan.model import Target
+from xdplb.sni.acceptor import OUTCOMES
 
 if TYPE_CHECKING:
     from xdplb.agent.health import TargetState
@@ -47,6 +48,26 @@ class HealthCollector(Collector):
         for t, s in sorted(self.states().items()):
             up.add_metric([f"{t.address}:{t.port}", t.check.protocol], 1 if s.up else 0)
         yield up
+
+
+class SniCollector(Collector):
+    """What the SNI acceptor did with connections, and the pairs it splices now."""
+
+    def __init__(self, stats: Callable[[], tuple[Mapping[str, int], int]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        counts, pairs = self.stats()
+        outcomes = CounterMetricFamily(
+            "xdplb_sni_connections", "Connections of SNI listeners by what became of them",
+            labels=["outcome"])
+        for outcome in OUTCOMES:
+            outcomes.add_metric([outcome], counts.get(outcome, 0))
+        yield outcomes
+        spliced = GaugeMetricFamily("xdplb_sni_spliced_pairs",
+                                    "Client and backend socket pairs spliced in the kernel now")
+        spliced.add_metric([], pairs)
+        yield spliced
 
 
 class DataPlaneCollector(Collector):
@@ -90,4 +111,4 @@ def register(collector: Collector) -> None:
 
 
 __all__ = ["APPLY_SECONDS", "CT_ENTRIES", "ERRORS", "MAP_WRITES", "DataPlaneCollector",
-           "register"]
+           "HealthCollector", "SniCollector", "register"]

@@ -117,6 +117,7 @@ class Agent:
             from prometheus_client import start_http_server
             metrics.register(metrics.DataPlaneCollector(self.dp.maps, self._labels))
             metrics.register(metrics.HealthCollector(self.health.states))
+            metrics.register(metrics.SniCollector(self._sni_stats))
             start_http_server(self.opts.metrics_port)
 
     def run(self) -> None:
@@ -266,6 +267,9 @@ class Agent:
             if n > self._drops.get(st, n):
                 log.warning("%d %s", n - self._drops[st], hint)
             self._drops[st] = n
+
+    def _sni_stats(self) -> tuple[dict[str, int], int]:
+        return self.sni.stats() if self.sni is not None else ({}, 0)
 
     def _labels(self) -> tuple[dict[int, str], dict[int, str]]:
         assert self.writer is not None

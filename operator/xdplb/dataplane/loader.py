@@ -18,9 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-from pyroute2 import IPRoute
+from typing import TYPE_CHECKING, Any
 
 from xdplb.dataplane import bpfsys
 from xdplb.dataplane.config import (
@@ -32,6 +30,9 @@ from xdplb.dataplane.config import (
     map_entries,
 )
 from xdplb.dataplane.layout import BPF_DIR, MAP_LAYOUTS, layout_hash
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +273,12 @@ class DataPlane:
             self.bpf = None
 
 
+def _iproute() -> IPRoute:
+    from pyroute2 import IPRoute  # 0.15 s to import: after the compiler has started
+
+    return IPRoute()
+
+
 def _ifindex(ipr: IPRoute, ifname: str) -> int:
     idx = ipr.link_lookup(ifname=ifname)
     if not idx:
@@ -280,7 +287,7 @@ def _ifindex(ipr: IPRoute, ifname: str) -> int:
 
 
 def xdp_state(ifname: str) -> XdpState:
-    with IPRoute() as ipr:
+    with _iproute() as ipr:
         link = ipr.get_links(_ifindex(ipr, ifname))[0]
     xdp = link.get_attr("IFLA_XDP")
     if not xdp:
@@ -291,7 +298,7 @@ def xdp_state(ifname: str) -> XdpState:
 
 
 def attach_tc_egress(ifname: str, fd: int, name: str) -> None:
-    with IPRoute() as ipr:
+    with _iproute() as ipr:
         idx = _ifindex(ipr, ifname)
         try:
             ipr.tc("add", "clsact", idx)
@@ -304,7 +311,7 @@ def attach_tc_egress(ifname: str, fd: int, name: str) -> None:
 
 def tc_egress_filters(ifname: str) -> list[str]:
     """Names of the BPF egress filters at our prio."""
-    with IPRoute() as ipr:
+    with _iproute() as ipr:
         idx = _ifindex(ipr, ifname)
         try:
             filters = ipr.get_filters(idx, parent=TC_EGRESS_PARENT)
@@ -362,7 +369,7 @@ def detach(ifname: str, pin_root: str = DEFAULT_PIN_ROOT) -> bool:
     if cur.prog_id and is_ours(cur.prog_id, pin_root):
         BPF.remove_xdp(ifname, XDP_FLAGS[cur.mode or "generic"])
         removed = True
-    with IPRoute() as ipr:
+    with _iproute() as ipr:
         idx = _ifindex(ipr, ifname)
         if any(n.startswith(TC_PROG) for n in tc_egress_filters(ifname)):
             ipr.tc("del-filter", "bpf", idx, handle=TC_HANDLE, prio=TC_PRIO,
@@ -374,7 +381,7 @@ def detach(ifname: str, pin_root: str = DEFAULT_PIN_ROOT) -> bool:
 def attached_interfaces(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
     """Interfaces in this network namespace that run our XDP program."""
     out = []
-    with IPRoute() as ipr:
+    with _iproute() as ipr:
         names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
     for n in names:
         st = xdp_state(n)

@@ -109,6 +109,22 @@ class ClosedEarly(Exception):
     """The client closed before its ClientHello was complete."""
 
 
+# What became of the connections of SNI listeners (the acceptor's counters).
+OUTCOMES = (
+    "accepted",        # taken from a listening socket
+    "spliced",         # joined to its backend in the kernel
+    "relayed",         # copied through the agent: the client had half-closed already
+    "hello_timeout",   # no complete ClientHello in time: closed
+    "closed_early",    # the client went away before its ClientHello was complete
+    "hello_too_long",  # a ClientHello beyond the bound: sent to the default group
+    "not_tls",         # not a TLS ClientHello: closed
+    "no_backend",      # no eligible backend in the group: reset
+    "backend_failed",  # the backend refused or did not answer
+    "reset",           # a spliced or relayed pair ended by a reset
+    "closed",          # a pair ended, both sides done
+)
+
+
 class Acceptor:
     def __init__(self, pick: Picker, splicer: Splicer, hello_timeout: float = HELLO_TIMEOUT,
                  connect_timeout: float = CONNECT_TIMEOUT) -> None:
@@ -116,7 +132,7 @@ class Acceptor:
         self.splicer = splicer
         self.hello_timeout = hello_timeout
         self.connect_timeout = connect_timeout
-        self.stats: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter(dict.fromkeys(OUTCOMES, 0))
         self.loop = asyncio.new_event_loop()
         self._listeners: dict[Address, tuple[socket.socket, Route]] = {}
         self._pairs: set[_Pair] = set()

@@ -85,6 +85,12 @@ class SniService:
         self._remove_routes(routes)
         return problems
 
+    def stats(self) -> tuple[dict[str, int], int]:
+        """The acceptor's counters (OUTCOMES) and the pairs it splices now."""
+        if self.acceptor is None:
+            return {}, 0
+        return dict(self.acceptor.stats), len(self.acceptor._pairs)
+
     def stop(self) -> None:
         if self.acceptor is not None:
             self.acceptor.stop()

@@ -175,8 +175,6 @@ def _vip_address(value: Any) -> Any:
     return _ipv4_address(value)
 
 
-
-
 def _ipv4_network(value: Any) -> Any:
     if not isinstance(value, str):
         return value
