@@ -17,6 +17,7 @@ make every agent write to every LoadBalancer.
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import queue
 import signal
@@ -325,7 +326,6 @@ class ClusterAgent(Agent):
         super().__init__(opts, loading)
         self.api = api or _api_client()
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
-        self.core = kubernetes.client.CoreV1Api(self.api)
         self.discovery = kubernetes.client.DiscoveryV1Api(self.api)
         self.events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
         self.stores = _Stores()
@@ -342,6 +342,11 @@ class ClusterAgent(Agent):
         self._parsed = ParseCache()
         self._next_inventory = 0.0
         self._watch_seq = 0
+
+    @functools.cached_property
+    def core(self) -> kubernetes.client.CoreV1Api:
+        # Its module takes ~0.7 s to import: not before the LoadBalancers are being listed.
+        return kubernetes.client.CoreV1Api(self.api)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def run(self) -> None:
