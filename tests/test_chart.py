@@ -219,7 +219,9 @@ def test_chart_runs_the_operator_and_uninstalls(tmp_path: Path, values: tuple[st
                     raise AssertionError(f"the operator exited:\n{proc.communicate()[0]}")
                 return probe(health, "/readyz")[0] == 200
             wait_for("/readyz 200", ready, timeout=30)
-            assert probe(health, "/healthz") == (200, "ok: leader")
+            # Ready as a standby too: the Lease may still be being taken.
+            wait_for("/healthz as the leader",
+                     lambda: probe(health, "/healthz") == (200, "ok: leader"), timeout=20)
             lease = wait_for("the Lease held by the pod", lambda: (
                 (le := admin.get(f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/"
                                  f"xdplb-operator"))["spec"].get("holderIdentity") == pod_name
