@@ -24,7 +24,7 @@ WORDS = [
     "1.5", ".5", ".inf", "-.Inf", ".NaN", "1:30", "2001-12-14", "2001-12-14 21:59:43",
     "1.2.3", "01.2.3.4", "=", "<<", "&a", "*a", "!!str 5", "!custom x", "|", ">", "?",
     "%x", "@x", "`x", "a\\tb", "é", "#c", "[", "]", "{", "}", ",", ":", "'", '"', "...",
-    "---", "tRUE", "nO", "0.", "1.", "+.5", "-0", "00", "12:30:00", "1,5",
+    "---", "tRUE", "nO", "0.", "1.", "+.5", "-0", "00", "12:30:00", "1,5", "_80", "-_1",
 ]
 
 
@@ -140,6 +140,7 @@ def test_plain_manifests_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> 
     "enabled: yes\n",         # a boolean in 1.1, a string in 1.2
     "x: 1e3\n",               # a string in 1.1, a float in 1.2
     "a: &x {p: 1}\nb:\n  <<: *x\n",  # merge keys are 1.1 only
+    "port: _80\n",            # a string in 1.1; 80 for yaml-rs
     "- :\n",                  # an empty key: libyaml refuses it, yaml-rs does not
     "m: {na\n  me: web}\n",   # a key over two lines: likewise
     "m: {name:, web}\n",      # a ':' before a ',': likewise
@@ -154,3 +155,13 @@ def test_errors_are_pyyaml_s() -> None:
     with pytest.raises(yaml.MarkedYAMLError, match="duplicate key 'a'") as info:
         documents("a: 1\na: 2\n")
     assert info.value.problem_mark is not None and info.value.problem_mark.line == 1
+
+
+@settings(max_examples=600, deadline=None, derandomize=True)
+@given(st.text(alphabet="0123456789_.+-eExXoObB:aAnNyYtTfFlLiIsS~/ ", min_size=1, max_size=7),
+       st.sampled_from(["k: {}\n", "- {}\n", "{}: v\n", "k: [{}, x]\n", "k: {{a: {}}}\n"]))
+def test_plain_scalars_same_result_as_pyyaml(token: str, context: str) -> None:
+    """Scalars where the 1.1 and 1.2 core schemas, or the two parsers, read numbers,
+    booleans and nulls differently (yaml-rs reads `_80` as 80)."""
+    text = context.format(token)
+    assert outcome(documents, text) == outcome(pyyaml, text), text

@@ -30,7 +30,8 @@ _MARKERS = ("!", "&", "*", "?", "%", "@", "`", "\\", "=", "|", ">", "<<", "\n...
 _STRICTER = re.compile(r"[\[{][^\]}\n]*\n|:[,\[\]{}]")
 # And a plain scalar that is a 1.1 boolean (yes/no/on/off) or starts like a number
 # without being a decimal integer, an IPv4 address or a CIDR (octal, hex,
-# underscores, sexagesimal, floats, dates, .inf), and a ':' anywhere but at the
+# underscores, even leading ones, which yaml-rs reads as a number: `_80` is 80;
+# sexagesimal, floats, dates, .inf), and a ':' anywhere but at the
 # end of a token (empty keys, which libyaml refuses). A non-string scalar cannot hold
 # a space or a flow indicator, so its first whitespace-separated token shows it;
 # other tokens (of strings, quoted or not) pass, and a false alarm only costs time.
@@ -38,26 +39,30 @@ _FLOW_TO_SPACE = str.maketrans("[]{},", "     ")
 _SAFE_TOKEN = re.compile(
     r"(?:[-+]?(?:0|[1-9][0-9]*)"
     r"|[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?:/[0-9]{1,2})?"
-    r"|(?!(?:[yY]es|YES|[nN]o|NO|[oO]n|ON|[oO]ff|OFF):?$)[^-+.0-9:][^:]*"
-    r"|[-+](?![.0-9])[^:]*"
-    r"|\.(?![0-9A-Za-z])[^:]*"
+    r"|(?!(?:[yY]es|YES|[nN]o|NO|[oO]n|ON|[oO]ff|OFF):?$)[^-+._0-9:][^:]*"
+    r"|[-+](?![._0-9])[^:]*"
+    r"|\.(?![_0-9A-Za-z])[^:]*"
     r"):?",
     re.S,
 )
 
 
-# Whole-line comments (or lines of a quoted string, which are strings either way).
+# Whole-line comments, or lines of a quoted string: characters and escapes are
+# checked on the whole text, the rest without these lines (in a quoted string
+# they are a string either way).
 _COMMENT_LINES = re.compile(r"^[ ]*#.*$", re.M)
 
 
 def _same_in_both(text: str) -> bool:
+    if not text.isascii() or _CONTROL.search(text) or "\\" in text:
+        return False
     return _plain(text) or ("#" in text and _plain(_COMMENT_LINES.sub("", text)))
 
 
 def _plain(text: str) -> bool:
-    if not text.isascii() or _CONTROL.search(text) or text.startswith("..."):
+    if text.startswith("...") or any(marker in text for marker in _MARKERS):
         return False
-    if any(marker in text for marker in _MARKERS) or _STRICTER.search(text):
+    if _STRICTER.search(text):
         return False
     return all(_SAFE_TOKEN.fullmatch(t) for t in set(text.translate(_FLOW_TO_SPACE).split()))
 
