@@ -99,7 +99,6 @@ def _validate_document(doc: Any) -> _Document:
     return _Document(_name_of(doc), None, tuple(problems))
 
 
-
 # The end of the line before a line that starts a document. Manifests are
 # mappings, so such a line at column 0 can only be a document marker.
 _DOC_START = re.compile(r"\n---(?=[ \t\r\n]|$)")
@@ -206,32 +205,36 @@ def _limit_errors(valid: list[tuple[str, LoadBalancer]], source: str, limits: Li
         for label, lb in valid if lb.spec.traffic_policy is not None and not limits.service_backends
     ]
     listeners = [(label, i, ln) for label, lb in valid for i, ln in enumerate(lb.spec.listeners)]
+    def too_large(group: Listener | SourceRoute | SniRoute) -> bool:
+        return bool(group.backends) and len(group.backends or ()) > limits.max_backends_per_group
+
+    def needs_services(group: Listener | SourceRoute | SniRoute) -> bool:
+        return group.service is not None and not limits.service_backends
+
     for label, i, listener in listeners:
-        # Paths are spelled only for the groups at fault (a listener has up to 20,000).
-        groups: list[tuple[str, int, Listener | SourceRoute | SniRoute]] = [("", 0, listener)]
-        groups += [(f".{kind}", j, route)
-                   for kind, routes in (("sourceRoutes", listener.source_routes),
-                                        ("sniRoutes", listener.sni_routes))
-                   for j, route in enumerate(routes)
-                   if (route.backends and len(route.backends) > limits.max_backends_per_group)
-                   or (route.service is not None and not limits.service_backends)]
-
-        def path(kind: str, j: int, i: int = i) -> str:
-            return f"spec.listeners[{i}]{kind}[{j}]" if kind else f"spec.listeners[{i}]"
-
-        errors += [
-            f"{label}: {path(kind, j)}.backends: {len(group.backends)} backends exceed the "
-            f"capacity {limits.max_backends_per_group} of a group"
-            for kind, j, group in groups
-            if group.backends and len(group.backends) > limits.max_backends_per_group
+        groups: list[tuple[str, Listener | SourceRoute | SniRoute]] = [
+            (f"spec.listeners[{i}]", listener)
         ]
-        if not limits.service_backends:
-            errors += [
-                f"{label}: {path(kind, j)}.service: Service backends need the agent in "
-                "Kubernetes mode (--kubernetes); list backends instead"
-                for kind, j, group in groups
-                if group.service is not None
-            ]
+        # Paths are spelled only for the routes at fault (a listener has up to 20,000).
+        groups += [
+            (f"spec.listeners[{i}].{kind}[{j}]", route)
+            for kind, routes in (
+                ("sourceRoutes", listener.source_routes),
+                ("sniRoutes", listener.sni_routes),
+            )
+            for j, route in enumerate(routes)
+            if too_large(route) or needs_services(route)
+        ]
+        errors += [
+            f"{label}: {path}.backends: {len(group.backends or ())} backends exceed the "
+            f"capacity {limits.max_backends_per_group} of a group"
+            for path, group in groups if too_large(group)
+        ]
+        errors += [
+            f"{label}: {path}.service: Service backends need the agent in Kubernetes mode"
+            " (--kubernetes); list backends instead"
+            for path, group in groups if needs_services(group)
+        ]
 
     totals = [
         (len(listeners), "listeners", limits.max_listeners, "--max-listeners"),
