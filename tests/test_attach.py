@@ -119,6 +119,7 @@ def test_load_async_hands_its_error_to_the_waiter(monkeypatch: pytest.MonkeyPatc
         raise loader.AttachError("pinned map has another shape")
 
     monkeypatch.setattr(loader.DataPlane, "load", fail)
-    wait = loader.DataPlane(PIN_ROOT, CAPS).load_async()
+    dp = loader.DataPlane(PIN_ROOT, CAPS)
+    dp.load_async()
     with pytest.raises(loader.AttachError, match="another shape"):
-        wait()
+        dp.wait_loaded()

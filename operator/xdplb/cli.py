@@ -76,7 +76,7 @@ def cmd_agent(a: argparse.Namespace) -> int:
         return 2
     # Compile first: the rest of the agent is imported while the compiler runs.
     dp = DataPlane(a.pin_dir, capacities(a), timeouts(a))
-    loading = (dp, dp.load_async())
+    dp.load_async()
     from xdplb.agent.standalone import Agent, AgentOptions
 
     # A cluster agent keeps programs and pins on a clean stop: its successor adopts them.
@@ -89,13 +89,13 @@ def cmd_agent(a: argparse.Namespace) -> int:
             xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
             caps=capacities(a), timeouts=timeouts(a),
             detach_on_exit=detach, force=a.force,
-            metrics_port=a.metrics_port, state_file=a.state_file), loading=loading).run()
+            metrics_port=a.metrics_port, state_file=a.state_file), dp=dp).run()
         return 0
     try:
         Agent(AgentOptions(config=a.config, xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
                            caps=capacities(a), timeouts=timeouts(a), detach_on_exit=detach,
                            force=a.force, metrics_port=a.metrics_port,
-                           state_file=a.state_file), loading).run()
+                           state_file=a.state_file), dp).run()
     except AttachError as e:
         logging.error("%s", e)
         return 1

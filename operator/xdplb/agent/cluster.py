@@ -322,8 +322,8 @@ class ClusterAgent(Agent):
     opts: ClusterOptions
 
     def __init__(self, opts: ClusterOptions, api: kubernetes.client.ApiClient | None = None,
-                 loading: tuple[DataPlane, Callable[[], None]] | None = None) -> None:
-        super().__init__(opts, loading)
+                 dp: DataPlane | None = None) -> None:
+        super().__init__(opts, dp)
         self.api = api or _api_client()
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
         self.discovery = kubernetes.client.DiscoveryV1Api(self.api)
@@ -384,7 +384,6 @@ class ClusterAgent(Agent):
                 log.info("validated and planned the %d LoadBalancers listed while compiling"
                          " (%.0f ms)", len(lbs), (time.monotonic() - t0) * 1000)
                 break
-        return None
 
     def loop(self) -> None:
         next_sweep = time.monotonic() + self.opts.sweep_seconds

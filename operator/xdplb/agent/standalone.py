@@ -14,7 +14,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -71,12 +70,10 @@ def limits_of(caps: Capacities) -> Limits:
 
 
 class Agent:
-    def __init__(self, opts: AgentOptions, loading: tuple[DataPlane, Callable[[], None]] | None
-                 = None) -> None:
-        """`loading`: the data plane, already being loaded (DataPlane.load_async)."""
+    def __init__(self, opts: AgentOptions, dp: DataPlane | None = None) -> None:
+        """`dp`: the data plane, maybe already loading (DataPlane.load_async)."""
         self.opts = opts
-        self.dp, self._loaded = loading or (DataPlane(opts.pin_root, opts.caps, opts.timeouts),
-                                            None)
+        self.dp = dp or DataPlane(opts.pin_root, opts.caps, opts.timeouts)
         self.writer: MapWriter | None = None
         self.sni: SniService | None = None    # SNI acceptor and splice
         self.attached: dict[str, str] = {}   # interface -> XDP mode in effect
@@ -98,9 +95,10 @@ class Agent:
     def start(self) -> None:
         t0 = time.monotonic()
         # The compiler runs outside the GIL: read and plan the file meanwhile.
-        loaded = self._loaded or self.dp.load_async()
+        if self.dp.loading is None:
+            self.dp.load_async()
         staged = self.read(force=True)
-        loaded()
+        self.dp.wait_loaded()
         self.writer = MapWriter(self.dp.maps, self.dp.caps)
         self.sni = SniService(self.dp.maps)
         if self.dp.adopted:

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -141,30 +140,28 @@ class DataPlane:
         self.maps: dict[str, bpfsys.BpfMap] = {}
         self.adopted = False
         self.load_seconds = 0.0  # compile and load, for the logs
-        self.loading: threading.Thread | None = None  # load_async's, while it runs
+        self.loading: threading.Thread | None = None  # load_async's
+        self._load_error: BaseException | None = None
 
     # -- load ---------------------------------------------------------------------------
-    def load_async(self) -> Callable[[], None]:
-        """Start load() in a thread (the compiler runs outside the GIL, so the caller
-        can go on meanwhile); returns the call that waits for it and raises its error."""
-        error: list[BaseException] = []
-
+    def load_async(self) -> None:
+        """Start load() in a thread: the compiler runs outside the GIL, so the caller
+        can go on meanwhile, then call wait_loaded()."""
         def run() -> None:
             try:
                 self.load()
-            except BaseException as e:  # raised again in the thread that waits
-                error.append(e)
+            except BaseException as e:  # raised again by wait_loaded()
+                self._load_error = e
 
-        thread = threading.Thread(target=run, name="compile")
-        thread.start()
-        self.loading = thread
+        self.loading = threading.Thread(target=run, name="compile")
+        self.loading.start()
 
-        def wait() -> None:
-            thread.join()
-            if error:
-                raise error[0]
-
-        return wait
+    def wait_loaded(self) -> None:
+        """Wait for load_async's load; raise its error."""
+        assert self.loading is not None, "load_async() first"
+        self.loading.join()
+        if self._load_error is not None:
+            raise self._load_error
 
     def load(self) -> None:
         from bcc import BPF  # system package: imported late so pure modules never need it
