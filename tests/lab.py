@@ -450,12 +450,15 @@ class Lab:
 
     def tcp_clients(self, ns: str, dst: str, port: int, count: int = 1, concurrency: int = 1,
                     up: int = 1024, down: int = 1024, src: str | None = None,
-                    details: bool = False, timeout: float = 20) -> dict[str, Any]:
+                    details: bool = False, timeout: float = 20,
+                    src_port: int = 0) -> dict[str, Any]:
         args = ["tcp-clients", "--dst", f"{dst}:{port}", "--count", str(count),
                 "--concurrency", str(concurrency), "--up", str(up), "--down", str(down),
                 "--timeout", str(timeout), "--json"]
         if src:
             args += ["--src", src]
+        if src_port:
+            args += ["--src-port", str(src_port)]
         if details:
             args.append("--details")
         return self.tool_json(ns, *args, timeout=timeout * (count / max(concurrency, 1) + 2))

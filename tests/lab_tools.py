@@ -151,13 +151,15 @@ def cmd_tcp_server(args: argparse.Namespace) -> int:
 
 
 def _tcp_conn(dst: tuple[str, int], src: str | None, up: int, down: int,
-              timeout: float) -> tuple[str, str]:
+              timeout: float, src_port: int = 0) -> tuple[str, str]:
     """One verified request/response; returns (tag, local address) or raises."""
     local = "?"
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        if src:
-            sock.bind((src, 0))
+        if src_port:  # reused on purpose: a new connection from a recent flow's port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if src or src_port:
+            sock.bind((src or "0.0.0.0", src_port))
         try:
             sock.connect(dst)
             local = _fmt(sock.getsockname())
@@ -205,7 +207,8 @@ def cmd_tcp_clients(args: argparse.Namespace) -> int:
         local: str | None = None
         err: str | None = None
         try:
-            tag, local = _tcp_conn(args.dst, args.src, args.up, args.down, args.timeout)
+            tag, local = _tcp_conn(args.dst, args.src, args.up, args.down, args.timeout,
+                                   args.src_port)
         except Exception as e:
             err = f"conn {i}: {e}"
         with lock:
@@ -475,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--up", type=int, default=1024)
     sp.add_argument("--down", type=int, default=1024)
     sp.add_argument("--src")
+    sp.add_argument("--src-port", type=int, default=0, help="bind this port (SO_REUSEADDR)")
     sp.add_argument("--timeout", type=float, default=SOCK_TIMEOUT)
     sp.add_argument("--details", action="store_true", help="add per-connection 'conns'")
     sp.add_argument("--json", action="store_true")

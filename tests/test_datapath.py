@@ -1037,6 +1037,26 @@ def test_connection_made_to_a_backend_directly_is_left_alone(lb: Harness) -> Non
     assert marker.flags & L.CT_DIRECT and fwd_key() not in lb.ct()
 
 
+def test_direct_connection_from_a_closed_flows_port_is_left_alone(lb: Harness) -> None:
+    # The client's flow to VIP:80 on B1 has closed, and its entries live on for the
+    # closing timeout. The client reuses the port to reach B1:8080 directly: B1's
+    # SYN|ACK belongs to that new connection, not to the old flow.
+    lb.apply(plan_of(TCP_LST))
+    lb.xdp(syn())
+    lb.tc(reply_tcp(flags="SA"))
+    lb.xdp(segment(flags="FA"))
+    fin = reply_tcp(flags="FA")
+    assert lb.tc(fin).data == reply_snat(fin, VIP, 80)  # while open: restored
+    assert lb.ct()[fwd_key()].flags & (L.CT_FIN_FWD | L.CT_FIN_REV) == \
+        L.CT_FIN_FWD | L.CT_FIN_REV
+    before = lb.stats()
+    for flags in ("SA", "A", "PA"):
+        frame = reply_tcp(flags=flags, payload=b"x" if "P" in flags else b"")
+        assert lb.tc(frame).data == frame
+    assert stats_delta(before, lb.stats()) == {}
+    assert lb.ct()[rev_key()].flags & L.CT_DIRECT
+
+
 def test_reply_of_a_backend_behind_two_listeners_is_not_guessed(lb: Harness) -> None:
     lb.apply(plan_of(TCP_LST, listener("tcp2", 81, [backend(*B1)])))
     reply = reply_tcp(flags="A", payload=b"x")

@@ -386,6 +386,25 @@ def test_direct_connections_to_a_backend_pass_untouched(baseline: tuple[Lab, Age
     assert res["tags"] == {"b1": 20}
 
 
+def test_direct_connection_from_a_closed_flows_port_passes_untouched(
+        baseline: tuple[Lab, Agent]) -> None:
+    # A client port whose closed flow through the listener reached b1 (its entries live
+    # on for the closing timeout) opens a connection to b1 directly: b1's SYN|ACK is not
+    # a reply of the old flow and must keep b1's address.
+    lab, agent = baseline
+    b1 = Lab.backend_addr(1)
+    for port in range(41000, 41200, 2):
+        res = lab.tcp_clients("cli", VIP, VIP_TCP, src_port=port)
+        check_ok(res, f"TCP from port {port}", agent)
+        if res["tags"] == {"b1": 1}:
+            break
+    else:
+        pytest.fail("no flow from ports 41000..41198 reached b1")
+    res = lab.tcp_clients("cli", b1, TCP_PORT, src_port=port, timeout=3)
+    check_ok(res, f"direct connection to b1 from port {port}", agent)
+    assert res["tags"] == {"b1": 1}
+
+
 def test_bad_file_keeps_last_good_state(baseline: tuple[Lab, Agent]) -> None:
     lab, agent = baseline
     offset = agent.size()

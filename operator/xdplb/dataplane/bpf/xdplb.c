@@ -576,6 +576,10 @@ int xdplb_egress(struct __sk_buff *skb)
 		count(ST_REPLY_EXPIRED);
 		return TC_ACT_OK;
 	}
+	/* A SYN|ACK is no reply of a flow that has closed: the client reused the
+	 * port for a connection to the backend itself. */
+	if ((p.tcp_flags & TCPF_SYN) && ct_closing(e))
+		return egress_untracked(skb, &p, &rkey, now);
 	ct_track(e, 1, p.tcp_flags, now, skb->len);
 	count_listener(e->listener, skb->len, 0);
 	count_backend(e->backend, skb->len, 0);
