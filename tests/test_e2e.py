@@ -405,6 +405,36 @@ def test_direct_connection_from_a_closed_flows_port_passes_untouched(
     assert res["tags"] == {"b1": 1}
 
 
+def test_wildcard_listener_follows_an_address_added_to_its_interface(
+        baseline: tuple[Lab, Agent]) -> None:
+    # No file change: the agent learns of the address from rtnetlink and applies.
+    lab, agent = baseline
+    b1, b2 = Lab.backend_addr(1), Lab.backend_addr(2)
+    agent.apply(config_yaml() + f"""\
+---
+apiVersion: xdplb.io/v1alpha1
+kind: LoadBalancer
+metadata: {{name: any, namespace: default}}
+spec:
+  interfaces: [{Lab.lb_client_if}]
+  listeners:
+  - name: any
+    protocol: TCP
+    port: 8081
+    backends: [{{address: {b1}, port: {TCP_PORT}}}, {{address: {b2}, port: {TCP_PORT}}}]
+""", within=2)
+    added = "10.10.1.200"
+    offset = agent.size()
+    lab.exec("lb", "ip", "addr", "add", f"{added}/24", "dev", Lab.lb_client_if)
+    try:
+        agent.wait_log("applied", offset, timeout=3)
+        res = lab.tcp_clients("cli", added, 8081, count=20, concurrency=5)
+        check_ok(res, f"TCP to the new address {added}:8081", agent)
+        assert set(res["tags"]) <= {"b1", "b2"}, res["tags"]
+    finally:
+        lab.exec("lb", "ip", "addr", "del", f"{added}/24", "dev", Lab.lb_client_if)
+
+
 def test_bad_file_keeps_last_good_state(baseline: tuple[Lab, Agent]) -> None:
     lab, agent = baseline
     offset = agent.size()

@@ -54,7 +54,6 @@ log = logging.getLogger("xdplb.agent")
 
 Json = dict[str, Any]
 Ref = tuple[str, str]  # (namespace, name)
-INVENTORY_SECONDS = 1.0
 
 # Per-LoadBalancer apply results, beside the standalone agent's metrics.
 LB_RESULTS = Counter("xdplb_loadbalancer_results_total",
@@ -340,7 +339,6 @@ class ClusterAgent(Agent):
         self._nodestate_ready = False
         self._dirty = True
         self._parsed = ParseCache()
-        self._next_inventory = 0.0
         self._watch_seq = 0
 
     @functools.cached_property
@@ -401,9 +399,7 @@ class ClusterAgent(Agent):
                 self._take(self.events.get_nowait())
         except queue.Empty:
             pass
-        if time.monotonic() >= self._next_inventory:
-            # Addresses and interfaces come and go without an API event.
-            self._next_inventory = time.monotonic() + INVENTORY_SECONDS
+        if self._node.changed():  # addresses and interfaces come and go without an API event
             self._dirty |= read_inventory() != self._inventory
         if self._health_changed.is_set():
             self._health_changed.clear()

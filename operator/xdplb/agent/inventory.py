@@ -1,4 +1,5 @@
-"""The node's interfaces and IPv4 addresses, read with pyroute2."""
+"""The node's interfaces and IPv4 addresses, read with pyroute2, and whether they
+have changed since they were last read."""
 
 from __future__ import annotations
 
@@ -28,6 +29,39 @@ def read_inventory() -> Inventory:
     return Inventory(ifindex={n: i for i, n in names.items()},
                      addresses={n: tuple(sorted(a)) for n, a in addrs.items()},
                      default_interface=default)
+
+
+# rtnetlink multicast groups (linux/rtnetlink.h).
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV4_ROUTE = 0x40
+
+
+class NodeChanges:
+    """Links, IPv4 addresses and routes changed since the last call? An rtnetlink
+    subscription: an idle agent polls with one non-blocking recv instead of dumping
+    every link and address of the node (a node with many pods has hundreds)."""
+
+    def __init__(self) -> None:
+        # Subscribed before the first read_inventory(), so no change falls between.
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                                  socket.NETLINK_ROUTE)
+        self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE))
+
+    def changed(self) -> bool:
+        """Drains the events; true if there were any."""
+        seen = False
+        while True:
+            try:
+                self.sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return seen
+            except OSError:  # ENOBUFS: events were lost, so anything may have changed
+                pass
+            seen = True
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def backend_routes(addresses: Iterable[str]) -> dict[str, tuple[str, str]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from xdplb.agent import metrics
 from xdplb.agent.health import HealthChecker
-from xdplb.agent.inventory import backend_routes, read_inventory
+from xdplb.agent.inventory import NodeChanges, backend_routes, read_inventory
 from xdplb.agent.sysctl import allow_local_sources
 from xdplb.dataplane import conntrack
 from xdplb.dataplane.alloc import CapacityError
@@ -79,7 +79,9 @@ class Agent:
         self.attached: dict[str, str] = {}   # interface -> XDP mode in effect
         self.stop = threading.Event()
         self._file_digest = ""
+        self._file_stat: tuple[int, ...] = ()
         self._inventory: Inventory | None = None
+        self._node = NodeChanges()
         self.plan = Plan()
         self._health_changed = threading.Event()
         self.health = HealthChecker(on_change=self._health_changed.set)
@@ -135,6 +137,7 @@ class Agent:
 
     def shutdown(self) -> None:
         self.health.stop()
+        self._node.close()
         if self.sni is not None:
             self.sni.stop()   # spliced connections belong to this process: they end with it
         if self.opts.detach_on_exit:
@@ -158,15 +161,24 @@ class Agent:
         """The plan of the file and the node now; None if neither changed or the
         file is bad (logged)."""
         path = Path(self.opts.config)
+        node_changed = self._node.changed()
         try:
+            st = path.stat()
+            stat = (st.st_ino, st.st_size, st.st_mtime_ns)
+            # A write in the same clock tick as the last read leaves the same mtime:
+            # a file modified in the last seconds is read again whatever its stat.
+            recent = time.time_ns() - st.st_mtime_ns < 2 * 10**9
+            if not (force or node_changed or recent or stat != self._file_stat):
+                return None
             text = path.read_text()
         except OSError as e:
             if force or self._file_digest != "unreadable":
                 log.error("cannot read %s: %s; keeping the last good state", path, e)
                 self._file_digest = "unreadable"
             return None
+        self._file_stat = stat
         digest = hashlib.sha256(text.encode()).hexdigest()
-        inv = read_inventory()
+        inv = read_inventory() if node_changed or self._inventory is None else self._inventory
         if not force and digest == self._file_digest and inv == self._inventory:
             return None
         self._file_digest, self._inventory = digest, inv
