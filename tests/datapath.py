@@ -102,10 +102,11 @@ class Harness:
     # maps -----------------------------------------------------------------------------
     def reset(self) -> None:
         """Empty listeners, routes, port filter, conntrack and counters; a fresh writer."""
+        conntrack.flush(self.maps["ct"])
         self.writer.apply(Plan(), INV)
         self.writer.apply(Plan(), INV)  # releases the groups retired by the first
+        self.writer.release_rev_nat(set())  # no flow is left to rely on them
         self.writer = MapWriter(self.maps, self.caps)
-        conntrack.flush(self.maps["ct"])
         for name, n in (("stats", len(L.Stat)), ("listener_stats", self.caps.listeners),
                         ("backend_stats", self.caps.backends)):
             m = self.maps[name]

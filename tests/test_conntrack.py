@@ -51,9 +51,12 @@ def test_sweep_deletes_expired_flows_and_their_reply_entries(dp: DataPlane) -> N
     put_flow(dp, 1003, idle_s=20, flags=L.CT_FIN_FWD | L.CT_FIN_REV)  # closed: 10 s
     put_flow(dp, 1004, idle_s=20, flags=L.CT_REPLIED | L.CT_FIN_FWD)  # half-closed: 300 s
     put_flow(dp, 1005, idle_s=31, flags=0, proto=17)               # UDP: 30 s
-    left, deleted = conntrack.sweep(dp.maps["ct"], Timeouts())
+    swept = conntrack.sweep(dp.maps["ct"], Timeouts())
     assert ports(dp) == {1000, 1004}
-    assert (left, deleted) == (4, 8)
+    assert (swept.left, swept.deleted) == (4, 8)
+    # The live flows may rely on B1's rev_nat entry for VIP:80.
+    b1 = bytes(L.RevNatKey(L.be32("10.20.1.2"), L.be16(8080), 6, 0))
+    assert swept.relied == {(b1, L.be32("192.0.2.10"), L.be16(80))}
     assert sum(1 for k, _v in conntrack.read(dp.maps["ct"]) if k.dir == 1) == 2
     states = {L.from_be16(f.key.sport): f.state() for f in conntrack.flows(dp.maps["ct"])}
     assert states == {1000: "established", 1004: "closing"}
@@ -64,7 +67,8 @@ def test_sweep_removes_orphaned_reply_entries(dp: DataPlane) -> None:
     put_flow(dp, 2000, idle_s=1)
     fwd = L.CtKey(L.be32("10.10.1.2"), L.be32("192.0.2.10"), L.be16(2000), L.be16(80), 6, 0, 0)
     dp.maps["ct"].delete(bytes(fwd))
-    assert conntrack.sweep(dp.maps["ct"], Timeouts()) == (0, 1)
+    swept = conntrack.sweep(dp.maps["ct"], Timeouts())
+    assert (swept.left, swept.deleted) == (0, 1)
 
 
 def put_snat_flow(dp: DataPlane, client_port: int, node_port: int, idle_s: float) -> None:
@@ -86,7 +90,8 @@ def test_sweep_pairs_source_nat_entries_by_the_node_port(dp: DataPlane) -> None:
     conntrack.flush(dp.maps["ct"])
     put_snat_flow(dp, 3000, 40000, idle_s=1)     # live: both entries stay
     put_snat_flow(dp, 3001, 40001, idle_s=400)   # expired: both go, freeing port 40001
-    assert conntrack.sweep(dp.maps["ct"], Timeouts()) == (2, 2)
+    swept = conntrack.sweep(dp.maps["ct"], Timeouts())
+    assert (swept.left, swept.deleted) == (2, 2)
     left = {(k.dir, L.from_be16(k.dport)) for k, _v in conntrack.read(dp.maps["ct"])}
     assert left == {(0, 80), (1, 40000)}
     (flow,) = conntrack.flows(dp.maps["ct"])
@@ -102,7 +107,8 @@ def test_sweep_keeps_direct_connection_markers_until_idle(dp: DataPlane) -> None
         val = L.CtVal(nat_addr=L.be32("10.20.1.2"), nat_port=L.be16(8080),
                       flags=L.CT_DIRECT | L.CT_REPLIED, last_ns=last)
         dp.maps["ct"].update(bytes(key), bytes(val))
-    assert conntrack.sweep(dp.maps["ct"], Timeouts()) == (1, 1)
+    swept = conntrack.sweep(dp.maps["ct"], Timeouts())
+    assert (swept.left, swept.deleted) == (1, 1)
     ((key, _val),) = conntrack.read(dp.maps["ct"])
     assert L.from_be16(key.dport) == 4000
 

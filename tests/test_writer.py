@@ -127,11 +127,47 @@ def test_removed_listener_deletes_its_entries_and_port() -> None:
     other = manifest(routes=0).replace("port: 80\n    address", "port: 81\n    address")
     other = other.replace("    sourceRoutes:\n", "")
     r = w.apply(plan_of(other), INV)
-    # two listener keys, three routes, and the reverse-NAT entries of the routes' backends
-    assert r.deleted == 2 + 3 + 3
-    assert len(maps["rev_nat"].data) == 2  # the default group's backends, now behind :81
+    assert r.deleted == 2 + 3  # two listener keys, three routes
     assert maps["port_filter"].data[(80).to_bytes(4, "little")] == bytes(4)
     assert maps["src_routes"].data == {}
+    # The reverse-NAT entries stay for the flows to :80 (see the next test).
+    assert len(maps["rev_nat"].data) == 2 + 3
+
+
+def rev_nat(maps: dict[str, MemoryMap]) -> dict[tuple[str, int], tuple[str, int, int]]:
+    """backend -> (vip, vport, flags)"""
+    out = {}
+    for k, v in maps["rev_nat"].data.items():
+        key, val = L.RevNatKey.from_buffer_copy(k), L.RevNatVal.from_buffer_copy(v)
+        out[(L.from_be32(key.addr), L.from_be16(key.port))] = (
+            L.from_be32(val.vip), L.from_be16(val.vport), val.flags)
+    return out
+
+
+def test_reverse_nat_entries_stay_while_flows_rely_on_them() -> None:
+    # A flow to the address of its backend's rev_nat entry has no reply entry: the
+    # entry must outlive the listener address it names while such flows live.
+    w, maps = writer()
+    base = manifest(routes=0).replace("    sourceRoutes:\n", "")
+    w.apply(plan_of(base), INV)
+    b1, b2 = ("10.0.0.11", 8080), ("10.0.0.12", 8080)
+    assert rev_nat(maps)[b1] == ("192.0.2.10", 80, L.RN_ONLY)
+    moved = base.replace("port: 80\n", "port: 81\n")
+    w.apply(plan_of(moved), INV)
+    assert rev_nat(maps)[b1] == ("192.0.2.10", 80, 0)  # kept, but restores no lost flow
+    vip80 = (L.be32("192.0.2.10"), L.be16(80))
+    key = {b: bytes(L.RevNatKey(L.be32(b[0]), L.be16(b[1]), 6, 0)) for b in (b1, b2)}
+    assert w.release_rev_nat({(key[b1], *vip80)}) == 1  # b2's flows are gone
+    assert rev_nat(maps)[b1] == ("192.0.2.10", 80, 0)
+    assert rev_nat(maps)[b2] == ("192.0.2.10", 81, L.RN_ONLY)
+    assert w.release_rev_nat(set()) == 1
+    assert rev_nat(maps)[b1] == ("192.0.2.10", 81, L.RN_ONLY)
+    # A backend that leaves: its entry goes once its flows have.
+    w.apply(plan_of(moved.replace("    - {address: 10.0.0.12, port: 8080}\n", "")), INV)
+    assert rev_nat(maps)[b2] == ("192.0.2.10", 81, 0)
+    assert w.release_rev_nat({(key[b2], L.be32("192.0.2.10"), L.be16(81))}) == 0
+    assert w.release_rev_nat(set()) == 1
+    assert b2 not in rev_nat(maps)
 
 
 def test_encodings_are_network_order() -> None:

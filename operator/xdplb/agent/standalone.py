@@ -263,10 +263,13 @@ class Agent:
         if inv and inv.routes and backend_routes(all_backends(self.plan)) != inv.routes:
             log.info("routes toward source-NAT backends changed: applying again")
             self.apply(self.plan, inv)
-        left, deleted = conntrack.sweep(self.dp.maps["ct"], self.opts.timeouts)
-        metrics.CT_ENTRIES.set(left)
-        if deleted:
-            log.info("conntrack sweep: %d expired entries deleted, %d left", deleted, left)
+        swept = conntrack.sweep(self.dp.maps["ct"], self.opts.timeouts)
+        metrics.CT_ENTRIES.set(swept.left)
+        if swept.deleted:
+            log.info("conntrack sweep: %d expired entries deleted, %d left", swept.deleted,
+                     swept.left)
+        if self.writer is not None:
+            self.writer.release_rev_nat(swept.relied)
         self._log_drops()
 
     def _log_drops(self) -> None:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 class Capacities:
     """Sizes of the maps. Listener and backend ids are 16-bit in conntrack entries."""
 
-    conntrack: int = 1_000_000       # flows; the map holds two entries per flow
+    conntrack: int = 1_000_000       # flows of two entries (most flows take one)
     listener_keys: int = 16_384      # (interface, address, port, protocol) entries
     listeners: int = 4096            # distinct listeners (counters)
     source_routes: int = 1_000_000   # LPM entries

@@ -61,11 +61,21 @@ def flows(ct: BpfMap) -> list[Flow]:
     return [Flow(k, v) for k, v in read(ct) if k.dir == 0]
 
 
-def sweep(ct: BpfMap, t: Timeouts, limit: int = 100_000) -> tuple[int, int]:
-    """Delete expired flows (both entries); returns (entries left, deleted)."""
+@dataclass
+class Sweep:
+    left: int       # entries left
+    deleted: int
+    # (rev_nat key, vip, vport) of every live flow without source NAT: the rev_nat
+    # entries these flows may rely on (MapWriter.release_rev_nat)
+    relied: set[tuple[bytes, int, int]]
+
+
+def sweep(ct: BpfMap, t: Timeouts, limit: int = 100_000) -> Sweep:
+    """Delete expired flows and orphaned reply entries."""
     now = L.ct_now_ns()
     entries = read(ct)
     live_fwd = {}
+    relied: set[tuple[bytes, int, int]] = set()
     doomed: list[bytes] = []
     for k, v in entries:
         if k.dir == 0:
@@ -75,6 +85,8 @@ def sweep(ct: BpfMap, t: Timeouts, limit: int = 100_000) -> tuple[int, int]:
                 live_fwd[(v.snat_addr, v.snat_port, k.proto, v.nat_addr, v.nat_port)] = True
             else:
                 live_fwd[(k.src, k.sport, k.proto, v.nat_addr, v.nat_port)] = True
+                relied.add((bytes(L.RevNatKey(v.nat_addr, v.nat_port, k.proto, 0)), k.dst,
+                            k.dport))
     for k, v in entries:
         if k.dir == 1 and v.flags & L.CT_DIRECT:  # no forward entry: idle time decides
             if now - v.last_ns > t.tcp_established * 1_000_000_000:
@@ -85,7 +97,7 @@ def sweep(ct: BpfMap, t: Timeouts, limit: int = 100_000) -> tuple[int, int]:
     doomed = doomed[:limit]
     for i in range(0, len(doomed), 4096):
         _delete_some(ct, doomed[i:i + 4096])
-    return len(entries) - len(doomed), len(doomed)
+    return Sweep(len(entries) - len(doomed), len(doomed), relied)
 
 
 def _delete_some(ct: BpfMap, keys: list[bytes]) -> None:

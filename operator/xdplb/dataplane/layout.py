@@ -75,6 +75,7 @@ class CtKey(ctypes.Structure):
 
 
 CT_REPLIED, CT_FIN_FWD, CT_FIN_REV, CT_RST, CT_SNAT, CT_DIRECT = 1, 2, 4, 8, 16, 32
+RN_ONLY = 1
 
 
 class RevNatKey(ctypes.Structure):
@@ -82,7 +83,8 @@ class RevNatKey(ctypes.Structure):
 
 
 class RevNatVal(ctypes.Structure):
-    _fields_ = [("vip", u32), ("vport", u16), ("backend", u16), ("listener", u32)]
+    _fields_ = [("vip", u32), ("vport", u16), ("backend", u16), ("listener", u16),
+                ("flags", u16)]
 
 
 class CtVal(ctypes.Structure):

@@ -85,6 +85,19 @@ def lpm_key(listener_id: int, cidr: str) -> bytes:
             + socket.inet_aton(addr))
 
 
+def _retired_rev(val: bytes) -> bytes:
+    """A rev_nat entry kept for the flows that rely on it: no longer the backend's only
+    address, so TC egress restores no lost flow from it."""
+    v = L.RevNatVal.from_buffer_copy(val)
+    v.flags &= ~L.RN_ONLY
+    return _bytes(v)
+
+
+def _rev_nat_val(bid: int, vips: dict[tuple[int, int], int], vip: tuple[int, int]) -> bytes:
+    flags = L.RN_ONLY if len(vips) == 1 else 0
+    return _bytes(L.RevNatVal(vip[0], vip[1], bid, vips[vip], flags))
+
+
 class MapWriter:
     def __init__(self, maps: Mapping[str, MapLike], caps: Capacities) -> None:
         self.maps = maps
@@ -100,6 +113,7 @@ class MapWriter:
         self._gid_alloc = IdAllocator(caps.groups, "groups (--max-groups)")
         self._pool = RegionAllocator(caps.table_slots)
         self._retired: list[GroupSlot] = []      # released at the next apply
+        self._rev_next: dict[bytes, bytes | None] = {}  # see _rev_nat_entries
         self._port_filter_known = True
         self.plan = Plan()
         # id(listener) -> (listener, its id, its groups' ids, its LPM entries); see _route_entries
@@ -259,23 +273,63 @@ class MapWriter:
 
     def _rev_nat_entries(self, exp: Expansion,
                          lids: dict[tuple[str | None, int, str], int]) -> dict[bytes, bytes]:
-        """Backend endpoint -> the one listener address it serves (replies of flows whose
-        entries were lost are restored from it); endpoints of several are left out."""
-        serves: dict[tuple[str, int, int], set[tuple[str, int, int]]] = {}
+        """Backend endpoint -> a listener address it serves (see layout.h). The data path
+        writes no reply entry for a flow to that address, so an entry keeps its address
+        while flows may rely on it: an address the backend no longer serves (or a backend
+        gone) stays, without RN_ONLY, until release_rev_nat() finds no live flow of it;
+        `self._rev_next` holds what replaces it then (None: nothing)."""
+        # backend key -> (backend id, {(vip, vport): listener id})
+        serves: dict[bytes, tuple[int, dict[tuple[int, int], int]]] = {}
         for (_ifindex, addr, port, proto), lst in exp.keys.items():
             if lst.source_nat:  # their replies arrive at the node, never at TC egress
                 continue
             for b in lst.backends():
-                serves.setdefault((b.address, b.port, L.PROTO[proto]), set()).add(
-                    (addr, port, lids[lst.identity]))
-        want = {}
-        for (baddr, bport, proto), vips in serves.items():
-            if len(vips) == 1:
-                ((vip, vport, lid),) = vips
-                want[_bytes(L.RevNatKey(L.be32(baddr), L.be16(bport), proto, 0))] = _bytes(
-                    L.RevNatVal(L.be32(vip), L.be16(vport), self.backend_ids[(baddr, bport)],
-                                lid))
+                key = _bytes(L.RevNatKey(L.be32(b.address), L.be16(b.port), L.PROTO[proto], 0))
+                bid = self.backend_ids[(b.address, b.port)]
+                serves.setdefault(key, (bid, {}))[1][(L.be32(addr), L.be16(port))] = \
+                    lids[lst.identity]
+        cur = self.current["rev_nat"]
+        want: dict[bytes, bytes] = {}
+        self._rev_next = {}
+        for key, held in cur.items():
+            if key not in serves:
+                want[key] = _retired_rev(held)
+                self._rev_next[key] = None
+        room = self.caps.backends - len(cur)
+        for key, (bid, vips) in serves.items():
+            fresh = _rev_nat_val(bid, vips, min(vips))
+            if key not in cur:
+                if room > 0:  # else its flows get reply entries
+                    want[key] = fresh
+                    room -= 1
+                continue
+            held = L.RevNatVal.from_buffer_copy(cur[key])
+            if (held.vip, held.vport) in vips:
+                want[key] = _rev_nat_val(bid, vips, (held.vip, held.vport))
+            else:
+                want[key] = _retired_rev(cur[key])
+                self._rev_next[key] = fresh
         return want
+
+    def release_rev_nat(self, relied: set[tuple[bytes, int, int]]) -> int:
+        """Replace or delete the rev_nat entries kept for flows (see _rev_nat_entries)
+        that no live flow relies on: ``relied`` holds (RevNatKey bytes, vip, vport) of
+        every live flow without source NAT (conntrack.sweep). Returns entries changed."""
+        done = 0
+        cur = self.current["rev_nat"]
+        for key, nxt in list(self._rev_next.items()):
+            held = L.RevNatVal.from_buffer_copy(cur[key])
+            if (key, held.vip, held.vport) in relied:
+                continue
+            if nxt is None:
+                self.maps["rev_nat"].delete(key)
+                del cur[key]
+            else:
+                self.maps["rev_nat"].update(key, nxt)
+                cur[key] = nxt
+            del self._rev_next[key]
+            done += 1
+        return done
 
     def _sync_array(self, name: str, want: dict[bytes, bytes], res: ApplyResult) -> None:
         """Like _sync for an array map, where an absent entry is written as zero."""

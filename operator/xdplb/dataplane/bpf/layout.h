@@ -61,9 +61,14 @@ struct sni_key {
 
 /* snat_src: per backend id, the node's address toward that backend (0: none). */
 
-/* rev_nat: a backend endpoint -> the one listener address it serves; absent
- * when it serves several. Lets TC egress restore a reply of a flow whose
- * conntrack entries were lost, from the backend's side. */
+/* rev_nat: a backend endpoint -> a listener address it serves. A flow to that
+ * address needs no reply entry in conntrack: TC egress finds its forward entry
+ * from the backend's reply through this map. The agent keeps an entry on the
+ * address it first gave it for as long as flows may rely on it. With RN_ONLY
+ * (the backend serves this address only), TC egress also restores a reply of a
+ * flow whose conntrack entry was lost. */
+#define RN_ONLY 1
+
 struct rev_nat_key {
 	__be32 addr;
 	__be16 port;
@@ -75,7 +80,8 @@ struct rev_nat_val {
 	__be32 vip;
 	__be16 vport;
 	__u16 backend;    /* backend id */
-	__u32 listener;   /* listener id */
+	__u16 listener;   /* listener id */
+	__u16 flags;      /* RN_* */
 };
 
 /* pool: Maglev table slots of every group, back to back. */
@@ -86,11 +92,12 @@ struct backend {
 };
 
 /* conntrack: dir 0 is keyed by the client's packet (client -> listener) and
- * holds the backend; dir 1 is keyed by the backend's reply
- * (backend -> client) and holds the listener address to restore.
- * With source NAT (CT_SNAT on both): dir 0 also holds the node's address and
- * port the flow leaves from; dir 1 is keyed by the reply to that address and
- * port (backend -> node) and holds the client in snat_addr/snat_port. */
+ * holds the backend; dir 1, only for a flow rev_nat does not cover, is keyed by
+ * the backend's reply (backend -> client) and holds the listener address to
+ * restore. With source NAT (CT_SNAT on both, always two entries): dir 0 also
+ * holds the node's address and port the flow leaves from; dir 1 is keyed by the
+ * reply to that address and port (backend -> node) and holds the client in
+ * snat_addr/snat_port. */
 struct ct_key {
 	__be32 src;
 	__be32 dst;
@@ -109,7 +116,7 @@ struct ct_key {
 #define CT_DIRECT  32  /* dir 1 only: a connection made to a backend itself, not via a
 			* listener; its replies pass untouched */
 
-/* 64 bytes, one cache line: a new flow writes two of these. */
+/* 64 bytes, one cache line: a new flow writes one of these, or two. */
 struct ct_val {
 	__be32 nat_addr;
 	__be16 nat_port;

@@ -129,6 +129,31 @@ static __always_inline int snat_reply(struct pkt *p, __u64 now, __u64 bytes)
 	return XDP_PASS;
 }
 
+/* Replies of a flow to the address rev_nat holds for its backend find the flow
+ * through rev_nat: such a flow needs no reply entry. */
+static __always_inline int rev_nat_covers(const struct backend *b, const struct pkt *p)
+{
+	struct rev_nat_key bk = { .addr = b->addr, .port = b->port, .proto = p->proto };
+	struct rev_nat_val *r = rev_nat.lookup(&bk);
+	return r && r->vip == p->ip->daddr && r->vport == p->dport;
+}
+
+/* The live forward entry of the flow client:cport -> vip:vport, if it goes to
+ * backend:bport without source NAT. */
+static __always_inline struct ct_val *forward_of(__be32 client, __be16 cport, __be32 vip,
+						 __be16 vport, __be32 backend, __be16 bport,
+						 __u8 proto, __u64 now)
+{
+	struct ct_key fkey = {
+		.src = client, .dst = vip, .sport = cport, .dport = vport, .proto = proto, .dir = 0,
+	};
+	struct ct_val *e = ct.lookup(&fkey);
+	if (!e || e->nat_addr != backend || e->nat_port != bport || (e->flags & CT_SNAT) ||
+	    ct_expired(e, proto, now))
+		return NULL;
+	return e;
+}
+
 /* Answer a SYN with RST|ACK from the listener: the group has no backend. */
 static __always_inline int send_rst(struct xdp_md *ctx, struct pkt *p)
 {
@@ -380,7 +405,9 @@ int xdplb_ingress(struct xdp_md *ctx)
 	};
 	/* The reply entry first: with source NAT it is what claims the port. A backend
 	 * that reaches itself through its listener (hairpin) would answer itself
-	 * directly, so its flow is source-NATed whatever the listener says. */
+	 * directly, so its flow is source-NATed whatever the listener says. Without
+	 * source NAT, most flows need none (rev_nat_covers): one LRU insert, not two. */
+	int replied = 1;
 	if ((flags & LF_SNAT) || b->addr == p.ip->saddr) {
 		__u32 bid = b->id;
 		__be32 *src = snat_src.lookup(&bid);
@@ -399,12 +426,15 @@ int xdplb_ingress(struct xdp_md *ctx)
 		v.flags |= CT_SNAT;
 		v.snat_addr = rkey.dst;
 		v.snat_port = rkey.dport;
+	} else if (rev_nat_covers(b, &p)) {
+		replied = 0;
 	} else if (ct.update(&rkey, &rv)) {
 		count(ST_CT_FULL);
 		return XDP_DROP;
 	}
 	if (ct.update(&key, &v)) {
-		ct.delete(&rkey);
+		if (replied)
+			ct.delete(&rkey);
 		count(ST_CT_FULL);
 		return XDP_DROP;
 	}
@@ -425,19 +455,29 @@ static __always_inline int icmp_egress(struct pkt *p, void *data_end)
 	if (parse_icmp_error(data_end, p, &e))
 		return TC_ACT_OK;
 	struct ct_key rkey = quoted_flow(&e, 1);
-	struct ct_val *rv = ct.lookup(&rkey);
-	if (!rv)
-		return TC_ACT_OK;
-	struct ct_key fkey = {
-		.src = rkey.dst, .dst = rv->nat_addr, .sport = rkey.dport, .dport = rv->nat_port,
-		.proto = e.in_proto, .dir = 0,
-	};
-	__be32 vip = rv->nat_addr, backend = rkey.src;
-	__be16 vport = rv->nat_port;
-	struct ct_val *v = ct.lookup(&fkey);
-	if (!v || v->nat_addr != backend || v->nat_port != rkey.sport ||
-	    ct_expired(v, e.in_proto, bpf_ktime_get_coarse_ns()))
-		return TC_ACT_OK;
+	__be32 backend = rkey.src, client = rkey.dst;
+	__be16 bport = rkey.sport, cport = rkey.dport;
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct rev_nat_key bk = { .addr = backend, .port = bport, .proto = e.in_proto };
+	struct rev_nat_val *r = rev_nat.lookup(&bk);
+	struct ct_val *v = NULL;
+	__be32 vip = 0;
+	__be16 vport = 0;
+	if (r) {
+		vip = r->vip;
+		vport = r->vport;
+		v = forward_of(client, cport, vip, vport, backend, bport, e.in_proto, now);
+	}
+	if (!v) {
+		struct ct_val *rv = ct.lookup(&rkey);
+		if (!rv || (rv->flags & CT_DIRECT))
+			return TC_ACT_OK;
+		vip = rv->nat_addr;
+		vport = rv->nat_port;
+		v = forward_of(client, cport, vip, vport, backend, bport, e.in_proto, now);
+		if (!v)
+			return TC_ACT_OK;
+	}
 	icmp_rewrite_quote(&e, 1, vip, vport);
 	if (p->ip->saddr == backend) {  /* the backend itself reports it */
 		csum_replace4(&p->ip->check, backend, vip);
@@ -480,21 +520,17 @@ static __always_inline int reply_rewrite(struct __sk_buff *skb, struct pkt *p, _
 	return TC_ACT_OK;
 }
 
-/* A TCP segment from a backend endpoint with no entry. A SYN|ACK: the backend
- * accepts a connection made to it directly (not through a listener); mark it
- * so that its later segments pass untouched. Anything else: a listener flow
- * whose entries were lost (flushed, evicted, a new layout); if the backend
- * serves one listener address only, the client knows the flow as coming from
- * there: restore that and track the flow again. Otherwise the client would
- * answer the backend's own address with a RST. */
+/* A TCP segment from a backend endpoint (r: its rev_nat entry) that no flow
+ * answers. A SYN|ACK: the backend accepts a connection made to it directly (not
+ * through a listener); mark it so that its later segments pass untouched.
+ * Anything else: a listener flow whose entry was lost (flushed, evicted, a new
+ * layout); if the backend serves one listener address only, the client knows the
+ * flow as coming from there: restore that and track the flow again. Otherwise
+ * the client would answer the backend's own address with a RST. */
 static __always_inline int egress_untracked(struct __sk_buff *skb, struct pkt *p,
-					    struct ct_key *rkey, __u64 now)
+					    struct ct_key *rkey, struct rev_nat_val *r, __u64 now)
 {
-	if (p->proto != IPPROTO_TCP)
-		return TC_ACT_OK;
-	struct rev_nat_key bk = { .addr = p->ip->saddr, .port = p->sport, .proto = p->proto };
-	struct rev_nat_val *r = rev_nat.lookup(&bk);
-	if (!r)
+	if (p->proto != IPPROTO_TCP || !r)
 		return TC_ACT_OK;
 	if (p->tcp_flags & TCPF_SYN) {
 		struct ct_val d = {
@@ -504,6 +540,8 @@ static __always_inline int egress_untracked(struct __sk_buff *skb, struct pkt *p
 		ct.update(rkey, &d);
 		return TC_ACT_OK;
 	}
+	if (!(r->flags & RN_ONLY))
+		return TC_ACT_OK;
 	__be32 vip = r->vip;
 	__be16 vport = r->vport;
 	__u32 lid = r->listener, bid = r->backend;
@@ -516,11 +554,7 @@ static __always_inline int egress_untracked(struct __sk_buff *skb, struct pkt *p
 		.flags = ct_flags_of(1, p->tcp_flags), .created_s = now / SEC_NS, .last_ns = now,
 		.packets = {0, 1}, .bytes = {0, skb->len},
 	};
-	struct ct_val rv = {
-		.nat_addr = vip, .nat_port = vport, .backend = bid, .listener = lid,
-		.created_s = now / SEC_NS, .last_ns = now,
-	};
-	if (ct.update(rkey, &rv) || ct.update(&fkey, &v)) {
+	if (ct.update(&fkey, &v)) {  /* rev_nat covers it: no reply entry */
 		count(ST_CT_FULL);
 		return TC_ACT_OK;
 	}
@@ -549,40 +583,56 @@ int xdplb_egress(struct __sk_buff *skb)
 	if (r != P_OK)
 		return TC_ACT_OK;
 
+	__u64 now = bpf_ktime_get_coarse_ns();
+	__be32 backend = p.ip->saddr, client = p.ip->daddr;
 	struct ct_key rkey = {
-		.src = p.ip->saddr, .dst = p.ip->daddr, .sport = p.sport, .dport = p.dport,
+		.src = backend, .dst = client, .sport = p.sport, .dport = p.dport,
 		.proto = p.proto, .dir = 1,
 	};
-	__u64 now = bpf_ktime_get_coarse_ns();
-	struct ct_val *rv = ct.lookup(&rkey);
-	if (rv && (rv->flags & CT_DIRECT)) {
-		if (!ct_expired(rv, p.proto, now)) {
-			rv->last_ns = now;
+	/* Most flows are found through rev_nat; the others through their reply entry. */
+	struct rev_nat_key bk = { .addr = backend, .port = p.sport, .proto = p.proto };
+	struct rev_nat_val *rn = rev_nat.lookup(&bk);
+	struct ct_val *e = NULL;
+	__be32 vip = 0;
+	__be16 vport = 0;
+	if (rn) {
+		vip = rn->vip;
+		vport = rn->vport;
+		e = forward_of(client, p.dport, vip, vport, backend, p.sport, p.proto, now);
+	}
+	if (!e) {
+		struct ct_val *rv = ct.lookup(&rkey);
+		if (rv && (rv->flags & CT_DIRECT)) {
+			if (!ct_expired(rv, p.proto, now)) {
+				rv->last_ns = now;
+				return TC_ACT_OK;
+			}
+			rv = NULL;
+		}
+		if (!rv)
+			return egress_untracked(skb, &p, &rkey, rn, now);
+		vip = rv->nat_addr;
+		vport = rv->nat_port;
+		e = forward_of(client, p.dport, vip, vport, backend, p.sport, p.proto, now);
+		if (!e) {
+			count(ST_REPLY_EXPIRED);
 			return TC_ACT_OK;
 		}
-		rv = NULL;
 	}
-	if (!rv)
-		return egress_untracked(skb, &p, &rkey, now);
-	struct ct_key fkey = {
-		.src = p.ip->daddr, .dst = rv->nat_addr, .sport = p.dport, .dport = rv->nat_port,
-		.proto = p.proto, .dir = 0,
-	};
-	__be32 new_addr = rv->nat_addr;
-	__be16 new_port = rv->nat_port;
-	struct ct_val *e = ct.lookup(&fkey);
-	if (!e || e->nat_addr != p.ip->saddr || e->nat_port != p.sport ||
-	    ct_expired(e, p.proto, now)) {
-		count(ST_REPLY_EXPIRED);
-		return TC_ACT_OK;
+	/* A SYN|ACK is no reply of a flow that has closed: the client reused the port
+	 * for a connection to the backend itself. The old flow's entry goes, so that
+	 * the new connection's segments are not taken for its replies. */
+	if ((p.tcp_flags & TCPF_SYN) && ct_closing(e)) {
+		struct ct_key fkey = {
+			.src = client, .dst = vip, .sport = p.dport, .dport = vport,
+			.proto = p.proto, .dir = 0,
+		};
+		ct.delete(&fkey);
+		return egress_untracked(skb, &p, &rkey, rn, now);
 	}
-	/* A SYN|ACK is no reply of a flow that has closed: the client reused the
-	 * port for a connection to the backend itself. */
-	if ((p.tcp_flags & TCPF_SYN) && ct_closing(e))
-		return egress_untracked(skb, &p, &rkey, now);
 	ct_track(e, 1, p.tcp_flags, now, skb->len);
 	count_listener(e->listener, skb->len, 0);
 	count_backend(e->backend, skb->len, 0);
 	count(ST_REPLY_NAT);
-	return reply_rewrite(skb, &p, new_addr, new_port);
+	return reply_rewrite(skb, &p, vip, vport);
 }
