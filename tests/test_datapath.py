@@ -172,6 +172,45 @@ def test_flow_to_a_backends_second_address_gets_a_reply_entry(lb: Harness) -> No
     assert lb.tc(reply).data == reply_snat(reply, VIP, held)
 
 
+@pytest.mark.parametrize("proto", ["TCP", "UDP"])
+def test_client_port_moving_to_a_backends_second_address_takes_its_replies(
+        lb: Harness, proto: str) -> None:
+    # Client port 40000 reached B1 through the address rev_nat names, then reaches B1
+    # through its other address: to B1 that is the same connection, so its replies
+    # belong to the new flow, not to the old one that rev_nat would find first.
+    lb.apply(plan_of(listener("a", 80, [backend(*B1)], protocol=proto),
+                     listener("b", 81, [backend(*B1)], protocol=proto)))
+    held = L.from_be16(L.RevNatVal.from_buffer_copy(lb.maps["rev_nat"].lookup(bytes(
+        L.RevNatKey(L.be32(B1[0]), L.be16(B1[1]), L.PROTO[proto], 0)))).vport)
+    other = 161 - held
+    first = syn(dport=held) if proto == "TCP" else udp(dport=held)
+    lb.xdp(first)
+    if proto == "TCP":  # the first flow closed: FIN both ways
+        lb.xdp(segment(dport=held, flags="FA"))
+        lb.tc(reply_tcp(flags="FA"))
+    second = syn(dport=other) if proto == "TCP" else udp(dport=other)
+    assert lb.xdp(second).data == dnat(second, *B1)
+    n = L.PROTO[proto]
+    assert fwd_key(dport=held, proto=n) not in lb.ct()
+    reply = reply_tcp(flags="SA") if proto == "TCP" else reply_udp(B1)
+    before = lb.stats()
+    assert lb.tc(reply).data == reply_snat(reply, VIP, other)
+    assert stats_delta(before, lb.stats()) == {Stat.REPLY_NAT: 1}
+
+
+def test_reply_of_an_expired_one_entry_flow_is_restored(lb: Harness) -> None:
+    # The flow outlived its idle timeout at the LB, not at its ends: the backend that
+    # speaks again is answered as coming from the listener, and the flow is tracked.
+    lb.apply(plan_of(TCP_LST))
+    lb.put_ct(CLIENT, 40000, VIP, 80, 6, 0, ct_val(B1, flags=L.CT_REPLIED, idle_s=400))
+    reply = reply_tcp(flags="PA", payload=b"late")
+    before = lb.stats()
+    assert lb.tc(reply).data == reply_snat(reply, VIP, 80)
+    assert stats_delta(before, lb.stats()) == {Stat.REPLY_RESTORED: 1}
+    f = lb.ct()[fwd_key()]
+    assert list(f.packets) == [0, 1] and L.ct_now_ns() - f.last_ns < 10**9
+
+
 # --- 2. established flows follow their entry ------------------------------------------
 
 def test_established_flow_follows_entry_after_group_change(lb: Harness) -> None:
@@ -206,8 +245,11 @@ def test_established_flow_follows_entry_after_group_change(lb: Harness) -> None:
     assert lb.tc(reply).data == reply_snat(reply, VIP, 80)
     lb.writer.release_rev_nat(conntrack.sweep(lb.maps["ct"], Timeouts()).relied)
     assert lb.tc(reply).data == reply_snat(reply, VIP, 80)
+    b1 = bytes(L.RevNatKey(L.be32(B1[0]), L.be16(B1[1]), 6, 0))
+    assert lb.maps["rev_nat"].lookup(b1) is not None
     lb.flush_ct()  # once it is gone, so is B1's entry
     lb.writer.release_rev_nat(conntrack.sweep(lb.maps["ct"], Timeouts()).relied)
+    assert lb.maps["rev_nat"].lookup(b1) is None
     assert lb.tc(reply).data == reply
 
 

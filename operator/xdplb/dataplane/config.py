@@ -45,7 +45,7 @@ def map_entries(caps: Capacities) -> dict[str, int]:
         "groups": caps.groups,
         "pool": caps.table_slots,
         "snat_src": caps.backends,
-        "rev_nat": caps.backends,
+        "rev_nat": 2 * caps.backends,  # per backend and protocol
         "ct": 2 * caps.conntrack,
         "listener_stats": caps.listeners,
         "backend_stats": caps.backends,
@@ -67,6 +67,7 @@ def cflags(caps: Capacities, timeouts: Timeouts) -> list[str]:
         "POOL_SIZE": caps.table_slots,
         "CT_ENTRIES": 2 * caps.conntrack,
         "MAX_BACKENDS": caps.backends,
+        "MAX_REV_NAT": 2 * caps.backends,  # per backend and protocol
         "SNAT_PORT_MIN": caps.snat_port_min,
         "SNAT_PORT_MAX": caps.snat_port_max,
         "CT_TCP_EST_TIMEOUT": timeouts.tcp_established,

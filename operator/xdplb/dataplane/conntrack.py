@@ -75,7 +75,7 @@ def sweep(ct: BpfMap, t: Timeouts, limit: int = 100_000) -> Sweep:
     now = L.ct_now_ns()
     entries = read(ct)
     live_fwd = {}
-    relied: set[tuple[bytes, int, int]] = set()
+    relied_by: set[tuple[int, int, int, int, int]] = set()  # backend, port, proto, vip, vport
     doomed: list[bytes] = []
     for k, v in entries:
         if k.dir == 0:
@@ -85,8 +85,7 @@ def sweep(ct: BpfMap, t: Timeouts, limit: int = 100_000) -> Sweep:
                 live_fwd[(v.snat_addr, v.snat_port, k.proto, v.nat_addr, v.nat_port)] = True
             else:
                 live_fwd[(k.src, k.sport, k.proto, v.nat_addr, v.nat_port)] = True
-                relied.add((bytes(L.RevNatKey(v.nat_addr, v.nat_port, k.proto, 0)), k.dst,
-                            k.dport))
+                relied_by.add((v.nat_addr, v.nat_port, k.proto, k.dst, k.dport))
     for k, v in entries:
         if k.dir == 1 and v.flags & L.CT_DIRECT:  # no forward entry: idle time decides
             if now - v.last_ns > t.tcp_established * 1_000_000_000:
@@ -97,6 +96,8 @@ def sweep(ct: BpfMap, t: Timeouts, limit: int = 100_000) -> Sweep:
     doomed = doomed[:limit]
     for i in range(0, len(doomed), 4096):
         _delete_some(ct, doomed[i:i + 4096])
+    relied = {(bytes(L.RevNatKey(a, p, proto, 0)), vip, vport)
+              for a, p, proto, vip, vport in relied_by}
     return Sweep(len(entries) - len(doomed), len(doomed), relied)
 
 

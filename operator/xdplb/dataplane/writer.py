@@ -295,7 +295,7 @@ class MapWriter:
             if key not in serves:
                 want[key] = _retired_rev(held)
                 self._rev_next[key] = None
-        room = self.caps.backends - len(cur)
+        room = 2 * self.caps.backends - len(cur)
         for key, (bid, vips) in serves.items():
             fresh = _rev_nat_val(bid, vips, min(vips))
             if key not in cur:

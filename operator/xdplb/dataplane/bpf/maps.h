@@ -16,7 +16,7 @@ BPF_TABLE("array", u32, struct backend, pool, POOL_SIZE);
 /* Read by the agent's SNI acceptor only: no need to preallocate. */
 BPF_F_TABLE("hash", struct sni_key, u32, sni_routes, MAX_SNI_ROUTES, BPF_F_NO_PREALLOC);
 BPF_TABLE("array", u32, __be32, snat_src, MAX_BACKENDS);
-BPF_TABLE("hash", struct rev_nat_key, struct rev_nat_val, rev_nat, MAX_BACKENDS);
+BPF_TABLE("hash", struct rev_nat_key, struct rev_nat_val, rev_nat, MAX_REV_NAT);
 BPF_TABLE("lru_hash", struct ct_key, struct ct_val, ct, CT_ENTRIES);
 BPF_TABLE("percpu_array", u32, u64, stats, ST_MAX);
 BPF_TABLE("percpu_array", u32, struct flow_stats, listener_stats, MAX_LISTENERS);

@@ -130,12 +130,27 @@ static __always_inline int snat_reply(struct pkt *p, __u64 now, __u64 bytes)
 }
 
 /* Replies of a flow to the address rev_nat holds for its backend find the flow
- * through rev_nat: such a flow needs no reply entry. */
+ * through rev_nat: such a flow needs no reply entry (returns 1). Otherwise the
+ * flow gets one, and a flow from the same client port to the address rev_nat
+ * holds, on the same backend, is over: to the backend both are one connection,
+ * and TC egress, which tries rev_nat first, would take the new flow's replies
+ * for the old one's. */
 static __always_inline int rev_nat_covers(const struct backend *b, const struct pkt *p)
 {
 	struct rev_nat_key bk = { .addr = b->addr, .port = b->port, .proto = p->proto };
 	struct rev_nat_val *r = rev_nat.lookup(&bk);
-	return r && r->vip == p->ip->daddr && r->vport == p->dport;
+	if (!r)
+		return 0;
+	if (r->vip == p->ip->daddr && r->vport == p->dport)
+		return 1;
+	struct ct_key old = {
+		.src = p->ip->saddr, .dst = r->vip, .sport = p->sport, .dport = r->vport,
+		.proto = p->proto, .dir = 0,
+	};
+	struct ct_val *o = ct.lookup(&old);
+	if (o && o->nat_addr == b->addr && o->nat_port == b->port && !(o->flags & CT_SNAT))
+		ct.delete(&old);
+	return 0;
 }
 
 /* The live forward entry of the flow client:cport -> vip:vport, if it goes to
