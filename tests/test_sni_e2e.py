@@ -390,9 +390,13 @@ def client_main(args: argparse.Namespace) -> None:
 METRICS_PORT = 9479
 
 
+HELLO_TIMEOUT = 3  # --sni-hello-timeout (default 5)
+
+
 class Agent(_Agent):
     def __init__(self, lab: Lab, name: str, config: str) -> None:
-        super().__init__(lab, name, config, "--metrics-port", str(METRICS_PORT))
+        super().__init__(lab, name, config, "--metrics-port", str(METRICS_PORT),
+                         "--sni-hello-timeout", str(HELLO_TIMEOUT))
         self.pin_dir = f"{PIN_ROOT}/{name}"
 
     def cpu_seconds(self) -> float:
@@ -536,12 +540,12 @@ def test_metrics_count_what_became_of_connections(sni: Env) -> None:
 def test_silent_clients_time_out_without_delaying_others_or_spinning(sni: Env) -> None:
     cpu0 = sni.agent.cpu_seconds()
     t0 = time.monotonic()
-    res = sni.client("silent", "--count", "40", "--timeout", "5")
+    res = sni.client("silent", "--count", "40", "--timeout", str(HELLO_TIMEOUT))
     wall = time.monotonic() - t0
     cpu = sni.agent.cpu_seconds() - cpu0
     assert res["served"] == "b1" and res["served_s"] < 1, res
     for data, t in res["closed"]:
-        assert data == "" and 4.5 <= t <= 7, res["closed"]
+        assert data == "" and HELLO_TIMEOUT - 0.5 <= t <= HELLO_TIMEOUT + 2, res["closed"]
     # Silent and half-hello clients are parked in epoll: the agent stays near idle.
     assert cpu < 0.15 * wall, f"agent used {cpu:.2f} s CPU in {wall:.1f} s"
 

@@ -102,7 +102,7 @@ class Agent:
         staged = self.read(force=True)
         self.dp.wait_loaded()
         self.writer = MapWriter(self.dp.maps, self.dp.caps)
-        self.sni = SniService(self.dp.maps)
+        self.sni = SniService(self.dp.maps, self.opts.timeouts.sni_hello)
         if self.dp.adopted:
             n = self.writer.adopt()
             log.info("adopted pinned maps in %s (%d listener entries): established flows "

@@ -35,6 +35,7 @@ class Timeouts:
     tcp_closing: int = 10            # after a RST, or FIN both ways
     tcp_unreplied: int = 30          # no reply seen yet
     udp: int = 30
+    sni_hello: int = 5               # SNI: a whole ClientHello after the handshake
 
 
 def map_entries(caps: Capacities) -> dict[str, int]:
