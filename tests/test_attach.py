@@ -123,3 +123,19 @@ def test_load_async_hands_its_error_to_the_waiter(monkeypatch: pytest.MonkeyPatc
     dp.load_async()
     with pytest.raises(loader.AttachError, match="another shape"):
         dp.wait_loaded()
+
+
+def test_node_changes_reports_link_and_address_events_once(netns: None) -> None:
+    from xdplb.agent.inventory import NodeChanges
+
+    watch = NodeChanges()  # in the test's own namespace: nothing else changes it
+    try:
+        assert not watch.changed()
+        sh("ip addr add 10.77.0.1/24 dev xa0")
+        assert watch.changed() and not watch.changed()  # drained
+        sh("ip link add xa2 type veth peer name xa3")
+        assert watch.changed()
+        sh("ip link del xa2 && ip addr del 10.77.0.1/24 dev xa0")
+        assert watch.changed() and not watch.changed()
+    finally:
+        watch.close()

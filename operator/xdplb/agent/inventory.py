@@ -3,6 +3,7 @@ have changed since they were last read."""
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Iterable
 
@@ -56,8 +57,10 @@ class NodeChanges:
                 self.sock.recv(1 << 16)
             except (BlockingIOError, InterruptedError):
                 return seen
-            except OSError:  # ENOBUFS: events were lost, so anything may have changed
-                pass
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    return True  # cannot tell: read the node again
+                # ENOBUFS: events were lost, so anything may have changed
             seen = True
 
     def close(self) -> None:
