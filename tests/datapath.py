@@ -165,6 +165,10 @@ class Harness:
     def tc(self, frame: bytes) -> bpfsys.TestRun:
         return bpfsys.prog_test_run(self.dp.tc_fn.fd, frame)
 
+    def tc_backend(self, frame: bytes) -> bpfsys.TestRun:
+        """TC ingress on a backend-side interface (source-NAT replies)."""
+        return bpfsys.prog_test_run(self.dp.tc_backend_fn.fd, frame)
+
 
 def stats_delta(before: dict[L.Stat, int], after: dict[L.Stat, int]) -> dict[L.Stat, int]:
     """Only the counters that moved."""

@@ -139,3 +139,22 @@ def test_node_changes_reports_link_and_address_events_once(netns: None) -> None:
         assert watch.changed() and not watch.changed()
     finally:
         watch.close()
+
+
+def tc_ingress(dev: str) -> str:
+    return sh(f"tc filter show dev {dev} ingress")
+
+
+def test_backend_side_tc_ingress_attach_replace_and_detach(dp: loader.DataPlane) -> None:
+    dp.attach_backend_side("xa1")
+    dp.attach_backend_side("xa1")  # replaced in place
+    assert tc_ingress("xa1").count(" xdplb_backend_in ") == 1
+    assert loader.xdp_state("xa1").prog_id == 0 and "xa1" in loader.attached_interfaces()
+    # XDP attached later takes over: the filter goes.
+    assert dp.attach("xa1", "generic") == "generic"
+    assert "xdplb_backend_in" not in tc_ingress("xa1")
+    assert loader.detach("xa1")
+    dp.attach_backend_side("xa1")
+    assert loader.detach("xa1")
+    assert "xdplb_backend_in" not in tc_ingress("xa1")
+    assert "xa1" not in loader.attached_interfaces()

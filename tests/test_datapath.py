@@ -1077,6 +1077,47 @@ def test_icmp_errors_of_source_nat_flows_are_translated_both_ways(lb: Harness) -
     assert r.data == icmp_error(ROUTER_CLIENT_SIDE, B1[0], quoted_tcp(B1, (NODE_B1, port)))
 
 
+@pytest.mark.parametrize("proto", ["TCP", "UDP", "UDP without checksum"])
+def test_snat_reply_on_a_backend_side_interface_is_translated_by_tc(lb: Harness,
+                                                                    proto: str) -> None:
+    # Where no listener needs XDP, a TC ingress filter takes the replies of source-NAT
+    # flows, with the bytes XDP would produce.
+    tcp = proto == "TCP"
+    lb.apply(snat_plan(TCP_LST if tcp else UDP_LST), SNAT_INV)
+    no_sum = {"chksum": 0} if "without" in proto else {}
+    lb.xdp(syn() if tcp else udp(**no_sum))
+    vport, b = (80, B1) if tcp else (53, UB1)
+    f = lb.ct()[fwd_key(dport=vport, proto=6 if tcp else 17)]
+    port = L.from_be16(f.snat_port)
+    l4 = (TCP(sport=b[1], dport=port, flags="PA", seq=5000, ack=1001) if tcp
+          else UDP(sport=b[1], dport=port, **no_sum))
+    reply = bytes(Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(src=b[0], dst=NODE_B1) / l4
+                  / b"answer")
+    before = lb.stats()
+    r = lb.tc_backend(reply)
+    assert r.retval == TC_ACT_OK
+    assert r.data == rewritten(reply, src=(VIP, vport), dst=(CLIENT, 40000))
+    assert stats_delta(before, lb.stats()) == {Stat.SNAT_REPLY: 1}
+    assert list(lb.ct()[fwd_key(dport=vport, proto=6 if tcp else 17)].packets) == [1, 1]
+    stray = bytes(Ether() / IP(src=b[0], dst=NODE_B1)
+                  / (TCP(sport=b[1], dport=port ^ 1, flags="A") if tcp
+                     else UDP(sport=b[1], dport=port ^ 1)))
+    assert lb.tc_backend(stray).data == stray  # no flow at that port: untouched
+
+
+def test_icmp_error_on_a_backend_side_interface_is_translated_by_tc(lb: Harness) -> None:
+    lb.apply(snat_plan(TCP_LST), SNAT_INV)
+    lb.xdp(syn())
+    port = snat_port_of(lb)
+    frame = icmp_error(ROUTER_BACKEND_SIDE, NODE_B1, quoted_tcp((NODE_B1, port), B1))
+    before = lb.stats()
+    r = lb.tc_backend(frame)
+    assert r.retval == TC_ACT_OK
+    assert r.data == icmp_error(ROUTER_BACKEND_SIDE, CLIENT,
+                                quoted_tcp((CLIENT, 40000), (VIP, 80)))
+    assert stats_delta(before, lb.stats()) == {Stat.ICMP_IN: 1}
+
+
 # --- 13. replies of flows whose entries were lost --------------------------------------------
 
 

@@ -626,6 +626,9 @@ def test_source_nat_reaches_a_backend_that_answers_clients_directly(make_env) ->
     assert not res["ok"], f"b3 answered without source NAT: {res}"
 
     agent.apply(snat_config("Node"), within=2)
+    # b3's answers arrive where no listener is: a TC ingress filter, not XDP, takes them.
+    assert f"attached to {Lab.lb_backend_if(3)}: TC ingress for source-NAT replies" \
+        in agent.text(), agent.tail()
     n = 200
     res = lab.tcp_clients("cli", VIP, 82, count=n, concurrency=20, up=MIB, down=MIB,
                           timeout=30)

@@ -77,6 +77,7 @@ class Agent:
         self.writer: MapWriter | None = None
         self.sni: SniService | None = None    # SNI acceptor and splice
         self.attached: dict[str, str] = {}   # interface -> XDP mode in effect
+        self.backend_side: set[str] = set()  # interfaces with only TC ingress (source NAT)
         self.stop = threading.Event()
         self._file_digest = ""
         self._file_stat: tuple[int, ...] = ()
@@ -141,13 +142,14 @@ class Agent:
         if self.sni is not None:
             self.sni.stop()   # spliced connections belong to this process: they end with it
         if self.opts.detach_on_exit:
-            for ifname in list(self.attached):
+            for ifname in [*self.attached, *self.backend_side]:
                 detach(ifname, self.opts.pin_root)
             self.dp.close()
             import shutil
             shutil.rmtree(self.opts.pin_root, ignore_errors=True)
             log.info("stopped: detached from %s and removed %s",
-                     ", ".join(self.attached) or "nothing", self.opts.pin_root)
+                     ", ".join([*self.attached, *sorted(self.backend_side)]) or "nothing",
+                     self.opts.pin_root)
         else:
             self.dp.close()
             log.info("stopped: programs and pins left in place for the next agent")
@@ -232,14 +234,24 @@ class Agent:
         self._write_state()
 
     def _attach(self, plan: Plan, inv: Inventory) -> None:
-        # Source-NAT replies arrive on the interfaces toward the backends.
-        snat = snat_backends(plan)
         wanted = sorted({n for lst in plan.listeners for n in listener_interfaces(lst, inv)
-                         if n in inv.ifindex}
-                        | {oif for addr, (_src, oif) in inv.routes.items() if addr in snat})
+                         if n in inv.ifindex})
+        # Source-NAT replies arrive on the interfaces toward those backends: where no
+        # listener needs XDP, a TC ingress filter takes them.
+        snat = snat_backends(plan)
+        backend_side = {oif for addr, (_src, oif) in inv.routes.items()
+                        if addr in snat and oif in inv.ifindex} - set(wanted)
         if translated_listeners(plan, inv):
-            for problem in allow_local_sources(wanted):
+            for problem in allow_local_sources(sorted({*wanted, *backend_side})):
                 log.warning("%s", problem)
+        for ifname in [n for n in self.attached if n not in wanted]:
+            detach(ifname, self.opts.pin_root)
+            del self.attached[ifname]
+            log.info("detached from %s: no listener uses it", ifname)
+        for ifname in sorted(self.backend_side - backend_side):
+            detach(ifname, self.opts.pin_root)
+            self.backend_side.discard(ifname)
+            log.info("detached from %s: no source-NAT backend behind it", ifname)
         for ifname in wanted:
             if ifname in self.attached:
                 continue
@@ -253,10 +265,15 @@ class Agent:
                 continue
             log.info("attached to %s: XDP %s mode, TC egress (%.0f ms)", ifname,
                      self.attached[ifname], (time.monotonic() - t0) * 1000)
-        for ifname in [n for n in self.attached if n not in wanted]:
-            detach(ifname, self.opts.pin_root)
-            del self.attached[ifname]
-            log.info("detached from %s: no listener uses it", ifname)
+        for ifname in sorted(backend_side - self.backend_side):
+            try:
+                self.dp.attach_backend_side(ifname)
+            except Exception as e:  # netlink errors: the interface went away, or no clsact
+                metrics.ERRORS.labels("attach").inc()
+                log.error("%s: cannot attach TC ingress for source-NAT replies: %s", ifname, e)
+                continue
+            self.backend_side.add(ifname)
+            log.info("attached to %s: TC ingress for source-NAT replies", ifname)
 
     def sweep(self) -> None:
         inv = self._applied_inventory

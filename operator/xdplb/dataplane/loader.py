@@ -37,10 +37,12 @@ log = logging.getLogger(__name__)
 
 XDP_PROG = "xdplb_ingress"
 TC_PROG = "xdplb_egress"
+TC_BACKEND_PROG = "xdplb_backend_in"
 XDP_FLAGS = {"generic": 1 << 1, "native": 1 << 2, "offload": 1 << 3}
 XDP_ATTACHED_MODE = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload",
                      1: "native", 2: "generic", 3: "offload"}
 TC_EGRESS_PARENT = 0xFFFFFFF3
+TC_INGRESS_PARENT = 0xFFFFFFF2
 TC_PRIO = 0xC0DE          # fixed prio and handle: replaced in place, never duplicated
 TC_HANDLE = 1
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/xdplb"
@@ -137,6 +139,7 @@ class DataPlane:
         self.bpf: Any = None
         self.xdp_fn: Any = None
         self.tc_fn: Any = None
+        self.tc_backend_fn: Any = None
         self.maps: dict[str, bpfsys.BpfMap] = {}
         self.adopted = False
         self.load_seconds = 0.0  # compile and load, for the logs
@@ -185,6 +188,8 @@ class DataPlane:
         self.xdp_fn = load_program(self.bpf, XDP_PROG, bpfsys.PROG_TYPE_XDP, swap,
                                    bpfsys.F_XDP_HAS_FRAGS)
         self.tc_fn = load_program(self.bpf, TC_PROG, bpfsys.PROG_TYPE_SCHED_CLS, swap)
+        self.tc_backend_fn = load_program(self.bpf, TC_BACKEND_PROG,
+                                          bpfsys.PROG_TYPE_SCHED_CLS, swap)
         # Pinned under its id, so that this or a later agent recognises the program
         # attached to an interface from the id netlink reports, without CAP_SYS_ADMIN
         # (BPF_PROG_GET_FD_BY_ID); the pin also keeps the id from being reused.
@@ -258,8 +263,14 @@ class DataPlane:
                         ifname, e)
             BPF.attach_xdp(ifname, self.xdp_fn, XDP_FLAGS["generic"])
             in_effect = "generic"
-        attach_tc_egress(ifname, self.tc_fn.fd, self.tc_fn.name)
+        _attach_tc(ifname, self.tc_fn.fd, self.tc_fn.name, TC_EGRESS_PARENT)
+        if TC_BACKEND_PROG in tc_filters(ifname, TC_INGRESS_PARENT):  # XDP does it here now
+            _detach_tc(ifname, TC_INGRESS_PARENT)
         return in_effect
+
+    def attach_backend_side(self, ifname: str) -> None:
+        """TC ingress for source-NAT replies on an interface that runs no XDP of ours."""
+        _attach_tc(ifname, self.tc_backend_fn.fd, self.tc_backend_fn.name, TC_INGRESS_PARENT)
 
     def close(self) -> None:
         for m in self.maps.values():
@@ -294,7 +305,7 @@ def xdp_state(ifname: str) -> XdpState:
                     XDP_ATTACHED_MODE.get(attrs.get("IFLA_XDP_ATTACHED") or 0, ""))
 
 
-def attach_tc_egress(ifname: str, fd: int, name: str) -> None:
+def _attach_tc(ifname: str, fd: int, name: str, parent: int) -> None:
     with _iproute() as ipr:
         idx = _ifindex(ipr, ifname)
         try:
@@ -303,15 +314,21 @@ def attach_tc_egress(ifname: str, fd: int, name: str) -> None:
             if getattr(e, "code", None) != errno.EEXIST:
                 raise
         ipr.tc("replace-filter", "bpf", idx, handle=TC_HANDLE, prio=TC_PRIO, fd=fd, name=name,
-               parent=TC_EGRESS_PARENT, classid=1, direct_action=True)
+               parent=parent, classid=1, direct_action=True)
 
 
-def tc_egress_filters(ifname: str) -> list[str]:
-    """Names of the BPF egress filters at our prio."""
+def _detach_tc(ifname: str, parent: int) -> None:
+    with _iproute() as ipr:
+        ipr.tc("del-filter", "bpf", _ifindex(ipr, ifname), handle=TC_HANDLE, prio=TC_PRIO,
+               parent=parent)
+
+
+def tc_filters(ifname: str, parent: int = TC_EGRESS_PARENT) -> list[str]:
+    """Names of the BPF filters of a clsact hook (egress or ingress) at our prio."""
     with _iproute() as ipr:
         idx = _ifindex(ipr, ifname)
         try:
-            filters = ipr.get_filters(idx, parent=TC_EGRESS_PARENT)
+            filters = ipr.get_filters(idx, parent=parent)
         except Exception:
             return []
     names = []
@@ -366,23 +383,23 @@ def detach(ifname: str, pin_root: str = DEFAULT_PIN_ROOT) -> bool:
     if cur.prog_id and is_ours(cur.prog_id, pin_root):
         BPF.remove_xdp(ifname, XDP_FLAGS[cur.mode or "generic"])
         removed = True
-    with _iproute() as ipr:
-        idx = _ifindex(ipr, ifname)
-        if any(n.startswith(TC_PROG) for n in tc_egress_filters(ifname)):
-            ipr.tc("del-filter", "bpf", idx, handle=TC_HANDLE, prio=TC_PRIO,
-                   parent=TC_EGRESS_PARENT)
+    for parent, prog in ((TC_EGRESS_PARENT, TC_PROG), (TC_INGRESS_PARENT, TC_BACKEND_PROG)):
+        if any(n.startswith(prog) for n in tc_filters(ifname, parent)):
+            _detach_tc(ifname, parent)
             removed = True
     return removed
 
 
 def attached_interfaces(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
-    """Interfaces in this network namespace that run our XDP program."""
+    """Interfaces in this network namespace that run our XDP program, or only our TC
+    ingress filter for source-NAT replies."""
     out = []
     with _iproute() as ipr:
         names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
     for n in names:
         st = xdp_state(n)
-        if st.prog_id and is_ours(st.prog_id, pin_root):
+        if (st.prog_id and is_ours(st.prog_id, pin_root)) or any(
+                f.startswith(TC_BACKEND_PROG) for f in tc_filters(n, TC_INGRESS_PARENT)):
             out.append(n)
     return out
 

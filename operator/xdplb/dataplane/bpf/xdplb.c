@@ -97,9 +97,19 @@ static __always_inline int snat_reserve(struct ct_key *rkey, struct ct_val *rv)
 	return -1;
 }
 
+/* Where a source-NAT flow's reply goes back to: the client, from the listener. */
+struct snat_back {
+	__be32 client;
+	__be32 vip;
+	__be16 cport;
+	__be16 vport;
+};
+
 /* A backend's reply to a source-NAT flow, arriving on the backend side at the
- * node's address: back to the client, from the listener. -1: not one. */
-static __always_inline int snat_reply(struct pkt *p, __u64 now, __u64 bytes)
+ * node's address: its flow, tracked and counted. 0: found (t filled); -1: p is
+ * no such reply; 1: the flow is gone (counted, to pass untouched). */
+static __always_inline int snat_reply_flow(struct pkt *p, __u64 now, __u64 bytes,
+					   struct snat_back *t)
 {
 	struct ct_key rkey = {
 		.src = p->ip->saddr, .dst = p->ip->daddr, .sport = p->sport, .dport = p->dport,
@@ -112,20 +122,33 @@ static __always_inline int snat_reply(struct pkt *p, __u64 now, __u64 bytes)
 		.src = rv->snat_addr, .dst = rv->nat_addr, .sport = rv->snat_port,
 		.dport = rv->nat_port, .proto = p->proto, .dir = 0,
 	};
-	__be32 client = rv->snat_addr, vip = rv->nat_addr;
-	__be16 client_port = rv->snat_port, vport = rv->nat_port;
+	t->client = rv->snat_addr;
+	t->vip = rv->nat_addr;
+	t->cport = rv->snat_port;
+	t->vport = rv->nat_port;
 	struct ct_val *e = ct.lookup(&fkey);
 	if (!e || e->nat_addr != p->ip->saddr || e->nat_port != p->sport ||
 	    e->snat_port != p->dport || ct_expired(e, p->proto, now)) {
 		count(ST_REPLY_EXPIRED);
-		return XDP_PASS;
+		return 1;
 	}
 	ct_track(e, 1, p->tcp_flags, now, bytes);
 	count_listener(e->listener, bytes, 0);
 	count_backend(e->backend, bytes, 0);
-	dnat(p, client, client_port);
-	snat(p, vip, vport);
 	count(ST_SNAT_REPLY);
+	return 0;
+}
+
+static __always_inline int snat_reply(struct pkt *p, __u64 now, __u64 bytes)
+{
+	struct snat_back t;
+	int r = snat_reply_flow(p, now, bytes, &t);
+	if (r < 0)
+		return -1;
+	if (r == 0) {
+		dnat(p, t.client, t.cport);
+		snat(p, t.vip, t.vport);
+	}
 	return XDP_PASS;
 }
 
@@ -515,23 +538,36 @@ static __always_inline int icmp_egress_skb(struct __sk_buff *skb)
 	return icmp_egress(&p, data_end);
 }
 
+/* One end of an skb's flow (addr_off, port_off) := new_addr:new_port, checksums
+ * kept valid whether the L4 one is complete or offloaded. Takes the old values:
+ * the helpers invalidate packet pointers. */
+static __always_inline void skb_rewrite_end(struct __sk_buff *skb, __u32 csum_off, __u64 mangled,
+					    __u32 ip_check_off, __u32 addr_off, __u32 port_off,
+					    __be32 old_addr, __be32 new_addr, __be16 old_port,
+					    __be16 new_port)
+{
+	bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
+			    BPF_F_PSEUDO_HDR | mangled | sizeof(new_addr));
+	bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | sizeof(new_port));
+	bpf_l3_csum_replace(skb, ip_check_off, old_addr, new_addr, sizeof(new_addr));
+	bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0);
+	bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0);
+}
+
+static __always_inline __u32 l4_csum_off(const struct pkt *p)
+{
+	return p->l4_off + (p->proto == IPPROTO_TCP ? offsetof(struct tcphdr, check)
+						   : offsetof(struct udphdr, check));
+}
+
 /* Source := listener address on a reply leaving for its client. */
 static __always_inline int reply_rewrite(struct __sk_buff *skb, struct pkt *p, __be32 new_addr,
 					 __be16 new_port)
 {
-	__be32 old_addr = p->ip->saddr;
-	__be16 old_port = p->sport;
-	__u32 csum_off = p->l4_off + (p->proto == IPPROTO_TCP ? offsetof(struct tcphdr, check)
-							     : offsetof(struct udphdr, check));
 	__u64 mangled = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
-	bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
-			    BPF_F_PSEUDO_HDR | mangled | sizeof(new_addr));
-	bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | sizeof(new_port));
-	bpf_l3_csum_replace(skb, p->ip_off + offsetof(struct iphdr, check), old_addr, new_addr,
-			    sizeof(new_addr));
-	bpf_skb_store_bytes(skb, p->ip_off + offsetof(struct iphdr, saddr), &new_addr,
-			    sizeof(new_addr), 0);
-	bpf_skb_store_bytes(skb, p->l4_off, &new_port, sizeof(new_port), 0);
+	skb_rewrite_end(skb, l4_csum_off(p), mangled, p->ip_off + offsetof(struct iphdr, check),
+			p->ip_off + offsetof(struct iphdr, saddr), p->l4_off, p->ip->saddr, new_addr,
+			p->sport, new_port);
 	return TC_ACT_OK;
 }
 
@@ -650,4 +686,53 @@ int xdplb_egress(struct __sk_buff *skb)
 	count_backend(e->backend, skb->len, 0);
 	count(ST_REPLY_NAT);
 	return reply_rewrite(skb, &p, vip, vport);
+}
+
+/* TC ingress on an interface toward backends that no listener uses: the replies
+ * of source-NAT flows (XDP takes them where it is attached). On the skb path the
+ * backends keep their segmentation and checksum offloads, which XDP on a veth
+ * turns off, and no frame is copied for XDP. */
+int xdplb_backend_in(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct pkt p = {};
+	int r = parse(data, data_end, &p);
+	if (r == P_MALFORMED && skb->len > data_end - data) {
+		if (bpf_skb_pull_data(skb, skb->len < 128 ? skb->len : 128))
+			return TC_ACT_OK;
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		r = parse(data, data_end, &p);
+	}
+	if (r == P_ICMP) {
+		/* The quote must be in the linear part to be read and edited in place. */
+		if (bpf_skb_pull_data(skb, skb->len < 192 ? skb->len : 192))
+			return TC_ACT_OK;
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		if (parse(data, data_end, &p) == P_ICMP)
+			icmp_ingress(&p, data_end);
+		return TC_ACT_OK;
+	}
+	if (r != P_OK)
+		return TC_ACT_OK;
+	__u32 dport = bpf_ntohs(p.dport);
+	__u32 *mask = port_filter.lookup(&dport);
+	if (!mask || !(*mask & PF_SNAT(p.proto)))
+		return TC_ACT_OK;
+	struct snat_back t;
+	if (snat_reply_flow(&p, bpf_ktime_get_coarse_ns(), skb->len, &t))
+		return TC_ACT_OK;
+	__be32 old_dst = p.ip->daddr, old_src = p.ip->saddr;
+	__be16 old_dport = p.dport, old_sport = p.sport;
+	__u32 csum_off = l4_csum_off(&p), check_off = p.ip_off + offsetof(struct iphdr, check);
+	__u64 mangled = p.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	skb_rewrite_end(skb, csum_off, mangled, check_off,
+			p.ip_off + offsetof(struct iphdr, daddr), p.l4_off + 2, old_dst, t.client,
+			old_dport, t.cport);
+	skb_rewrite_end(skb, csum_off, mangled, check_off,
+			p.ip_off + offsetof(struct iphdr, saddr), p.l4_off, old_src, t.vip,
+			old_sport, t.vport);
+	return TC_ACT_OK;
 }
