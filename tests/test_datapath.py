@@ -1045,6 +1045,54 @@ def test_snat_port_exhaustion_is_counted_and_never_takes_a_live_port() -> None:
         small.close()
 
 
+def test_snat_keeps_the_client_port_and_reuses_ports_of_finished_flows_only() -> None:
+    small = Harness(replace(CAPS, snat_port_min=40000, snat_port_max=40003))
+    try:
+        small.reset()
+        small.apply(snat_plan(TCP_LST), SNAT_INV)
+        # A client port in the range is kept, as MASQUERADE does.
+        frame = syn(sport=40001)
+        assert small.xdp(frame).data == rewritten(frame, dst=B1, src=(NODE_B1, 40001))
+        for sport in (50000, 50001, 50002):  # outside the range: the other three ports
+            small.xdp(syn(sport=sport))
+        ports = {s: L.from_be16(small.ct()[fwd_key(sport=s)].snat_port)
+                 for s in (50000, 50001, 50002)}
+        assert sorted(ports.values()) == [40000, 40002, 40003]
+
+        def close(sport: int, port: int) -> None:
+            small.xdp(segment(sport=sport, flags="FA"))
+            small.xdp(bytes(Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(src=B1[0], dst=NODE_B1)
+                            / TCP(sport=B1[1], dport=port, flags="FA", seq=5000, ack=1002)))
+
+        # Closed flows keep their ports from other clients' ports: the backend's
+        # TIME_WAIT would refuse a SYN whose timestamps belong to another connection.
+        close(50000, ports[50000])
+        before = small.stats()
+        assert small.xdp(syn(sport=50003)).retval == XDP_DROP
+        assert stats_delta(before, small.stats()) == {Stat.SNAT_EXHAUSTED: 1}
+        # ... but the same client port starting again takes its own port back.
+        close(40001, 40001)
+        frame = syn(sport=40001, seq=9000)
+        assert small.xdp(frame).data == rewritten(frame, dst=B1, src=(NODE_B1, 40001))
+        rv = small.ct()[(B1[0], B1[1], NODE_B1, 40001, 6, 1)]
+        assert L.from_be32(rv.snat_addr) == CLIENT
+        assert small.ct()[fwd_key(sport=40001)].flags == L.CT_SNAT  # a new flow: no FIN
+        # A flow idle past its timeout gives up its port to anyone.
+        small.put_ct(CLIENT, 50001, VIP, 80, 6, 0, replace_val(
+            small.ct()[fwd_key(sport=50001)], last_ns=L.ct_now_ns() - 400 * 10**9))
+        frame = syn(sport=50004)
+        assert small.xdp(frame).data == rewritten(frame, dst=B1, src=(NODE_B1, ports[50001]))
+    finally:
+        small.close()
+
+
+def replace_val(v: L.CtVal, **fields: int) -> L.CtVal:
+    out = L.CtVal.from_buffer_copy(bytes(v))
+    for name, value in fields.items():
+        setattr(out, name, value)
+    return out
+
+
 def test_hairpin_flow_of_a_backend_to_itself_is_source_natted(lb: Harness) -> None:
     # B1 connects to its own listener and is picked: without source NAT it would
     # answer itself directly, from B1:8080 instead of VIP:80.

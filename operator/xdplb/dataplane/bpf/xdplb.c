@@ -81,16 +81,58 @@ static __always_inline void snat(struct pkt *p, __be32 addr, __be16 port)
 
 #define SNAT_TRIES 32
 
-/* Claim a free source-NAT port for rkey (the reply key: backend -> node
- * address): the insert fails if the port is taken, so a live flow is never
- * overwritten. Probes from a random start; -1 when SNAT_TRIES are all taken. */
-static __always_inline int snat_reserve(struct ct_key *rkey, struct ct_val *rv)
+/* May a new flow (its reply entry: rv) take the source-NAT port that `held` (the
+ * reply entry there) claims? Yes if held's flow is gone or idle past its timeout,
+ * or, for TCP, if it has closed and was the same client's flow from the same port:
+ * the backend still has that connection in TIME_WAIT and takes a new SYN on it only
+ * when the timestamps go on rising, which they do for one client port, not across
+ * ports. A live flow's port never changes hands. */
+static __always_inline int snat_port_free(struct ct_val *held, struct ct_val *rv, __be16 port,
+					  __u8 proto, __u64 now)
 {
+	if (!(held->flags & CT_SNAT))
+		return 0;  /* a direct connection's marker or a reply entry: not ours */
+	struct ct_key fkey = {
+		.src = held->snat_addr, .dst = held->nat_addr, .sport = held->snat_port,
+		.dport = held->nat_port, .proto = proto, .dir = 0,
+	};
+	struct ct_val *f = ct.lookup(&fkey);
+	if (!f || f->snat_port != port || ct_expired(f, proto, now))
+		return 1;
+	return proto == IPPROTO_TCP && ct_closing(f) && held->snat_addr == rv->snat_addr &&
+	       held->snat_port == rv->snat_port && held->nat_addr == rv->nat_addr &&
+	       held->nat_port == rv->nat_port;
+}
+
+static __always_inline int snat_claim(struct ct_key *rkey, struct ct_val *rv, __u64 now)
+{
+	if (!ct.insert(rkey, rv))
+		return 0;
+	struct ct_val *held = ct.lookup(rkey);
+	return held && snat_port_free(held, rv, rkey->dport, rkey->proto, now) &&
+	       !ct.update(rkey, rv) ? 0 : -1;
+}
+
+#define SNAT_TAKEOVER_TRIES 4
+
+/* Claim a source-NAT port for rkey (the reply key: backend -> node address;
+ * rv->snat_port is the client's port). The client's own port first, as
+ * MASQUERADE does; then probes from a random start, the first
+ * SNAT_TAKEOVER_TRIES of which may take a finished flow's port (each is a branch
+ * for the verifier). -1 when every probe found a live flow. */
+static __always_inline int snat_reserve(struct ct_key *rkey, struct ct_val *rv, __u64 now)
+{
+	__u32 cport = bpf_ntohs(rv->snat_port);
+	if (cport >= SNAT_PORT_MIN && cport <= SNAT_PORT_MAX) {
+		rkey->dport = rv->snat_port;
+		if (!snat_claim(rkey, rv, now))
+			return 0;
+	}
 	__u32 span = SNAT_PORT_MAX - SNAT_PORT_MIN + 1;
 	__u32 port = bpf_get_prandom_u32() % span;
 	for (int i = 0; i < SNAT_TRIES; i++) {
 		rkey->dport = bpf_htons(SNAT_PORT_MIN + port);
-		if (!ct.insert(rkey, rv))
+		if (i < SNAT_TAKEOVER_TRIES ? !snat_claim(rkey, rv, now) : !ct.insert(rkey, rv))
 			return 0;
 		port = port + 1 == span ? 0 : port + 1;
 	}
@@ -457,7 +499,7 @@ int xdplb_ingress(struct xdp_md *ctx)
 		rv.flags = CT_SNAT;
 		rv.snat_addr = p.ip->saddr;
 		rv.snat_port = p.sport;
-		if (snat_reserve(&rkey, &rv)) {
+		if (snat_reserve(&rkey, &rv, now)) {
 			count(ST_SNAT_EXHAUSTED);
 			return XDP_DROP;
 		}
