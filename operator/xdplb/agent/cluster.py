@@ -31,7 +31,6 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge
 
-from xdplb.agent.inventory import read_inventory
 from xdplb.agent.standalone import Agent, AgentOptions
 from xdplb.dataplane.entries import Inventory, listener_interfaces
 from xdplb.dataplane.loader import DataPlane
@@ -399,8 +398,8 @@ class ClusterAgent(Agent):
                 self._take(self.events.get_nowait())
         except queue.Empty:
             pass
-        if self._node.changed():  # addresses and interfaces come and go without an API event
-            self._dirty |= read_inventory() != self._inventory
+        # Addresses and interfaces come and go without an API event.
+        self._dirty |= self.node_inventory() != self._inventory
         if self._health_changed.is_set():
             self._health_changed.clear()
             self._dirty = True
@@ -513,7 +512,7 @@ class ClusterAgent(Agent):
                                               self.opts.node_name), self.health.down(),
                              self._parsed)
 
-        inv = read_inventory()
+        inv = self.node_inventory()
         t0 = time.monotonic()
         if desired.plan != self.plan or inv != self._inventory:
             self._inventory = inv

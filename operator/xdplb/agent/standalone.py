@@ -81,8 +81,9 @@ class Agent:
         self.stop = threading.Event()
         self._file_digest = ""
         self._file_stat: tuple[int, ...] = ()
-        self._inventory: Inventory | None = None
+        self._inventory: Inventory | None = None  # the node as last read with the file
         self._node = NodeChanges()
+        self._node_now: Inventory | None = None  # see node_inventory()
         self.plan = Plan()
         self._health_changed = threading.Event()
         self.health = HealthChecker(on_change=self._health_changed.set)
@@ -163,14 +164,14 @@ class Agent:
         """The plan of the file and the node now; None if neither changed or the
         file is bad (logged)."""
         path = Path(self.opts.config)
-        node_changed = self._node.changed()
+        inv = self.node_inventory()
         try:
             st = path.stat()
             stat = (st.st_ino, st.st_size, st.st_mtime_ns)
             # A write in the same clock tick as the last read leaves the same mtime:
             # a file modified in the last seconds is read again whatever its stat.
             recent = time.time_ns() - st.st_mtime_ns < 2 * 10**9
-            if not (force or node_changed or recent or stat != self._file_stat):
+            if not (force or inv != self._inventory or recent or stat != self._file_stat):
                 return None
             text = path.read_text()
         except OSError as e:
@@ -180,7 +181,6 @@ class Agent:
             return None
         self._file_stat = stat
         digest = hashlib.sha256(text.encode()).hexdigest()
-        inv = read_inventory() if node_changed or self._inventory is None else self._inventory
         if not force and digest == self._file_digest and inv == self._inventory:
             return None
         self._file_digest, self._inventory = digest, inv
@@ -198,6 +198,13 @@ class Agent:
         self._plans.keep_only(lbs)
         self._lbs = lbs if plan.health_targets() else None
         return plan, inv
+
+    def node_inventory(self) -> Inventory:
+        """The node's interfaces and addresses, dumped again only after rtnetlink has
+        reported a change."""
+        if self._node.changed() or self._node_now is None:
+            self._node_now = read_inventory()
+        return self._node_now
 
     def replan(self) -> None:
         """A backend's health changed: the same specs, other effective weights."""

@@ -264,7 +264,7 @@ class DataPlane:
             BPF.attach_xdp(ifname, self.xdp_fn, XDP_FLAGS["generic"])
             in_effect = "generic"
         _attach_tc(ifname, self.tc_fn.fd, self.tc_fn.name, TC_EGRESS_PARENT)
-        if TC_BACKEND_PROG in tc_filters(ifname, TC_INGRESS_PARENT):  # XDP does it here now
+        if _has_our_filter(ifname, TC_INGRESS_PARENT):  # XDP does it here now
             _detach_tc(ifname, TC_INGRESS_PARENT)
         return in_effect
 
@@ -339,6 +339,13 @@ def tc_filters(ifname: str, parent: int = TC_EGRESS_PARENT) -> list[str]:
     return names
 
 
+OUR_FILTERS = {TC_EGRESS_PARENT: TC_PROG, TC_INGRESS_PARENT: TC_BACKEND_PROG}
+
+
+def _has_our_filter(ifname: str, parent: int) -> bool:
+    return any(n.startswith(OUR_FILTERS[parent]) for n in tc_filters(ifname, parent))
+
+
 PROG_PIN_PREFIX = "xdp-"
 
 
@@ -383,8 +390,8 @@ def detach(ifname: str, pin_root: str = DEFAULT_PIN_ROOT) -> bool:
     if cur.prog_id and is_ours(cur.prog_id, pin_root):
         BPF.remove_xdp(ifname, XDP_FLAGS[cur.mode or "generic"])
         removed = True
-    for parent, prog in ((TC_EGRESS_PARENT, TC_PROG), (TC_INGRESS_PARENT, TC_BACKEND_PROG)):
-        if any(n.startswith(prog) for n in tc_filters(ifname, parent)):
+    for parent in OUR_FILTERS:
+        if _has_our_filter(ifname, parent):
             _detach_tc(ifname, parent)
             removed = True
     return removed
@@ -398,8 +405,8 @@ def attached_interfaces(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
         names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
     for n in names:
         st = xdp_state(n)
-        if (st.prog_id and is_ours(st.prog_id, pin_root)) or any(
-                f.startswith(TC_BACKEND_PROG) for f in tc_filters(n, TC_INGRESS_PARENT)):
+        if (st.prog_id and is_ours(st.prog_id, pin_root)) or _has_our_filter(
+                n, TC_INGRESS_PARENT):
             out.append(n)
     return out
 

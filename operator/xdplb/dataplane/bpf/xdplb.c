@@ -567,17 +567,25 @@ static __always_inline int icmp_egress(struct pkt *p, void *data_end)
 	return TC_ACT_OK;
 }
 
-static __always_inline int icmp_egress_skb(struct __sk_buff *skb)
+/* An skb's headers, pulled into the linear part when they are not all there
+ * (GSO, paged skbs). An ICMP error's quote is pulled too: it is read and edited in
+ * place. After P_ICMP, skb->data_end bounds p. */
+static __always_inline int parse_skb(struct __sk_buff *skb, struct pkt *p)
 {
-	/* The quote must be in the linear part to be read and edited in place. */
-	if (bpf_skb_pull_data(skb, skb->len < 192 ? skb->len : 192))
-		return TC_ACT_OK;
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct pkt p = {};
-	if (parse(data, data_end, &p) != P_ICMP)
-		return TC_ACT_OK;
-	return icmp_egress(&p, data_end);
+	int r = parse(data, data_end, p);
+	if (r == P_MALFORMED && skb->len > data_end - data) {
+		if (bpf_skb_pull_data(skb, skb->len < 128 ? skb->len : 128))
+			return P_MALFORMED;
+		r = parse((void *)(long)skb->data, (void *)(long)skb->data_end, p);
+	}
+	if (r == P_ICMP) {
+		if (bpf_skb_pull_data(skb, skb->len < 192 ? skb->len : 192))
+			return P_MALFORMED;
+		r = parse((void *)(long)skb->data, (void *)(long)skb->data_end, p);
+	}
+	return r;
 }
 
 /* One end of an skb's flow (addr_off, port_off) := new_addr:new_port, checksums
@@ -659,20 +667,10 @@ static __always_inline int egress_untracked(struct __sk_buff *skb, struct pkt *p
 
 int xdplb_egress(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
 	struct pkt p = {};
-	int r = parse(data, data_end, &p);
-	if (r == P_MALFORMED && skb->len > data_end - data) {
-		/* Headers not in the linear part (GSO, paged skbs): pull and retry. */
-		if (bpf_skb_pull_data(skb, skb->len < 128 ? skb->len : 128))
-			return TC_ACT_OK;
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-		r = parse(data, data_end, &p);
-	}
+	int r = parse_skb(skb, &p);
 	if (r == P_ICMP)
-		return icmp_egress_skb(skb);
+		return icmp_egress(&p, (void *)(long)skb->data_end);
 	if (r != P_OK)
 		return TC_ACT_OK;
 
@@ -736,25 +734,10 @@ int xdplb_egress(struct __sk_buff *skb)
  * turns off, and no frame is copied for XDP. */
 int xdplb_backend_in(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
 	struct pkt p = {};
-	int r = parse(data, data_end, &p);
-	if (r == P_MALFORMED && skb->len > data_end - data) {
-		if (bpf_skb_pull_data(skb, skb->len < 128 ? skb->len : 128))
-			return TC_ACT_OK;
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-		r = parse(data, data_end, &p);
-	}
+	int r = parse_skb(skb, &p);
 	if (r == P_ICMP) {
-		/* The quote must be in the linear part to be read and edited in place. */
-		if (bpf_skb_pull_data(skb, skb->len < 192 ? skb->len : 192))
-			return TC_ACT_OK;
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-		if (parse(data, data_end, &p) == P_ICMP)
-			icmp_ingress(&p, data_end);
+		icmp_ingress(&p, (void *)(long)skb->data_end);
 		return TC_ACT_OK;
 	}
 	if (r != P_OK)
