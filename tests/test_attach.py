@@ -114,6 +114,42 @@ def test_cleanup_removes_programs_filters_and_pins(dp: loader.DataPlane) -> None
     assert not os.path.exists(PIN_ROOT)
 
 
+def test_a_restart_reuses_the_programs_compiled_from_the_same_code() -> None:
+    from xdplb.dataplane import bpfsys
+    from xdplb.dataplane.config import Timeouts, cflags
+
+    root = f"{PIN_ROOT}-reuse"
+    first = loader.DataPlane(root, CAPS)
+    first.load()
+    try:
+        assert not first.reused and first.bpf is not None
+        again = loader.DataPlane(root, CAPS)
+        again.load()
+        assert again.reused and again.bpf is None and again.load_seconds < 0.5
+        ids = [bpfsys.prog_info(d.tc_fn.fd).id for d in (first, again)]
+        assert again.xdp_id == first.xdp_id and ids[0] == ids[1]
+        assert {m.info.id for m in again.maps.values()} == \
+            {m.info.id for m in first.maps.values()}
+        again.close()
+        # Other flags are other code; a map that is no longer pinned is not the one
+        # the programs use: compiled again, both.
+        flags = cflags(CAPS, Timeouts())
+        assert loader.code_digest(flags) != loader.code_digest(
+            cflags(CAPS, Timeouts(udp=31)))
+        os.unlink(f"{first.pin_dir}/stats")
+        third = loader.DataPlane(root, CAPS)
+        third.load()
+        assert not third.reused and third.xdp_id != first.xdp_id
+        os.mkdir(f"{third.pin_dir}/code-0123456789ab")  # an older agent's code
+        third.remove_stale_pins()
+        assert [p for p in os.listdir(third.pin_dir) if p.startswith("code-")] == \
+            [os.path.basename(third.code_dir)]
+        third.close()
+    finally:
+        first.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_load_async_hands_its_error_to_the_waiter(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(self: loader.DataPlane) -> None:
         raise loader.AttachError("pinned map has another shape")

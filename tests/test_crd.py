@@ -389,6 +389,11 @@ def test_python_messages_name_field_and_value() -> None:
         "spec.listeners[0].backends: must have at most 64 items in a cluster"
         " (etcd limits object size)"
     ]
+    doc, _ = TABLE["route-group-too-large"]
+    assert crd.validate_object(doc) == [
+        "spec.listeners[0].sourceRoutes[0].backends: must have at most 2 items in a cluster"
+        " (etcd limits object size)"
+    ]
 
 
 def test_label_key_rule_is_exact_at_the_bounds() -> None:

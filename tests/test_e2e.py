@@ -479,7 +479,7 @@ def test_bad_file_keeps_last_good_state(baseline: tuple[Lab, Agent]) -> None:
 # ---------------------------------------------------------------------- private labs
 
 
-def test_sigkill_restart_keeps_flows(make_env) -> None:  # type: ignore[no-untyped-def]
+def test_sigkill_restarts_keep_flows_and_drop_unused_interfaces(make_env) -> None:  # type: ignore[no-untyped-def]
     lab, agent = make_env("xek")
     stream = lab.start_long_stream("cli", VIP, VIP_SINK, seconds=9, rate_mbit=100)
     res = lab.udp_clients("cli", VIP, VIP_UDP, count=30)  # UDP flows live 30 s
@@ -492,6 +492,7 @@ def test_sigkill_restart_keeps_flows(make_env) -> None:  # type: ignore[no-untyp
     restart_s = agent.start()
     t_attached = time.monotonic_ns()
     assert "adopted pinned maps" in agent.text(), agent.tail()
+    assert "reused the programs" in agent.text(), agent.tail()  # the same code
     after = agent.conntrack_count()
     assert after >= before, f"conntrack dropped from {before} to {after}\n{agent.tail()}"
     res = lab.tcp_clients("cli", VIP, VIP_TCP, count=40, concurrency=10, up=64 * 1024,
@@ -504,6 +505,19 @@ def test_sigkill_restart_keeps_flows(make_env) -> None:  # type: ignore[no-untyp
     assert moved >= 10 * MIB, \
         f"stream moved only {moved} bytes after the new agent attached (restart took " \
         f"{restart_s:.1f} s)\n{agent.tail()}"
+
+    # Killed again, and started on a file without the second interface: the
+    # predecessor's programs leave it.
+    agent.kill()
+    agent.write_config(config_yaml().replace(f", {Lab.lb_client2_if}]", "]"))
+    mark = agent.size()
+    agent.start()
+    assert f"detached from {Lab.lb_client2_if}: attached by an earlier agent" in \
+        agent.text(mark), agent.tail()
+    links = lab.exec("lb", "ip", "-d", "link", "show", Lab.lb_client2_if).stdout
+    egress = lab.exec("lb", "tc", "filter", "show", "dev", Lab.lb_client2_if, "egress").stdout
+    assert "prog/xdp" not in links and "xdplb" not in egress, f"{links}\n{egress}"
+    assert "prog/xdp" in lab.exec("lb", "ip", "-d", "link", "show", Lab.lb_client_if).stdout
 
 
 def test_sigterm_clean_stop(make_env) -> None:  # type: ignore[no-untyped-def]

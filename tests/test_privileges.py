@@ -1,6 +1,7 @@
 """The agent's least privileges: CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, no
 CAP_SYS_ADMIN (the DaemonSet's set), are enough to start, to be killed and to
-start again adopting the pinned maps and replacing its own program in place."""
+start again adopting the pinned maps, and either reuse its pinned programs (the
+same code) or replace them in place (other code)."""
 
 from __future__ import annotations
 
@@ -56,13 +57,13 @@ def netns(tmp_path: Path) -> Iterator[Path]:
     sh("ip", "netns", "del", NS)
 
 
-def start_agent(work: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_agent(work: Path, log: Path, *flags: str) -> subprocess.Popen[bytes]:
     caps = ",".join(f"+{c.lower()}" for c in sorted(CAPABILITIES))
     with open(log, "a") as out:
         return subprocess.Popen(
             ["ip", "netns", "exec", NS, "setpriv", f"--bounding-set=-all,{caps}",
              str(XDPLB), "agent", "--config", str(work / "lb.yaml"), "--pin-dir", PIN_ROOT,
-             "--state-file", str(work / "agent.json"), "--conntrack-capacity", "4096"],
+             "--state-file", str(work / "agent.json"), "--conntrack-capacity", "4096", *flags],
             stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -95,16 +96,28 @@ def test_agent_restarts_hitlessly_without_sys_admin(netns: Path) -> None:
     first.send_signal(signal.SIGKILL)
     first.wait()
 
+    # The same code: its pinned programs are taken as they are.
     mark = len(log.read_text())
     second = start_agent(netns, log)
+    wait_for(log, "adopted pinned maps", mark, second)
+    wait_for(log, "reused the programs", mark, second)
+    wait_for(log, "applied", mark, second)
+    assert xdp_prog_id() == old
+    second.send_signal(signal.SIGKILL)
+    second.wait()
+
+    # Other code (here another compiled-in timeout): compiled, and swapped in.
+    mark = len(log.read_text())
+    third = start_agent(netns, log, "--udp-timeout", "31")
     try:
-        wait_for(log, "adopted pinned maps", mark, second)
-        wait_for(log, "attached to xp0", mark, second)
-        wait_for(log, "applied", mark, second)
+        wait_for(log, "adopted pinned maps", mark, third)
+        wait_for(log, "attached to xp0", mark, third)
+        wait_for(log, "applied", mark, third)
+        assert "reused the programs" not in log.read_text()[mark:]
         new = xdp_prog_id()
         assert new and new != old, "the new agent did not replace its predecessor's program"
         assert loader.pinned_program_ids(PIN_ROOT) == {new}  # the old pin went with it
         assert "--force" not in log.read_text()
     finally:
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(30) == 0, log.read_text()
+        third.send_signal(signal.SIGTERM)
+        assert third.wait(30) == 0, log.read_text()

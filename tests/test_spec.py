@@ -868,3 +868,17 @@ def test_document_cache_keeps_numbers_and_lines_of_later_documents() -> None:
     mark = whole.value.problem_mark
     assert mark is not None and mark.line > 20  # in the third document
     assert line.startswith(f"lb.yaml: line {mark.line + 1}, column {mark.column + 1}: "), line
+
+
+def test_equal_route_backend_lists_become_one_list_each_still_validated() -> None:
+    routes = [{"cidr": f"10.{i}.0.0/16", "backends": [backend()]} for i in range(3)]
+    routes.append({"cidr": "10.8.0.0/16", "backends": [backend(port=9090)]})
+    lb = model.LoadBalancer.parse(manifest(listeners=[listener(sourceRoutes=routes)]))
+    lists = [r.backends for r in lb.spec.listeners[0].source_routes]
+    assert lists[0] is lists[1] is lists[2] and lists[3] is not lists[0]
+    assert lists[3] == [model.Backend(address="10.0.0.11", port=9090)]
+    # A value equal to a valid one but of another type is validated on its own.
+    routes.append({"cidr": "10.9.0.0/16", "backends": [backend(port=True)]})
+    assert problems(manifest(listeners=[listener(sourceRoutes=routes)])) == [
+        "t.yaml document 1 (default/web): spec.listeners[0].sourceRoutes[4].backends[0].port:"
+        " true is not an integer"]

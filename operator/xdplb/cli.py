@@ -186,12 +186,14 @@ def cmd_explain(a: argparse.Namespace) -> int:
 
 def _open_maps(pin_dir: str) -> dict[str, object]:
     from xdplb.dataplane.bpfsys import BpfMap
+    from xdplb.dataplane.layout import MAP_LAYOUTS
 
     dirs = sorted(os.listdir(pin_dir)) if os.path.isdir(pin_dir) else []
     if not dirs:
         raise SystemExit(f"no pinned maps under {pin_dir}: is the agent running?")
     base = f"{pin_dir}/{dirs[-1]}"
-    return {n: BpfMap.pinned(f"{base}/{n}") for n in os.listdir(base)}
+    return {n: BpfMap.pinned(f"{base}/{n}") for n, _k, _v in MAP_LAYOUTS
+            if os.path.exists(f"{base}/{n}")}
 
 
 def cmd_conntrack(a: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ from xdplb.dataplane.alloc import CapacityError
 from xdplb.dataplane.config import Capacities, Timeouts
 from xdplb.dataplane.entries import Inventory, listener_interfaces, translated_listeners
 from xdplb.dataplane.layout import Stat
-from xdplb.dataplane.loader import AttachError, DataPlane, detach
+from xdplb.dataplane.loader import AttachError, DataPlane, attached_interfaces, detach
 from xdplb.dataplane.writer import MapWriter
 from xdplb.memory import gc_paused, settle
 from xdplb.plan.model import Plan, all_backends, snat_backends
@@ -78,6 +78,7 @@ class Agent:
         self.sni: SniService | None = None    # SNI acceptor and splice
         self.attached: dict[str, str] = {}   # interface -> XDP mode in effect
         self.backend_side: set[str] = set()  # interfaces with only TC ingress (source NAT)
+        self._inherited: set[str] = set()  # a predecessor's, until the first apply
         self.stop = threading.Event()
         self._file_digest = ""
         self._file_stat: tuple[int, ...] = ()
@@ -106,10 +107,15 @@ class Agent:
         self.writer = MapWriter(self.dp.maps, self.dp.caps)
         self.sni = SniService(self.dp.maps, self.opts.timeouts.sni_hello)
         if self.dp.adopted:
+            self._inherited = set(attached_interfaces(self.opts.pin_root))
             n = self.writer.adopt()
             log.info("adopted pinned maps in %s (%d listener entries): established flows "
                      "keep their backends", self.dp.pin_dir, n)
-        log.info("compiled and loaded in %.0f ms", self.dp.load_seconds * 1000)
+        if self.dp.reused:
+            log.info("reused the programs pinned in %s (compiled from the same code): "
+                     "loaded in %.0f ms", self.dp.code_dir, self.dp.load_seconds * 1000)
+        else:
+            log.info("compiled and loaded in %.0f ms", self.dp.load_seconds * 1000)
         self.health.start()
         if staged is not None:
             self.apply(*staged)
@@ -259,6 +265,10 @@ class Agent:
             detach(ifname, self.opts.pin_root)
             self.backend_side.discard(ifname)
             log.info("detached from %s: no source-NAT backend behind it", ifname)
+        for ifname in sorted(self._inherited - {*wanted, *backend_side}):
+            detach(ifname, self.opts.pin_root)
+            log.info("detached from %s: attached by an earlier agent, unused now", ifname)
+        self._inherited = set()
         for ifname in wanted:
             if ifname in self.attached:
                 continue

@@ -117,6 +117,18 @@ def prog_info(fd: int) -> ProgInfo:
     return ProgInfo(typ, pid, info.raw[64:80].split(b"\0", 1)[0].decode())
 
 
+def prog_map_ids(fd: int, most: int = 64) -> list[int]:
+    """Ids of the maps a loaded program uses (bpf_prog_info's map_ids)."""
+    ids = (ctypes.c_uint32 * most)()
+    info = ctypes.create_string_buffer(256)
+    struct.pack_into("=IQ", info, 52, most, ctypes.addressof(ids))
+    bpf(OBJ_GET_INFO_BY_FD, _attr("=IIQ", fd, len(info), ctypes.addressof(info)))
+    n = struct.unpack_from("=I", info, 52)[0]
+    if n > most:
+        return prog_map_ids(fd, n)
+    return list(ids[:n])
+
+
 def prog_name_by_id(prog_id: int) -> str:
     fd = prog_get_fd_by_id(prog_id)
     try:

@@ -2,13 +2,16 @@
 
 Maps are pinned under <pin root>/<layout hash>-<capacity hash>: an agent that
 starts while an earlier one's pins and programs exist adopts the maps (so
-established flows survive) and swaps its programs in atomically.
+established flows survive) and swaps its programs in atomically. Programs are
+pinned there too, under a digest of what compiled them: an agent that finds its
+own digest reuses them and skips the compiler (seconds of CPU at every restart).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import logging
 import os
 import shutil
@@ -129,6 +132,24 @@ def load_xdp_frags(bpf: Any, func: str) -> Any:
     return load_program(bpf, func, bpfsys.PROG_TYPE_XDP, flags=bpfsys.F_XDP_HAS_FRAGS)
 
 
+# (function, program type, load flags) of the data path's programs
+PROGRAMS = ((XDP_PROG, bpfsys.PROG_TYPE_XDP, bpfsys.F_XDP_HAS_FRAGS),
+            (TC_PROG, bpfsys.PROG_TYPE_SCHED_CLS, 0),
+            (TC_BACKEND_PROG, bpfsys.PROG_TYPE_SCHED_CLS, 0))
+
+
+def code_digest(flags: list[str]) -> str:
+    """Names what compiling the sources with these flags gives on this kernel and bcc."""
+    from bcc import __version__ as bcc_version
+
+    h = hashlib.sha256()
+    for path in sorted(BPF_DIR.iterdir()):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    uname = os.uname()
+    h.update(repr((flags, PROGRAMS, uname.release, uname.version, bcc_version)).encode())
+    return h.hexdigest()[:12]
+
+
 class DataPlane:
     def __init__(self, pin_root: str = DEFAULT_PIN_ROOT, caps: Capacities | None = None,
                  timeouts: Timeouts | None = None) -> None:
@@ -142,6 +163,9 @@ class DataPlane:
         self.tc_backend_fn: Any = None
         self.maps: dict[str, bpfsys.BpfMap] = {}
         self.adopted = False
+        self.reused = False  # the programs were a predecessor's: nothing compiled
+        self.code_dir = ""
+        self.xdp_id = 0
         self.load_seconds = 0.0  # compile and load, for the logs
         self.loading: threading.Thread | None = None  # load_async's
         self._load_error: BaseException | None = None
@@ -182,20 +206,53 @@ class DataPlane:
         # be; the programs are then loaded against the real maps (see maps.h).
         compile_caps = replace(COMPILE_CAPS, snat_port_min=self.caps.snat_port_min,
                                snat_port_max=self.caps.snat_port_max)
-        self.bpf = BPF(src_file=str(BPF_DIR / "xdplb.c").encode(),
-                       cflags=[f"-I{BPF_DIR}", *cflags(compile_caps, self.timeouts)])
-        swap = self._open_maps()
-        self.xdp_fn = load_program(self.bpf, XDP_PROG, bpfsys.PROG_TYPE_XDP, swap,
-                                   bpfsys.F_XDP_HAS_FRAGS)
-        self.tc_fn = load_program(self.bpf, TC_PROG, bpfsys.PROG_TYPE_SCHED_CLS, swap)
-        self.tc_backend_fn = load_program(self.bpf, TC_BACKEND_PROG,
-                                          bpfsys.PROG_TYPE_SCHED_CLS, swap)
+        flags = [f"-I{BPF_DIR}", *cflags(compile_caps, self.timeouts)]
+        self.code_dir = f"{self.pin_dir}/{CODE_PIN_PREFIX}{code_digest(flags)}"
+        self.reused = self.adopted and self._reuse_programs()
+        if not self.reused:
+            self.bpf = BPF(src_file=str(BPF_DIR / "xdplb.c").encode(), cflags=flags)
+            swap = self._open_maps()
+            self.xdp_fn, self.tc_fn, self.tc_backend_fn = (
+                load_program(self.bpf, func, typ, swap, pflags) for func, typ, pflags in PROGRAMS)
+            os.makedirs(self.code_dir, exist_ok=True)
+            for fn in (self.xdp_fn, self.tc_fn, self.tc_backend_fn):
+                _pin_anew(fn.fd, f"{self.code_dir}/{fn.name.decode()}")
         # Pinned under its id, so that this or a later agent recognises the program
         # attached to an interface from the id netlink reports, without CAP_SYS_ADMIN
         # (BPF_PROG_GET_FD_BY_ID); the pin also keeps the id from being reused.
         self.xdp_id = bpfsys.prog_info(self.xdp_fn.fd).id
-        bpfsys.obj_pin(self.xdp_fn.fd, f"{self.pin_dir}/{PROG_PIN_PREFIX}{self.xdp_id}")
+        id_pin = f"{self.pin_dir}/{PROG_PIN_PREFIX}{self.xdp_id}"
+        if not os.path.exists(id_pin):
+            bpfsys.obj_pin(self.xdp_fn.fd, id_pin)
         self.load_seconds = time.monotonic() - t0
+
+    def _reuse_programs(self) -> bool:
+        """Take the programs pinned under this code's digest and the maps they use,
+        when every map is pinned and they use no other: then no compile is needed."""
+        from bcc import BPF
+
+        pins = [f"{self.code_dir}/{func}" for func, _t, _f in PROGRAMS]
+        if not all(os.path.exists(p) for p in pins) or not all(
+                os.path.exists(f"{self.pin_dir}/{name}") for name, _k, _v in MAP_LAYOUTS):
+            return False
+        maps = {name: bpfsys.BpfMap.pinned(f"{self.pin_dir}/{name}")
+                for name, _k, _v in MAP_LAYOUTS}
+        fns = [BPF.Function(None, func.encode(), bpfsys.obj_get(p))
+               for (func, _t, _f), p in zip(PROGRAMS, pins, strict=True)]
+        pinned_ids = {m.info.id for m in maps.values()}
+        shapes_ok = all((m.info.key_size, m.info.value_size)
+                        == (ctypes.sizeof(k), ctypes.sizeof(v))
+                        for (_n, k, v), m in zip(MAP_LAYOUTS, maps.values(), strict=True))
+        if not shapes_ok or any(not set(bpfsys.prog_map_ids(fn.fd)) <= pinned_ids
+                                for fn in fns):
+            for m in maps.values():
+                m.close()
+            for fn in fns:
+                os.close(fn.fd)
+            return False
+        self.maps = maps
+        self.xdp_fn, self.tc_fn, self.tc_backend_fn = fns
+        return True
 
     def _open_maps(self) -> dict[int, int]:
         """The pinned maps (a predecessor's, adopted), or new ones pinned now; returns
@@ -236,6 +293,9 @@ class DataPlane:
         for pin in Path(self.pin_dir).glob(f"{PROG_PIN_PREFIX}*"):
             if pin.name != f"{PROG_PIN_PREFIX}{self.xdp_id}":
                 pin.unlink(missing_ok=True)
+        for code in Path(self.pin_dir).glob(f"{CODE_PIN_PREFIX}*"):
+            if str(code) != self.code_dir:
+                shutil.rmtree(code, ignore_errors=True)
 
     # -- attach -------------------------------------------------------------------------
     def attach(self, ifname: str, mode: str = "native", force: bool = False) -> str:
@@ -279,6 +339,10 @@ class DataPlane:
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+        elif self.reused:
+            for fn in (self.xdp_fn, self.tc_fn, self.tc_backend_fn):
+                os.close(fn.fd)
+        self.xdp_fn = self.tc_fn = self.tc_backend_fn = None
 
 
 def _iproute() -> IPRoute:
@@ -296,7 +360,10 @@ def _ifindex(ipr: IPRoute, ifname: str) -> int:
 
 def xdp_state(ifname: str) -> XdpState:
     with _iproute() as ipr:
-        link = ipr.get_links(_ifindex(ipr, ifname))[0]
+        return _xdp_of(ipr.get_links(_ifindex(ipr, ifname))[0])
+
+
+def _xdp_of(link: Any) -> XdpState:
     xdp = link.get_attr("IFLA_XDP")
     if not xdp:
         return XdpState(0, "")
@@ -347,6 +414,13 @@ def _has_our_filter(ifname: str, parent: int) -> bool:
 
 
 PROG_PIN_PREFIX = "xdp-"
+CODE_PIN_PREFIX = "code-"  # a directory of the programs compiled from one code digest
+
+
+def _pin_anew(fd: int, path: str) -> None:
+    if os.path.exists(path):  # the same code loaded again: the newer load wins
+        os.unlink(path)
+    bpfsys.obj_pin(fd, path)
 
 
 def pinned_program_ids(pin_root: str = DEFAULT_PIN_ROOT) -> set[int]:
@@ -399,16 +473,13 @@ def detach(ifname: str, pin_root: str = DEFAULT_PIN_ROOT) -> bool:
 
 def attached_interfaces(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
     """Interfaces in this network namespace that run our XDP program, or only our TC
-    ingress filter for source-NAT replies."""
-    out = []
+    ingress filter for source-NAT replies (one link dump, then the TC ingress of each
+    link without our XDP)."""
     with _iproute() as ipr:
-        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
-    for n in names:
-        st = xdp_state(n)
-        if (st.prog_id and is_ours(st.prog_id, pin_root)) or _has_our_filter(
-                n, TC_INGRESS_PARENT):
-            out.append(n)
-    return out
+        links = [(link.get_attr("IFLA_IFNAME"), _xdp_of(link)) for link in ipr.get_links()]
+    return [n for n, xdp in links
+            if (xdp.prog_id and is_ours(xdp.prog_id, pin_root))
+            or _has_our_filter(n, TC_INGRESS_PARENT)]
 
 
 def cleanup(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:

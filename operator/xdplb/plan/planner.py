@@ -44,10 +44,20 @@ def plan_listener(lb: spec.LoadBalancer, lst: spec.Listener,
     routes to the same backends hold one group, and compare by identity)."""
     targets: set[Target] = set()
     known: dict[Group, Group] = {} if groups is None else groups
+    # Routes of one pool share one backend list (spec.LoadBalancer.parse): its group,
+    # by the list's identity, when nothing else shapes it.
+    by_list: dict[int, Group] = {}
 
     def _group(group: spec.Listener | spec.SourceRoute | spec.SniRoute) -> Group:
+        fixed = (group.service is None and lst.health_check is None
+                 and getattr(group, "health_check", None) is None)
+        if fixed and (g := by_list.get(id(group.backends))) is not None:
+            return g
         g = _new_group(group)
-        return known.setdefault(g, g)
+        g = known.setdefault(g, g)
+        if fixed:
+            by_list[id(group.backends)] = g
+        return g
 
     def _new_group(group: spec.Listener | spec.SourceRoute | spec.SniRoute) -> Group:
         if group.service is not None:

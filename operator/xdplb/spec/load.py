@@ -23,7 +23,6 @@ from xdplb.spec.model import (
     SniRoute,
     SourceRoute,
     format_errors,
-    share_backend_lists,
     show_value,
 )
 from xdplb.spec.yamldoc import documents
@@ -93,7 +92,7 @@ def _validate_document(doc: Any) -> _Document:
     if not problems:
         try:
             return _Document(_name_of(doc),
-                             share_backend_lists(LoadBalancer.model_validate(doc)), ())
+                             LoadBalancer.parse(doc), ())
         except ValidationError as exc:
             problems = format_errors(exc)
     return _Document(_name_of(doc), None, tuple(problems))
