@@ -43,6 +43,7 @@ from tests.test_e2e import (
     start_stream_on,
 )
 from xdplb.agent.cluster import (
+    LAST_APPLIED,
     ClusterAgent,
     ClusterOptions,
     _Watch,
@@ -162,6 +163,11 @@ def test_selected_loadbalancer_is_applied_and_reported(env: Env) -> None:
 
     env.apply(lb_doc("web", 80, {"role": "edge"}, backends=backends(1, 2, 3)))
     env.wait_entry("web", phase="Applied", generation=2, backends=3)
+    # kubectl's copy of the object is not kept: the agent never reads it.
+    raw = env.cluster.kubectl("get", "loadbalancer", "web", "-o", "json").stdout
+    assert LAST_APPLIED in json.loads(raw)["metadata"]["annotations"]
+    kept = env.agent.stores.by_key["lb"][("default", "web")]["metadata"]
+    assert LAST_APPLIED not in (kept.get("annotations") or {}) and "managedFields" not in kept
     assert env.group("web") == tuple(Backend(f"10.0.0.{i}", 8080) for i in (1, 2, 3))
     sample = REGISTRY.get_sample_value
     assert sample("xdplb_loadbalancer_applied_generation",

@@ -230,6 +230,9 @@ def _state(raw: Json, phase: str, message: str, listeners: int = 0,
 # --- watches ---------------------------------------------------------------------------------
 
 
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
 class _Watch(threading.Thread):
     """List, then watch from the list's resourceVersion. A watch that times out is
     resumed from the last version seen (a list of 100,000 routes takes seconds,
@@ -258,6 +261,15 @@ class _Watch(threading.Thread):
         # Custom objects arrive as JSON already; copying 1,000 routes again costs ~7 ms.
         return obj if isinstance(obj, dict) else self.api.sanitize_for_serialization(obj)
 
+    @staticmethod
+    def _trim(obj: Json) -> Json:
+        """Drop what the agent never reads and what can be as large as the object
+        itself: managedFields, and the copy client-side `kubectl apply` keeps."""
+        meta = obj.get("metadata") or {}
+        meta.pop("managedFields", None)
+        (meta.get("annotations") or {}).pop(LAST_APPLIED, None)
+        return obj
+
     def run(self) -> None:
         version: str | None = None  # None: list first
         while not self.stopped.is_set():
@@ -265,7 +277,8 @@ class _Watch(threading.Thread):
                 if version is None:
                     listing = self._json(self.call(**self.kwargs))
                     self.error = ""
-                    self.sink.put((self.key, "SYNC", listing.get("items") or []))
+                    self.sink.put((self.key, "SYNC",
+                                   [self._trim(o) for o in listing.get("items") or []]))
                     version = (listing.get("metadata") or {}).get("resourceVersion") or ""
                 self._watch = kubernetes.watch.Watch()
                 for event in self._watch.stream(self.call, resource_version=version,
@@ -275,7 +288,7 @@ class _Watch(threading.Thread):
                     if event["type"] == "ERROR":
                         version = None  # e.g. 410 Gone: list again
                         break
-                    obj = self._json(event["object"])
+                    obj = self._trim(self._json(event["object"]))
                     version = (obj.get("metadata") or {}).get("resourceVersion") or version
                     self.sink.put((self.key, event["type"], obj))
             except Exception as e:  # the API may be away for a while: keep trying

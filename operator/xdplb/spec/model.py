@@ -416,11 +416,9 @@ def _shared_list(value: Any, handler: ValidatorFunctionWrapHandler,
     lists = (info.context or {}).get(_LISTS)
     if lists is None or not isinstance(value, list):
         return handler(value)
-    try:  # the raw items, types included (strict fields tell 1 from True and "1")
-        key = tuple(tuple((k, type(v), v) for k, v in sorted(b.items())) for b in value)
-        hash(key)
-    except (AttributeError, TypeError):  # not plain JSON objects
-        return handler(value)
+    # The raw JSON's repr tells every value and type apart (strict fields tell 1
+    # from True and "1"); the same list in another key order is only not shared.
+    key = repr(value)
     if key not in lists:
         lists[key] = handler(value)
     return lists[key]
@@ -732,15 +730,25 @@ def _passes_by_shape(model: BaseModel) -> bool:
     """Whether ``model`` passes every rule on what its shape alone decides: no rule
     reads a value, and no field with rules below is set (a route naming backends: the
     quick answer for 100,000 of them)."""
-    cls = type(model)
-    if not isinstance(model, _Model) or model.cel_field_rules:
+    plan = _shape_plan(type(model))
+    if plan is None:
         return False
-    rules = _rules(cls)
-    if rules.by_value or any(getattr(model, n) is not None for n, _a in _ruled_fields(cls)):
+    ruled, shaped = plan
+    if any(getattr(model, n) is not None for n in ruled):
         return False
     shape = tuple((a, None if (v := getattr(model, n)) is None else len(v) if counted else -1)
-                  for a, n, counted in rules.shaped)
-    return not _failing_for_shape(cls, shape)
+                  for a, n, counted in shaped)
+    return not _failing_for_shape(type(model), shape)
+
+
+@cache
+def _shape_plan(cls: type[BaseModel]) -> tuple[tuple[str, ...],
+                                               tuple[tuple[str, str, bool], ...]] | None:
+    """For _passes_by_shape: the fields with rules below and the fields the shape rules
+    see, or None when a rule of ``cls`` reads values."""
+    if not issubclass(cls, _Model) or cls.cel_field_rules or _rules(cls).by_value:
+        return None
+    return tuple(n for n, _a in _ruled_fields(cls)), _rules(cls).shaped
 
 
 @cache
