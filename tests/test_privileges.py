@@ -91,6 +91,10 @@ def test_agent_restarts_hitlessly_without_sys_admin(netns: Path) -> None:
     log.touch()
     first = start_agent(netns, log)
     wait_for(log, "applied", 0, first)
+    # The compiler ran in a process of its own: the agent never mapped it.
+    maps = Path(f"/proc/{first.pid}/maps").read_text()
+    assert "xdplb" in Path(f"/proc/{first.pid}/cmdline").read_text()
+    assert "libbcc" not in maps and "LLVM" not in maps
     old = xdp_prog_id()
     assert old and old in loader.pinned_program_ids(PIN_ROOT)
     first.send_signal(signal.SIGKILL)

@@ -12,13 +12,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import json
 import logging
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +55,14 @@ DEFAULT_PIN_ROOT = "/sys/fs/bpf/xdplb"
 
 class AttachError(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Program:
+    """A loaded program of ours (bcc's Function has the same two fields)."""
+
+    fd: int
+    name: bytes
 
 
 @dataclass(frozen=True)
@@ -140,13 +150,13 @@ PROGRAMS = ((XDP_PROG, bpfsys.PROG_TYPE_XDP, bpfsys.F_XDP_HAS_FRAGS),
 
 def code_digest(flags: list[str]) -> str:
     """Names what compiling the sources with these flags gives on this kernel and bcc."""
-    from bcc import __version__ as bcc_version
+    from importlib.metadata import version
 
     h = hashlib.sha256()
     for path in sorted(BPF_DIR.iterdir()):
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     uname = os.uname()
-    h.update(repr((flags, PROGRAMS, uname.release, uname.version, bcc_version)).encode())
+    h.update(repr((flags, PROGRAMS, uname.release, uname.version, version("bcc"))).encode())
     return h.hexdigest()[:12]
 
 
@@ -190,33 +200,26 @@ class DataPlane:
         if self._load_error is not None:
             raise self._load_error
 
-    def load(self) -> None:
-        from bcc import BPF  # system package: imported late so pure modules never need it
-
+    def load(self, apart: bool = True) -> None:
+        """Take this code's pinned programs, or compile them: in a process of its own
+        (`apart`), so that the agent never maps the compiler (bcc and LLVM: ~150 MB
+        resident), or here, keeping bcc's module in self.bpf (tests read its tables)."""
         t0 = time.monotonic()
         ensure_bpffs(self.pin_root)
         stale = self._other_layouts()
-        if stale:
+        if stale and apart:
             log.warning("pinned maps with another layout or capacity found (%s): flows "
                         "tracked there will be lost when their programs are replaced",
                         ", ".join(stale))
         self.adopted = os.path.exists(f"{self.pin_dir}/ct")
         os.makedirs(self.pin_dir, exist_ok=True)
-        # Compiled and relocated by bcc against maps of its own, made as small as can
-        # be; the programs are then loaded against the real maps (see maps.h).
-        compile_caps = replace(COMPILE_CAPS, snat_port_min=self.caps.snat_port_min,
-                               snat_port_max=self.caps.snat_port_max)
-        flags = [f"-I{BPF_DIR}", *cflags(compile_caps, self.timeouts)]
-        self.code_dir = f"{self.pin_dir}/{CODE_PIN_PREFIX}{code_digest(flags)}"
-        self.reused = self.adopted and self._reuse_programs()
+        self.code_dir = f"{self.pin_dir}/{CODE_PIN_PREFIX}{code_digest(self._cflags())}"
+        self.reused = self.adopted and self._take_programs()
         if not self.reused:
-            self.bpf = BPF(src_file=str(BPF_DIR / "xdplb.c").encode(), cflags=flags)
-            swap = self._open_maps()
-            self.xdp_fn, self.tc_fn, self.tc_backend_fn = (
-                load_program(self.bpf, func, typ, swap, pflags) for func, typ, pflags in PROGRAMS)
-            os.makedirs(self.code_dir, exist_ok=True)
-            for fn in (self.xdp_fn, self.tc_fn, self.tc_backend_fn):
-                _pin_anew(fn.fd, f"{self.code_dir}/{fn.name.decode()}")
+            if apart:
+                self._compile_apart()
+            else:
+                self._compile()
         # Pinned under its id, so that this or a later agent recognises the program
         # attached to an interface from the id netlink reports, without CAP_SYS_ADMIN
         # (BPF_PROG_GET_FD_BY_ID); the pin also keeps the id from being reused.
@@ -226,32 +229,60 @@ class DataPlane:
             bpfsys.obj_pin(self.xdp_fn.fd, id_pin)
         self.load_seconds = time.monotonic() - t0
 
-    def _reuse_programs(self) -> bool:
-        """Take the programs pinned under this code's digest and the maps they use,
-        when every map is pinned and they use no other: then no compile is needed."""
-        from bcc import BPF
+    def _cflags(self) -> list[str]:
+        # Compiled and relocated by bcc against maps of its own, made as small as can
+        # be; the programs are then loaded against the real maps (see maps.h).
+        compile_caps = replace(COMPILE_CAPS, snat_port_min=self.caps.snat_port_min,
+                               snat_port_max=self.caps.snat_port_max)
+        return [f"-I{BPF_DIR}", *cflags(compile_caps, self.timeouts)]
 
+    def _compile(self) -> None:
+        """Compile, load against the pinned maps (made now where missing), pin."""
+        from bcc import BPF  # system package: imported late so pure modules never need it
+
+        self.bpf = BPF(src_file=str(BPF_DIR / "xdplb.c").encode(), cflags=self._cflags())
+        swap = self._open_maps()
+        self.xdp_fn, self.tc_fn, self.tc_backend_fn = (
+            load_program(self.bpf, func, typ, swap, pflags) for func, typ, pflags in PROGRAMS)
+        os.makedirs(self.code_dir, exist_ok=True)
+        for fn in (self.xdp_fn, self.tc_fn, self.tc_backend_fn):
+            _pin_anew(fn.fd, f"{self.code_dir}/{fn.name.decode()}")
+
+    def _compile_apart(self) -> None:
+        """_compile() in a child process (xdplb.dataplane.compiler), then take what it
+        pinned."""
+        spec = json.dumps({"caps": asdict(self.caps), "timeouts": asdict(self.timeouts)})
+        res = subprocess.run([sys.executable, "-m", "xdplb.dataplane.compiler",
+                              self.pin_root, spec], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise AttachError(f"compiling the data path failed: {res.stderr.strip()}")
+        if not self._take_programs():
+            raise AttachError(f"the compiled programs are not pinned in {self.code_dir}")
+
+    def _take_programs(self) -> bool:
+        """Take the programs pinned under this code's digest and the maps they use,
+        when every map is pinned and they use no other."""
         pins = [f"{self.code_dir}/{func}" for func, _t, _f in PROGRAMS]
         if not all(os.path.exists(p) for p in pins) or not all(
                 os.path.exists(f"{self.pin_dir}/{name}") for name, _k, _v in MAP_LAYOUTS):
             return False
         maps = {name: bpfsys.BpfMap.pinned(f"{self.pin_dir}/{name}")
                 for name, _k, _v in MAP_LAYOUTS}
-        fns = [BPF.Function(None, func.encode(), bpfsys.obj_get(p))
-               for (func, _t, _f), p in zip(PROGRAMS, pins, strict=True)]
+        progs = [Program(bpfsys.obj_get(p), func.encode())
+                 for (func, _t, _f), p in zip(PROGRAMS, pins, strict=True)]
         pinned_ids = {m.info.id for m in maps.values()}
         shapes_ok = all((m.info.key_size, m.info.value_size)
                         == (ctypes.sizeof(k), ctypes.sizeof(v))
                         for (_n, k, v), m in zip(MAP_LAYOUTS, maps.values(), strict=True))
-        if not shapes_ok or any(not set(bpfsys.prog_map_ids(fn.fd)) <= pinned_ids
-                                for fn in fns):
+        if not shapes_ok or any(not set(bpfsys.prog_map_ids(p.fd)) <= pinned_ids
+                                for p in progs):
             for m in maps.values():
                 m.close()
-            for fn in fns:
-                os.close(fn.fd)
+            for p in progs:
+                os.close(p.fd)
             return False
         self.maps = maps
-        self.xdp_fn, self.tc_fn, self.tc_backend_fn = fns
+        self.xdp_fn, self.tc_fn, self.tc_backend_fn = progs
         return True
 
     def _open_maps(self) -> dict[int, int]:
@@ -300,8 +331,6 @@ class DataPlane:
     # -- attach -------------------------------------------------------------------------
     def attach(self, ifname: str, mode: str = "native", force: bool = False) -> str:
         """Attach XDP and TC to ifname; returns the XDP mode in effect."""
-        from bcc import BPF
-
         if mode == "offload":
             raise AttachError("offload mode is not supported: the hash, LRU and LPM maps "
                               "of the data path cannot be offloaded to a NIC")
@@ -312,16 +341,16 @@ class DataPlane:
         if cur.prog_id and cur.mode != mode:
             log.info("%s: XDP mode %s -> %s: detaching first (packets pass unbalanced "
                      "for the gap)", ifname, cur.mode, mode)
-            BPF.remove_xdp(ifname, XDP_FLAGS[cur.mode])
+            _set_xdp(ifname, -1, XDP_FLAGS[cur.mode])
         try:
-            BPF.attach_xdp(ifname, self.xdp_fn, XDP_FLAGS[mode])
+            _set_xdp(ifname, self.xdp_fn.fd, XDP_FLAGS[mode])
             in_effect = mode
         except Exception as e:
             if mode != "native":
                 raise AttachError(f"{ifname}: cannot attach XDP in {mode} mode: {e}") from e
             log.warning("%s: native XDP unavailable (%s); falling back to generic mode",
                         ifname, e)
-            BPF.attach_xdp(ifname, self.xdp_fn, XDP_FLAGS["generic"])
+            _set_xdp(ifname, self.xdp_fn.fd, XDP_FLAGS["generic"])
             in_effect = "generic"
         _attach_tc(ifname, self.tc_fn.fd, self.tc_fn.name, TC_EGRESS_PARENT)
         if _has_our_filter(ifname, TC_INGRESS_PARENT):  # XDP does it here now
@@ -339,9 +368,10 @@ class DataPlane:
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
-        elif self.reused:
+        else:
             for fn in (self.xdp_fn, self.tc_fn, self.tc_backend_fn):
-                os.close(fn.fd)
+                if fn is not None:
+                    os.close(fn.fd)
         self.xdp_fn = self.tc_fn = self.tc_backend_fn = None
 
 
@@ -370,6 +400,13 @@ def _xdp_of(link: Any) -> XdpState:
     attrs = dict(xdp["attrs"])
     return XdpState(int(attrs.get("IFLA_XDP_PROG_ID") or 0),
                     XDP_ATTACHED_MODE.get(attrs.get("IFLA_XDP_ATTACHED") or 0, ""))
+
+
+def _set_xdp(ifname: str, fd: int, flags: int) -> None:
+    """Attach the XDP program ``fd`` in the mode of ``flags`` (-1: detach it)."""
+    with _iproute() as ipr:
+        ipr.link("set", index=_ifindex(ipr, ifname),
+                 xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", flags)]})
 
 
 def _attach_tc(ifname: str, fd: int, name: str, parent: int) -> None:
@@ -454,15 +491,13 @@ def is_ours(prog_id: int, pin_root: str = DEFAULT_PIN_ROOT) -> bool:
 
 def detach(ifname: str, pin_root: str = DEFAULT_PIN_ROOT) -> bool:
     """Remove our XDP program and TC filter from ifname; leave anything else."""
-    from bcc import BPF
-
     removed = False
     try:
         cur = xdp_state(ifname)
     except AttachError:
         return False
     if cur.prog_id and is_ours(cur.prog_id, pin_root):
-        BPF.remove_xdp(ifname, XDP_FLAGS[cur.mode or "generic"])
+        _set_xdp(ifname, -1, XDP_FLAGS[cur.mode or "generic"])
         removed = True
     for parent in OUR_FILTERS:
         if _has_our_filter(ifname, parent):
