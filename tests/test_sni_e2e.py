@@ -554,6 +554,11 @@ def test_one_mib_each_way_after_the_splice(sni: Env) -> None:
     for host in HOSTS:
         res = sni.client("bulk", "--host", host)
         assert res == {"sent_ok": True, "received_ok": True, "received": MIB}, res
+    # The splice and the data path were compiled in child processes: the agent
+    # splicing these bytes never mapped the compiler.
+    assert sni.agent.proc is not None
+    maps = Path(f"/proc/{sni.agent.proc.pid}/maps").read_text()
+    assert "libbcc" not in maps and "LLVM" not in maps
 
 
 def test_200_concurrent_connections(sni: Env) -> None:

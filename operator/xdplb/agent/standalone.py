@@ -105,7 +105,7 @@ class Agent:
         staged = self.read(force=True)
         self.dp.wait_loaded()
         self.writer = MapWriter(self.dp.maps, self.dp.caps)
-        self.sni = SniService(self.dp.maps, self.opts.timeouts.sni_hello)
+        self.sni = SniService(self.dp.maps, self.dp.pin_dir, self.opts.timeouts.sni_hello)
         if self.dp.adopted:
             self._inherited = set(attached_interfaces(self.opts.pin_root))
             n = self.writer.adopt()

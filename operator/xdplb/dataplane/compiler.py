@@ -1,10 +1,13 @@
-"""Compiles the data path in a process of its own, for DataPlane.load():
+"""Compiles in a process of its own, so that the agent never maps the compiler:
 
     python -m xdplb.dataplane.compiler PIN_ROOT '{"caps": {...}, "timeouts": {...}}'
+    python -m xdplb.dataplane.compiler splice WORK_DIR MAX_SOCKETS
 
-It loads the programs against the pinned maps (creating those that are missing)
-and pins them under their code digest, where the agent takes them: the agent
-never maps the compiler. Exits 1 with the error (a verifier log, say) on stderr.
+The first, for DataPlane.load(), loads the data path's programs against the
+pinned maps (creating those that are missing) and pins them under their code
+digest, where the agent takes them. The second, for sni.splice.Splicer, pins
+the splice's maps, its programs attached. Exits 1 with the error (a verifier
+log, say) on stderr.
 """
 
 from __future__ import annotations
@@ -17,11 +20,16 @@ from xdplb.dataplane.loader import DataPlane
 
 
 def main(argv: list[str]) -> int:
-    pin_root, spec = argv
-    cfg = json.loads(spec)
-    dp = DataPlane(pin_root, Capacities(**cfg["caps"]), Timeouts(**cfg["timeouts"]))
     try:
-        dp.load(apart=False)
+        if argv[0] == "splice":  # splice WORK_DIR MAX_SOCKETS: see sni.splice.Splicer
+            from xdplb.sni.splice import Splicer
+
+            Splicer.compile(argv[1], int(argv[2]))
+            return 0
+        pin_root, spec = argv
+        cfg = json.loads(spec)
+        DataPlane(pin_root, Capacities(**cfg["caps"]),
+                  Timeouts(**cfg["timeouts"])).load(apart=False)
     except Exception as e:  # the agent reports it
         print(e, file=sys.stderr)
         return 1

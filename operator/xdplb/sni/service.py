@@ -59,7 +59,9 @@ def local_routes_needed(want: Mapping[Address, Route], inv: Inventory) -> set[st
 
 
 class SniService:
-    def __init__(self, maps: Mapping[str, BpfMap], hello_timeout: float = HELLO_TIMEOUT) -> None:
+    def __init__(self, maps: Mapping[str, BpfMap], pin_dir: str,
+                 hello_timeout: float = HELLO_TIMEOUT) -> None:
+        self.pin_dir = pin_dir  # where the splice's maps pass from its compiler
         # Own descriptors: lookups from the acceptor's thread stay out of the writer's counts.
         self.maps = {n: BpfMap(os.dup(maps[n].fd), n) for n in LOOKUP_MAPS}
         self.hello_timeout = hello_timeout
@@ -73,7 +75,7 @@ class SniService:
         """Bring listeners and local routes in line with the plan; returns problems."""
         want = bindings(plan, inv, listener_ids)
         if want and self.acceptor is None:
-            self.splicer = Splicer()
+            self.splicer = Splicer(self.pin_dir)
             self.acceptor = Acceptor(partial(pick_backend, self.maps), self.splicer,
                                      self.hello_timeout)
             self.acceptor.start()

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
-from typing import Any
+import subprocess
+import sys
 
-from xdplb.dataplane.bpfsys import BpfError, BpfMap
+from xdplb.dataplane.bpfsys import BpfError, BpfMap, obj_pin
 from xdplb.dataplane.layout import BPF_DIR
 
 SO_COOKIE = 57
@@ -23,21 +25,39 @@ def _u64(v: int) -> bytes:
 
 
 class Splicer:
-    """Compiled once per agent; sockets joined here belong to the agent process, so they
-    live as long as it does."""
+    """Compiled once per agent, in a child process (as the data path: the agent never
+    maps the compiler), which attaches the programs to the sockhash and pins both maps
+    under `pin_dir` for the agent to open; the pins then go. Sockets joined here belong
+    to the agent process, so they live as long as it does."""
 
-    def __init__(self, max_sockets: int = 65536) -> None:
+    def __init__(self, pin_dir: str, max_sockets: int = 65536) -> None:
+        work = f"{pin_dir}/splice-{os.getpid()}"
+        res = subprocess.run([sys.executable, "-m", "xdplb.dataplane.compiler", "splice",
+                              work, str(max_sockets)], capture_output=True, text=True)
+        try:
+            if res.returncode != 0:
+                raise RuntimeError(f"compiling the splice failed: {res.stderr.strip()}")
+            self.socks = BpfMap.pinned(f"{work}/socks")
+            self.peers = BpfMap.pinned(f"{work}/peers")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    @staticmethod
+    def compile(work: str, max_sockets: int) -> None:
+        """The child's part: compile, attach the programs to the sockhash, pin the maps
+        (a sockhash holds its programs)."""
         from bcc import BPF, BPFAttachType, libbcc  # system package, imported late
 
-        self.bpf: Any = BPF(src_file=str(BPF_DIR / "splice.c").encode(),
-                            cflags=[f"-DMAX_SPLICED={max_sockets}"])
-        parser = self.bpf.load_func(b"splice_parser", BPF.SK_SKB)
-        verdict = self.bpf.load_func(b"splice_verdict", BPF.SK_SKB)
-        socks_fd = libbcc.lib.bpf_table_fd(self.bpf.module, b"socks")
+        b = BPF(src_file=str(BPF_DIR / "splice.c").encode(),
+                cflags=[f"-DMAX_SPLICED={max_sockets}"])
+        parser = b.load_func(b"splice_parser", BPF.SK_SKB)
+        verdict = b.load_func(b"splice_verdict", BPF.SK_SKB)
+        socks_fd = libbcc.lib.bpf_table_fd(b.module, b"socks")
         BPF.attach_func(parser, socks_fd, BPFAttachType.SK_SKB_STREAM_PARSER)
         BPF.attach_func(verdict, socks_fd, BPFAttachType.SK_SKB_STREAM_VERDICT)
-        self.socks = BpfMap(os.dup(socks_fd), "socks")
-        self.peers = BpfMap(os.dup(libbcc.lib.bpf_table_fd(self.bpf.module, b"peers")), "peers")
+        os.makedirs(work, exist_ok=True)
+        obj_pin(socks_fd, f"{work}/socks")
+        obj_pin(libbcc.lib.bpf_table_fd(b.module, b"peers"), f"{work}/peers")
 
     def join(self, client: socket.socket, backend: socket.socket) -> tuple[int, int]:
         """Splice two connected sockets. The backend joins first: a TLS server speaks only
@@ -69,4 +89,3 @@ class Splicer:
     def close(self) -> None:
         self.socks.close()
         self.peers.close()
-        self.bpf.cleanup()
