@@ -29,7 +29,7 @@ apiVersion: xdplb.io/v1alpha1
 kind: LoadBalancer
 metadata: {name: caps, namespace: default}
 spec:
-  interfaces: [xp0]
+  interfaces: [xp0, xp1]
   listeners:
   - name: web
     protocol: TCP
@@ -77,8 +77,8 @@ def wait_for(log: Path, text: str, after: int, proc: subprocess.Popen[bytes]) ->
     pytest.fail(f"no {text!r} in the agent log:\n{log.read_text()}")
 
 
-def xdp_prog_id() -> int:
-    out = sh("ip", "-n", NS, "-j", "-d", "link", "show", "dev", "xp0")
+def xdp_prog_id(dev: str = "xp0") -> int:
+    out = sh("ip", "-n", NS, "-j", "-d", "link", "show", "dev", dev)
     return int(__import__("json").loads(out)[0].get("xdp", {}).get("prog", {}).get("id", 0))
 
 
@@ -110,14 +110,23 @@ def test_agent_restarts_hitlessly_without_sys_admin(netns: Path) -> None:
     second.send_signal(signal.SIGKILL)
     second.wait()
 
-    # Other code (here another compiled-in timeout): compiled, and swapped in.
+    # Other code (here another compiled-in timeout): compiled, and swapped in; and
+    # the interface the file no longer names loses the old program, which only the
+    # old agent's pins name ours without SYS_ADMIN.
+    # It starts on a bad file (nothing applied until a good one comes).
+    assert xdp_prog_id("xp1") == old
+    (netns / "lb.yaml").write_text(CONFIG.replace("port: 80", "port: 70000"))
     mark = len(log.read_text())
     third = start_agent(netns, log, "--udp-timeout", "31")
     try:
         wait_for(log, "adopted pinned maps", mark, third)
+        wait_for(log, "started in", mark, third)
+        (netns / "lb.yaml").write_text(CONFIG.replace("[xp0, xp1]", "[xp0]"))
         wait_for(log, "attached to xp0", mark, third)
         wait_for(log, "applied", mark, third)
         assert "reused the programs" not in log.read_text()[mark:]
+        assert "detached from xp1: attached by an earlier agent" in log.read_text()[mark:]
+        assert xdp_prog_id("xp1") == 0
         new = xdp_prog_id()
         assert new and new != old, "the new agent did not replace its predecessor's program"
         assert loader.pinned_program_ids(PIN_ROOT) == {new}  # the old pin went with it

@@ -26,7 +26,13 @@ from xdplb.dataplane.alloc import CapacityError
 from xdplb.dataplane.config import Capacities, Timeouts
 from xdplb.dataplane.entries import Inventory, listener_interfaces, translated_listeners
 from xdplb.dataplane.layout import Stat
-from xdplb.dataplane.loader import AttachError, DataPlane, attached_interfaces, detach
+from xdplb.dataplane.loader import (
+    TC_INGRESS_PARENT,
+    AttachError,
+    DataPlane,
+    attached_interfaces,
+    detach,
+)
 from xdplb.dataplane.writer import MapWriter
 from xdplb.memory import gc_paused, settle
 from xdplb.plan.model import Plan, all_backends, snat_backends
@@ -78,7 +84,8 @@ class Agent:
         self.sni: SniService | None = None    # SNI acceptor and splice
         self.attached: dict[str, str] = {}   # interface -> XDP mode in effect
         self.backend_side: set[str] = set()  # interfaces with only TC ingress (source NAT)
-        self._inherited: set[str] = set()  # a predecessor's, until the first apply
+        # The interfaces an earlier agent attached to, until the first apply: None after.
+        self._inherited: set[str] | None = None
         self.stop = threading.Event()
         self._file_digest = ""
         self._file_stat: tuple[int, ...] = ()
@@ -106,8 +113,8 @@ class Agent:
         self.dp.wait_loaded()
         self.writer = MapWriter(self.dp.maps, self.dp.caps)
         self.sni = SniService(self.dp.maps, self.dp.pin_dir, self.opts.timeouts.sni_hello)
+        self._inherited = set(attached_interfaces(self.opts.pin_root))
         if self.dp.adopted:
-            self._inherited = set(attached_interfaces(self.opts.pin_root))
             n = self.writer.adopt()
             log.info("adopted pinned maps in %s (%d listener entries): established flows "
                      "keep their backends", self.dp.pin_dir, n)
@@ -119,7 +126,6 @@ class Agent:
         self.health.start()
         if staged is not None:
             self.apply(*staged)
-        self.dp.remove_stale_pins()
         log.info("started in %.0f ms", (time.monotonic() - t0) * 1000)
         if self.opts.metrics_port:
             from prometheus_client import start_http_server
@@ -265,10 +271,11 @@ class Agent:
             detach(ifname, self.opts.pin_root)
             self.backend_side.discard(ifname)
             log.info("detached from %s: no source-NAT backend behind it", ifname)
-        for ifname in sorted(self._inherited - {*wanted, *backend_side}):
-            detach(ifname, self.opts.pin_root)
-            log.info("detached from %s: attached by an earlier agent, unused now", ifname)
-        self._inherited = set()
+        for ifname in sorted((self._inherited or set()) - set(wanted)):
+            # A backend-side interface keeps its TC ingress, replaced in place below.
+            keep = (TC_INGRESS_PARENT,) if ifname in backend_side else ()
+            if detach(ifname, self.opts.pin_root, keep=keep):
+                log.info("detached from %s: attached by an earlier agent, unused now", ifname)
         for ifname in wanted:
             if ifname in self.attached:
                 continue
@@ -291,6 +298,10 @@ class Agent:
                 continue
             self.backend_side.add(ifname)
             log.info("attached to %s: TC ingress for source-NAT replies", ifname)
+        if self._inherited is not None:
+            # Until now, the earlier agent's pins were what named its programs ours.
+            self._inherited = None
+            self.dp.remove_stale_pins()
 
     def sweep(self) -> None:
         inv = self._applied_inventory

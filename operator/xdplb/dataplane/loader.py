@@ -153,7 +153,9 @@ def code_digest(flags: list[str]) -> str:
     from importlib.metadata import version
 
     h = hashlib.sha256()
-    for path in sorted(BPF_DIR.iterdir()):
+    # The sources, and the Python that relocates and loads them.
+    here = Path(__file__).parent
+    for path in [*sorted(BPF_DIR.iterdir()), here / "loader.py", here / "bpfsys.py"]:
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     uname = os.uname()
     h.update(repr((flags, PROGRAMS, uname.release, uname.version, version("bcc"))).encode())
@@ -203,7 +205,8 @@ class DataPlane:
     def load(self, apart: bool = True) -> None:
         """Take this code's pinned programs, or compile them: in a process of its own
         (`apart`), so that the agent never maps the compiler (bcc and LLVM: ~150 MB
-        resident), or here, keeping bcc's module in self.bpf (tests read its tables)."""
+        resident), or here, keeping bcc's module in self.bpf when it compiled (tests
+        read its tables)."""
         t0 = time.monotonic()
         ensure_bpffs(self.pin_root)
         stale = self._other_layouts()
@@ -266,16 +269,21 @@ class DataPlane:
         if not all(os.path.exists(p) for p in pins) or not all(
                 os.path.exists(f"{self.pin_dir}/{name}") for name, _k, _v in MAP_LAYOUTS):
             return False
-        maps = {name: bpfsys.BpfMap.pinned(f"{self.pin_dir}/{name}")
-                for name, _k, _v in MAP_LAYOUTS}
-        progs = [Program(bpfsys.obj_get(p), func.encode())
-                 for (func, _t, _f), p in zip(PROGRAMS, pins, strict=True)]
-        pinned_ids = {m.info.id for m in maps.values()}
-        shapes_ok = all((m.info.key_size, m.info.value_size)
-                        == (ctypes.sizeof(k), ctypes.sizeof(v))
-                        for (_n, k, v), m in zip(MAP_LAYOUTS, maps.values(), strict=True))
-        if not shapes_ok or any(not set(bpfsys.prog_map_ids(p.fd)) <= pinned_ids
-                                for p in progs):
+        maps: dict[str, bpfsys.BpfMap] = {}
+        progs: list[Program] = []
+        try:  # a pin may go meanwhile (another agent's cleanup): then compile
+            for name, _k, _v in MAP_LAYOUTS:
+                maps[name] = bpfsys.BpfMap.pinned(f"{self.pin_dir}/{name}")
+            for (func, _t, _f), p in zip(PROGRAMS, pins, strict=True):
+                progs.append(Program(bpfsys.obj_get(p), func.encode()))
+            pinned_ids = {m.info.id for m in maps.values()}
+            usable = all((m.info.key_size, m.info.value_size)
+                         == (ctypes.sizeof(k), ctypes.sizeof(v))
+                         for (_n, k, v), m in zip(MAP_LAYOUTS, maps.values(), strict=True)) \
+                and all(set(bpfsys.prog_map_ids(p.fd)) <= pinned_ids for p in progs)
+        except OSError:
+            usable = False
+        if not usable:
             for m in maps.values():
                 m.close()
             for p in progs:
@@ -325,8 +333,10 @@ class DataPlane:
             if pin.name != f"{PROG_PIN_PREFIX}{self.xdp_id}":
                 pin.unlink(missing_ok=True)
         for code in Path(self.pin_dir).glob(f"{CODE_PIN_PREFIX}*"):
-            if str(code) != self.code_dir:
+            if code.name != os.path.basename(self.code_dir):
                 shutil.rmtree(code, ignore_errors=True)
+        for work in Path(self.pin_dir).glob("splice-*"):  # an agent killed mid-compile
+            shutil.rmtree(work, ignore_errors=True)
 
     # -- attach -------------------------------------------------------------------------
     def attach(self, ifname: str, mode: str = "native", force: bool = False) -> str:
@@ -352,14 +362,15 @@ class DataPlane:
                         ifname, e)
             _set_xdp(ifname, self.xdp_fn.fd, XDP_FLAGS["generic"])
             in_effect = "generic"
-        _attach_tc(ifname, self.tc_fn.fd, self.tc_fn.name, TC_EGRESS_PARENT)
+        _attach_tc(ifname, self.tc_fn.fd, self.tc_fn.name.decode(), TC_EGRESS_PARENT)
         if _has_our_filter(ifname, TC_INGRESS_PARENT):  # XDP does it here now
             _detach_tc(ifname, TC_INGRESS_PARENT)
         return in_effect
 
     def attach_backend_side(self, ifname: str) -> None:
         """TC ingress for source-NAT replies on an interface that runs no XDP of ours."""
-        _attach_tc(ifname, self.tc_backend_fn.fd, self.tc_backend_fn.name, TC_INGRESS_PARENT)
+        _attach_tc(ifname, self.tc_backend_fn.fd, self.tc_backend_fn.name.decode(),
+                   TC_INGRESS_PARENT)
 
     def close(self) -> None:
         for m in self.maps.values():
@@ -489,8 +500,9 @@ def is_ours(prog_id: int, pin_root: str = DEFAULT_PIN_ROOT) -> bool:
         return False
 
 
-def detach(ifname: str, pin_root: str = DEFAULT_PIN_ROOT) -> bool:
-    """Remove our XDP program and TC filter from ifname; leave anything else."""
+def detach(ifname: str, pin_root: str = DEFAULT_PIN_ROOT, keep: tuple[int, ...] = ()) -> bool:
+    """Remove our XDP program and TC filters (but those of the hooks in ``keep``) from
+    ifname; leave anything else. Returns whether anything of ours was there."""
     removed = False
     try:
         cur = xdp_state(ifname)
@@ -499,7 +511,7 @@ def detach(ifname: str, pin_root: str = DEFAULT_PIN_ROOT) -> bool:
     if cur.prog_id and is_ours(cur.prog_id, pin_root):
         _set_xdp(ifname, -1, XDP_FLAGS[cur.mode or "generic"])
         removed = True
-    for parent in OUR_FILTERS:
+    for parent in OUR_FILTERS.keys() - set(keep):
         if _has_our_filter(ifname, parent):
             _detach_tc(ifname, parent)
             removed = True

@@ -362,8 +362,9 @@ def parse_object(doc: Any) -> tuple[LoadBalancer | None, list[str]]:
         lb = LoadBalancer.parse(doc)
     except ValidationError as exc:
         return None, format_errors(exc)
-    # On the object as the API holds it (which the model accepted): the bounds are
-    # list lengths, which validation does not change.
+    # On the object as the API holds it, pruned to the schema's (camelCase) field
+    # names, which the model accepted: the bounds are list lengths, which
+    # validation does not change.
     problems = [f"{path}: {message}" for path, message in storage_problems(doc)]
     return (None, problems) if problems else (lb, [])
 

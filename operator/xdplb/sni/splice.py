@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import uuid
 
 from xdplb.dataplane.bpfsys import BpfError, BpfMap, obj_pin
 from xdplb.dataplane.layout import BPF_DIR
@@ -31,14 +32,18 @@ class Splicer:
     to the agent process, so they live as long as it does."""
 
     def __init__(self, pin_dir: str, max_sockets: int = 65536) -> None:
-        work = f"{pin_dir}/splice-{os.getpid()}"
-        res = subprocess.run([sys.executable, "-m", "xdplb.dataplane.compiler", "splice",
-                              work, str(max_sockets)], capture_output=True, text=True)
+        work = f"{pin_dir}/splice-{uuid.uuid4().hex[:12]}"  # one agent is PID 1 as the last
         try:
+            res = subprocess.run([sys.executable, "-m", "xdplb.dataplane.compiler", "splice",
+                                  work, str(max_sockets)], capture_output=True, text=True)
             if res.returncode != 0:
                 raise RuntimeError(f"compiling the splice failed: {res.stderr.strip()}")
             self.socks = BpfMap.pinned(f"{work}/socks")
-            self.peers = BpfMap.pinned(f"{work}/peers")
+            try:
+                self.peers = BpfMap.pinned(f"{work}/peers")
+            except OSError:
+                self.socks.close()
+                raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
