@@ -356,6 +356,29 @@ def test_release_removes_only_our_finalizer(env: Env) -> None:
     wait_for("gone", lambda: env.lb("web") is None)
 
 
+def test_release_after_a_conflict_tries_again_with_the_object_as_it_is(tmp_path: Any) -> None:
+    """The object changed after the version the release holds (a status write, another
+    finalizer): the guarded patch conflicts, and release must not give up on it."""
+    import asyncio
+
+    from xdplb.k8s.operator import FINALIZER, release
+
+    with Cluster(tmp_path) as cluster:
+        cluster.apply_crds()
+        admin = Kube(str(cluster.admin_kubeconfig))
+        doc = lb_doc("web")
+        doc["metadata"]["finalizers"] = [FINALIZER, "example.com/keep"]
+        cluster.kubectl("apply", "-f", "-", stdin=json.dumps(doc))
+        cluster.kubectl("delete", "loadbalancer", "web", "--wait=false")
+        path = f"{LB_API}/namespaces/default/loadbalancers/web"
+        stale = admin.get(path)
+        admin.patch(path, {"metadata": {"labels": {"changed": "after"}}})
+        settings = OperatorSettings(kubeconfig=str(cluster.admin_kubeconfig))
+        asyncio.run(release(settings, State(settings), admin, stale))
+        assert admin.get(path)["metadata"]["finalizers"] == ["example.com/keep"]
+        admin.patch(path, {"metadata": {"finalizers": None}})
+
+
 def test_delete_is_released_after_the_bounded_wait(tmp_path: Any) -> None:
     with operator_env(tmp_path, release_timeout=1.5) as env:
         env.programmed("web", "n1")

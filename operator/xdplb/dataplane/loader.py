@@ -237,7 +237,9 @@ class DataPlane:
         # be; the programs are then loaded against the real maps (see maps.h).
         compile_caps = replace(COMPILE_CAPS, snat_port_min=self.caps.snat_port_min,
                                snat_port_max=self.caps.snat_port_max)
-        return [f"-I{BPF_DIR}", *cflags(compile_caps, self.timeouts)]
+        # No debug info: the programs and maps are loaded without BTF (load_program,
+        # _open_maps), so making it would only cost compile time (~0.3 s).
+        return [f"-I{BPF_DIR}", "-g0", *cflags(compile_caps, self.timeouts)]
 
     def _compile(self) -> None:
         """Compile, load against the pinned maps (made now where missing), pin."""

@@ -410,14 +410,14 @@ def _lb_path(meta: dict[str, Any]) -> str:
     return f"/apis/{GROUP}/{VERSION}/namespaces/{meta['namespace']}/loadbalancers/{meta['name']}"
 
 
-def set_finalizer(kube: Kube, body: dict[str, Any], present: bool) -> None:
+def set_finalizer(kube: Kube, body: dict[str, Any], present: bool) -> bool:
     """Add or remove our finalizer with a JSON patch guarded by the resourceVersion, so a
-    concurrent change of the list is never lost; on a conflict the object's next event
-    (the change that won) brings us back here."""
+    concurrent change of the list is never lost. False on a conflict: ``body`` was not
+    the latest version, and the event of the change that won brings a newer one."""
     meta = body["metadata"]
     finalizers = meta.get("finalizers") or []
     if (FINALIZER in finalizers) == present:
-        return
+        return True
     version = {"op": "test", "path": "/metadata/resourceVersion", "value": meta["resourceVersion"]}
     if not present:
         change = {"op": "remove", "path": f"/metadata/finalizers/{finalizers.index(FINALIZER)}"}
@@ -428,8 +428,12 @@ def set_finalizer(kube: Kube, body: dict[str, Any], present: bool) -> None:
     try:
         kube.request("PATCH", _lb_path(meta), [version, change], "application/json-patch+json")
     except kubernetes.client.ApiException as e:
-        if not (is_missing(e) or e.status in (409, 422)):
-            raise
+        if is_missing(e):
+            return True
+        if e.status in (409, 422):
+            return False
+        raise
+    return True
 
 
 async def release(opts: OperatorSettings, state: State, kube: Kube, body: dict[str, Any]
@@ -450,7 +454,16 @@ async def release(opts: OperatorSettings, state: State, kube: Kube, body: dict[s
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.changed.wait(), timeout=min(left, 1.0))
     try:
-        await asyncio.to_thread(set_finalizer, kube, state.lbs.get(ref, body), False)
+        # On a conflict (a status write, another finalizer changed meanwhile) this task
+        # is the one to try again: with the object as it is now.
+        current = state.lbs.get(ref, body)
+        while not await asyncio.to_thread(set_finalizer, kube, current, False):
+            try:
+                current = await asyncio.to_thread(kube.get, _lb_path(meta))
+            except kubernetes.client.ApiException as e:
+                if is_missing(e):
+                    return
+                raise
     except Exception as e:  # the next event of the object starts another attempt
         log.error("finalizer of %s/%s not removed: %s", *ref, e)
         return
