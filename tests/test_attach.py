@@ -150,6 +150,13 @@ def test_a_restart_reuses_the_programs_compiled_from_the_same_code() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_the_compilers_error_reaches_the_agent() -> None:
+    from xdplb.dataplane.compiler import run_apart
+
+    assert run_apart("splice", f"{PIN_ROOT}-none", "many") == \
+        "invalid literal for int() with base 10: 'many'"
+
+
 def test_load_async_hands_its_error_to_the_waiter(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(self: loader.DataPlane) -> None:
         raise loader.AttachError("pinned map has another shape")

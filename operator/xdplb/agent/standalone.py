@@ -106,7 +106,7 @@ class Agent:
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         t0 = time.monotonic()
-        # The compiler runs outside the GIL: read and plan the file meanwhile.
+        # The compiler runs in a child process: read and plan the file meanwhile.
         if self.dp.loading is None:
             self.dp.load_async()
         staged = self.read(force=True)

@@ -13,10 +13,18 @@ log, say) on stderr.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 from xdplb.dataplane.config import Capacities, Timeouts
 from xdplb.dataplane.loader import DataPlane
+
+
+def run_apart(*args: str) -> str:
+    """main(args) in a child process; its error, or "" when it succeeded."""
+    res = subprocess.run([sys.executable, "-m", "xdplb.dataplane.compiler", *args],
+                         capture_output=True, text=True)
+    return "" if res.returncode == 0 else res.stderr.strip() or f"exit {res.returncode}"
 
 
 def main(argv: list[str]) -> int:

@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
@@ -184,7 +183,7 @@ class DataPlane:
 
     # -- load ---------------------------------------------------------------------------
     def load_async(self) -> None:
-        """Start load() in a thread: the compiler runs outside the GIL, so the caller
+        """Start load() in a thread: the compiler runs in a child process, so the caller
         can go on meanwhile, then call wait_loaded()."""
         def run() -> None:
             try:
@@ -256,11 +255,11 @@ class DataPlane:
     def _compile_apart(self) -> None:
         """_compile() in a child process (xdplb.dataplane.compiler), then take what it
         pinned."""
+        from xdplb.dataplane.compiler import run_apart  # it imports this module
+
         spec = json.dumps({"caps": asdict(self.caps), "timeouts": asdict(self.timeouts)})
-        res = subprocess.run([sys.executable, "-m", "xdplb.dataplane.compiler",
-                              self.pin_root, spec], capture_output=True, text=True)
-        if res.returncode != 0:
-            raise AttachError(f"compiling the data path failed: {res.stderr.strip()}")
+        if error := run_apart(self.pin_root, spec):
+            raise AttachError(f"compiling the data path failed: {error}")
         if not self._take_programs():
             raise AttachError(f"the compiled programs are not pinned in {self.code_dir}")
 

@@ -7,11 +7,10 @@ import contextlib
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import uuid
 
 from xdplb.dataplane.bpfsys import BpfError, BpfMap, obj_pin
+from xdplb.dataplane.compiler import run_apart
 from xdplb.dataplane.layout import BPF_DIR
 
 SO_COOKIE = 57
@@ -34,10 +33,8 @@ class Splicer:
     def __init__(self, pin_dir: str, max_sockets: int = 65536) -> None:
         work = f"{pin_dir}/splice-{uuid.uuid4().hex[:12]}"  # one agent is PID 1 as the last
         try:
-            res = subprocess.run([sys.executable, "-m", "xdplb.dataplane.compiler", "splice",
-                                  work, str(max_sockets)], capture_output=True, text=True)
-            if res.returncode != 0:
-                raise RuntimeError(f"compiling the splice failed: {res.stderr.strip()}")
+            if error := run_apart("splice", work, str(max_sockets)):
+                raise RuntimeError(f"compiling the splice failed: {error}")
             self.socks = BpfMap.pinned(f"{work}/socks")
             try:
                 self.peers = BpfMap.pinned(f"{work}/peers")
