@@ -648,6 +648,12 @@ def _view(cls: type[_Model], rule: CelRule) -> _View:
 _Shape = tuple[tuple[str, int | None], ...]
 
 
+def _shape(model: BaseModel, seen: Iterable[tuple[str, str, bool]]) -> _Shape:
+    """What rules see of the fields ``seen``, as (alias, name, counted by its length)."""
+    return tuple((a, None if (v := getattr(model, n)) is None else len(v) if counted else -1)
+                 for a, n, counted in seen)
+
+
 def _stand_in(shape: _Shape) -> dict[str, Any]:
     return {a: True if n < 0 else [0] * n for a, n in shape if n is not None}
 
@@ -689,15 +695,11 @@ def _failing(model: _Model) -> Iterator[CelRule]:
     """
     rules = _rules(type(model))
     if rules.by_shape:
-        shape = tuple((a, None if (v := getattr(model, n)) is None else len(v) if counted else -1)
-                      for a, n, counted in rules.shaped)
-        yield from _failing_for_shape(type(model), shape)
+        yield from _failing_for_shape(type(model), _shape(model, rules.shaped))
     for rule in rules.by_value:
         view = _view(type(model), rule)
-        shape = tuple((a, None if (v := getattr(model, n)) is None else -1)
-                      for a, n in view.presence)
-        shape += tuple((a, None if (v := getattr(model, n)) is None else len(v))
-                       for a, n in view.sizes)
+        shape = _shape(model, ((a, n, False) for a, n in view.presence))
+        shape += _shape(model, ((a, n, True) for a, n in view.sizes))
         data = model.model_dump(mode="json", by_alias=True, exclude_none=True,
                                 include=view.values)
         if not evaluate(rule, {**_stand_in(shape), **data}):
@@ -736,9 +738,7 @@ def _passes_by_shape(model: BaseModel) -> bool:
     ruled, shaped = plan
     if any(getattr(model, n) is not None for n in ruled):
         return False
-    shape = tuple((a, None if (v := getattr(model, n)) is None else len(v) if counted else -1)
-                  for a, n, counted in shaped)
-    return not _failing_for_shape(type(model), shape)
+    return not _failing_for_shape(type(model), _shape(model, shaped))
 
 
 @cache
