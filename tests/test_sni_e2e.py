@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import ctypes
 import hashlib
 import json
 import os
@@ -559,6 +560,71 @@ def test_one_mib_each_way_after_the_splice(sni: Env) -> None:
     assert sni.agent.proc is not None
     maps = Path(f"/proc/{sni.agent.proc.pid}/maps").read_text()
     assert "libbcc" not in maps and "LLVM" not in maps
+
+
+def _tcp_sockets_of(pid: int) -> list[socket.socket]:
+    """Copies of the IPv4 TCP sockets process `pid` holds (pidfd_getfd, as root)."""
+    pidfd_getfd = 438
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    out = []
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            fd = libc.syscall(pidfd_getfd, pidfd, int(name), 0)
+            if fd < 0:
+                continue
+            s = socket.socket(fileno=fd)
+            if s.family == socket.AF_INET and s.type == socket.SOCK_STREAM:
+                out.append(s)
+            else:
+                s.close()
+    finally:
+        os.close(pidfd)
+    return out
+
+
+def test_spliced_sockets_send_small_segments_at_once(sni: Env) -> None:
+    """Nagle's algorithm would hold a small segment the splice sends while an earlier one
+    waits for an ACK, and the peer delays its ACK (40 ms): a stall in every TLS
+    handshake. The listening socket, the client's and the backend's side all have
+    TCP_NODELAY."""
+    code = f"""
+import socket
+raw = socket.create_connection(({VIP!r}, {TLS_PORT}), timeout=20)
+s = client_context().wrap_socket(raw, server_hostname="a.example.com")
+s.sendall(b"name\\n"); s.makefile("rb").readline()
+print(s.getsockname()[1], flush=True)
+sys.stdin.read()
+"""
+    held = sni.lab.popen("cli", sys.executable, "-c",
+                         f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                         "from test_sni_e2e import *\n" + code, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    assert held.stdin is not None and held.stdout is not None
+    try:
+        cport = int(held.stdout.readline())
+        assert sni.agent.proc is not None
+        nodelay: dict[str, list[int]] = {"listener": [], "client": [], "backend": []}
+        for s in _tcp_sockets_of(sni.agent.proc.pid):
+            with s:
+                try:
+                    peer = s.getpeername()
+                except OSError:
+                    peer = None
+                side = ("listener" if peer is None and s.getsockname() == (VIP, TLS_PORT)
+                        else "client" if peer == (Lab.client_addr, cport)
+                        else "backend" if peer == (Lab.backend_addr(1), B_TLS) else None)
+                if side:
+                    nodelay[side].append(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        assert nodelay == {"listener": [1], "client": [1], "backend": [1]}, nodelay
+    finally:
+        held.stdin.close()
+        sni.lab.stop(held)
 
 
 def test_200_concurrent_connections(sni: Env) -> None:

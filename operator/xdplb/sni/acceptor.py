@@ -57,6 +57,7 @@ def listen_socket(address: str, port: int) -> socket.socket:
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
         s.bind((address, port))
         s.listen(BACKLOG)
         s.setblocking(False)
@@ -249,6 +250,7 @@ class Acceptor:
                 return
             upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             upstream.setblocking(False)
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             async with asyncio.timeout(self.connect_timeout):
                 await self.loop.sock_connect(upstream, backend)
             header = proxy_v2_header(client, local) if route.proxy_protocol else b""
