@@ -379,6 +379,69 @@ def test_release_after_a_conflict_tries_again_with_the_object_as_it_is(tmp_path:
         admin.patch(path, {"metadata": {"finalizers": None}})
 
 
+def test_release_tries_again_after_a_failed_request(tmp_path: Any,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """No other event of a deleted object may come to start another release: a request
+    that fails (here the first PATCH times out) must not leave the object held."""
+    import asyncio
+
+    import urllib3
+
+    from xdplb.k8s.operator import FINALIZER, release
+
+    class FailingOnce(Kube):
+        failed = 0
+
+        def request(self, method: str, path: str, body: Any = None,
+                    content_type: str = "application/json", timeout: float | None = None
+                    ) -> Any:
+            if method == "PATCH" and not self.failed:
+                self.failed += 1
+                raise urllib3.exceptions.ReadTimeoutError(None, path, "read timed out")
+            return super().request(method, path, body, content_type, timeout)
+
+    with Cluster(tmp_path) as cluster:
+        cluster.apply_crds()
+        doc = lb_doc("web")
+        doc["metadata"]["finalizers"] = [FINALIZER, "example.com/keep"]
+        cluster.kubectl("apply", "-f", "-", stdin=json.dumps(doc))
+        cluster.kubectl("delete", "loadbalancer", "web", "--wait=false")
+        kube = FailingOnce(str(cluster.admin_kubeconfig))
+        path = f"{LB_API}/namespaces/default/loadbalancers/web"
+        settings = OperatorSettings(kubeconfig=str(cluster.admin_kubeconfig))
+        asyncio.run(release(settings, State(settings), kube, kube.get(path)))
+        assert kube.failed == 1
+        assert kube.get(path)["metadata"]["finalizers"] == ["example.com/keep"]
+        assert "finalizer of default/web not removed yet" in caplog.text
+        kube.patch(path, {"metadata": {"finalizers": None}})
+
+
+def test_api_requests_time_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API server that accepts and never answers: the request fails in time instead
+    of holding its caller (and the handler of its object) for good."""
+    import socket
+
+    import urllib3
+
+    from xdplb.k8s import operator
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        host, port = silent.getsockname()
+        config = tmp_path / "kubeconfig"
+        config.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "c", "cluster": {"server": f"http://{host}:{port}"}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+        monkeypatch.setattr(operator, "REQUEST_TIMEOUT", 0.5)
+        t0 = time.monotonic()
+        with pytest.raises(urllib3.exceptions.HTTPError):
+            Kube(str(config)).get("/api")
+        assert time.monotonic() - t0 < 5
+
+
 def test_delete_is_released_after_the_bounded_wait(tmp_path: Any) -> None:
     with operator_env(tmp_path, release_timeout=1.5) as env:
         env.programmed("web", "n1")

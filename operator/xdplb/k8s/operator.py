@@ -54,6 +54,9 @@ GROUP, VERSION = "xdplb.io", "v1alpha1"
 FINALIZER = "xdplb.io/release"
 TICK = 0.1  # seconds between scans for due status writes and silent nodes
 SHOWN_ERRORS = 20  # validation errors in a condition message; `xdplb validate` shows all
+# Seconds to connect and for each read of one API request: a hung request would hold the
+# handler of its object, and every later event of that object would wait behind it.
+REQUEST_TIMEOUT = 10.0
 log = logging.getLogger("xdplb.operator")
 
 
@@ -84,6 +87,7 @@ class Kube:
 
     def request(self, method: str, path: str, body: Any = None,
                 content_type: str = "application/json", timeout: float | None = None) -> Any:
+        timeout = REQUEST_TIMEOUT if timeout is None else timeout
         c = self.client
         method, url, headers, body, _ = c.param_serialize(
             method, path, body=body, auth_settings=["BearerToken"],
@@ -453,20 +457,24 @@ async def release(opts: OperatorSettings, state: State, kube: Kube, body: dict[s
         state.changed.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.changed.wait(), timeout=min(left, 1.0))
-    try:
-        # On a conflict (a status write, another finalizer changed meanwhile) this task
-        # is the one to try again: with the object as it is now.
-        current = state.lbs.get(ref, body)
-        while not await asyncio.to_thread(set_finalizer, kube, current, False):
-            try:
-                current = await asyncio.to_thread(kube.get, _lb_path(meta))
-            except kubernetes.client.ApiException as e:
-                if is_missing(e):
-                    return
-                raise
-    except Exception as e:  # the next event of the object starts another attempt
-        log.error("finalizer of %s/%s not removed: %s", *ref, e)
-        return
+    # This task is the one to try again, until the finalizer is gone: no other event of
+    # the object may come to start another.
+    current = state.lbs.get(ref, body)
+    delay = 0.5
+    while True:
+        try:
+            if await asyncio.to_thread(set_finalizer, kube, current, False):
+                break
+            # A conflict (a status write, another finalizer changed meanwhile): again,
+            # with the object as it is now.
+            current = await asyncio.to_thread(kube.get, _lb_path(meta))
+        except Exception as e:  # the API failed or timed out
+            if is_missing(e):
+                return
+            log.warning("finalizer of %s/%s not removed yet (again in %g s): %s", *ref,
+                        delay, e)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 30.0)
     log.info("released %s/%s", *ref)
 
 
