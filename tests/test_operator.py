@@ -379,6 +379,36 @@ def test_release_after_a_conflict_tries_again_with_the_object_as_it_is(tmp_path:
         admin.patch(path, {"metadata": {"finalizers": None}})
 
 
+def test_release_leaves_a_new_object_of_the_same_name_alone(tmp_path: Any) -> None:
+    """The deleted object is gone and another was created under its name before the
+    release's patch: the conflict must not make the release take the new one's
+    finalizer."""
+    import asyncio
+
+    from xdplb.k8s.operator import FINALIZER, release
+
+    with Cluster(tmp_path) as cluster:
+        cluster.apply_crds()
+        admin = Kube(str(cluster.admin_kubeconfig))
+        path = f"{LB_API}/namespaces/default/loadbalancers/web"
+        doc = lb_doc("web")
+        doc["metadata"]["finalizers"] = [FINALIZER, "example.com/keep"]
+        cluster.kubectl("apply", "-f", "-", stdin=json.dumps(doc))
+        cluster.kubectl("delete", "loadbalancer", "web", "--wait=false")
+        deleted = admin.get(path)
+        admin.patch(path, {"metadata": {"finalizers": None}})
+        wait_for("gone", lambda: not cluster.kubectl("get", "loadbalancers", "-o", "name",
+                                                     check=False).stdout.strip())
+        doc["metadata"]["finalizers"] = [FINALIZER]
+        cluster.kubectl("apply", "-f", "-", stdin=json.dumps(doc))
+        settings = OperatorSettings(kubeconfig=str(cluster.admin_kubeconfig))
+        asyncio.run(release(settings, State(settings), admin, deleted))
+        again = admin.get(path)
+        assert again["metadata"]["uid"] != deleted["metadata"]["uid"]
+        assert again["metadata"]["finalizers"] == [FINALIZER]
+        admin.patch(path, {"metadata": {"finalizers": None}})
+
+
 def test_release_tries_again_after_a_failed_request(tmp_path: Any,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """No other event of a deleted object may come to start another release: a request

@@ -466,8 +466,11 @@ async def release(opts: OperatorSettings, state: State, kube: Kube, body: dict[s
             if await asyncio.to_thread(set_finalizer, kube, current, False):
                 break
             # A conflict (a status write, another finalizer changed meanwhile): again,
-            # with the object as it is now.
+            # with the object as it is now, unless it is another object by now (deleted
+            # and created again under the same name).
             current = await asyncio.to_thread(kube.get, _lb_path(meta))
+            if current["metadata"].get("uid") != meta.get("uid"):
+                return
         except Exception as e:  # the API failed or timed out
             if is_missing(e):
                 return
@@ -482,7 +485,9 @@ def build_registry(opts: OperatorSettings, state: State, kube: Kube,
                    probes: Probes | None = None) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     tasks: list[asyncio.Task[None]] = []
-    releasing: dict[Ref, asyncio.Task[None]] = {}
+    # By uid: a release still waiting for an object deleted earlier under the same name
+    # must not keep this one's from starting.
+    releasing: dict[str, asyncio.Task[None]] = {}
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -520,9 +525,9 @@ def build_registry(opts: OperatorSettings, state: State, kube: Kube,
             return
         if not meta.get("deletionTimestamp"):
             await asyncio.to_thread(set_finalizer, kube, doc, True)
-        elif FINALIZER in (meta.get("finalizers") or []) and (ref := _ref(doc)) not in releasing:
-            releasing[ref] = asyncio.create_task(release(opts, state, kube, doc))
-            releasing[ref].add_done_callback(lambda _: releasing.pop(ref, None))
+        elif FINALIZER in (meta.get("finalizers") or []) and (uid := meta["uid"]) not in releasing:
+            releasing[uid] = asyncio.create_task(release(opts, state, kube, doc))
+            releasing[uid].add_done_callback(lambda _: releasing.pop(uid, None))
 
     @kopf.on.event(GROUP, VERSION, "nodestates", registry=registry)
     def nodestate_event(type: str | None, body: Any, **_: Any) -> None:
