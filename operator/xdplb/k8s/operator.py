@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -460,8 +461,12 @@ async def release(opts: OperatorSettings, state: State, kube: Kube, body: dict[s
     # This task is the one to try again, until the finalizer is gone: no other event of
     # the object may come to start another.
     current = state.lbs.get(ref, body)
-    delay = 0.5
-    while True:
+    for attempt in itertools.count():
+        if attempt > 1:  # a first failure is retried at once, later ones back off
+            delay = min(0.5 * 2 ** (attempt - 2), 30.0)
+            log.warning("finalizer of %s/%s not removed after %d attempts: again in %g s",
+                        *ref, attempt, delay)
+            await asyncio.sleep(delay)
         try:
             if await asyncio.to_thread(set_finalizer, kube, current, False):
                 break
@@ -474,10 +479,7 @@ async def release(opts: OperatorSettings, state: State, kube: Kube, body: dict[s
         except Exception as e:  # the API failed or timed out
             if is_missing(e):
                 return
-            log.warning("finalizer of %s/%s not removed yet (again in %g s): %s", *ref,
-                        delay, e)
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 30.0)
+            log.warning("finalizer of %s/%s not removed yet: %s", *ref, e)
     log.info("released %s/%s", *ref)
 
 
