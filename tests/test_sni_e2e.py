@@ -621,7 +621,9 @@ sys.stdin.read()
                         else "backend" if peer == (Lab.backend_addr(1), B_TLS) else None)
                 if side:
                     nodelay[side].append(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-        assert nodelay == {"listener": [1], "client": [1], "backend": [1]}, nodelay
+        # Other tests' pairs to b1 may still be closing: every backend socket counts.
+        assert nodelay["listener"] == [1] and nodelay["client"] == [1], nodelay
+        assert nodelay["backend"] and set(nodelay["backend"]) == {1}, nodelay
     finally:
         held.stdin.close()
         sni.lab.stop(held)
