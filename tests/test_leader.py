@@ -20,10 +20,9 @@ from typing import Any
 
 import kubernetes
 import pytest
-import yaml
 
 from tests.chart import chart_grants
-from tests.k8s.cluster import KUBECTL, Cluster, wait_for
+from tests.k8s.cluster import KUBECTL, Cluster, wait_for, write_kubeconfig
 from tests.test_health import free_port
 from xdplb.k8s.daemonset import AgentSettings
 from xdplb.k8s.lease import LeaderElector, LeaseLost, decide, released
@@ -306,12 +305,7 @@ def test_a_leader_whose_lease_is_taken_stops(tmp_path: Path) -> None:
 
 def test_probes_before_the_api_answers(tmp_path: Path) -> None:
     closed = free_port()  # nothing listens there
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{closed}"}}],
-        "users": [{"name": "u", "user": {"token": "t"}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{closed}")
     replica = Replica(kubeconfig, "pod-a")
     try:
         wait_for("probes served", lambda: replica.probe("/healthz")[0])

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.chart import chart_grants
-from tests.k8s.cluster import KUBECTL, Cluster, wait_for
+from tests.k8s.cluster import KUBECTL, Cluster, wait_for, write_kubeconfig
 from xdplb.k8s.daemonset import AgentSettings
 from xdplb.k8s.operator import Kube, State, run
 from xdplb.k8s.settings import LeaderElectionSettings, OperatorSettings
@@ -459,12 +459,7 @@ def test_api_requests_time_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         host, port = silent.getsockname()
-        config = tmp_path / "kubeconfig"
-        config.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "c",
-            "clusters": [{"name": "c", "cluster": {"server": f"http://{host}:{port}"}}],
-            "users": [{"name": "u", "user": {"token": "t"}}],
-            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+        config = write_kubeconfig(tmp_path / "kubeconfig", f"http://{host}:{port}")
         monkeypatch.setattr(operator, "REQUEST_TIMEOUT", 0.5)
         t0 = time.monotonic()
         with pytest.raises(urllib3.exceptions.HTTPError):

@@ -28,6 +28,18 @@ ADMIN_TOKEN = "admin-token"
 T = TypeVar("T")
 
 
+def write_kubeconfig(path: Path, server: str, user: str = "test", token: str = "token"
+                     ) -> Path:
+    """A kubeconfig whose one context reaches `server` as `user` with a bearer token."""
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "test", "cluster": {"server": server}}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": user}}],
+    }))
+    return path
+
+
 class Cluster:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -71,14 +83,7 @@ class Cluster:
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
 
     def kubeconfig(self, user: str, token: str) -> Path:
-        path = self.workdir / f"kubeconfig-{user}"
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "test",
-            "clusters": [{"name": "test", "cluster": {"server": self.url}}],
-            "users": [{"name": user, "user": {"token": token}}],
-            "contexts": [{"name": "test", "context": {"cluster": "test", "user": user}}],
-        }))
-        return path
+        return write_kubeconfig(self.workdir / f"kubeconfig-{user}", self.url, user, token)
 
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True
                 ) -> subprocess.CompletedProcess[str]:
