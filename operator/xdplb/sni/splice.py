@@ -31,7 +31,8 @@ class Splicer:
     to the agent process, so they live as long as it does."""
 
     def __init__(self, pin_dir: str, max_sockets: int = 65536) -> None:
-        work = f"{pin_dir}/splice-{uuid.uuid4().hex[:12]}"  # one agent is PID 1 as the last
+        # Unique by uuid, not by pid: in a pod every agent is PID 1.
+        work = f"{pin_dir}/splice-{uuid.uuid4().hex[:12]}"
         try:
             if error := run_apart("splice", work, str(max_sockets)):
                 raise RuntimeError(f"compiling the splice failed: {error}")
