@@ -151,9 +151,9 @@ def test_a_restart_reuses_the_programs_compiled_from_the_same_code() -> None:
 
 
 def test_the_compilers_error_reaches_the_agent() -> None:
-    from xdplb.dataplane.compiler import run_apart
+    from xdplb.dataplane.apart import run_apart
 
-    assert run_apart("splice", f"{PIN_ROOT}-none", "many") == \
+    assert run_apart("xdplb.sni.splice:compile_splice", f"{PIN_ROOT}-none", "many") == \
         "invalid literal for int() with base 10: 'many'"
 
 

@@ -24,8 +24,9 @@ from tests.test_health import free_port
 from tests.test_leader import probe
 from tests.test_operator import seed_operator_pod
 from xdplb.agent.cluster import AGENT_NAMESPACE_RULES, AGENT_RULES
+from xdplb.k8s.client import Kube
 from xdplb.k8s.daemonset import CAPABILITIES
-from xdplb.k8s.operator import FINALIZER, Kube
+from xdplb.k8s.operator import FINALIZER
 from xdplb.k8s.rbac import OPERATOR_NAMESPACE_RULES, OPERATOR_RULES
 from xdplb.k8s.uninstall import UNINSTALL_NAMESPACE_RULES, UNINSTALL_RULES
 

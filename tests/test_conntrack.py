@@ -141,7 +141,7 @@ def test_metrics_read_kernel_counters(dp: DataPlane) -> None:
 
 def test_batch_reads_cross_chunk_boundaries(dp: DataPlane) -> None:
     """Hash maps page by bucket, the LPM trie and arrays by key: both must advance."""
-    from xdplb.dataplane.writer import lpm_key
+    from xdplb.dataplane.layout import lpm_key
 
     conntrack.flush(dp.maps["ct"])
     for p in range(4000, 4010):

@@ -14,9 +14,9 @@ import yaml
 from tests.test_crd import LB_SCHEMA, api_server_errors
 from xdplb.cli import main
 from xdplb.k8s import crd
+from xdplb.k8s.reference import MODEL_RULES, render
 from xdplb.spec import model
 from xdplb.spec.load import SpecError, load_file, parse_manifests
-from xdplb.spec.reference import MODEL_RULES, render
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "docs" / "reference.md"

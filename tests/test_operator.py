@@ -25,8 +25,9 @@ import pytest
 
 from tests.chart import chart_grants
 from tests.k8s.cluster import KUBECTL, Cluster, wait_for, write_kubeconfig
+from xdplb.k8s.client import Kube
 from xdplb.k8s.daemonset import AgentSettings
-from xdplb.k8s.operator import Kube, State, run
+from xdplb.k8s.operator import State, run
 from xdplb.k8s.settings import LeaderElectionSettings, OperatorSettings
 from xdplb.k8s.status import LoadBalancerStatus
 

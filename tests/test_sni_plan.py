@@ -13,7 +13,8 @@ from xdplb.dataplane import layout as L
 from xdplb.dataplane.alloc import CapacityError
 from xdplb.dataplane.config import Capacities
 from xdplb.dataplane.entries import Inventory
-from xdplb.dataplane.writer import MapWriter, sni_key
+from xdplb.dataplane.layout import sni_key
+from xdplb.dataplane.writer import MapWriter
 from xdplb.plan.flowhash import client_hash, flow_hash
 from xdplb.plan.planner import build_plan
 from xdplb.sni.acceptor import proxy_v2_header

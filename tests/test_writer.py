@@ -12,7 +12,8 @@ from xdplb.dataplane import layout as L
 from xdplb.dataplane.alloc import CapacityError, IdAllocator, RegionAllocator
 from xdplb.dataplane.config import Capacities
 from xdplb.dataplane.entries import Inventory, expand
-from xdplb.dataplane.writer import MapWriter, listener_key, lpm_key
+from xdplb.dataplane.layout import listener_key, lpm_key
+from xdplb.dataplane.writer import MapWriter
 from xdplb.plan.planner import PlanMemo, build_plan
 from xdplb.spec.load import DocumentCache, parse_manifests
 

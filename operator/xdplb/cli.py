@@ -11,6 +11,7 @@ import sys
 from dataclasses import fields
 
 from xdplb.dataplane.config import Capacities, Timeouts
+from xdplb.defaults import PIN_ROOT, STATE_FILE
 from xdplb.k8s.settings import add_args as add_operator_args
 
 DEFAULT_CONFIG = "/etc/xdplb/loadbalancers.yaml"
@@ -41,7 +42,7 @@ CAPACITY_FLAGS = {"conntrack": "conntrack-capacity", "listener_keys": "max-liste
 
 
 def add_dataplane_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pin-dir", default="/sys/fs/bpf/xdplb",
+    p.add_argument("--pin-dir", default=PIN_ROOT,
                    help="bpffs directory for pinned maps (default %(default)s)")
     for f in fields(Capacities):
         p.add_argument(f"--{CAPACITY_FLAGS[f.name]}", dest=f"cap_{f.name}", type=int,
@@ -112,7 +113,7 @@ def cmd_operator(a: argparse.Namespace) -> int:
 
 
 def cmd_uninstall(a: argparse.Namespace) -> int:
-    from xdplb.k8s.operator import Kube
+    from xdplb.k8s.client import Kube
     from xdplb.k8s.uninstall import uninstall
 
     setup_logging(a.log_format)
@@ -152,7 +153,7 @@ def cmd_validate(a: argparse.Namespace) -> int:
 def cmd_reference(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from xdplb.spec.reference import render
+    from xdplb.k8s.reference import render
 
     text = render()
     if a.output is None:
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--daemonset", default="", metavar="NAMESPACE/NAME",
                    help="the agents' DaemonSet: when it is gone at a stop, clean up as"
                         " --cleanup does (set by the operator)")
-    p.add_argument("--state-file", default="/run/xdplb/agent.json")
+    p.add_argument("--state-file", default=STATE_FILE)
     add_dataplane_args(p)
     p.set_defaults(fn=cmd_agent)
 
@@ -339,12 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_explain)
 
     p = sub.add_parser("status", help="interfaces, mode, programs, applied configuration")
-    p.add_argument("--state-file", default="/run/xdplb/agent.json")
+    p.add_argument("--state-file", default=STATE_FILE)
     p.set_defaults(fn=cmd_status)
 
     p = sub.add_parser("conntrack", help="list or flush tracked flows")
     p.add_argument("action", choices=["list", "flush"])
-    p.add_argument("--pin-dir", default="/sys/fs/bpf/xdplb")
+    p.add_argument("--pin-dir", default=PIN_ROOT)
     p.set_defaults(fn=cmd_conntrack)
 
     for name, fn, text in (("verify", cmd_verify, "compile and load without attaching"),

@@ -12,7 +12,7 @@ import pytest
 from kubernetes.client import ApiException
 
 from tests.k8s.cluster import KUBECTL, Cluster
-from xdplb.k8s.operator import Kube
+from xdplb.k8s.client import Kube
 
 LBS = "/apis/xdplb.io/v1alpha1/namespaces/default/loadbalancers"
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"

@@ -34,8 +34,9 @@ from prometheus_client import Counter, Gauge
 from xdplb.agent.standalone import Agent, AgentOptions
 from xdplb.dataplane.entries import Inventory, listener_interfaces
 from xdplb.dataplane.loader import DataPlane
+from xdplb.k8s.client import api_client
 from xdplb.k8s.conflicts import claim_of, resolve
-from xdplb.k8s.crd import GROUP, VERSION, parse_object
+from xdplb.k8s.crd import parse_object
 from xdplb.k8s.nodestate import (
     MAX_MESSAGE,
     InterfaceState,
@@ -47,12 +48,12 @@ from xdplb.memory import gc_paused
 from xdplb.plan.endpoints import SERVICE_NAME_LABEL, EndpointIndex
 from xdplb.plan.model import Plan, Target
 from xdplb.plan.planner import PlanMemo, build_plan
+from xdplb.spec.api import GROUP, VERSION, Ref, ref_of
 from xdplb.spec.model import LoadBalancer
 
 log = logging.getLogger("xdplb.agent")
 
 Json = dict[str, Any]
-Ref = tuple[str, str]  # (namespace, name)
 
 # Per-LoadBalancer apply results, beside the standalone agent's metrics.
 LB_RESULTS = Counter("xdplb_loadbalancer_results_total",
@@ -118,11 +119,6 @@ def uninstalling(api: kubernetes.client.ApiClient, daemonset: str) -> bool:
 
 
 # --- what this node should do (pure) ---------------------------------------------------------
-
-
-def ref_of(obj: Mapping[str, Any]) -> Ref:
-    meta = obj.get("metadata") or {}
-    return (meta.get("namespace") or "", meta.get("name") or "")
 
 
 def selects(lb: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
@@ -335,7 +331,7 @@ class ClusterAgent(Agent):
     def __init__(self, opts: ClusterOptions, api: kubernetes.client.ApiClient | None = None,
                  dp: DataPlane | None = None) -> None:
         super().__init__(opts, dp)
-        self.api = api or _api_client()
+        self.api = api or api_client()
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
         self.discovery = kubernetes.client.DiscoveryV1Api(self.api)
         self.events: queue.Queue[tuple[str, str, Any]] = queue.Queue()
@@ -628,12 +624,3 @@ class ClusterAgent(Agent):
             if e.status != 409:  # 409: it exists already (an earlier run of this agent)
                 raise
         self._nodestate_ready = True
-
-
-def _api_client() -> kubernetes.client.ApiClient:
-    """Find the API as kubectl does: the in-cluster service account, else KUBECONFIG."""
-    try:
-        kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
-    return kubernetes.client.ApiClient()

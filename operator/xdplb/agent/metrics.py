@@ -11,6 +11,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+from xdplb.dataplane import layout as L
 from xdplb.dataplane.bpfsys import BpfMap, possible_cpus
 from xdplb.dataplane.layout import Stat
 from xdplb.plan.model import Target
@@ -81,7 +82,7 @@ class DataPlaneCollector(Collector):
                                        "Packets per data-path verdict, path or drop reason",
                                        labels=["path"])
         for k, v in self.maps["stats"].items():
-            idx = int.from_bytes(k, "little")
+            idx = L.decode_u32(k)
             if idx in Stat._value2member_map_:
                 verdicts.add_metric([Stat(idx).name.lower()], percpu_sum(v, 1)[0])
         yield verdicts
@@ -94,7 +95,7 @@ class DataPlaneCollector(Collector):
             fl = CounterMetricFamily(f"xdplb_{what}_new_flows", f"New flows per {what}",
                                      labels=[what])
             for idx, name in names.items():
-                raw = self.maps[mapname].lookup(idx.to_bytes(4, "little"))
+                raw = self.maps[mapname].lookup(L.encode_u32(idx))
                 if raw is None:
                     continue
                 p, b, f = percpu_sum(raw, 3)

@@ -22,6 +22,7 @@ from xdplb.agent.health import HealthChecker
 from xdplb.agent.inventory import NodeChanges, backend_routes, read_inventory
 from xdplb.agent.sysctl import allow_local_sources
 from xdplb.dataplane import conntrack
+from xdplb.dataplane import layout as L
 from xdplb.dataplane.alloc import CapacityError
 from xdplb.dataplane.config import Capacities, Timeouts
 from xdplb.dataplane.entries import Inventory, listener_interfaces, translated_listeners
@@ -34,6 +35,7 @@ from xdplb.dataplane.loader import (
     detach,
 )
 from xdplb.dataplane.writer import MapWriter
+from xdplb.defaults import PIN_ROOT, STATE_FILE
 from xdplb.memory import gc_paused, settle
 from xdplb.plan.model import Plan, all_backends, snat_backends
 from xdplb.plan.planner import PlanMemo, build_plan
@@ -43,20 +45,17 @@ from xdplb.spec.model import LoadBalancer
 
 log = logging.getLogger("xdplb.agent")
 
-DEFAULT_STATE_FILE = "/run/xdplb/agent.json"
-
-
 @dataclass
 class AgentOptions:
     config: str
     xdp_mode: str = "native"
-    pin_root: str = "/sys/fs/bpf/xdplb"
+    pin_root: str = PIN_ROOT
     caps: Capacities = field(default_factory=Capacities)
     timeouts: Timeouts = field(default_factory=Timeouts)
     detach_on_exit: bool = True
     force: bool = False
     metrics_port: int | None = None
-    state_file: str = DEFAULT_STATE_FILE
+    state_file: str = STATE_FILE
     poll_seconds: float = 0.2
     sweep_seconds: float = 10.0
 
@@ -320,7 +319,7 @@ class Agent:
     def _log_drops(self) -> None:
         raw = self.dp.maps["stats"]
         for st, hint in DROP_HINTS.items():
-            value = raw.lookup(int(st).to_bytes(4, "little"))
+            value = raw.lookup(L.encode_u32(st))
             n = metrics.percpu_sum(value, 1)[0] if value else 0
             if n > self._drops.get(st, n):
                 log.warning("%d %s", n - self._drops[st], hint)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import bisect
 from collections import deque
 
+from xdplb.errors import XdplbError
+
 
 class IdAllocator:
     """Ids in [0, capacity): never-used ids first, then the least recently freed.
@@ -89,5 +91,5 @@ class RegionAllocator:
         return sum(n for _, n in self._free)
 
 
-class CapacityError(Exception):
-    pass
+class CapacityError(XdplbError):
+    """A plan needs more map entries than the capacity flags allow."""

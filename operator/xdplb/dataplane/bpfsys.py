@@ -4,12 +4,27 @@ opening pins, map element operations, object info and BPF_PROG_TEST_RUN."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 from dataclasses import dataclass
+from functools import cache
+
+from xdplb.errors import XdplbError
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_SYS_BPF = 321  # x86_64
+# bpf(2)'s system call number (asm/unistd.h of each architecture).
+SYS_BPF_BY_MACHINE = {"x86_64": 321, "i386": 357, "i686": 357, "aarch64": 280, "riscv64": 280,
+                      "loongarch64": 280, "armv7l": 386, "ppc64le": 361, "ppc64": 361,
+                      "s390x": 351, "mips64": 5315}
+
+
+@cache
+def _sys_bpf() -> int:
+    machine = os.uname().machine
+    if machine not in SYS_BPF_BY_MACHINE:
+        raise BpfError(errno.ENOSYS, f"bpf(2): no system call number known for {machine}")
+    return SYS_BPF_BY_MACHINE[machine]
 
 MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 1, 2, 3, 4
 MAP_CREATE = 0
@@ -20,12 +35,12 @@ OBJ_GET_INFO_BY_FD = 15
 MAP_LOOKUP_BATCH, MAP_UPDATE_BATCH, MAP_DELETE_BATCH = 24, 26, 27
 
 
-class BpfError(OSError):
-    pass
+class BpfError(XdplbError, OSError):
+    """A bpf(2) command failed: errno and strerror as OSError has them."""
 
 
 def bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
-    ret = _libc.syscall(_SYS_BPF, cmd, attr, len(attr))
+    ret = _libc.syscall(_sys_bpf(), cmd, attr, len(attr))
     if ret < 0:
         err = ctypes.get_errno()
         raise BpfError(err, f"bpf({cmd}): {os.strerror(err)}")

@@ -146,10 +146,6 @@ def be32(address: str) -> int:
     return int.from_bytes(socket.inet_aton(address), sys.byteorder)
 
 
-def be32_int(value: int) -> int:
-    return int.from_bytes(value.to_bytes(4, "big"), sys.byteorder)
-
-
 def from_be32(value: int) -> str:
     return str(ipaddress.IPv4Address(value.to_bytes(4, sys.byteorder)))
 
@@ -175,3 +171,35 @@ def layout_hash() -> str:
     """Changes whenever a map layout does: part of the pin directory name."""
     return hashlib.sha256((BPF_DIR / "layout.h").read_bytes()
                           + (BPF_DIR / "maps.h").read_bytes()).hexdigest()[:10]
+
+
+# --- key and value codecs: what the writer and the SNI acceptor put in or look up -----
+
+
+def encode(obj: ctypes.Structure) -> bytes:
+    """A structure's bytes, as the map holds them."""
+    return bytes(memoryview(obj).cast("B"))
+
+
+def encode_u32(v: int) -> bytes:
+    """A u32 key or value (array indexes, ids) in host order."""
+    return int(v).to_bytes(4, sys.byteorder)
+
+
+def decode_u32(raw: bytes) -> int:
+    return int.from_bytes(raw[:4], sys.byteorder)
+
+
+def sni_key(listener_id: int, hostname: str) -> bytes:
+    return encode(SniKey(listener_id, 0, sni_hash(hostname)))
+
+
+def listener_key(ifindex: int, address: str, port: int, protocol: str) -> bytes:
+    return encode(ListenerKey(ifindex, be32(address), be16(port), PROTO[protocol], 0))
+
+
+def lpm_key(listener_id: int, cidr: str) -> bytes:
+    """An LpmKey's bytes, built directly: it is the one key written 100,000 times."""
+    addr, _, plen = cidr.partition("/")
+    return ((32 + int(plen)).to_bytes(4, sys.byteorder) + listener_id.to_bytes(4, "big")
+            + socket.inet_aton(addr))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xdplb.dataplane import bpfsys
+from xdplb.dataplane.apart import run_apart
 from xdplb.dataplane.config import (
     COMPILE_CAPS,
     Capacities,
@@ -33,6 +34,8 @@ from xdplb.dataplane.config import (
     map_entries,
 )
 from xdplb.dataplane.layout import BPF_DIR, MAP_LAYOUTS, layout_hash
+from xdplb.defaults import PIN_ROOT
+from xdplb.errors import XdplbError
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
@@ -49,11 +52,10 @@ TC_EGRESS_PARENT = 0xFFFFFFF3
 TC_INGRESS_PARENT = 0xFFFFFFF2
 TC_PRIO = 0xC0DE          # fixed prio and handle: replaced in place, never duplicated
 TC_HANDLE = 1
-DEFAULT_PIN_ROOT = "/sys/fs/bpf/xdplb"
 
 
-class AttachError(Exception):
-    pass
+class AttachError(XdplbError):
+    """A program could not be loaded, attached or detached."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ def code_digest(flags: list[str]) -> str:
 
 
 class DataPlane:
-    def __init__(self, pin_root: str = DEFAULT_PIN_ROOT, caps: Capacities | None = None,
+    def __init__(self, pin_root: str = PIN_ROOT, caps: Capacities | None = None,
                  timeouts: Timeouts | None = None) -> None:
         self.pin_root = pin_root
         self.caps = caps or Capacities()
@@ -253,12 +255,9 @@ class DataPlane:
             _pin_anew(fn.fd, f"{self.code_dir}/{fn.name.decode()}")
 
     def _compile_apart(self) -> None:
-        """_compile() in a child process (xdplb.dataplane.compiler), then take what it
-        pinned."""
-        from xdplb.dataplane.compiler import run_apart  # it imports this module
-
+        """_compile() in a child process (compile_pinned), then take what it pinned."""
         spec = json.dumps({"caps": asdict(self.caps), "timeouts": asdict(self.timeouts)})
-        if error := run_apart(self.pin_root, spec):
+        if error := run_apart(f"{__name__}:compile_pinned", self.pin_root, spec):
             raise AttachError(f"compiling the data path failed: {error}")
         if not self._take_programs():
             raise AttachError(f"the compiled programs are not pinned in {self.code_dir}")
@@ -387,6 +386,14 @@ class DataPlane:
         self.xdp_fn = self.tc_fn = self.tc_backend_fn = None
 
 
+def compile_pinned(pin_root: str, spec: str) -> None:
+    """The child's part of DataPlane.load(): compile, load against the pinned maps
+    (creating those that are missing) and pin the programs under their code digest.
+    ``spec``: JSON of the capacities and timeouts."""
+    cfg = json.loads(spec)
+    DataPlane(pin_root, Capacities(**cfg["caps"]), Timeouts(**cfg["timeouts"])).load(apart=False)
+
+
 def _iproute() -> IPRoute:
     from pyroute2 import IPRoute  # 0.15 s to import: after the compiler has started
 
@@ -441,12 +448,16 @@ def _detach_tc(ifname: str, parent: int) -> None:
 
 def tc_filters(ifname: str, parent: int = TC_EGRESS_PARENT) -> list[str]:
     """Names of the BPF filters of a clsact hook (egress or ingress) at our prio."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     with _iproute() as ipr:
         idx = _ifindex(ipr, ifname)
         try:
             filters = ipr.get_filters(idx, parent=parent)
-        except Exception:
-            return []
+        except NetlinkError as e:
+            if e.code in (errno.ENOENT, errno.ENODEV):  # no such hook, or the link went
+                return []
+            raise
     names = []
     for f in filters:
         opts = f.get_attr("TCA_OPTIONS")
@@ -472,7 +483,7 @@ def _pin_anew(fd: int, path: str) -> None:
     bpfsys.obj_pin(fd, path)
 
 
-def pinned_program_ids(pin_root: str = DEFAULT_PIN_ROOT) -> set[int]:
+def pinned_program_ids(pin_root: str = PIN_ROOT) -> set[int]:
     """Ids of the XDP programs agents pinned under pin_root (a pin's name carries it)."""
     ids = set()
     for pin in Path(pin_root).glob(f"*/{PROG_PIN_PREFIX}*"):
@@ -490,7 +501,7 @@ def program_name(prog_id: int) -> str:
         return "unknown"
 
 
-def is_ours(prog_id: int, pin_root: str = DEFAULT_PIN_ROOT) -> bool:
+def is_ours(prog_id: int, pin_root: str = PIN_ROOT) -> bool:
     """An xdplb program: pinned by an agent under pin_root, or (an agent whose pins
     are gone) named like one, when the name can be read."""
     if prog_id in pinned_program_ids(pin_root):
@@ -501,7 +512,7 @@ def is_ours(prog_id: int, pin_root: str = DEFAULT_PIN_ROOT) -> bool:
         return False
 
 
-def detach(ifname: str, pin_root: str = DEFAULT_PIN_ROOT, keep: tuple[int, ...] = ()) -> bool:
+def detach(ifname: str, pin_root: str = PIN_ROOT, keep: tuple[int, ...] = ()) -> bool:
     """Remove our XDP program and TC filters (but those of the hooks in ``keep``) from
     ifname; leave anything else. Returns whether anything of ours was there."""
     removed = False
@@ -519,7 +530,7 @@ def detach(ifname: str, pin_root: str = DEFAULT_PIN_ROOT, keep: tuple[int, ...] 
     return removed
 
 
-def attached_interfaces(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
+def attached_interfaces(pin_root: str = PIN_ROOT) -> list[str]:
     """Interfaces in this network namespace that run our XDP program, or only our TC
     ingress filter for source-NAT replies (one link dump, then the TC ingress of each
     link without our XDP)."""
@@ -530,7 +541,7 @@ def attached_interfaces(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
             or _has_our_filter(n, TC_INGRESS_PARENT)]
 
 
-def cleanup(pin_root: str = DEFAULT_PIN_ROOT) -> list[str]:
+def cleanup(pin_root: str = PIN_ROOT) -> list[str]:
     """Detach from every interface and remove the pins; returns what was detached."""
     detached = [n for n in attached_interfaces(pin_root) if detach(n, pin_root)]
     if os.path.isdir(pin_root):

@@ -10,10 +10,7 @@ after any packet still reading them has finished.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import socket
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,40 +59,17 @@ class ApplyResult:
                 f"syscalls={self.syscalls} ms={self.ms:.1f}")
 
 
-def _bytes(obj: ctypes._CData) -> bytes:
-    return bytes(memoryview(obj).cast("B"))  # type: ignore[arg-type]
-
-
-def _u32(v: int) -> bytes:
-    return int(v).to_bytes(4, "little")
-
-
-def sni_key(listener_id: int, hostname: str) -> bytes:
-    return _bytes(L.SniKey(listener_id, 0, L.sni_hash(hostname)))
-
-
-def listener_key(ifindex: int, address: str, port: int, protocol: str) -> bytes:
-    return _bytes(L.ListenerKey(ifindex, L.be32(address), L.be16(port), L.PROTO[protocol], 0))
-
-
-def lpm_key(listener_id: int, cidr: str) -> bytes:
-    """An LpmKey's bytes, built directly: it is the one key written 100,000 times."""
-    addr, _, plen = cidr.partition("/")
-    return ((32 + int(plen)).to_bytes(4, sys.byteorder) + listener_id.to_bytes(4, "big")
-            + socket.inet_aton(addr))
-
-
 def _retired_rev(val: bytes) -> bytes:
     """A rev_nat entry kept for the flows that rely on it: no longer the backend's only
     address, so TC egress restores no lost flow from it."""
     v = L.RevNatVal.from_buffer_copy(val)
     v.flags &= ~L.RN_ONLY
-    return _bytes(v)
+    return L.encode(v)
 
 
 def _rev_nat_val(bid: int, vips: dict[tuple[int, int], int], vip: tuple[int, int]) -> bytes:
     flags = L.RN_ONLY if len(vips) == 1 else 0
-    return _bytes(L.RevNatVal(vip[0], vip[1], bid, vips[vip], flags))
+    return L.encode(L.RevNatVal(vip[0], vip[1], bid, vips[vip], flags))
 
 
 class MapWriter:
@@ -132,11 +106,11 @@ class MapWriter:
         self.current["sni_routes"] = dict(self.maps["sni_routes"].items())
         self.current["rev_nat"] = dict(self.maps["rev_nat"].items())
         self.current["snat_src"] = {k: v for k, v in self.maps["snat_src"].items()
-                                    if v != _u32(0)}
+                                    if v != L.encode_u32(0)}
         for k, v in self.maps["groups"].items():
             g = L.GroupVal.from_buffer_copy(v)
             if g.flags & L.GF_IN_USE:
-                gid = int.from_bytes(k, "little")
+                gid = L.decode_u32(k)
                 self._gid_alloc.reserve(gid)
                 self._pool.reserve(g.offset, g.size)
                 self._retired.append(GroupSlot(gid, g.offset, g.size))
@@ -171,7 +145,7 @@ class MapWriter:
                      | (L.LF_SRC_ROUTES if lst.source_routes else 0)
                      | (L.LF_SNAT if lst.source_nat else 0))
             val = L.ListenerVal(lids[lst.identity], live[lst.default].id, flags)
-            want_listeners[listener_key(ifindex, addr, port, proto)] = _bytes(val)
+            want_listeners[L.listener_key(ifindex, addr, port, proto)] = L.encode(val)
             want_ports[port] = want_ports.get(port, 0) | L.pf_listener(L.PROTO[proto])
         want_routes: dict[bytes, bytes] = {}
         for lst in plan.listeners:
@@ -228,8 +202,8 @@ class MapWriter:
         known = self._routes_of.get(id(lst))
         if known is not None and known[0] is lst and known[1:3] == (lid, ids):
             return known[3]
-        gid = {g: _u32(i) for g, i in zip(lst.groups, ids, strict=True)}
-        entries = {lpm_key(lid, r.cidr): gid[r.group] for r in lst.source_routes}
+        gid = {g: L.encode_u32(i) for g, i in zip(lst.groups, ids, strict=True)}
+        entries = {L.lpm_key(lid, r.cidr): gid[r.group] for r in lst.source_routes}
         self._routes_of[id(lst)] = (lst, lid, ids, entries)
         return entries
 
@@ -245,12 +219,12 @@ class MapWriter:
             names: dict[bytes, str] = {}
             for name, group in [("", lst.default),
                                 *((r.hostname, r.group) for r in lst.sni_routes)]:
-                key = sni_key(lids[lst.identity], name)
+                key = L.sni_key(lids[lst.identity], name)
                 if key in names:
                     raise CapacityError(f"{lst.label}: sniRoutes hostnames {names[key]!r} and "
                                         f"{name!r} have the same 64-bit hash; rename one")
                 names[key] = name
-                want[key] = _u32(live[group].id)
+                want[key] = L.encode_u32(live[group].id)
         if len(want) > L.MAX_SNI_ROUTES:
             raise CapacityError(f"{len(want)} SNI entries exceed the capacity "
                                 f"{L.MAX_SNI_ROUTES}")
@@ -265,7 +239,8 @@ class MapWriter:
             for b in sorted(lst.backends()):
                 route = inv.routes.get(b.address)
                 if route is not None:
-                    want[_u32(self.backend_ids[(b.address, b.port)])] = _u32(L.be32(route[0]))
+                    bid = self.backend_ids[(b.address, b.port)]
+                    want[L.encode_u32(bid)] = L.encode_u32(L.be32(route[0]))
                 elif lst.source_nat:
                     res.problems.append(f"{lst.label}: no route from this node to backend "
                                         f"{b.address}: its new flows are dropped")
@@ -284,7 +259,7 @@ class MapWriter:
             if lst.source_nat:  # their replies arrive at the node, never at TC egress
                 continue
             for b in lst.backends():
-                key = _bytes(L.RevNatKey(L.be32(b.address), L.be16(b.port), L.PROTO[proto], 0))
+                key = L.encode(L.RevNatKey(L.be32(b.address), L.be16(b.port), L.PROTO[proto], 0))
                 bid = self.backend_ids[(b.address, b.port)]
                 serves.setdefault(key, (bid, {}))[1][(L.be32(addr), L.be16(port))] = \
                     lids[lst.identity]
@@ -364,12 +339,13 @@ class MapWriter:
             self._backend_id(b.address, b.port)
         gid = self._gid_alloc.allocate()
         offset = self._pool.allocate(len(table)) if table else 0
-        slots = [_bytes(L.BackendSlot(L.be32(g.backends[i].address), L.be16(g.backends[i].port),
+        slots = [L.encode(L.BackendSlot(L.be32(g.backends[i].address), L.be16(g.backends[i].port),
                                       self._backend_id(g.backends[i].address,
                                                        g.backends[i].port)))
                  for i in table]
-        self.maps["pool"].update_batch([_u32(offset + i) for i in range(len(slots))], slots)
-        self.maps["groups"].update(_u32(gid), _bytes(L.GroupVal(offset, len(table), L.GF_IN_USE)))
+        self.maps["pool"].update_batch([L.encode_u32(offset + i) for i in range(len(slots))], slots)
+        self.maps["groups"].update(L.encode_u32(gid),
+                                   L.encode(L.GroupVal(offset, len(table), L.GF_IN_USE)))
         res.written += len(slots) + 1
         slot = GroupSlot(gid, offset, len(table))
         self.groups[g] = slot
@@ -402,17 +378,17 @@ class MapWriter:
         cur = self.current["port_filter"]
         if not self._port_filter_known:
             # After adoption the filter's content is unknown: rewrite all of it at once.
-            keys = [_u32(p) for p in range(65536)]
-            values = [_u32(want.get(p, 0)) for p in range(65536)]
+            keys = [L.encode_u32(p) for p in range(65536)]
+            values = [L.encode_u32(want.get(p, 0)) for p in range(65536)]
             self.maps["port_filter"].update_batch(keys, values)
             self.current["port_filter"] = {k: v for k, v in zip(keys, values, strict=True)
-                                           if v != _u32(0)}
+                                           if v != L.encode_u32(0)}
             self._port_filter_known = True
             res.written += len(keys)
             return
-        desired = {_u32(p): _u32(mask) for p, mask in want.items()}
+        desired = {L.encode_u32(p): L.encode_u32(mask) for p, mask in want.items()}
         changed = [k for k in set(cur) | set(desired) if cur.get(k) != desired.get(k)]
-        values = [desired.get(k, _u32(0)) for k in changed]
+        values = [desired.get(k, L.encode_u32(0)) for k in changed]
         if len(changed) > 1:
             self.maps["port_filter"].update_batch(changed, values)
         elif changed:
@@ -422,7 +398,7 @@ class MapWriter:
 
     def _release(self, slots: list[GroupSlot], res: ApplyResult) -> None:
         for s in slots:
-            self.maps["groups"].update(_u32(s.id), _bytes(L.GroupVal(0, 0, 0)))
+            self.maps["groups"].update(L.encode_u32(s.id), L.encode(L.GroupVal(0, 0, 0)))
             self._gid_alloc.free(s.id)
             self._pool.free(s.offset, s.size)
             res.written += 1
@@ -439,4 +415,4 @@ class MapWriter:
 
     def _zero_stats(self, name: str, idx: int) -> None:
         m = self.maps[name]
-        m.update(_u32(idx), bytes(m.value_size))
+        m.update(L.encode_u32(idx), bytes(m.value_size))

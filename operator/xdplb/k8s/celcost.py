@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from xdplb.errors import XdplbError
+
 __all__ = ["MAP_KEY_MAX_LENGTH", "RuleCost", "estimate", "parse", "rule_costs"]
 
 Schema = dict[str, Any]
@@ -45,7 +47,7 @@ _TOKEN = re.compile(
 )
 
 
-class CostError(ValueError):
+class CostError(XdplbError, ValueError):
     pass
 
 

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-Ref = tuple[str, str]  # (namespace, name)
+from xdplb.spec.api import Ref
+
 SILENCE_LIMIT = 30.0  # seconds without a heartbeat after which a node counts as down
 SHOWN_NODES = 10  # nodes named in a message; the rest are counted
 

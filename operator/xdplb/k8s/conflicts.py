@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-Ref = tuple[str, str]  # (namespace, name)
+from xdplb.spec.api import Ref
 
 
 @dataclass(frozen=True)

@@ -31,15 +31,14 @@ from pydantic import BaseModel, ValidationError
 
 from xdplb.k8s.nodestate import NodeState
 from xdplb.k8s.status import LoadBalancerStatus
+from xdplb.spec.api import GROUP, VERSION
 from xdplb.spec.cel import CelRule, evaluate
 from xdplb.spec.model import LoadBalancer, format_errors
 
 __all__ = [
-    "GROUP",
     "MAX_ROUTES_PER_OBJECT",
     "ROUTE_TOTAL_RULE",
     "STORAGE_MAX_ITEMS",
-    "VERSION",
     "crd_documents",
     "loadbalancer_crd",
     "nodestate_crd",
@@ -48,8 +47,6 @@ __all__ = [
     "validate_object",
 ]
 
-GROUP = "xdplb.io"
-VERSION = "v1alpha1"
 
 Schema = dict[str, Any]
 

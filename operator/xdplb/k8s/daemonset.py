@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from xdplb.dataplane.config import Capacities, Timeouts
+from xdplb.defaults import PIN_ROOT
 
 AGENT_LABELS = {"app.kubernetes.io/name": "xdplb", "app.kubernetes.io/component": "agent"}
 
@@ -47,7 +48,7 @@ class AgentSettings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     metrics_port: int = 9090
     log_format: str = "text"
-    pin_dir: str = "/sys/fs/bpf/xdplb"
+    pin_dir: str = PIN_ROOT
     resources: dict[str, Any] = field(default_factory=lambda: {
         "requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}})
 

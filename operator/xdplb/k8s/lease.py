@@ -27,6 +27,7 @@ from typing import Any, Literal, Protocol
 
 import kubernetes
 
+from xdplb.errors import XdplbError
 from xdplb.k8s.conditions import parse_time
 from xdplb.k8s.settings import LeaderElectionSettings
 
@@ -34,7 +35,7 @@ API = "/apis/coordination.k8s.io/v1"
 log = logging.getLogger("xdplb.lease")
 
 
-class LeaseLost(SystemExit):
+class LeaseLost(XdplbError, SystemExit):
     """The leader could not keep the Lease: the process ends non-zero with this message and
     is restarted, as client-go's controllers do. Raised outside the event loop only (a
     SystemExit in a task would break out of the loop)."""

@@ -13,8 +13,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from xdplb.spec.api import API_VERSION, ApiVersion
+
 __all__ = [
-    "API_VERSION",
     "InterfaceState",
     "LoadBalancerState",
     "NodeState",
@@ -22,7 +23,6 @@ __all__ = [
     "Phase",
 ]
 
-API_VERSION = "xdplb.io/v1alpha1"
 MAX_LOADBALANCERS_PER_NODE = 512
 MAX_MESSAGE = 1024
 
@@ -73,7 +73,7 @@ class NodeStateStatus(_Model):
 
 
 class NodeState(_Model):
-    api_version: Literal["xdplb.io/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    api_version: ApiVersion = Field(default=API_VERSION, alias="apiVersion")
     kind: Literal["NodeState"] = "NodeState"
     metadata: dict[str, Any] = Field(default_factory=dict)
     status: NodeStateStatus | None = None

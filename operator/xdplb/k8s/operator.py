@@ -33,10 +33,10 @@ import kopf
 import kubernetes
 from pydantic import ValidationError
 
+from xdplb.k8s.client import Kube, is_missing
 from xdplb.k8s.conditions import (
     NodeInfo,
     NodeReport,
-    Ref,
     Verdict,
     lb_status,
     parse_time,
@@ -49,62 +49,13 @@ from xdplb.k8s.daemonset import agent_daemonset, drift_patch
 from xdplb.k8s.lease import LeaderElector, LeaseLost
 from xdplb.k8s.settings import OperatorSettings
 from xdplb.plan.endpoints import SERVICE_NAME_LABEL, service_port_name, slice_backends
+from xdplb.spec.api import GROUP, VERSION, Ref, ref_of
 from xdplb.spec.model import LoadBalancer, format_errors
 
-GROUP, VERSION = "xdplb.io", "v1alpha1"
 FINALIZER = "xdplb.io/release"
 TICK = 0.1  # seconds between scans for due status writes and silent nodes
 SHOWN_ERRORS = 20  # validation errors in a condition message; `xdplb validate` shows all
-# Seconds to connect and for each read of one API request: a hung request would hold the
-# handler of its object, and every later event of that object would wait behind it.
-REQUEST_TIMEOUT = 10.0
 log = logging.getLogger("xdplb.operator")
-
-
-# --- the API, as kubectl finds it ---------------------------------------------------
-
-
-class Kube:
-    """Plain JSON requests on the kubernetes client's connection (in-cluster or kubeconfig)."""
-
-    def __init__(self, kubeconfig: str | None = None) -> None:
-        config = kubernetes.client.Configuration()
-        if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            kubernetes.config.load_incluster_config(client_configuration=config)
-        else:  # the named file, else $KUBECONFIG, else ~/.kube/config
-            kubernetes.config.load_kube_config(config_file=kubeconfig,
-                                               client_configuration=config)
-        self.config = config
-        self.client = kubernetes.client.ApiClient(config)
-        self.answered = False  # the API server has authenticated and served a request
-
-    def connection(self) -> kopf.ConnectionInfo:
-        header = (self.config.get_api_key_with_prefix("BearerToken")
-                  or self.config.get_api_key_with_prefix("authorization") or "")
-        return kopf.ConnectionInfo(
-            server=self.config.host, ca_path=self.config.ssl_ca_cert,
-            insecure=not self.config.verify_ssl, token=header.split(" ")[-1] or None,
-            certificate_path=self.config.cert_file, private_key_path=self.config.key_file)
-
-    def request(self, method: str, path: str, body: Any = None,
-                content_type: str = "application/json", timeout: float | None = None) -> Any:
-        timeout = REQUEST_TIMEOUT if timeout is None else timeout
-        c = self.client
-        method, url, headers, body, _ = c.param_serialize(
-            method, path, body=body, auth_settings=["BearerToken"],
-            header_params={"Content-Type": content_type, "Accept": "application/json"})
-        response = c.call_api(method, url, header_params=headers, body=body,
-                              _request_timeout=timeout)
-        response.read()
-        if response.status < 500 and response.status not in (401, 403):
-            self.answered = True  # a 404 or 409 is an answer too
-        return c.response_deserialize(response, {"2XX": "object"}).data
-
-    def get(self, path: str) -> Any:
-        return self.request("GET", path)
-
-    def patch(self, path: str, body: Any) -> Any:
-        return self.request("PATCH", path, body, "application/merge-patch+json")
 
 
 def post_event(kube: Kube, body: dict[str, Any], etype: str, reason: str, message: str) -> None:
@@ -127,10 +78,6 @@ async def emit(kube: Kube, body: dict[str, Any], etype: str, reason: str, messag
         await asyncio.to_thread(post_event, kube, body, etype, reason, message)
     except Exception as e:
         log.warning("event %s for %s not posted: %s", reason, body["metadata"]["name"], e)
-
-
-def is_missing(e: BaseException) -> bool:
-    return isinstance(e, kubernetes.client.ApiException) and e.status == 404
 
 
 # --- the agent DaemonSet -------------------------------------------------------------
@@ -188,11 +135,6 @@ def validate(body: dict[str, Any]) -> Verdict:
     return Verdict(True, "Accepted", f"valid: {n} listener{'s' * (n != 1)}")
 
 
-def _ref(body: dict[str, Any]) -> Ref:
-    meta = body.get("metadata", {})
-    return meta.get("namespace", ""), meta.get("name", "")
-
-
 def services_of(body: dict[str, Any]) -> set[Ref]:
     """The Services a LoadBalancer's groups name (same namespace)."""
     ns = body.get("metadata", {}).get("namespace", "")
@@ -225,7 +167,7 @@ class State:
     # events in
 
     def on_lb(self, kind: str | None, body: dict[str, Any]) -> None:
-        ref = _ref(body)
+        ref = ref_of(body)
         for users in self.users.values():
             users.discard(ref)
         if kind != "DELETED":
@@ -277,7 +219,7 @@ class State:
         self.changed.set()
 
     def on_service(self, kind: str | None, body: dict[str, Any]) -> None:
-        key = _ref(body)
+        key = ref_of(body)
         if kind == "DELETED":
             self.services.pop(key, None)
         else:
@@ -445,7 +387,7 @@ async def release(opts: OperatorSettings, state: State, kube: Kube, body: dict[s
                   ) -> None:
     """Hold a deleted LoadBalancer until no agent reports it applied (bounded wait)."""
     meta = body["metadata"]
-    ref = _ref(body)
+    ref = ref_of(body)
     started = parse_time(meta.get("deletionTimestamp")) or datetime.datetime.now(datetime.UTC)
     deadline = started + datetime.timedelta(seconds=opts.release_timeout)
     while holders := state.applied_on(ref, meta.get("uid")):

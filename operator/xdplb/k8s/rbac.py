@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from xdplb.spec.api import GROUP
+
 OPERATOR_RULES: list[dict[str, Any]] = [
     # Watch LoadBalancers; add and remove the finalizer (a JSON patch: no get needed).
-    {"apiGroups": ["xdplb.io"], "resources": ["loadbalancers"],
+    {"apiGroups": [GROUP], "resources": ["loadbalancers"],
      "verbs": ["list", "watch", "patch"]},
-    {"apiGroups": ["xdplb.io"], "resources": ["loadbalancers/status"], "verbs": ["patch"]},
+    {"apiGroups": [GROUP], "resources": ["loadbalancers/status"], "verbs": ["patch"]},
     # Per-node reports of the agents, aggregated into the status.
-    {"apiGroups": ["xdplb.io"], "resources": ["nodestates"], "verbs": ["list", "watch"]},
+    {"apiGroups": [GROUP], "resources": ["nodestates"], "verbs": ["list", "watch"]},
     # Which nodes are selected (labels, Linux, being deleted).
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xdplb.plan.model import Backend
+from xdplb.spec.api import Ref
 from xdplb.spec.model import ServiceRef
 
 __all__ = ["SERVICE_NAME_LABEL", "EndpointIndex", "service_port_name"]
@@ -34,7 +35,6 @@ __all__ = ["SERVICE_NAME_LABEL", "EndpointIndex", "service_port_name"]
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 Json = Mapping[str, Any]
-Ref = tuple[str, str]  # (namespace, Service name)
 
 
 def service_port_name(service: Json | None, port: int | str, protocol: str) -> str | None:

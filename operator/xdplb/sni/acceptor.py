@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from xdplb.errors import XdplbError
 from xdplb.sni.clienthello import MAX_HELLO, ClientHello, HelloError, HelloTooLong, parse
 from xdplb.sni.routes import Route
 from xdplb.sni.splice import Splicer
@@ -106,7 +107,7 @@ class _Pair:
     shut: list[bool] = field(default_factory=lambda: [False, False])
 
 
-class ClosedEarly(Exception):
+class ClosedEarly(XdplbError):
     """The client closed before its ClientHello was complete."""
 
 

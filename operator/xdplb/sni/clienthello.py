@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from xdplb.errors import XdplbError
+
 MAX_HELLO = 16 * 1024           # bytes of records read before giving up
 RECORD_HEADER = 5
 MAX_RECORD = 16 * 1024          # TLSPlaintext.length limit (RFC 8446 5.1)
@@ -20,7 +22,7 @@ EXT_SERVER_NAME = 0
 NAME_TYPE_HOST = 0
 
 
-class HelloError(ValueError):
+class HelloError(XdplbError, ValueError):
     """The bytes are not a TLS ClientHello."""
 
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from xdplb.dataplane import layout as L
-from xdplb.dataplane.writer import sni_key
 from xdplb.plan.flowhash import client_hash, flow_hash
 
 
@@ -27,18 +26,14 @@ class Route:
     proxy_protocol: bool = False
 
 
-def _u32(v: int) -> bytes:
-    return int(v).to_bytes(4, "little")
-
-
 def pick_backend(maps: Mapping[str, LookupMap], route: Route, hostname: str | None,
                  client: tuple[str, int], local: tuple[str, int]) -> tuple[str, int] | None:
     """The backend for a TLS connection naming `hostname` (None: no SNI); the listener's
     default group when the name has no route. None when the group has no eligible backend."""
     maps_sni = maps["sni_routes"]
-    gid = maps_sni.lookup(sni_key(route.listener_id, hostname)) if hostname else None
+    gid = maps_sni.lookup(L.sni_key(route.listener_id, hostname)) if hostname else None
     if gid is None:
-        gid = maps_sni.lookup(sni_key(route.listener_id, ""))
+        gid = maps_sni.lookup(L.sni_key(route.listener_id, ""))
         if gid is None:
             return None
     raw = maps["groups"].lookup(gid[:4])
@@ -49,7 +44,7 @@ def pick_backend(maps: Mapping[str, LookupMap], route: Route, hostname: str | No
         return None
     h = client_hash(client[0]) if route.client_ip_affinity \
         else flow_hash(client[0], local[0], client[1], local[1], "TCP")
-    slot = maps["pool"].lookup(_u32(group.offset + h % group.size))
+    slot = maps["pool"].lookup(L.encode_u32(group.offset + h % group.size))
     if slot is None:
         return None
     b = L.BackendSlot.from_buffer_copy(slot)

@@ -91,7 +91,7 @@ class SniService:
         """The acceptor's counters (OUTCOMES) and the pairs it splices now."""
         if self.acceptor is None:
             return {}, 0
-        return dict(self.acceptor.stats), len(self.acceptor._pairs)
+        return dict(self.acceptor.stats), self.acceptor.open_pairs
 
     def stop(self) -> None:
         if self.acceptor is not None:

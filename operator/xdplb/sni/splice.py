@@ -9,9 +9,10 @@ import shutil
 import socket
 import uuid
 
+from xdplb.dataplane.apart import run_apart
 from xdplb.dataplane.bpfsys import BpfError, BpfMap, obj_pin
-from xdplb.dataplane.compiler import run_apart
 from xdplb.dataplane.layout import BPF_DIR
+from xdplb.errors import XdplbError
 
 SO_COOKIE = 57
 
@@ -24,6 +25,10 @@ def _u64(v: int) -> bytes:
     return v.to_bytes(8, "little")
 
 
+class SpliceError(XdplbError):
+    pass
+
+
 class Splicer:
     """Compiled once per agent, in a child process (as the data path: the agent never
     maps the compiler), which attaches the programs to the sockhash and pins both maps
@@ -34,8 +39,8 @@ class Splicer:
         # Unique by uuid, not by pid: in a pod every agent is PID 1.
         work = f"{pin_dir}/splice-{uuid.uuid4().hex[:12]}"
         try:
-            if error := run_apart("splice", work, str(max_sockets)):
-                raise RuntimeError(f"compiling the splice failed: {error}")
+            if error := run_apart(f"{__name__}:compile_splice", work, str(max_sockets)):
+                raise SpliceError(f"compiling the splice failed: {error}")
             self.socks = BpfMap.pinned(f"{work}/socks")
             try:
                 self.peers = BpfMap.pinned(f"{work}/peers")
@@ -44,23 +49,6 @@ class Splicer:
                 raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
-
-    @staticmethod
-    def compile(work: str, max_sockets: int) -> None:
-        """The child's part: compile, attach the programs to the sockhash, pin the maps
-        (a sockhash holds its programs)."""
-        from bcc import BPF, BPFAttachType, libbcc  # system package, imported late
-
-        b = BPF(src_file=str(BPF_DIR / "splice.c").encode(),
-                cflags=[f"-DMAX_SPLICED={max_sockets}"])
-        parser = b.load_func(b"splice_parser", BPF.SK_SKB)
-        verdict = b.load_func(b"splice_verdict", BPF.SK_SKB)
-        socks_fd = libbcc.lib.bpf_table_fd(b.module, b"socks")
-        BPF.attach_func(parser, socks_fd, BPFAttachType.SK_SKB_STREAM_PARSER)
-        BPF.attach_func(verdict, socks_fd, BPFAttachType.SK_SKB_STREAM_VERDICT)
-        os.makedirs(work, exist_ok=True)
-        obj_pin(socks_fd, f"{work}/socks")
-        obj_pin(libbcc.lib.bpf_table_fd(b.module, b"peers"), f"{work}/peers")
 
     def join(self, client: socket.socket, backend: socket.socket) -> tuple[int, int]:
         """Splice two connected sockets. The backend joins first: a TLS server speaks only
@@ -92,3 +80,20 @@ class Splicer:
     def close(self) -> None:
         self.socks.close()
         self.peers.close()
+
+
+def compile_splice(work: str, max_sockets: str) -> None:
+    """The child's part of Splicer(): compile, attach the programs to the sockhash, pin
+    the maps (a sockhash holds its programs)."""
+    from bcc import BPF, BPFAttachType, libbcc  # system package, imported late
+
+    b = BPF(src_file=str(BPF_DIR / "splice.c").encode(),
+            cflags=[f"-DMAX_SPLICED={int(max_sockets)}"])
+    parser = b.load_func(b"splice_parser", BPF.SK_SKB)
+    verdict = b.load_func(b"splice_verdict", BPF.SK_SKB)
+    socks_fd = libbcc.lib.bpf_table_fd(b.module, b"socks")
+    BPF.attach_func(parser, socks_fd, BPFAttachType.SK_SKB_STREAM_PARSER)
+    BPF.attach_func(verdict, socks_fd, BPFAttachType.SK_SKB_STREAM_VERDICT)
+    os.makedirs(work, exist_ok=True)
+    obj_pin(socks_fd, f"{work}/socks")
+    obj_pin(libbcc.lib.bpf_table_fd(b.module, b"peers"), f"{work}/peers")

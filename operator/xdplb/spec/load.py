@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from xdplb.errors import XdplbError
 from xdplb.memory import gc_paused
 from xdplb.spec.model import (
     Listener,
@@ -30,7 +31,7 @@ from xdplb.spec.yamldoc import documents
 __all__ = ["DEFAULT_LIMITS", "Limits", "SpecError", "load_file", "parse_manifests"]
 
 
-class SpecError(Exception):
+class SpecError(XdplbError):
     """Invalid configuration; `errors` holds one `<source>: <path>: <message>` per problem."""
 
     def __init__(self, errors: list[str]) -> None:

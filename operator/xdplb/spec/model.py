@@ -35,6 +35,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
 
+from xdplb.spec.api import ApiVersion
 from xdplb.spec.cel import CelRule, cel_string, evaluate
 
 __all__ = [
@@ -574,7 +575,7 @@ class Metadata(BaseModel):
 class LoadBalancer(_Model):
     """A LoadBalancer manifest (xdplb.io/v1alpha1)."""
 
-    api_version: Literal["xdplb.io/v1alpha1"] = Field(alias="apiVersion")
+    api_version: ApiVersion = Field(alias="apiVersion")
     kind: Literal["LoadBalancer"]
     metadata: Metadata
     spec: LoadBalancerSpec

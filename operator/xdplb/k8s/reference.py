@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from xdplb.k8s.crd import GROUP, VERSION, loadbalancer_crd, structural
+from xdplb.k8s.crd import loadbalancer_crd, structural
+from xdplb.spec.api import GROUP, VERSION
 from xdplb.spec.model import LoadBalancer
 
 __all__ = ["MODEL_RULES", "ModelRule", "render"]
