@@ -128,7 +128,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             str(cluster.kubeconfig("agent", AGENT_TOKEN)))
         ensure_bpffs(str(Path(PIN_ROOT).parent))  # the pins go into a directory of it
         agent = ClusterAgent(ClusterOptions(
-            config="kubernetes", node_name=NODE, pin_root=PIN_ROOT, detach_on_exit=True,
+            node_name=NODE, pin_root=PIN_ROOT, detach_on_exit=True,
             state_file=str(Path(tmp) / "agent.json"), poll_seconds=0.05,
             min_write_seconds=0.2), api=api)
         agent.start()
@@ -477,7 +477,7 @@ def test_uninstall_removes_programs_pins_and_nodestate(tmp_path: Path) -> None:
 
             def run_agent() -> ClusterAgent:
                 agent = ClusterAgent(ClusterOptions(
-                    config="kubernetes", node_name=NODE, pin_root=UNINSTALL_PINS,
+                    node_name=NODE, pin_root=UNINSTALL_PINS,
                     detach_on_exit=False, daemonset="xdplb/xdplb-agent",
                     state_file=str(tmp_path / "agent.json"), poll_seconds=0.05,
                     min_write_seconds=0.2), api=api)

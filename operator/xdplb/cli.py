@@ -11,10 +11,8 @@ import sys
 from dataclasses import fields
 
 from xdplb.dataplane.config import Capacities, Timeouts
-from xdplb.defaults import PIN_ROOT, STATE_FILE
+from xdplb.defaults import CONFIG_FILE, PIN_ROOT, STATE_FILE
 from xdplb.k8s.settings import add_args as add_operator_args
-
-DEFAULT_CONFIG = "/etc/xdplb/loadbalancers.yaml"
 
 
 class JsonFormatter(logging.Formatter):
@@ -78,20 +76,20 @@ def cmd_agent(a: argparse.Namespace) -> int:
     # Compile first: the rest of the agent is imported while the compiler runs.
     dp = DataPlane(a.pin_dir, capacities(a), timeouts(a))
     dp.load_async()
-    from xdplb.agent.standalone import Agent, AgentOptions
-
     # A cluster agent keeps programs and pins on a clean stop: its successor adopts them.
     detach = a.detach_on_exit if a.detach_on_exit is not None else not a.kubernetes
     if a.kubernetes:
         from xdplb.agent.cluster import ClusterAgent, ClusterOptions
 
         ClusterAgent(ClusterOptions(
-            config="kubernetes", node_name=a.node_name, daemonset=a.daemonset,
+            node_name=a.node_name, daemonset=a.daemonset,
             xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
             caps=capacities(a), timeouts=timeouts(a),
             detach_on_exit=detach, force=a.force,
             metrics_port=a.metrics_port, state_file=a.state_file), dp=dp).run()
         return 0
+    from xdplb.agent.standalone import Agent, AgentOptions
+
     try:
         Agent(AgentOptions(config=a.config, xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
                            caps=capacities(a), timeouts=timeouts(a), detach_on_exit=detach,
@@ -287,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("agent", help="run the node agent")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML file of LoadBalancers")
+    p.add_argument("--config", default=CONFIG_FILE, help="YAML file of LoadBalancers")
     p.add_argument("--xdp-mode", choices=["native", "generic", "offload"], default="native")
     p.add_argument("--log-format", choices=["text", "json"], default="text")
     p.add_argument("--metrics-port", type=int, default=None)
@@ -331,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_reference)
 
     p = sub.add_parser("explain", help="which listener, route and backend a new flow gets")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=CONFIG_FILE)
     p.add_argument("--src", required=True, help="client IP:PORT")
     p.add_argument("--dst", required=True, help="destination IP:PORT")
     p.add_argument("--proto", default="tcp", choices=["tcp", "udp", "TCP", "UDP"])

@@ -20,7 +20,6 @@ import datetime
 import functools
 import logging
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -31,7 +30,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge
 
-from xdplb.agent.standalone import Agent, AgentOptions
+from xdplb.agent.node import NodeApplier, NodeOptions, stop_on_signals
 from xdplb.dataplane.entries import Inventory, listener_interfaces
 from xdplb.dataplane.loader import DataPlane
 from xdplb.k8s.client import api_client
@@ -84,7 +83,7 @@ AGENT_NAMESPACE_RULES: list[Json] = [
 
 
 @dataclass
-class ClusterOptions(AgentOptions):
+class ClusterOptions(NodeOptions):
     node_name: str = ""
     daemonset: str = ""  # namespace/name of the agents' DaemonSet ("": never uninstall)
     heartbeat_seconds: float = 10.0
@@ -325,12 +324,12 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-class ClusterAgent(Agent):
-    opts: ClusterOptions
-
+class ClusterAgent:
     def __init__(self, opts: ClusterOptions, api: kubernetes.client.ApiClient | None = None,
                  dp: DataPlane | None = None) -> None:
-        super().__init__(opts, dp)
+        self.opts = opts
+        self.node = NodeApplier(opts, "kubernetes", dp)
+        self.stop = threading.Event()
         self.api = api or api_client()
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
         self.discovery = kubernetes.client.DiscoveryV1Api(self.api)
@@ -348,6 +347,7 @@ class ClusterAgent(Agent):
         self._dirty = True
         self._parsed = ParseCache()
         self._watch_seq = 0
+        self._inventory: Inventory | None = None  # the node as last applied
 
     @functools.cached_property
     def core(self) -> kubernetes.client.CoreV1Api:
@@ -355,9 +355,12 @@ class ClusterAgent(Agent):
         return kubernetes.client.CoreV1Api(self.api)
 
     # -- lifecycle ----------------------------------------------------------------------------
+    @property
+    def plan(self) -> Plan:
+        return self.node.plan
+
     def run(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop.set())
+        stop_on_signals(self.stop)
         self.start()
         try:
             self.loop()
@@ -365,17 +368,23 @@ class ClusterAgent(Agent):
             self.shutdown()
 
     def start(self) -> None:
+        """Watch, compile meanwhile, then take over the pinned maps; the loop applies
+        once the lists have arrived."""
+        t0 = time.monotonic()
         self._start_watch("lb", self.custom.list_cluster_custom_object,
                           {"group": GROUP, "version": VERSION, "plural": "loadbalancers"})
         self._start_watch("node", self.core.list_node,
                           {"field_selector": f"metadata.name={self.opts.node_name}"})
-        super().start()  # compile, load, adopt pins; the loop applies once the lists arrive
+        self.node.load_async()
+        self._plan_while_loading()
+        self.node.start()
+        log.info("started in %.0f ms", (time.monotonic() - t0) * 1000)
 
-    def read(self, force: bool = False) -> None:
+    def _plan_while_loading(self) -> None:
         """While the programs compile: take the first lists and validate and plan
         what they hold, so that the first reconcile finds it done (100 objects of
         1,000 routes take ~2 s). The maps are written by reconcile()."""
-        while self.dp.loading is not None and self.dp.loading.is_alive():
+        while self.node.loading:
             try:
                 self._take(self.events.get(timeout=0.05))
             except queue.Empty:
@@ -386,18 +395,15 @@ class ClusterAgent(Agent):
                 labels = ((node or {}).get("metadata") or {}).get("labels") or {}
                 lbs = self.stores.by_key.get("lb", {})
                 desire(lbs, labels, EndpointIndex.of([], [], self.opts.node_name),
-                       self.health.down(), self._parsed)
+                       self.node.health.down(), self._parsed)
                 log.info("validated and planned the %d LoadBalancers listed while compiling"
                          " (%.0f ms)", len(lbs), (time.monotonic() - t0) * 1000)
                 break
 
     def loop(self) -> None:
-        next_sweep = time.monotonic() + self.opts.sweep_seconds
         while not self.stop.is_set():
             self.step(self.opts.poll_seconds)
-            if time.monotonic() >= next_sweep:
-                self.sweep()
-                next_sweep = time.monotonic() + self.opts.sweep_seconds
+            self.node.tick()
 
     def step(self, wait: float) -> None:
         """Take the events that arrived within ``wait`` seconds, reconcile, report."""
@@ -407,11 +413,9 @@ class ClusterAgent(Agent):
                 self._take(self.events.get_nowait())
         except queue.Empty:
             pass
-        # Addresses and interfaces come and go without an API event.
-        self._dirty |= self.node_inventory() != self._inventory
-        if self._health_changed.is_set():
-            self._health_changed.clear()
-            self._dirty = True
+        # Addresses, interfaces and backends' health change without an API event.
+        self._dirty |= self.node.inventory() != self._inventory
+        self._dirty |= self.node.health_changed()
         if self._dirty:
             self._dirty = False
             self.reconcile()
@@ -432,7 +436,7 @@ class ClusterAgent(Agent):
             except ApiException as e:
                 if e.status not in (401, 404):
                     log.warning("NodeState %s not deleted: %s", self.opts.node_name, e.reason)
-        super().shutdown()
+        self.node.shutdown()
 
     # -- events -------------------------------------------------------------------------------
     def _start_watch(self, key: str, call: Callable[..., Any], kwargs: Json) -> None:
@@ -494,11 +498,8 @@ class ClusterAgent(Agent):
         return self.services[ref]
 
     # -- reconcile ----------------------------------------------------------------------------
-    def reload(self, force: bool = False) -> None:
-        self.reconcile()
-
     def reconcile(self) -> None:
-        if self.writer is None:
+        if self.node.writer is None:
             return
         if not self._synced():
             return  # step() reports why, and the first lists make it run again
@@ -510,7 +511,7 @@ class ClusterAgent(Agent):
         services = [s for ref in self.wanted_services if (s := self._service(ref))]
         self._parsed.keep_only(lbs)
         desired = desire(lbs, labels, EndpointIndex.of(services, slices, self.opts.node_name),
-                         self.health.down(), self._parsed)
+                         self.node.health.down(), self._parsed)
         if desired.services != self.wanted_services:
             self._want(desired.services)
             if not self._synced():
@@ -518,19 +519,19 @@ class ClusterAgent(Agent):
             services = [s for ref in self.wanted_services if (s := self._service(ref))]
             desired = desire(lbs, labels,
                              EndpointIndex.of(services, self.stores.values("eps/"),
-                                              self.opts.node_name), self.health.down(),
+                                              self.opts.node_name), self.node.health.down(),
                              self._parsed)
 
-        inv = self.node_inventory()
+        inv = self.node.inventory()
         t0 = time.monotonic()
         if desired.plan != self.plan or inv != self._inventory:
             self._inventory = inv
-            self.apply(desired.plan, inv)
+            self.node.apply(desired.plan, inv)
         ok = self.plan == desired.plan
         ms = (time.monotonic() - t0) * 1000
         entries = {
             ref: e if ok or e.phase != "Applied" else e.model_copy(
-                update={"phase": "Failed", "message": _message([self.last_error])})
+                update={"phase": "Failed", "message": _message([self.node.last_error])})
             for ref, e in desired.entries.items()
         }
         # Objects this node served and no longer does (deselected, or being deleted).
@@ -569,17 +570,18 @@ class ClusterAgent(Agent):
             error = ""
             if name not in inv.ifindex:
                 error = "no such interface on this node"
-            elif name not in self.attached:
+            elif name not in self.node.attached:
                 error = "not attached (see the agent log)"
-            interfaces.append(InterfaceState(name=name[:15], mode=self.attached.get(name, "none"),
-                                             attached=name in self.attached, error=error))
-        modes = sorted(set(self.attached.values()))
+            attached = self.node.attached
+            interfaces.append(InterfaceState(name=name[:15], mode=attached.get(name, "none"),
+                                             attached=name in attached, error=error))
+        modes = sorted(set(self.node.attached.values()))
         return NodeStateStatus(
             heartbeat_time=_now(),
             mode=modes[0] if len(modes) == 1 else ("generic" if modes else "none"),
             interfaces=interfaces,
             load_balancers=[self.reported[ref] for ref in sorted(self.reported)],
-            error=_message([self.last_error]) if self.last_error else "",
+            error=_message([self.node.last_error]) if self.node.last_error else "",
         )
 
     # -- NodeState ----------------------------------------------------------------------------
