@@ -2,7 +2,9 @@
 
 Addresses and ports are stored as they lie on the wire (network order); the
 helpers below convert. tests/test_layout.py checks sizes and offsets against
-the structures bcc builds from the C source."""
+the structures bcc builds from the C source, and every #define and enum of
+layout.h against the constants here (same names; PF_X(proto) is pf_x(proto),
+enum stat is Stat)."""
 
 from __future__ import annotations
 

@@ -8,8 +8,11 @@
 #ifndef XDPLB_ICMP_H
 #define XDPLB_ICMP_H
 
-#define ICMP_DEST_UNREACH  3
-#define ICMP_TIME_EXCEEDED 11
+#define ICMP_TYPE_OFF offsetof(struct icmphdr, type)
+#define ICMP_CSUM_OFF offsetof(struct icmphdr, checksum)
+/* RFC 792: an error quotes at least 8 bytes past the quoted IP header, which hold
+ * both ports (and a UDP checksum). */
+#define QUOTE_L4_MIN  8
 
 struct icmp_err {
 	__u16 *icmp_csum;
@@ -23,11 +26,11 @@ struct icmp_err {
 static __always_inline int parse_icmp_error(void *data_end, struct pkt *p, struct icmp_err *e)
 {
 	__u8 *icmp = p->l4;
-	if ((void *)(icmp + 8) > data_end)
+	if ((void *)(icmp + sizeof(struct icmphdr)) > data_end)
 		return -1;
-	if (icmp[0] != ICMP_DEST_UNREACH && icmp[0] != ICMP_TIME_EXCEEDED)
+	if (icmp[ICMP_TYPE_OFF] != ICMP_DEST_UNREACH && icmp[ICMP_TYPE_OFF] != ICMP_TIME_EXCEEDED)
 		return -1;
-	struct iphdr *in = (void *)(icmp + 8);
+	struct iphdr *in = (void *)(icmp + sizeof(struct icmphdr));
 	if ((void *)(in + 1) > data_end)
 		return -1;
 	__u32 ihl = in->ihl * 4;
@@ -35,20 +38,20 @@ static __always_inline int parse_icmp_error(void *data_end, struct pkt *p, struc
 		return -1;
 	if (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP)
 		return -1;
-	if (in->frag_off & bpf_htons(0x1fff))  /* a later fragment quotes no ports */
+	if (in->frag_off & bpf_htons(IP_OFFSET))  /* a later fragment quotes no ports */
 		return -1;
 	__u8 *l4 = (void *)in + (ihl & 0x3c);
-	if ((void *)(l4 + 8) > data_end)
+	if ((void *)(l4 + QUOTE_L4_MIN) > data_end)
 		return -1;
-	e->icmp_csum = (__u16 *)(icmp + 2);
+	e->icmp_csum = (__u16 *)(icmp + ICMP_CSUM_OFF);
 	e->in_ip = in;
 	e->in_ports = (__be16 *)l4;
 	e->in_proto = in->protocol;
 	e->in_l4_csum = NULL;
 	if (in->protocol == IPPROTO_UDP)
-		e->in_l4_csum = (__u16 *)(l4 + 6);
-	else if ((void *)(l4 + 18) <= data_end)
-		e->in_l4_csum = (__u16 *)(l4 + 16);
+		e->in_l4_csum = (__u16 *)(l4 + UDP_CSUM_OFF);
+	else if ((void *)(l4 + (TCP_CSUM_OFF + sizeof(__u16))) <= data_end)
+		e->in_l4_csum = (__u16 *)(l4 + TCP_CSUM_OFF);
 	return 0;
 }
 

@@ -19,13 +19,29 @@ struct pkt {
 	__u32 ip_off;   /* from the start of the frame */
 	__u32 l4_off;
 	__u8 proto;
-	__u8 tcp_flags; /* TCP byte 13: CWR ECE URG ACK PSH RST SYN FIN */
+	__u8 tcp_flags; /* the TCP flags byte: CWR ECE URG ACK PSH RST SYN FIN */
 };
 
 #define TCPF_FIN 0x01
 #define TCPF_SYN 0x02
 #define TCPF_RST 0x04
 #define TCPF_ACK 0x10
+
+/* Offsets inside the L4 header. The two bytes after ack_seq (data offset, then the
+ * flags) are read and written whole: struct tcphdr's bitfields there are declared
+ * in an endian-dependent order. Ports lie at the same offsets in a UDP header. */
+#define TCP_DOFF_OFF  (offsetof(struct tcphdr, ack_seq) + 4)
+#define TCP_FLAGS_OFF (offsetof(struct tcphdr, ack_seq) + 5)
+#define TCP_CSUM_OFF  offsetof(struct tcphdr, check)
+#define UDP_CSUM_OFF  offsetof(struct udphdr, check)
+#define L4_SPORT_OFF  offsetof(struct tcphdr, source)
+#define L4_DPORT_OFF  offsetof(struct tcphdr, dest)
+_Static_assert(offsetof(struct udphdr, source) == L4_SPORT_OFF &&
+	       offsetof(struct udphdr, dest) == L4_DPORT_OFF, "TCP and UDP ports differ");
+
+/* IPv4 frag_off bits (the kernel's net/ip.h, which is not uapi). */
+#define IP_MF     0x2000
+#define IP_OFFSET 0x1fff
 
 static __always_inline int parse(void *data, void *data_end, struct pkt *p)
 {
@@ -52,7 +68,7 @@ static __always_inline int parse(void *data, void *data_end, struct pkt *p)
 		return P_MALFORMED;
 	if (bpf_ntohs(ip->tot_len) < ihl)
 		return P_MALFORMED;
-	if (ip->frag_off & bpf_htons(0x3fff))  /* MF or a fragment offset */
+	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
 		return P_FRAGMENT;
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP &&
 	    ip->protocol != IPPROTO_ICMP)
@@ -75,7 +91,7 @@ static __always_inline int parse(void *data, void *data_end, struct pkt *p)
 		p->sport = tcp->source;
 		p->dport = tcp->dest;
 		p->l4_csum = &tcp->check;
-		p->tcp_flags = ((__u8 *)tcp)[13];
+		p->tcp_flags = *((__u8 *)tcp + TCP_FLAGS_OFF);
 	} else {
 		struct udphdr *udp = l4;
 		if ((void *)(udp + 1) > data_end)

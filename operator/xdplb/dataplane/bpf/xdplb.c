@@ -5,6 +5,7 @@
  * Rewritten packets are passed on (XDP_PASS) so the kernel routes them. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
+#include <uapi/linux/icmp.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/tcp.h>
@@ -37,15 +38,12 @@ static __always_inline void add_flow_stats(struct flow_stats *s, __u64 bytes, in
 	}
 }
 
-static __always_inline void count_listener(__u32 id, __u64 bytes, int new_flow)
+/* A packet of a flow, on its listener's and its backend's counters. */
+static __always_inline void count_flow(__u32 listener, __u32 backend, __u64 bytes, int new_flow)
 {
-	struct flow_stats *s = listener_stats.lookup(&id);
+	struct flow_stats *s = listener_stats.lookup(&listener);
 	add_flow_stats(s, bytes, new_flow);
-}
-
-static __always_inline void count_backend(__u32 id, __u64 bytes, int new_flow)
-{
-	struct flow_stats *s = backend_stats.lookup(&id);
+	s = backend_stats.lookup(&backend);
 	add_flow_stats(s, bytes, new_flow);
 }
 
@@ -69,17 +67,30 @@ static __always_inline void rewrite(struct pkt *p, __be32 *addr, __be16 *port, _
 
 static __always_inline void dnat(struct pkt *p, __be32 addr, __be16 port)
 {
-	__be16 *ports = p->l4;
-	rewrite(p, &p->ip->daddr, &ports[1], addr, port);
+	rewrite(p, &p->ip->daddr, p->l4 + L4_DPORT_OFF, addr, port);
 }
 
 static __always_inline void snat(struct pkt *p, __be32 addr, __be16 port)
 {
-	__be16 *ports = p->l4;
-	rewrite(p, &p->ip->saddr, &ports[0], addr, port);
+	rewrite(p, &p->ip->saddr, p->l4 + L4_SPORT_OFF, addr, port);
 }
 
 #define SNAT_TRIES 32
+
+/* The dir-0 key of the flow a source-NAT reply entry (rv) belongs to: the
+ * client's packet to the listener. Filled in place, field by field (ct_key has
+ * no implicit padding). */
+static __always_inline void snat_forward_key(struct ct_key *k, const struct ct_val *rv,
+					     __u8 proto)
+{
+	k->src = rv->snat_addr;
+	k->dst = rv->nat_addr;
+	k->sport = rv->snat_port;
+	k->dport = rv->nat_port;
+	k->proto = proto;
+	k->dir = 0;
+	k->pad = 0;
+}
 
 /* May a new flow (its reply entry: rv) take the source-NAT port that `held` (the
  * reply entry there) claims? Yes if held's flow is gone or idle past its timeout,
@@ -92,10 +103,8 @@ static __always_inline int snat_port_free(struct ct_val *held, struct ct_val *rv
 {
 	if (!(held->flags & CT_SNAT))
 		return 0;  /* a direct connection's marker or a reply entry: not ours */
-	struct ct_key fkey = {
-		.src = held->snat_addr, .dst = held->nat_addr, .sport = held->snat_port,
-		.dport = held->nat_port, .proto = proto, .dir = 0,
-	};
+	struct ct_key fkey;
+	snat_forward_key(&fkey, held, proto);
 	struct ct_val *f = ct.lookup(&fkey);
 	if (!f || f->snat_port != port || ct_expired(f, proto, now))
 		return 1;
@@ -160,10 +169,8 @@ static __always_inline int snat_reply_flow(struct pkt *p, __u64 now, __u64 bytes
 	struct ct_val *rv = ct.lookup(&rkey);
 	if (!rv || !(rv->flags & CT_SNAT))
 		return -1;
-	struct ct_key fkey = {
-		.src = rv->snat_addr, .dst = rv->nat_addr, .sport = rv->snat_port,
-		.dport = rv->nat_port, .proto = p->proto, .dir = 0,
-	};
+	struct ct_key fkey;
+	snat_forward_key(&fkey, rv, p->proto);
 	t->client = rv->snat_addr;
 	t->vip = rv->nat_addr;
 	t->cport = rv->snat_port;
@@ -175,8 +182,7 @@ static __always_inline int snat_reply_flow(struct pkt *p, __u64 now, __u64 bytes
 		return 1;
 	}
 	ct_track(e, 1, p->tcp_flags, now, bytes);
-	count_listener(e->listener, bytes, 0);
-	count_backend(e->backend, bytes, 0);
+	count_flow(e->listener, e->backend, bytes, 0);
 	count(ST_SNAT_REPLY);
 	return 0;
 }
@@ -234,6 +240,46 @@ static __always_inline struct ct_val *forward_of(__be32 client, __be16 cport, __
 	return e;
 }
 
+enum reply_found { RF_FLOW, RF_DIRECT, RF_UNTRACKED, RF_GONE };
+
+struct reply {
+	struct rev_nat_val *rn;  /* the backend endpoint's rev_nat entry, if any */
+	struct ct_val *e;        /* RF_FLOW: the flow's forward entry; RF_DIRECT: the marker */
+	__be32 vip;              /* RF_FLOW: the listener address the client knows */
+	__be16 vport;
+};
+
+/* What a backend's packet (rkey: its dir-1 key, backend -> client) belongs to.
+ * Most flows are found through rev_nat; the others through their reply entry.
+ * RF_FLOW: a live flow. RF_DIRECT: a live CT_DIRECT marker, a connection made to
+ * the backend itself. RF_UNTRACKED: no reply entry, or an expired marker.
+ * RF_GONE: a reply entry whose flow is gone. */
+static __always_inline int reply_lookup(struct ct_key *rkey, __u64 now, struct reply *r)
+{
+	__be32 backend = rkey->src, client = rkey->dst;
+	__be16 bport = rkey->sport, cport = rkey->dport;
+	struct rev_nat_key bk = { .addr = backend, .port = bport, .proto = rkey->proto };
+	r->rn = rev_nat.lookup(&bk);
+	if (r->rn) {
+		r->vip = r->rn->vip;
+		r->vport = r->rn->vport;
+		r->e = forward_of(client, cport, r->vip, r->vport, backend, bport, rkey->proto, now);
+		if (r->e)
+			return RF_FLOW;
+	}
+	struct ct_val *rv = ct.lookup(rkey);
+	if (!rv)
+		return RF_UNTRACKED;
+	if (rv->flags & CT_DIRECT) {
+		r->e = rv;
+		return ct_expired(rv, rkey->proto, now) ? RF_UNTRACKED : RF_DIRECT;
+	}
+	r->vip = rv->nat_addr;
+	r->vport = rv->nat_port;
+	r->e = forward_of(client, cport, r->vip, r->vport, backend, bport, rkey->proto, now);
+	return r->e ? RF_FLOW : RF_GONE;
+}
+
 /* Answer a SYN with RST|ACK from the listener: the group has no backend. */
 static __always_inline int send_rst(struct xdp_md *ctx, struct pkt *p)
 {
@@ -269,8 +315,8 @@ static __always_inline int send_rst(struct xdp_md *ctx, struct pkt *p)
 	tcp->dest = port;
 	tcp->ack_seq = bpf_htonl(bpf_ntohl(tcp->seq) + 1);
 	tcp->seq = 0;
-	((__u8 *)tcp)[12] = 5 << 4;            /* data offset 5, no options */
-	((__u8 *)tcp)[13] = TCPF_RST | TCPF_ACK;
+	*((__u8 *)tcp + TCP_DOFF_OFF) = (sizeof(*tcp) / 4) << 4;  /* no options */
+	*((__u8 *)tcp + TCP_FLAGS_OFF) = TCPF_RST | TCPF_ACK;
 	tcp->window = 0;
 	tcp->urg_ptr = 0;
 	tcp->check = 0;
@@ -278,7 +324,7 @@ static __always_inline int send_rst(struct xdp_md *ctx, struct pkt *p)
 		  (ip->daddr >> 16) + bpf_htons(IPPROTO_TCP) + bpf_htons(sizeof(*tcp));
 	__u16 *w = (__u16 *)tcp;
 #pragma unroll
-	for (int i = 0; i < 10; i++)
+	for (int i = 0; i < sizeof(*tcp) / 2; i++)
 		s += w[i];
 	tcp->check = ~csum_fold(s);
 
@@ -311,10 +357,8 @@ static __always_inline int icmp_snat_forward(struct pkt *p, struct icmp_err *e)
 		count(ST_NOMATCH);
 		return XDP_PASS;
 	}
-	struct ct_key fkey = {
-		.src = rv->snat_addr, .dst = rv->nat_addr, .sport = rv->snat_port,
-		.dport = rv->nat_port, .proto = e->in_proto, .dir = 0,
-	};
+	struct ct_key fkey;
+	snat_forward_key(&fkey, rv, e->in_proto);
 	__be32 client = rv->snat_addr, vip = rv->nat_addr, node = rkey.dst;
 	__be16 client_port = rv->snat_port, vport = rv->nat_port;
 	struct ct_val *v = ct.lookup(&fkey);
@@ -412,8 +456,7 @@ int xdplb_ingress(struct xdp_md *ctx)
 	/* A SYN on a closed flow's entry starts a new flow (port reuse). */
 	if (e && !ct_expired(e, p.proto, now) && !(syn && ct_closing(e))) {
 		ct_track(e, 0, p.tcp_flags, now, bytes);
-		count_listener(e->listener, bytes, 0);
-		count_backend(e->backend, bytes, 0);
+		count_flow(e->listener, e->backend, bytes, 0);
 		count(ST_ESTABLISHED);
 		if (e->flags & CT_SNAT)
 			snat(&p, e->snat_addr, e->snat_port);
@@ -518,8 +561,7 @@ int xdplb_ingress(struct xdp_md *ctx)
 		count(ST_CT_FULL);
 		return XDP_DROP;
 	}
-	count_listener(lid, bytes, !lost);
-	count_backend(b->id, bytes, !lost);
+	count_flow(lid, b->id, bytes, !lost);
 	count(lost ? ST_RESELECTED : path);
 	if (v.flags & CT_SNAT)
 		snat(&p, v.snat_addr, v.snat_port);
@@ -535,33 +577,14 @@ static __always_inline int icmp_egress(struct pkt *p, void *data_end)
 	if (parse_icmp_error(data_end, p, &e))
 		return TC_ACT_OK;
 	struct ct_key rkey = quoted_flow(&e, 1);
-	__be32 backend = rkey.src, client = rkey.dst;
-	__be16 bport = rkey.sport, cport = rkey.dport;
-	__u64 now = bpf_ktime_get_coarse_ns();
-	struct rev_nat_key bk = { .addr = backend, .port = bport, .proto = e.in_proto };
-	struct rev_nat_val *r = rev_nat.lookup(&bk);
-	struct ct_val *v = NULL;
-	__be32 vip = 0;
-	__be16 vport = 0;
-	if (r) {
-		vip = r->vip;
-		vport = r->vport;
-		v = forward_of(client, cport, vip, vport, backend, bport, e.in_proto, now);
-	}
-	if (!v) {
-		struct ct_val *rv = ct.lookup(&rkey);
-		if (!rv || (rv->flags & CT_DIRECT))
-			return TC_ACT_OK;
-		vip = rv->nat_addr;
-		vport = rv->nat_port;
-		v = forward_of(client, cport, vip, vport, backend, bport, e.in_proto, now);
-		if (!v)
-			return TC_ACT_OK;
-	}
-	icmp_rewrite_quote(&e, 1, vip, vport);
+	struct reply rp;
+	if (reply_lookup(&rkey, bpf_ktime_get_coarse_ns(), &rp) != RF_FLOW)
+		return TC_ACT_OK;
+	__be32 backend = rkey.src;
+	icmp_rewrite_quote(&e, 1, rp.vip, rp.vport);
 	if (p->ip->saddr == backend) {  /* the backend itself reports it */
-		csum_replace4(&p->ip->check, backend, vip);
-		p->ip->saddr = vip;
+		csum_replace4(&p->ip->check, backend, rp.vip);
+		p->ip->saddr = rp.vip;
 	}
 	count(ST_ICMP_OUT);
 	return TC_ACT_OK;
@@ -606,8 +629,7 @@ static __always_inline void skb_rewrite_end(struct __sk_buff *skb, __u32 csum_of
 
 static __always_inline __u32 l4_csum_off(const struct pkt *p)
 {
-	return p->l4_off + (p->proto == IPPROTO_TCP ? offsetof(struct tcphdr, check)
-						   : offsetof(struct udphdr, check));
+	return p->l4_off + (p->proto == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF);
 }
 
 /* Source := listener address on a reply leaving for its client. */
@@ -616,8 +638,8 @@ static __always_inline int reply_rewrite(struct __sk_buff *skb, struct pkt *p, _
 {
 	__u64 mangled = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 	skb_rewrite_end(skb, l4_csum_off(p), mangled, p->ip_off + offsetof(struct iphdr, check),
-			p->ip_off + offsetof(struct iphdr, saddr), p->l4_off, p->ip->saddr, new_addr,
-			p->sport, new_port);
+			p->ip_off + offsetof(struct iphdr, saddr), p->l4_off + L4_SPORT_OFF,
+			p->ip->saddr, new_addr, p->sport, new_port);
 	return TC_ACT_OK;
 }
 
@@ -659,8 +681,7 @@ static __always_inline int egress_untracked(struct __sk_buff *skb, struct pkt *p
 		count(ST_CT_FULL);
 		return TC_ACT_OK;
 	}
-	count_listener(lid, skb->len, 0);
-	count_backend(bid, skb->len, 0);
+	count_flow(lid, bid, skb->len, 0);
 	count(ST_REPLY_RESTORED);
 	return reply_rewrite(skb, p, vip, vport);
 }
@@ -675,57 +696,37 @@ int xdplb_egress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	__u64 now = bpf_ktime_get_coarse_ns();
-	__be32 backend = p.ip->saddr, client = p.ip->daddr;
 	struct ct_key rkey = {
-		.src = backend, .dst = client, .sport = p.sport, .dport = p.dport,
+		.src = p.ip->saddr, .dst = p.ip->daddr, .sport = p.sport, .dport = p.dport,
 		.proto = p.proto, .dir = 1,
 	};
-	/* Most flows are found through rev_nat; the others through their reply entry. */
-	struct rev_nat_key bk = { .addr = backend, .port = p.sport, .proto = p.proto };
-	struct rev_nat_val *rn = rev_nat.lookup(&bk);
-	struct ct_val *e = NULL;
-	__be32 vip = 0;
-	__be16 vport = 0;
-	if (rn) {
-		vip = rn->vip;
-		vport = rn->vport;
-		e = forward_of(client, p.dport, vip, vport, backend, p.sport, p.proto, now);
+	struct reply rp;
+	switch (reply_lookup(&rkey, now, &rp)) {
+	case RF_DIRECT:  /* a connection to the backend itself: untouched, kept alive */
+		rp.e->last_ns = now;
+		return TC_ACT_OK;
+	case RF_UNTRACKED:
+		return egress_untracked(skb, &p, &rkey, rp.rn, now);
+	case RF_GONE:
+		count(ST_REPLY_EXPIRED);
+		return TC_ACT_OK;
 	}
-	if (!e) {
-		struct ct_val *rv = ct.lookup(&rkey);
-		if (rv && (rv->flags & CT_DIRECT)) {
-			if (!ct_expired(rv, p.proto, now)) {
-				rv->last_ns = now;
-				return TC_ACT_OK;
-			}
-			rv = NULL;
-		}
-		if (!rv)
-			return egress_untracked(skb, &p, &rkey, rn, now);
-		vip = rv->nat_addr;
-		vport = rv->nat_port;
-		e = forward_of(client, p.dport, vip, vport, backend, p.sport, p.proto, now);
-		if (!e) {
-			count(ST_REPLY_EXPIRED);
-			return TC_ACT_OK;
-		}
-	}
+	struct ct_val *e = rp.e;
 	/* A SYN|ACK is no reply of a flow that has closed: the client reused the port
 	 * for a connection to the backend itself. The old flow's entry goes, so that
 	 * the new connection's segments are not taken for its replies. */
 	if ((p.tcp_flags & TCPF_SYN) && ct_closing(e)) {
 		struct ct_key fkey = {
-			.src = client, .dst = vip, .sport = p.dport, .dport = vport,
+			.src = rkey.dst, .dst = rp.vip, .sport = p.dport, .dport = rp.vport,
 			.proto = p.proto, .dir = 0,
 		};
 		ct.delete(&fkey);
-		return egress_untracked(skb, &p, &rkey, rn, now);
+		return egress_untracked(skb, &p, &rkey, rp.rn, now);
 	}
 	ct_track(e, 1, p.tcp_flags, now, skb->len);
-	count_listener(e->listener, skb->len, 0);
-	count_backend(e->backend, skb->len, 0);
+	count_flow(e->listener, e->backend, skb->len, 0);
 	count(ST_REPLY_NAT);
-	return reply_rewrite(skb, &p, vip, vport);
+	return reply_rewrite(skb, &p, rp.vip, rp.vport);
 }
 
 /* TC ingress on an interface toward backends that no listener uses: the replies
@@ -754,10 +755,10 @@ int xdplb_backend_in(struct __sk_buff *skb)
 	__u32 csum_off = l4_csum_off(&p), check_off = p.ip_off + offsetof(struct iphdr, check);
 	__u64 mangled = p.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 	skb_rewrite_end(skb, csum_off, mangled, check_off,
-			p.ip_off + offsetof(struct iphdr, daddr), p.l4_off + 2, old_dst, t.client,
-			old_dport, t.cport);
+			p.ip_off + offsetof(struct iphdr, daddr), p.l4_off + L4_DPORT_OFF, old_dst,
+			t.client, old_dport, t.cport);
 	skb_rewrite_end(skb, csum_off, mangled, check_off,
-			p.ip_off + offsetof(struct iphdr, saddr), p.l4_off, old_src, t.vip,
-			old_sport, t.vport);
+			p.ip_off + offsetof(struct iphdr, saddr), p.l4_off + L4_SPORT_OFF, old_src,
+			t.vip, old_sport, t.vport);
 	return TC_ACT_OK;
 }
