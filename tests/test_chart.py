@@ -26,7 +26,7 @@ from tests.test_operator import seed_operator_pod
 from xdplb.agent.cluster import AGENT_NAMESPACE_RULES, AGENT_RULES
 from xdplb.k8s.client import Kube
 from xdplb.k8s.daemonset import CAPABILITIES
-from xdplb.k8s.operator import FINALIZER
+from xdplb.k8s.finalizer import FINALIZER
 from xdplb.k8s.rbac import OPERATOR_NAMESPACE_RULES, OPERATOR_RULES
 from xdplb.k8s.uninstall import UNINSTALL_NAMESPACE_RULES, UNINSTALL_RULES
 

@@ -26,8 +26,9 @@ from tests.k8s.cluster import KUBECTL, Cluster, wait_for, write_kubeconfig
 from tests.test_health import free_port
 from xdplb.k8s.client import Kube
 from xdplb.k8s.daemonset import AgentSettings
+from xdplb.k8s.index import State
 from xdplb.k8s.lease import LeaderElector, LeaseLost, decide, released
-from xdplb.k8s.operator import State, run
+from xdplb.k8s.operator import run
 from xdplb.k8s.settings import LeaderElectionSettings, OperatorSettings
 
 NS = "xdplb-system"

@@ -27,7 +27,8 @@ from tests.chart import chart_grants
 from tests.k8s.cluster import KUBECTL, Cluster, wait_for, write_kubeconfig
 from xdplb.k8s.client import Kube
 from xdplb.k8s.daemonset import AgentSettings
-from xdplb.k8s.operator import State, run
+from xdplb.k8s.index import State
+from xdplb.k8s.operator import run
 from xdplb.k8s.settings import LeaderElectionSettings, OperatorSettings
 from xdplb.k8s.status import LoadBalancerStatus
 
@@ -362,7 +363,7 @@ def test_release_after_a_conflict_tries_again_with_the_object_as_it_is(tmp_path:
     finalizer): the guarded patch conflicts, and release must not give up on it."""
     import asyncio
 
-    from xdplb.k8s.operator import FINALIZER, release
+    from xdplb.k8s.finalizer import FINALIZER, release
 
     with Cluster(tmp_path) as cluster:
         cluster.apply_crds()
@@ -386,7 +387,7 @@ def test_release_leaves_a_new_object_of_the_same_name_alone(tmp_path: Any) -> No
     finalizer."""
     import asyncio
 
-    from xdplb.k8s.operator import FINALIZER, release
+    from xdplb.k8s.finalizer import FINALIZER, release
 
     with Cluster(tmp_path) as cluster:
         cluster.apply_crds()
@@ -418,7 +419,7 @@ def test_release_tries_again_after_a_failed_request(tmp_path: Any,
 
     import urllib3
 
-    from xdplb.k8s.operator import FINALIZER, release
+    from xdplb.k8s.finalizer import FINALIZER, release
 
     class FailingOnce(Kube):
         failed = 0
@@ -454,14 +455,14 @@ def test_api_requests_time_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
     import urllib3
 
-    from xdplb.k8s import operator
+    from xdplb.k8s import client
 
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         host, port = silent.getsockname()
         config = write_kubeconfig(tmp_path / "kubeconfig", f"http://{host}:{port}")
-        monkeypatch.setattr(operator, "REQUEST_TIMEOUT", 0.5)
+        monkeypatch.setattr(client, "REQUEST_TIMEOUT", 0.5)
         t0 = time.monotonic()
         with pytest.raises(urllib3.exceptions.HTTPError):
             Kube(str(config)).get("/api")

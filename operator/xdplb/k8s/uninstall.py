@@ -22,7 +22,7 @@ from typing import Any
 import kubernetes
 
 from xdplb.k8s.client import Kube, is_missing
-from xdplb.k8s.operator import FINALIZER, set_finalizer
+from xdplb.k8s.finalizer import FINALIZER, set_finalizer
 from xdplb.spec.api import GROUP, VERSION
 
 log = logging.getLogger("xdplb.uninstall")
