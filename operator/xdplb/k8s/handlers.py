@@ -94,12 +94,14 @@ def build_registry(opts: OperatorSettings, state: State, kube: Kube,
             releasing[uid] = asyncio.create_task(release(opts, state, kube, doc))
             releasing[uid].add_done_callback(lambda _: releasing.pop(uid, None))
 
+    # Coroutines, though they do no I/O: kopf runs plain functions in a thread pool, and
+    # State (its asyncio.Event too) belongs to the event loop.
     @kopf.on.event(GROUP, VERSION, "nodestates", registry=registry)
-    def nodestate_event(type: str | None, body: Any, **_: Any) -> None:
+    async def nodestate_event(type: str | None, body: Any, **_: Any) -> None:
         state.on_nodestate(type, _body(body))
 
     @kopf.on.event("", "v1", "nodes", registry=registry)
-    def node_event(type: str | None, body: Any, **_: Any) -> None:
+    async def node_event(type: str | None, body: Any, **_: Any) -> None:
         state.on_node(type, _body(body))
 
     # Services and EndpointSlices: kopf keeps them (its indexes, updated before the
@@ -116,12 +118,12 @@ def build_registry(opts: OperatorSettings, state: State, kube: Kube,
         return {service: _body(body)} if service else {}
 
     @kopf.on.event("", "v1", "services", registry=registry)
-    def service_event(body: Any, **_: Any) -> None:
+    async def service_event(body: Any, **_: Any) -> None:
         state.on_service(ref_of(body))
 
     @kopf.on.event("discovery.k8s.io", "v1", "endpointslices",
                    labels={SERVICE_NAME_LABEL: kopf.PRESENT}, registry=registry)
-    def slice_event(body: Any, **_: Any) -> None:
+    async def slice_event(body: Any, **_: Any) -> None:
         if service := service_of_slice(body):
             state.on_service(service)
 

@@ -35,10 +35,11 @@ API = "/apis/coordination.k8s.io/v1"
 log = logging.getLogger("xdplb.lease")
 
 
-class LeaseLost(XdplbError, SystemExit):
+class LeaseLost(SystemExit, XdplbError):
     """The leader could not keep the Lease: the process ends non-zero with this message and
     is restarted, as client-go's controllers do. Raised outside the event loop only (a
-    SystemExit in a task would break out of the loop)."""
+    SystemExit in a task would break out of the loop). SystemExit first: its __init__
+    sets the exit code."""
 
 
 class Client(Protocol):
