@@ -40,14 +40,14 @@ class BpfError(XdplbError, OSError):
 
 
 def bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
-    ret = _libc.syscall(_sys_bpf(), cmd, attr, len(attr))
+    ret: int = _libc.syscall(_sys_bpf(), cmd, attr, len(attr))
     if ret < 0:
         err = ctypes.get_errno()
         raise BpfError(err, f"bpf({cmd}): {os.strerror(err)}")
     return ret
 
 
-def _attr(fmt: str, *values: int) -> ctypes.Array[ctypes.c_char]:
+def _attr(fmt: str, *values: int | bytes) -> ctypes.Array[ctypes.c_char]:
     buf = ctypes.create_string_buffer(128)
     struct.pack_into(fmt, buf, 0, *values)
     return buf

@@ -286,8 +286,8 @@ class DataPlane:
         if not usable:
             for m in maps.values():
                 m.close()
-            for p in progs:
-                os.close(p.fd)
+            for prog in progs:
+                os.close(prog.fd)
             return False
         self.maps = maps
         self.xdp_fn, self.tc_fn, self.tc_backend_fn = progs

@@ -278,9 +278,9 @@ class MapWriter:
                     want[key] = fresh
                     room -= 1
                 continue
-            held = L.RevNatVal.from_buffer_copy(cur[key])
-            if (held.vip, held.vport) in vips:
-                want[key] = _rev_nat_val(bid, vips, (held.vip, held.vport))
+            named = L.RevNatVal.from_buffer_copy(cur[key])
+            if (named.vip, named.vport) in vips:
+                want[key] = _rev_nat_val(bid, vips, (named.vip, named.vport))
             else:
                 want[key] = _retired_rev(cur[key])
                 self._rev_next[key] = fresh

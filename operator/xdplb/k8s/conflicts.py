@@ -10,8 +10,9 @@ LoadBalancer loses, so a loser never blocks anyone else.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from xdplb.spec.api import Ref
 
@@ -47,7 +48,7 @@ class Conflict:
                 f" which is older")
 
 
-def claim_of(ref: Ref, created: str, spec: dict) -> Claim:
+def claim_of(ref: Ref, created: str, spec: Mapping[str, Any]) -> Claim:
     """The endpoints a LoadBalancer spec (raw dict, already validated) claims."""
     return Claim(ref, created, tuple(
         Endpoint(ln["name"], ln.get("address"), int(ln["port"]), ln["protocol"])

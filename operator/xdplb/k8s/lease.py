@@ -137,8 +137,9 @@ class LeaderElector:
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            return self.kube.request("GET", f"{self.base}/{self.settings.name}",
-                                     timeout=self.timeout)
+            lease: dict[str, Any] = self.kube.request(
+                "GET", f"{self.base}/{self.settings.name}", timeout=self.timeout)
+            return lease
         except kubernetes.client.ApiException as e:
             if e.status == 404:
                 return None

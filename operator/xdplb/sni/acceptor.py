@@ -148,7 +148,8 @@ class Acceptor:
 
     def set_listeners(self, want: dict[Address, Route]) -> list[str]:
         """Listen on exactly `want`; returns problems (addresses that cannot be bound)."""
-        return self._call(self._set_listeners, want)
+        problems: list[str] = self._call(self._set_listeners, want)
+        return problems
 
     def stop(self) -> None:
         """Close listeners, pending and spliced connections; end the loop."""
@@ -306,7 +307,11 @@ class Acceptor:
 
     async def _readable(self, sock: socket.socket) -> None:
         fut: asyncio.Future[None] = self.loop.create_future()
-        self.loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self.loop.add_reader(sock.fileno(), ready)
         try:
             await fut
         finally:
