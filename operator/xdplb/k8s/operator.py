@@ -50,7 +50,8 @@ from xdplb.k8s.lease import LeaderElector, LeaseLost
 from xdplb.k8s.settings import OperatorSettings
 from xdplb.plan.endpoints import SERVICE_NAME_LABEL, service_port_name, slice_backends
 from xdplb.spec.api import GROUP, VERSION, Ref, ref_of
-from xdplb.spec.model import LoadBalancer, format_errors
+from xdplb.spec.errors import format_errors
+from xdplb.spec.model import LoadBalancer
 
 FINALIZER = "xdplb.io/release"
 TICK = 0.1  # seconds between scans for due status writes and silent nodes
