@@ -326,12 +326,6 @@ SCHEMA_GAPS: dict[str, tuple[Any, str]] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _sni_supported(monkeypatch: pytest.MonkeyPatch) -> None:
-    # SNI availability is product state, not schema: keep it out of the comparison.
-    monkeypatch.setattr(model, "SNI_SUPPORTED", True)
-
-
 @pytest.mark.parametrize(("doc", "accepted"), TABLE.values(), ids=TABLE.keys())
 def test_schema_and_python_agree(doc: Any, accepted: bool) -> None:
     server = api_server_errors(LB_SCHEMA, doc)

@@ -15,7 +15,7 @@ from tests.test_crd import LB_SCHEMA, api_server_errors
 from xdplb.cli import main
 from xdplb.k8s import crd
 from xdplb.k8s.reference import MODEL_RULES, render
-from xdplb.spec import model
+from xdplb.spec import bounds, fields, model
 from xdplb.spec.load import SpecError, load_file, parse_manifests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_every_spec_field_has_a_description(text: str) -> None:
             "list of objects",
             "yes",
             "",
-            f"1..{model.MAX_LISTENERS} items"
+            f"1..{bounds.MAX_LISTENERS} items"
             f" (cluster: 1..{crd.STORAGE_MAX_ITEMS['spec.listeners']} items); unique by `name`",
         ),
         (
@@ -119,7 +119,7 @@ def test_every_spec_field_has_a_description(text: str) -> None:
             "list of objects",
             "",
             "",
-            f"≤ {model.MAX_ROUTES_PER_LISTENER} items (cluster: ≤ {crd.MAX_ROUTES_PER_OBJECT}"
+            f"≤ {bounds.MAX_ROUTES_PER_LISTENER} items (cluster: ≤ {crd.MAX_ROUTES_PER_OBJECT}"
             " items); unique by `cidr`",
         ),
         (
@@ -127,7 +127,7 @@ def test_every_spec_field_has_a_description(text: str) -> None:
             "list of objects",
             "",
             "",
-            f"1..{model.MAX_BACKENDS_PER_GROUP} items (cluster: 1..2 items);"
+            f"1..{bounds.MAX_BACKENDS_PER_GROUP} items (cluster: 1..2 items);"
             " unique by `address`, `port`",
         ),
         (
@@ -135,7 +135,7 @@ def test_every_spec_field_has_a_description(text: str) -> None:
             "integer or string",
             "yes",
             "",
-            f"number 1..65535; name: length ≤ 15, pattern `{model.PORT_NAME_PATTERN}`",
+            f"number 1..65535; name: length ≤ 15, pattern `{fields.PORT_NAME_PATTERN}`",
         ),
         (
             "spec.interfaces",
@@ -143,7 +143,7 @@ def test_every_spec_field_has_a_description(text: str) -> None:
             "",
             "",
             f"1..64 items; items unique; each item: length 1..15,"
-            f" pattern `{model.INTERFACE_PATTERN}`",
+            f" pattern `{fields.INTERFACE_PATTERN}`",
         ),
     ],
 )

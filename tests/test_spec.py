@@ -15,14 +15,11 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from xdplb.spec import model
+from xdplb.spec.errors import format_errors
+from xdplb.spec.fields import HOSTNAME_PATTERN, hostname_problem
 from xdplb.spec.load import DocumentCache, Limits, SpecError, load_file, parse_manifests
-from xdplb.spec.model import (
-    HOSTNAME_PATTERN,
-    LoadBalancer,
-    check_rules,
-    format_errors,
-    hostname_problem,
-)
+from xdplb.spec.model import LoadBalancer
+from xdplb.spec.rules import check_rules
 
 SRC = "t.yaml"
 PREFIX = f"{SRC} document 1 (default/web): "
@@ -197,8 +194,7 @@ def test_canonical_forms() -> None:
     ]
 
 
-def test_sni_accepted_once_supported(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model, "SNI_SUPPORTED", True)
+def test_sni_accepted() -> None:
     (lb,) = parse_manifests(BRIEF_EXAMPLE)
     ln = lb.spec.listeners[0]
     assert ln.is_sni
@@ -207,8 +203,7 @@ def test_sni_accepted_once_supported(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [b.weight for b in ln.backends] == [3, 1]
 
 
-def test_idna_a_labels_are_hostnames(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model, "SNI_SUPPORTED", True)
+def test_idna_a_labels_are_hostnames() -> None:
     assert problems(sni("xn--bcher-kva.example")) == []
 
 
@@ -679,8 +674,7 @@ def test_limit_source_routes() -> None:
     ]
 
 
-def test_limit_sni_routes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model, "SNI_SUPPORTED", True)
+def test_limit_sni_routes() -> None:
     docs = [many_listeners("a", 2, routes=2, key="sniRoutes")]
     assert problems(*docs, limits=Limits(max_sni_routes=2)) == []
     assert problems(*docs, limits=Limits(max_sni_routes=1)) == [

@@ -33,7 +33,8 @@ from xdplb.k8s.nodestate import NodeState
 from xdplb.k8s.status import LoadBalancerStatus
 from xdplb.spec.api import GROUP, VERSION
 from xdplb.spec.cel import CelRule, evaluate
-from xdplb.spec.model import LoadBalancer, format_errors
+from xdplb.spec.errors import format_errors
+from xdplb.spec.model import LoadBalancer
 
 __all__ = [
     "MAX_ROUTES_PER_OBJECT",

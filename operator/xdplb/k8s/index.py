@@ -23,7 +23,8 @@ from xdplb.k8s.conflicts import Claim, Conflict, claim_of, resolve
 from xdplb.k8s.settings import OperatorSettings
 from xdplb.plan.endpoints import SERVICE_NAME_LABEL, service_port_name, slice_backends
 from xdplb.spec.api import Ref, ref_of
-from xdplb.spec.model import LoadBalancer, format_errors
+from xdplb.spec.errors import format_errors
+from xdplb.spec.model import LoadBalancer
 
 SHOWN_ERRORS = 20  # validation errors in a condition message; `xdplb validate` shows all
 

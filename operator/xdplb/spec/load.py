@@ -18,14 +18,8 @@ from pydantic import ValidationError
 
 from xdplb.errors import XdplbError
 from xdplb.memory import gc_paused
-from xdplb.spec.model import (
-    Listener,
-    LoadBalancer,
-    SniRoute,
-    SourceRoute,
-    format_errors,
-    show_value,
-)
+from xdplb.spec.errors import format_errors, show_value
+from xdplb.spec.model import Listener, LoadBalancer, SniRoute, SourceRoute
 from xdplb.spec.yamldoc import documents
 
 __all__ = ["DEFAULT_LIMITS", "Limits", "SpecError", "load_file", "parse_manifests"]
