@@ -9,10 +9,14 @@ import os
 import subprocess
 import sys
 from dataclasses import fields
+from typing import TYPE_CHECKING, Any
 
 from xdplb.dataplane.config import Capacities, Timeouts
 from xdplb.defaults import CONFIG_FILE, PIN_ROOT, STATE_FILE
 from xdplb.k8s.settings import add_args as add_operator_args
+
+if TYPE_CHECKING:
+    from xdplb.dataplane.bpfsys import BpfMap
 
 
 class JsonFormatter(logging.Formatter):
@@ -178,19 +182,19 @@ def cmd_explain(a: argparse.Namespace) -> int:
     if not a.any_local:
         from xdplb.agent.inventory import read_inventory
         local = {addr for addrs in read_inventory().addresses.values() for addr in addrs}
-    e = explain(plan, src, int(sport), dst, int(dport), a.proto.upper(), local)
-    print(e.text())
+    print(explain(plan, src, int(sport), dst, int(dport), a.proto.upper(), local).text())
     return 0
 
 
-def _open_maps(pin_dir: str) -> dict[str, object]:
-    from xdplb.dataplane.bpfsys import BpfMap
+def _open_maps(pin_dir: str) -> dict[str, BpfMap]:
     from xdplb.dataplane.layout import MAP_LAYOUTS
 
     dirs = sorted(os.listdir(pin_dir)) if os.path.isdir(pin_dir) else []
     if not dirs:
         raise SystemExit(f"no pinned maps under {pin_dir}: is the agent running?")
     base = f"{pin_dir}/{dirs[-1]}"
+    from xdplb.dataplane.bpfsys import BpfMap
+
     return {n: BpfMap.pinned(f"{base}/{n}") for n, _k, _v in MAP_LAYOUTS
             if os.path.exists(f"{base}/{n}")}
 
@@ -201,10 +205,10 @@ def cmd_conntrack(a: argparse.Namespace) -> int:
 
     ct = _open_maps(a.pin_dir)["ct"]
     if a.action == "flush":
-        print(f"flushed {conntrack.flush(ct)} entries")  # type: ignore[arg-type]
+        print(f"flushed {conntrack.flush(ct)} entries")
         return 0
     now = L.ct_now_ns()
-    flows = conntrack.flows(ct)  # type: ignore[arg-type]
+    flows = conntrack.flows(ct)
     for f in flows:
         print(f.describe(now))
     print(f"{len(flows)} flows")
@@ -244,23 +248,23 @@ def cmd_status(a: argparse.Namespace) -> int:
     return 0
 
 
-def _load_only(a: argparse.Namespace) -> object:
+def _load_only(a: argparse.Namespace) -> tuple[Any, list[Any]]:
+    """bcc's module and every program of the data path, loaded (verified) but attached
+    nowhere; the maps are not pinned (maps.h), so nothing is left behind."""
     from bcc import BPF
 
     from xdplb.dataplane.config import cflags
     from xdplb.dataplane.layout import BPF_DIR
+    from xdplb.dataplane.loader import PROGRAMS, load_program
 
-    # Maps are not pinned (maps.h): verifying leaves nothing behind.
     b = BPF(src_file=str(BPF_DIR / "xdplb.c"),
             cflags=[f"-I{BPF_DIR}", *cflags(capacities(a), timeouts(a))])
-    progs = [b.load_func("xdplb_ingress", BPF.XDP), b.load_func("xdplb_egress",
-                                                                 BPF.SCHED_CLS)]
-    return b, progs
+    return b, [load_program(b, func, typ, flags=flags) for func, typ, flags in PROGRAMS]
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
     try:
-        _b, progs = _load_only(a)  # type: ignore[misc]
+        _b, progs = _load_only(a)
     except Exception as e:
         print(f"verification failed: {e}", file=sys.stderr)
         return 1
@@ -272,7 +276,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 def cmd_dump(a: argparse.Namespace) -> int:
     from xdplb.dataplane.bpfsys import prog_info
 
-    _b, progs = _load_only(a)  # type: ignore[misc]
+    _b, progs = _load_only(a)
     for p in progs:
         pid = prog_info(p.fd).id
         print(f"== {p.name.decode()} (id {pid})", flush=True)

@@ -41,6 +41,7 @@ from xdplb.k8s.nodestate import (
     InterfaceState,
     LoadBalancerState,
     NodeStateStatus,
+    Phase,
     rfc3339,
 )
 from xdplb.memory import gc_paused
@@ -207,18 +208,18 @@ def desire(lbs: Mapping[Ref, Json], labels: Mapping[str, str], index: EndpointIn
         (lb.metadata.namespace, group.service.name)
         for _, lb in valid.values()
         for lst in lb.spec.listeners
-        for group in (lst, *lst.source_routes, *lst.sni_routes)
+        for group in lst.groups()
         if group.service is not None
     )
     return Desired(plan, entries, services)
 
 
-def _state(raw: Json, phase: str, message: str, listeners: int = 0,
+def _state(raw: Json, phase: Phase, message: str, listeners: int = 0,
            backends: int = 0) -> LoadBalancerState:
     meta = raw.get("metadata") or {}
     return LoadBalancerState(
         namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=meta.get("uid", ""),
-        generation=int(meta.get("generation") or 0), phase=phase,  # type: ignore[arg-type]
+        generation=int(meta.get("generation") or 0), phase=phase,
         message=message, listeners=listeners, backends=backends)
 
 
@@ -539,9 +540,9 @@ class ClusterAgent:
             if ref not in entries and ref in lbs and old.phase != "Failed":
                 entries[ref] = _state(lbs[ref], "Removed", "", 0, 0)
         for ref, e in sorted(entries.items()):
-            old = self.reported.get(ref)
-            if old is None or (old.phase, old.generation, old.listeners, old.backends,
-                               old.message) != (e.phase, e.generation, e.listeners, e.backends,
+            was = self.reported.get(ref)
+            if was is None or (was.phase, was.generation, was.listeners, was.backends,
+                               was.message) != (e.phase, e.generation, e.listeners, e.backends,
                                                 e.message):
                 log.info("%s %s/%s generation %d: %d listeners, %d backends (%.0f ms)%s",
                          e.phase.lower(), e.namespace, e.name, e.generation, e.listeners,

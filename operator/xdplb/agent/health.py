@@ -17,7 +17,7 @@ import os
 import random
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from xdplb.plan.model import HealthCheck, Target
@@ -94,7 +94,7 @@ class HealthChecker:
     """Probes a set of targets; calls `on_change()` (from its thread) when one flips."""
 
     def __init__(self, on_change: Callable[[], None],
-                 prober: Callable[[str, int, HealthCheck], object] = probe,
+                 prober: Callable[[str, int, HealthCheck], Awaitable[str | None]] = probe,
                  max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.on_change = on_change
         self.prober = prober
@@ -154,7 +154,7 @@ class HealthChecker:
         await asyncio.sleep(random.uniform(0, t.check.interval))
         while True:
             async with self._gate:
-                error = await self.prober(t.address, t.port, t.check)  # type: ignore[misc]
+                error = await self.prober(t.address, t.port, t.check)
             with self._lock:
                 state = self._states.get(t)
                 flipped = state is not None and state.record(error is None, error or "")

@@ -35,6 +35,7 @@ from xdplb.errors import XdplbError
 __all__ = ["MAP_KEY_MAX_LENGTH", "RuleCost", "estimate", "parse", "rule_costs"]
 
 Schema = dict[str, Any]
+Node = tuple[Any, ...]  # a parsed expression: (kind, ...)
 MAP_KEY_MAX_LENGTH = 317  # prefix (253) + '/' + name (63)
 
 # The standard library functions and macros this estimator knows.
@@ -80,7 +81,7 @@ class _Parser:
         self.i += 1
         return self.toks[self.i - 1]
 
-    def expr(self) -> tuple:
+    def expr(self) -> Node:
         cond = self.binary(0)
         if self.peek() == "?":
             self.take("?")
@@ -92,7 +93,7 @@ class _Parser:
     LEVELS = (("||",), ("&&",), ("==", "!=", "<", "<=", ">", ">=", "in"), ("+", "-"),
               ("*", "/", "%"))
 
-    def binary(self, level: int) -> tuple:
+    def binary(self, level: int) -> Node:
         if level == len(self.LEVELS):
             return self.unary()
         node = self.binary(level + 1)
@@ -101,13 +102,13 @@ class _Parser:
             node = ("op", op, node, self.binary(level + 1))
         return node
 
-    def unary(self) -> tuple:
+    def unary(self) -> Node:
         if self.peek() in ("!", "-"):
             op = self.take()[1]
             return ("op", op, self.unary())
         return self.member()
 
-    def args(self) -> list[tuple]:
+    def args(self) -> list[Node]:
         self.take("(")
         out = []
         while self.peek() != ")":
@@ -117,7 +118,7 @@ class _Parser:
         self.take(")")
         return out
 
-    def member(self) -> tuple:
+    def member(self) -> Node:
         node = self.primary()
         while self.peek() in (".", "["):
             if self.take()[1] == "[":
@@ -138,7 +139,7 @@ class _Parser:
                 node = ("call", name, node, self.args())
         return node
 
-    def primary(self) -> tuple:
+    def primary(self) -> Node:
         kind, text = self.take()
         if kind == "num":
             return ("lit", int(text))
@@ -166,7 +167,7 @@ class _Parser:
         raise CostError(f"unexpected {text!r}")
 
 
-def parse(text: str) -> tuple:
+def parse(text: str) -> Node:
     p = _Parser(text)
     node = p.expr()
     if p.i != len(p.toks):
@@ -189,7 +190,7 @@ class _Est:
             raise CostError(f"{what}: no {key or 'size bound'} in {shape}")
         return int(shape[key])
 
-    def cost(self, node: tuple) -> tuple[int, Schema | None]:
+    def cost(self, node: Node) -> tuple[int, Schema | None]:
         kind = node[0]
         if kind == "lit":
             value = node[1]
@@ -222,14 +223,15 @@ class _Est:
             return self.call(node)
         raise CostError(f"unknown node {kind}")
 
-    def operator(self, node: tuple) -> tuple[int, Schema | None]:
+    def operator(self, node: Node) -> tuple[int, Schema | None]:
         op, operands = node[1], [self.cost(x) for x in node[2:]]
         total = sum(c for c, _ in operands)
         if op in ("&&", "||"):
             return total, {"type": "boolean"}
         if op in ("==", "!=") and all((s or {}).get("type") == "string" for _, s in operands):
             # The shorter side bounds the comparison; a literal always has a length.
-            known = [s for _, s in operands if s is not None and "maxLength" in s]
+            known: list[Schema | None] = [s for _, s in operands
+                                          if s is not None and "maxLength" in s]
             shortest = min(self.size(s, "string comparison") for s in known or [None])
             return total + math.ceil(0.1 * shortest), {"type": "boolean"}
         if op == "in":
@@ -238,7 +240,7 @@ class _Est:
             "type": "integer"}
         return total + 1, result
 
-    def macro(self, node: tuple) -> tuple[int, Schema | None]:
+    def macro(self, node: Node) -> tuple[int, Schema | None]:
         _, name, target, var, pred = node
         c_range, shape = self.cost(target)
         count = self.size(shape, f"{name}() range")
@@ -254,7 +256,7 @@ class _Est:
         out = shape if name in ("map", "filter") else {"type": "boolean"}
         return c_range + 2 + count * (c_pred + 4), out
 
-    def call(self, node: tuple) -> tuple[int, Schema | None]:
+    def call(self, node: Node) -> tuple[int, Schema | None]:
         _, name, target, args = node
         if name not in FUNCTIONS:
             raise CostError(f"{name}() is not a standard CEL function known here")

@@ -333,10 +333,6 @@ def _spell(at: _At) -> str:
     return "".join(reversed(parts)).lstrip(".")
 
 
-def _unchanged(value: Any) -> Any:
-    return value
-
-
 def storage_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
     """The cluster-only bounds, as (path, message), for a manifest the model accepts."""
     problems = [
@@ -349,7 +345,7 @@ def storage_problems(doc: dict[str, Any]) -> list[tuple[str, str]]:
         for at, value in _values(doc, path):
             problems += [
                 (_spell(at) + rule.field_path, rule.message) for rule in rules
-                if not evaluate(rule, _STORAGE_VIEWS.get(rule, _unchanged)(value))
+                if not evaluate(rule, view(value) if (view := _STORAGE_VIEWS.get(rule)) else value)
             ]
     return problems
 

@@ -13,11 +13,11 @@ import itertools
 import logging
 from typing import Any
 
-import kopf
 import kubernetes
 
 from xdplb.k8s.client import Kube, is_missing
 from xdplb.k8s.conditions import parse_time
+from xdplb.k8s.events import event
 from xdplb.k8s.index import State
 from xdplb.k8s.settings import OperatorSettings
 from xdplb.spec.api import GROUP, VERSION, ref_of
@@ -39,6 +39,7 @@ def set_finalizer(kube: Kube, body: dict[str, Any], present: bool) -> bool:
     if (FINALIZER in finalizers) == present:
         return True
     version = {"op": "test", "path": "/metadata/resourceVersion", "value": meta["resourceVersion"]}
+    change: dict[str, Any]
     if not present:
         change = {"op": "remove", "path": f"/metadata/finalizers/{finalizers.index(FINALIZER)}"}
     elif finalizers:
@@ -68,9 +69,9 @@ async def release(opts: OperatorSettings, state: State, kube: Kube, body: dict[s
     while holders := state.applied_on(ref, meta.get("uid")):
         left = (deadline - datetime.datetime.now(datetime.UTC)).total_seconds()
         if left <= 0:
-            kopf.event(body, type="Warning", reason="ReleaseTimeout",
-                       message=f"released after {opts.release_timeout:g}s while still applied"
-                       f" on {len(holders)} node(s): {', '.join(holders[:10])}")
+            event(body, "Warning", "ReleaseTimeout",
+                  f"released after {opts.release_timeout:g}s while still applied"
+                  f" on {len(holders)} node(s): {', '.join(holders[:10])}")
             break
         state.changed.clear()
         with contextlib.suppress(TimeoutError):

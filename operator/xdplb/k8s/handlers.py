@@ -30,7 +30,8 @@ Doc = dict[str, Any]
 
 
 def _body(body: Any) -> Doc:
-    return json.loads(json.dumps(dict(body)))  # kopf's views into plain JSON
+    doc: Doc = json.loads(json.dumps(dict(body)))  # kopf's views into plain JSON
+    return doc
 
 
 def build_registry(opts: OperatorSettings, state: State, kube: Kube,
@@ -55,14 +56,14 @@ def build_registry(opts: OperatorSettings, state: State, kube: Kube,
         return kube.connection()
 
     @kopf.on.startup(registry=registry)
-    async def startup(settings: kopf.OperatorSettings, services: kopf.Index[Ref, Doc],
-                      endpointslices: kopf.Index[Ref, Doc], **_: Any) -> None:
+    async def startup(settings: kopf.OperatorSettings, **indexes: Any) -> None:
         settings.peering.standalone = True  # our Lease, not kopf's peering, picks the replica
         settings.posting.level = logging.ERROR  # Events are ours, not kopf's log lines
         settings.posting.reporting_component = "xdplb-operator"
         settings.posting.reporting_instance = os.environ.get("POD_NAME", "xdplb-operator")
         state.changed = asyncio.Event()
-        state.services, state.slices = services, endpointslices
+        # The live indexes of the Services and EndpointSlices (index_service, index_slice).
+        state.services, state.slices = indexes["services"], indexes["endpointslices"]
         start(daemonset_loop(opts, kube))
 
     @kopf.on.cleanup(registry=registry)

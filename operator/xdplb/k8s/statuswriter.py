@@ -12,10 +12,9 @@ import datetime
 import logging
 import time
 
-import kopf
-
 from xdplb.k8s.client import Kube, is_missing
 from xdplb.k8s.conditions import same_status, status_events, with_transition_times
+from xdplb.k8s.events import event
 from xdplb.k8s.index import State
 from xdplb.spec.api import GROUP, VERSION, Ref
 
@@ -49,7 +48,7 @@ async def write_status(state: State, kube: Kube, ref: Ref) -> None:
              status["observedGeneration"], status["nodes"]["summary"],
              ", ".join(f"{c['type']}={c['status']}" for c in status["conditions"]))
     for etype, reason, message in status_events(old.get("conditions"), status["conditions"]):
-        kopf.event(body, type=etype, reason=reason, message=message)
+        event(body, etype, reason, message)
 
 
 async def status_loop(state: State, kube: Kube) -> None:

@@ -114,7 +114,7 @@ class PlanMemo:
         if id(lb) not in self._plans:
             dynamic = any(g.service is not None or getattr(g, "health_check", None) is not None
                           for lst in lb.spec.listeners
-                          for g in (lst, *lst.source_routes, *lst.sni_routes))
+                          for g in lst.groups())
             self._plans[id(lb)] = (lb, None if dynamic else compute())
         listeners = self._plans[id(lb)][1]
         return compute() if listeners is None else listeners

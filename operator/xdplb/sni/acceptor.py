@@ -220,7 +220,7 @@ class Acceptor:
             task.add_done_callback(self._pending.discard)
 
     async def _handle(self, conn: socket.socket, route: Route) -> None:
-        upstream: socket.socket | None = None
+        owned = [conn]  # closed on the way out, unless handed over (cleared)
         try:
             client, local = conn.getpeername()[:2], conn.getsockname()[:2]
             try:
@@ -231,7 +231,7 @@ class Acceptor:
                 log.debug("SNI: %s:%d sent no ClientHello in %.0f s: closed", *client,
                           self.hello_timeout)
                 close_clean(conn)
-                conn = None  # type: ignore[assignment]
+                owned.clear()
                 return
             except ClosedEarly:
                 self.stats["closed_early"] += 1
@@ -243,7 +243,7 @@ class Acceptor:
                 self.stats["not_tls"] += 1
                 log.debug("SNI: %s:%d is not TLS (%s): closed", *client, e)
                 close_clean(conn)
-                conn = None  # type: ignore[assignment]
+                owned.clear()
                 return
             backend = self.pick(route, name, client, local)
             if backend is None:     # closed with a RST, as XDP answers such a SYN
@@ -251,6 +251,7 @@ class Acceptor:
                 log.debug("SNI: %s:%d (%s): no eligible backend", *client, name)
                 return
             upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            owned.append(upstream)
             upstream.setblocking(False)
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             async with asyncio.timeout(self.connect_timeout):
@@ -269,7 +270,7 @@ class Acceptor:
                 task = self.loop.create_task(self._relay(conn, upstream))
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
-                conn = upstream = None  # type: ignore[assignment]
+                owned.clear()
                 return
             # Bytes queued before the join (the ClientHello) move only when the stream
             # parser is told data is ready; setting SO_RCVLOWAT tells it.
@@ -280,15 +281,14 @@ class Acceptor:
                 self.loop.add_reader(pair.socks[i].fileno(), self._on_readable, pair, i)
             self.stats["spliced"] += 1
             log.debug("SNI: %s:%d -> %s -> %s:%d", *client, name, *backend)
-            conn = upstream = None  # type: ignore[assignment]  # owned by the pair now
+            owned.clear()  # the pair's now
         except (OSError, TimeoutError) as e:
             self.stats["backend_failed"] += 1
             log.warning("SNI: %s: backend connection failed: %s", route.label,
                         e.strerror if isinstance(e, OSError) and e.strerror else "timeout")
         finally:
-            for s in (conn, upstream):
-                if s is not None:
-                    s.close()
+            for s in owned:
+                s.close()
 
     async def _read_hello(self, conn: socket.socket) -> str | None:
         need = 1

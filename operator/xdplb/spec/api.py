@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
 ApiVersion = Literal["xdplb.io/v1alpha1"]
-API_VERSION: str = get_args(ApiVersion)[0]
+API_VERSION: ApiVersion = get_args(ApiVersion)[0]
 GROUP, VERSION = API_VERSION.split("/")
 
 Ref = tuple[str, str]  # (namespace, name) of a namespaced object

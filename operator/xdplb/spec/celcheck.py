@@ -39,6 +39,11 @@ class _View:
     sizes: tuple[tuple[str, str], ...] = ()  # (alias, name) of lists read only by has(), size()
 
 
+def _is_list(annotation: Any) -> bool:
+    """Whether a field's annotation is a list, or a union with one."""
+    return any(get_origin(t) is list for t in (annotation, *get_args(annotation)))
+
+
 @cache
 def _view(cls: type[BaseModel], rule: CelRule) -> _View:
     by_alias = {(f.alias or name): name for name, f in cls.model_fields.items()}
@@ -49,8 +54,7 @@ def _view(cls: type[BaseModel], rule: CelRule) -> _View:
     sized = re.findall(r"\bsize\(self\.(\w+)\)", rule.rule)
     presence = {a for a in tested if named.count(a) == tested.count(a)}
     sizes = {a for a in sized if named.count(a) == tested.count(a) + sized.count(a)
-             and list in map(get_origin, (cls.model_fields[by_alias[a]].annotation,
-                                          *get_args(cls.model_fields[by_alias[a]].annotation)))}
+             and _is_list(cls.model_fields[by_alias[a]].annotation)}
     return _View(
         frozenset(by_alias[a] for a in set(named) - presence - sizes),
         tuple(sorted((a, by_alias[a]) for a in presence)),
@@ -116,7 +120,7 @@ def _failing(model: BaseModel) -> Iterator[CelRule]:
         shape = _shape(model, ((a, n, False) for a, n in view.presence))
         shape += _shape(model, ((a, n, True) for a, n in view.sizes))
         data = model.model_dump(mode="json", by_alias=True, exclude_none=True,
-                                include=view.values)
+                                include=None if view.values is None else set(view.values))
         if not evaluate(rule, {**_stand_in(shape), **data}):
             yield rule
 

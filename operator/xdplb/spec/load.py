@@ -7,7 +7,7 @@ the agent (or a dry run) shows the whole list instead of one error at a time.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -210,12 +210,13 @@ def _limit_errors(valid: list[tuple[str, LoadBalancer]], source: str, limits: Li
             (f"spec.listeners[{i}]", listener)
         ]
         # Paths are spelled only for the routes at fault (a listener has up to 20,000).
+        route_lists: tuple[tuple[str, Sequence[SourceRoute | SniRoute]], ...] = (
+            ("sourceRoutes", listener.source_routes),
+            ("sniRoutes", listener.sni_routes),
+        )
         groups += [
             (f"spec.listeners[{i}].{kind}[{j}]", route)
-            for kind, routes in (
-                ("sourceRoutes", listener.source_routes),
-                ("sniRoutes", listener.sni_routes),
-            )
+            for kind, routes in route_lists
             for j, route in enumerate(routes)
             if too_large(route) or needs_services(route)
         ]

@@ -276,6 +276,10 @@ class Listener(_Model):
     def endpoint(self) -> str:
         return f"{self.address or '*'}:{self.port}/{self.protocol}"
 
+    def groups(self) -> tuple[Listener | SourceRoute | SniRoute, ...]:
+        """Its default group (itself) and its routes' groups."""
+        return (self, *self.source_routes, *self.sni_routes)
+
 
 class LoadBalancerSpec(_Model):
     cel_field_rules = {

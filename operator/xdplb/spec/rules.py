@@ -100,9 +100,10 @@ def _listener_rules(lp: str, listener: _Listener) -> Iterator[tuple[str, str]]:
     groups += [(f"{lp}.sniRoutes[{j}]", r.backends)
                for j, r in enumerate(listener.sni_routes) if r.backends and len(r.backends) > 1]
     for gp, group in groups:
-        for i, j in _repeats([(b.address, b.port) for b in group or ()]):
+        backends = group or ()
+        for i, j in _repeats([(b.address, b.port) for b in backends]):
             yield (f"{gp}.backends[{i}]",
-                   f"backend {group[i].endpoint} is also listed at {gp}.backends[{j}]")
+                   f"backend {backends[i].endpoint} is also listed at {gp}.backends[{j}]")
 
     for kind, field, routes in (("sourceRoutes", "cidr", listener.source_routes),
                                 ("sniRoutes", "hostname", listener.sni_routes)):

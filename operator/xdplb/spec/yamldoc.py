@@ -93,7 +93,7 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9]*)")
 
 
-class _Loader(_SafeBase):  # type: ignore[valid-type,misc]
+class _Loader(_SafeBase):  # type: ignore[valid-type,misc]  # a base chosen at run time
     """A safe loader that rejects duplicate mapping keys, which PyYAML silently overwrites.
 
     Documents are built by a direct walk of the node tree for the plain shapes
@@ -108,7 +108,7 @@ class _Loader(_SafeBase):  # type: ignore[valid-type,misc]
         # The tag of a plain scalar depends on its text alone (a safe loader has no
         # path resolvers), and keys like "address" repeat 100,000 times.
         if kind is yaml.ScalarNode and implicit[0]:
-            tags = self.__dict__.setdefault("_scalar_tags", {})
+            tags: dict[str, str] = self.__dict__.setdefault("_scalar_tags", {})
             tag = tags.get(value)
             if tag is None:
                 tag = tags[value] = super().resolve(kind, value, implicit)
@@ -124,8 +124,8 @@ class _Loader(_SafeBase):  # type: ignore[valid-type,misc]
         try:
             return self._build(node)
         finally:
-            self.constructed_objects = {}
-            self.recursive_objects = {}
+            self.constructed_objects.clear()
+            self.recursive_objects.clear()
 
     def _build(self, node: yaml.Node) -> Any:
         tag = node.tag
@@ -160,7 +160,7 @@ class _Loader(_SafeBase):  # type: ignore[valid-type,misc]
         if all(k.tag == _STR_TAG for k, _ in node.value):
             keys = [k.value for k, _ in node.value]
             if len(set(keys)) == len(keys):
-                return super().construct_mapping(node, deep=deep)
+                return dict(super().construct_mapping(node, deep=deep))
         seen: set[Any] = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
@@ -173,6 +173,6 @@ class _Loader(_SafeBase):  # type: ignore[valid-type,misc]
                     None, None, f"duplicate key {key!r}", key_node.start_mark
                 )
             seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+        return dict(super().construct_mapping(node, deep=deep))
 
 
