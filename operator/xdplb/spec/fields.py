@@ -10,8 +10,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from collections.abc import Iterator
 from typing import Annotated, Any
 
+from annotated_types import GroupedMetadata
 from pydantic import BeforeValidator, Field, WithJsonSchema
 
 from xdplb.spec.errors import show_value
@@ -61,19 +63,27 @@ LABEL_KEY_PREFIX_PATTERN = r"^([-a-z0-9.]{1,253}/)?[^/]*$"
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 
 
-# BeforeValidators run ahead of the Field constraints so a bad value gets a
-# specific message; non-strings pass through to get the plain type error.
+class _Shaped(GroupedMetadata):
+    """A string of ``min_len``..``max_len`` characters matching ``pattern``: the schema's
+    bounds (what the CRD shows), and a validator that runs ahead of them so a bad value
+    gets a message naming ``what`` it is and the ``rule``; non-strings pass through to
+    get the plain type error."""
 
+    def __init__(self, pattern: str, max_len: int, what: str, rule: str,
+                 min_len: int | None = 1) -> None:
+        self.pattern, self.max_len, self.min_len = pattern, max_len, min_len
+        self.what, self.rule = what, rule
 
-def _pattern_check(pattern: str, max_len: int, what: str, rule: str) -> BeforeValidator:
-    """Reject a string over ``max_len`` or not matching ``pattern``, stating the ``rule``."""
-
-    def check(value: Any) -> Any:
-        if isinstance(value, str) and not (len(value) <= max_len and re.fullmatch(pattern, value)):
-            raise ValueError(f"{show_value(value)} is not a valid {what}: {rule}")
+    def _check(self, value: Any) -> Any:
+        if isinstance(value, str) and not (len(value) <= self.max_len
+                                           and re.fullmatch(self.pattern, value)):
+            raise ValueError(f"{show_value(value)} is not a valid {self.what}: {self.rule}")
         return value
 
-    return BeforeValidator(check)
+    def __iter__(self) -> Iterator[Any]:
+        yield from Field(min_length=self.min_len, max_length=self.max_len,
+                         pattern=self.pattern).metadata
+        yield BeforeValidator(self._check)
 
 
 def hostname_problem(host: str) -> str | None:
@@ -185,44 +195,18 @@ Hostname = Annotated[
     Field(min_length=1, max_length=253, pattern=HOSTNAME_PATTERN),
     BeforeValidator(_check_hostname),
 ]
-ListenerName = Annotated[
-    str,
-    Field(min_length=1, max_length=63, pattern=LISTENER_NAME_PATTERN),
-    _pattern_check(
-        LISTENER_NAME_PATTERN,
-        63,
-        "listener name",
-        "use 1 to 63 lower-case letters, digits and '-', starting and ending with a letter"
-        " or digit",
-    ),
-]
-InterfaceName = Annotated[
-    str,
-    Field(min_length=1, max_length=15, pattern=INTERFACE_PATTERN),
-    _pattern_check(
-        INTERFACE_PATTERN, 15, "interface name", "use 1 to 15 characters, no '/', ':' or spaces"
-    ),
-]
-ObjectName = Annotated[
-    str,
-    Field(min_length=1, max_length=253, pattern=OBJECT_NAME_PATTERN),
-    _pattern_check(OBJECT_NAME_PATTERN, 253, "name", "use a lower-case DNS subdomain (RFC 1123)"),
-]
-NamespaceName = Annotated[
-    str,
-    Field(min_length=1, max_length=63, pattern=LISTENER_NAME_PATTERN),
-    _pattern_check(LISTENER_NAME_PATTERN, 63, "namespace", "use a lower-case DNS label (RFC 1123)"),
-]
-ServiceName = Annotated[
-    str,
-    Field(min_length=1, max_length=63, pattern=SERVICE_NAME_PATTERN),
-    _pattern_check(
-        SERVICE_NAME_PATTERN,
-        63,
-        "Service name",
-        "use 1 to 63 lower-case letters, digits and '-', starting with a letter (RFC 1035)",
-    ),
-]
+ListenerName = Annotated[str, _Shaped(
+    LISTENER_NAME_PATTERN, 63, "listener name",
+    "use 1 to 63 lower-case letters, digits and '-', starting and ending with a letter or digit")]
+InterfaceName = Annotated[str, _Shaped(
+    INTERFACE_PATTERN, 15, "interface name", "use 1 to 15 characters, no '/', ':' or spaces")]
+ObjectName = Annotated[str, _Shaped(
+    OBJECT_NAME_PATTERN, 253, "name", "use a lower-case DNS subdomain (RFC 1123)")]
+NamespaceName = Annotated[str, _Shaped(
+    LISTENER_NAME_PATTERN, 63, "namespace", "use a lower-case DNS label (RFC 1123)")]
+ServiceName = Annotated[str, _Shaped(
+    SERVICE_NAME_PATTERN, 63, "Service name",
+    "use 1 to 63 lower-case letters, digits and '-', starting with a letter (RFC 1035)")]
 
 
 def label_key_problem(key: str) -> str | None:
@@ -248,17 +232,10 @@ def _label_key(value: Any) -> Any:
 
 
 LabelKey = Annotated[str, BeforeValidator(_label_key)]
-LabelValue = Annotated[
-    str,
-    Field(max_length=63, pattern=LABEL_VALUE_PATTERN),
-    _pattern_check(
-        LABEL_VALUE_PATTERN,
-        63,
-        "label value",
-        "use at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter"
-        " or digit",
-    ),
-]
+LabelValue = Annotated[str, _Shaped(
+    LABEL_VALUE_PATTERN, 63, "label value",
+    "use at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+    min_len=None)]
 
 
 def _service_port(value: Any) -> Any:
