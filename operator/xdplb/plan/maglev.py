@@ -5,6 +5,23 @@ the permutation of each backend comes from a keyed BLAKE2 hash of its address
 and port (never Python's hash()), and backends are taken in a canonical order.
 Weights are relative: a backend's share of the table is its share of the sum
 of weights, and weight 0 gets no slot (no new flows).
+
+Every group of more than one backend has a table of the same prime size,
+TABLE_SIZE = 16,381 (Cilium's default); a one-backend group has one slot. A
+backend's permutation depends on the table size, so a size that followed the
+backend count would change every permutation when a group crosses a size step
+(16 -> 17 backends, say) and move nearly all flows. With one size, adding or
+removing a backend, or its weight going to 0 (draining, failing health checks)
+and back, moves little more than the flows that must move. The size does not
+depend on how many backends have weight 0, only on whether the group has one
+backend or more.
+
+The cost is pool slots (--table-slots): 16,381 per group of more than one
+backend however few backends it has, so the default 4,194,304 slots hold 256
+such tables, counting a changed group's new table until the next apply
+releases its old one. Quotas round to whole slots: a backend's share is
+its weight's share to within about one slot (1/16,381 of the flows), and a
+positive weight always gets at least one slot.
 """
 
 from __future__ import annotations
@@ -14,7 +31,7 @@ import math
 from collections.abc import Sequence
 from typing import Protocol
 
-MAX_TABLE = 65537  # prime
+TABLE_SIZE = 16381  # prime
 _KEY = b"xdplb-maglev-v1"
 
 
@@ -25,39 +42,6 @@ class Weighted(Protocol):
     def port(self) -> int: ...
     @property
     def weight(self) -> int: ...
-
-
-def is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    if n % 2 == 0:
-        return n == 2
-    return all(n % d for d in range(3, math.isqrt(n) + 1, 2))
-
-
-def next_prime(n: int) -> int:
-    while not is_prime(n):
-        n += 1
-    return n
-
-
-SLOTS_PER_BACKEND = 1000
-
-
-def table_size(n_backends: int) -> int:
-    """A prime >= 1000 x the backend count rounded up to a power of two,
-    at most 65,537.
-
-    Rounding keeps the size, and so every backend's permutation, unchanged
-    while a group grows or shrinks within a power of two: removing or adding
-    one backend then moves only the flows Maglev must move. 1000 slots per
-    backend (not Maglev's usual 100) keep that movement under 1 % of the other
-    backends' flows; a one-backend group needs a single slot.
-    """
-    if n_backends <= 1:
-        return n_backends
-    rounded = 1 << (n_backends - 1).bit_length()
-    return min(next_prime(SLOTS_PER_BACKEND * rounded), MAX_TABLE)
 
 
 def _permutation(address: str, port: int, m: int) -> tuple[int, int]:
@@ -91,7 +75,7 @@ def build_table(backends: Sequence[Weighted]) -> tuple[int, ...]:
         return ()
     if len(backends) == 1:
         return (0,)
-    m = table_size(len(backends))
+    m = TABLE_SIZE
     quotas = _quotas([backends[i].weight for i in eligible], m)
     perms = [_permutation(backends[i].address, backends[i].port, m) for i in eligible]
     nexts = [0] * len(eligible)
