@@ -43,12 +43,22 @@ CAPACITY_FLAGS = {"conntrack": "conntrack-capacity", "listener_keys": "max-liste
                   "snat_port_max": "snat-port-max"}
 
 
+CAPACITY_HELP = {
+    "snat_port_min": "first source port of source-NAT flows",
+    "snat_port_max": "last source port of source-NAT flows; the agent adds the part of "
+                     "the range within net.ipv4.ip_local_port_range to "
+                     "net.ipv4.ip_local_reserved_ports, and refuses to start when that leaves "
+                     "the kernel fewer than 1024 ephemeral ports",
+}
+
+
 def add_dataplane_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pin-dir", default=PIN_ROOT,
                    help="bpffs directory for pinned maps (default %(default)s)")
     for f in fields(Capacities):
+        text = f"{CAPACITY_HELP[f.name]} " if f.name in CAPACITY_HELP else ""
         p.add_argument(f"--{CAPACITY_FLAGS[f.name]}", dest=f"cap_{f.name}", type=int,
-                       default=f.default, help=f"(default {f.default})")
+                       default=f.default, help=f"{text}(default {f.default})")
     for f in fields(Timeouts):
         p.add_argument(f"--{f.name.replace('_', '-')}-timeout", dest=f"to_{f.name}", type=int,
                        default=f.default, help=f"seconds (default {f.default})")
@@ -80,26 +90,28 @@ def cmd_agent(a: argparse.Namespace) -> int:
     # Compile first: the rest of the agent is imported while the compiler runs.
     dp = DataPlane(a.pin_dir, capacities(a), timeouts(a))
     dp.load_async()
+    from xdplb.agent.sysctl import SnatPortsError
+
     # A cluster agent keeps programs and pins on a clean stop: its successor adopts them.
     detach = a.detach_on_exit if a.detach_on_exit is not None else not a.kubernetes
-    if a.kubernetes:
-        from xdplb.agent.cluster import ClusterAgent, ClusterOptions
-
-        ClusterAgent(ClusterOptions(
-            node_name=a.node_name, daemonset=a.daemonset,
-            xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
-            caps=capacities(a), timeouts=timeouts(a),
-            detach_on_exit=detach, force=a.force,
-            metrics_port=a.metrics_port, state_file=a.state_file), dp=dp).run()
-        return 0
-    from xdplb.agent.standalone import Agent, AgentOptions
-
     try:
-        Agent(AgentOptions(config=a.config, xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
-                           caps=capacities(a), timeouts=timeouts(a), detach_on_exit=detach,
-                           force=a.force, metrics_port=a.metrics_port,
-                           state_file=a.state_file), dp).run()
-    except AttachError as e:
+        if a.kubernetes:
+            from xdplb.agent.cluster import ClusterAgent, ClusterOptions
+
+            ClusterAgent(ClusterOptions(
+                node_name=a.node_name, daemonset=a.daemonset,
+                xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
+                caps=capacities(a), timeouts=timeouts(a),
+                detach_on_exit=detach, force=a.force,
+                metrics_port=a.metrics_port, state_file=a.state_file), dp=dp).run()
+        else:
+            from xdplb.agent.standalone import Agent, AgentOptions
+
+            Agent(AgentOptions(config=a.config, xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
+                               caps=capacities(a), timeouts=timeouts(a),
+                               detach_on_exit=detach, force=a.force,
+                               metrics_port=a.metrics_port, state_file=a.state_file), dp).run()
+    except (AttachError, SnatPortsError) as e:
         logging.error("%s", e)
         return 1
     return 0

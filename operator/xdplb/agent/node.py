@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from xdplb.agent import metrics
 from xdplb.agent.health import HealthChecker
 from xdplb.agent.inventory import NodeChanges, backend_routes, read_inventory
-from xdplb.agent.sysctl import allow_local_sources
+from xdplb.agent.sysctl import allow_local_sources, reserve_snat_ports
 from xdplb.dataplane import conntrack
 from xdplb.dataplane import layout as L
 from xdplb.dataplane.alloc import CapacityError
@@ -108,7 +108,10 @@ class NodeApplier:
 
     def start(self) -> None:
         """Once the programs are loaded: take over pinned maps, start the health checks
-        and the metrics server. The first apply attaches."""
+        and the metrics server. The first apply attaches. First, keeps the kernel from
+        giving the node's own connections source-NAT ports (SnatPortsError when it
+        cannot keep enough ephemeral ports for them)."""
+        reserve_snat_ports((self.opts.caps.snat_port_min, self.opts.caps.snat_port_max))
         self.load_async()
         self.dp.wait_loaded()
         self.writer = MapWriter(self.dp.maps, self.dp.caps)

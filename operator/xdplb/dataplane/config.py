@@ -18,8 +18,10 @@ class Capacities:
     groups: int = 262_144            # distinct backend groups
     table_slots: int = 4_194_304     # Maglev slots of every group together
     backends: int = 65_536           # distinct (address, port) backends
-    snat_port_min: int = 32_768      # source-NAT ports, per (node address, backend)
-    snat_port_max: int = 65_535
+    # Source-NAT ports, per (node address, backend): below the kernel's default ephemeral
+    # ports (net.ipv4.ip_local_port_range 32768-60999), which the node's own connections take.
+    snat_port_min: int = 1024
+    snat_port_max: int = 32_767
 
     def __post_init__(self) -> None:
         for name in ("listeners", "backends"):
