@@ -7,6 +7,7 @@ import os
 import shutil
 import struct
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -76,16 +77,30 @@ def xdp_ctx(length: int, ifindex: int = LO) -> bytes:
     return struct.pack("=6I", 0, length, 0, ifindex, 0, 0)
 
 
+# Timeouts short enough that an entry stamped at boot (last_ns 0) has expired on any
+# machine that has been up for a few seconds: tests never compute a past time from the
+# monotonic clock, which is small on a freshly booted machine.
+SHORT = Timeouts(tcp_established=2, tcp_closing=1, tcp_unreplied=1, udp=1)
+
+
+@dataclass(frozen=True)
+class XdpRun:
+    retval: int
+    data: bytes   # the frame as XDP left it
+    meta: bytes   # the metadata it put in front (what it left to TC ingress)
+
+
 class Harness:
     """One compiled and loaded data plane (not attached anywhere), pinned under a
     unique bpffs directory that `close` removes."""
 
-    def __init__(self, caps: Capacities = CAPS) -> None:
+    def __init__(self, caps: Capacities = CAPS, timeouts: Timeouts | None = None) -> None:
         from xdplb.dataplane.loader import DataPlane
 
         self.pin_root = f"/sys/fs/bpf/xdplb-t-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.caps = caps
-        self.dp = DataPlane(pin_root=self.pin_root, caps=caps, timeouts=Timeouts())
+        self.timeouts = timeouts or Timeouts()
+        self.dp = DataPlane(pin_root=self.pin_root, caps=caps, timeouts=self.timeouts)
         try:
             self.dp.load(apart=False)  # keeps bcc's module: test_layout reads its tables
         except BaseException:
@@ -102,7 +117,8 @@ class Harness:
     # maps -----------------------------------------------------------------------------
     def reset(self) -> None:
         """Empty listeners, routes, port filter, conntrack and counters; a fresh writer."""
-        conntrack.flush(self.maps["ct"])
+        self.flush_ct()
+        self.maps["frags"].delete_batch([k for k, _v in self.maps["frags"].items()])
         self.writer.apply(Plan(), INV)
         self.writer.apply(Plan(), INV)  # releases the groups retired by the first
         self.writer.release_rev_nat(set())  # no flow is left to rely on them
@@ -143,31 +159,47 @@ class Harness:
         p, b, f = percpu_sum(raw, 3)
         return p, b, f
 
-    def ct(self) -> dict[tuple[str, int, str, int, int, int], L.CtVal]:
-        """Conntrack entries keyed (src, sport, dst, dport, proto, dir)."""
-        return {(L.from_be32(k.src), L.from_be16(k.sport), L.from_be32(k.dst),
-                 L.from_be16(k.dport), k.proto, k.dir): v
-                for k, v in conntrack.read(self.maps["ct"])}
+    def ct(self) -> dict[Tuple5, L.CtVal]:
+        """Forward entries keyed (src, sport, dst, dport, proto)."""
+        return {_tuple(k): v for k, v in conntrack.read(self.maps["ct"])}
 
-    def put_ct(self, src: str, sport: int, dst: str, dport: int, proto: int, direction: int,
-               val: L.CtVal) -> None:
-        key = L.CtKey(L.be32(src), L.be32(dst), L.be16(sport), L.be16(dport), proto,
-                      direction, 0)
-        self.maps["ct"].update(bytes(key), bytes(val))
+    def replies(self) -> dict[Tuple5, L.CtReplyVal]:
+        """Reply entries keyed (src, sport, dst, dport, proto) of the reply."""
+        return {_tuple(k): v for k, v in conntrack.read_replies(self.maps["ct_reply"])}
+
+    def put_ct(self, key: Tuple5, val: L.CtVal) -> None:
+        self.maps["ct"].update(bytes(ct_key(*key)), bytes(val))
+
+    def put_reply(self, key: Tuple5, val: L.CtReplyVal) -> None:
+        self.maps["ct_reply"].update(bytes(ct_key(*key)), bytes(val))
 
     def flush_ct(self) -> None:
-        conntrack.flush(self.maps["ct"])
+        conntrack.flush(self.maps["ct"], self.maps["ct_reply"])
 
     # programs -------------------------------------------------------------------------
-    def xdp(self, frame: bytes, ifindex: int = LO) -> bpfsys.TestRun:
-        return bpfsys.prog_test_run(self.dp.xdp_fn.fd, frame, ctx=xdp_ctx(len(frame), ifindex))
+    def xdp(self, frame: bytes, ifindex: int = LO) -> XdpRun:
+        r = bpfsys.prog_test_run(self.dp.xdp_fn.fd, frame, ctx=xdp_ctx(len(frame), ifindex))
+        meta_len = struct.unpack_from("=I", r.ctx)[0]  # xdp_md.data, from data_meta
+        return XdpRun(r.retval, r.data[meta_len:], r.data[:meta_len])
 
     def tc(self, frame: bytes) -> bpfsys.TestRun:
         return bpfsys.prog_test_run(self.dp.tc_fn.fd, frame)
 
-    def tc_backend(self, frame: bytes) -> bpfsys.TestRun:
+    def tc_in(self, frame: bytes) -> bpfsys.TestRun:
         """TC ingress on a backend-side interface (source-NAT replies)."""
-        return bpfsys.prog_test_run(self.dp.tc_backend_fn.fd, frame)
+        return bpfsys.prog_test_run(self.dp.tc_in_fn.fd, frame)
+
+
+Tuple5 = tuple[str, int, str, int, int]
+
+
+def ct_key(src: str, sport: int, dst: str, dport: int, proto: int) -> L.CtKey:
+    return L.CtKey(L.be32(src), L.be32(dst), L.be16(sport), L.be16(dport), proto)
+
+
+def _tuple(k: L.CtKey) -> Tuple5:
+    return (L.from_be32(k.src), L.from_be16(k.sport), L.from_be32(k.dst), L.from_be16(k.dport),
+            k.proto)
 
 
 def stats_delta(before: dict[L.Stat, int], after: dict[L.Stat, int]) -> dict[L.Stat, int]:

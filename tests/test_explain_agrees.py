@@ -14,6 +14,7 @@ import pytest
 from scapy.layers.inet import IP, TCP
 
 from tests.datapath import (
+    XDP_DROP,
     XDP_PASS,
     XDP_TX,
     Harness,
@@ -126,6 +127,9 @@ def _run_phase(h: Harness, plan: Plan, rng: random.Random) -> Counter[str]:
         elif e.verdict == "rst":
             got, want = (r.retval, len(r.data)), (XDP_TX, 54)
             seen["rst"] += 1
+        elif e.verdict == "drop":
+            got, want = r.retval, XDP_DROP
+            seen["drop"] += 1
         else:
             got, want = (r.retval, r.data), (XDP_PASS, frame)
             seen[e.verdict] += 1
@@ -147,5 +151,5 @@ def test_explain_predicts_the_data_path(harness: Harness) -> None:
     assert sum(total.values()) >= 10_000
     # every path was taken often enough to mean something
     for path in ("dnat default", "dnat source", "dnat default client-ip",
-                 "dnat source client-ip", "rst", "pass"):
+                 "dnat source client-ip", "rst", "drop", "pass"):
         assert total[path] >= 100, (path, total)

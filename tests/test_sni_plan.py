@@ -84,7 +84,7 @@ def test_sni_entries_are_diffs_and_removed_with_the_listener() -> None:
     r = w.apply(build_plan(parse_manifests(manifest({}, extra="").replace(
         "    sniRoutes:\n", ""))), INV)
     assert maps["sni_routes"].data == {}
-    assert r.deleted == 4  # the four SNI entries
+    assert r.deleted == 4 + 4  # the four SNI entries, the four backends only routes used
     # The reverse-NAT entries of backends only the routes used go once no flow of
     # theirs is left.
     assert len(maps["rev_nat"].data) == rev_before

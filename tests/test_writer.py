@@ -17,8 +17,9 @@ from xdplb.dataplane.writer import MapWriter
 from xdplb.plan.planner import PlanMemo, build_plan
 from xdplb.spec.load import DocumentCache, parse_manifests
 
-NAMES = ["listeners", "src_routes", "sni_routes", "snat_src", "rev_nat", "groups", "pool",
-         "port_filter", "listener_stats", "backend_stats"]
+NAMES = ["listeners", "src_routes", "sni_routes", "rev_nat", "groups", "pool", "backends",
+         "backend_nets", "vips", "vip_bits", "port_filter", "listener_stats", "backend_stats"]
+SIZES = {"backends": 16, "vip_bits": 4}  # the arrays whose entries go as zeros
 INV = Inventory(ifindex={"eth0": 2, "eth1": 3}, addresses={"eth0": ("10.0.0.1",),
                                                            "eth1": ("10.1.0.1", "10.1.0.2")},
                 default_interface="eth0")
@@ -46,7 +47,7 @@ spec:
 
 
 def writer() -> tuple[MapWriter, dict[str, MemoryMap]]:
-    maps = {n: MemoryMap() for n in NAMES}
+    maps = {n: MemoryMap(SIZES.get(n, 8)) for n in NAMES}
     return MapWriter(maps, Capacities(table_slots=200_000)), maps
 
 
@@ -70,8 +71,9 @@ def test_one_route_change_writes_a_handful_independent_of_size() -> None:
         w.apply(plan_of(manifest(routes=n)), INV)
         changed = manifest(routes=n).replace("10.9.5.2,", "10.9.5.99,")
         r = w.apply(plan_of(changed), INV)
-        # new 1-slot table + group record + LPM entry + old group released next time,
-        # and the reverse-NAT entries of the old and the new backend
+        # new 1-slot table + group record + LPM entry + the new backend's entry and its
+        # reverse-NAT entry (the old backend's stays while its flows may rely on it);
+        # the old backend's entry goes (old group released next time)
         assert r.written <= 5 and r.deleted <= 1, r.summary()
         assert r.syscalls <= 7
 
@@ -87,11 +89,12 @@ def test_changed_group_written_whole_before_switch() -> None:
     assert new_val.group != old_gid
     g = L.GroupVal.from_buffer_copy(maps["groups"].data[new_val.group.to_bytes(4, "little")])
     assert g.flags & L.GF_IN_USE and g.size == 16381  # every group of more than one backend
-    slots = [L.BackendSlot.from_buffer_copy(maps["pool"].data[(g.offset + i).to_bytes(
-        4, "little")]) for i in range(g.size)]
-    counts = {L.from_be32(s.addr): 0 for s in slots}
+    by_id = {i: addr for (addr, _port), i in w.backend_ids.items()}
+    slots = [int.from_bytes(maps["pool"].data[(g.offset + i).to_bytes(4, "little")], "little")
+             for i in range(g.size)]
+    counts = {by_id[s]: 0 for s in slots}
     for s in slots:
-        counts[L.from_be32(s.addr)] += 1
+        counts[by_id[s]] += 1
     assert counts == {"10.0.0.11": 12286, "10.0.0.12": 4095}  # 3:1 by largest remainder
     # The replaced group is released one apply later, not while packets may read it.
     og = L.GroupVal.from_buffer_copy(maps["groups"].data[old_gid.to_bytes(4, "little")])
@@ -128,20 +131,20 @@ def test_removed_listener_deletes_its_entries_and_port() -> None:
     other = manifest(routes=0).replace("port: 80\n    address", "port: 81\n    address")
     other = other.replace("    sourceRoutes:\n", "")
     r = w.apply(plan_of(other), INV)
-    assert r.deleted == 2 + 3  # two listener keys, three routes
+    assert r.deleted == 2 + 3 + 3  # two listener keys, three routes, their backends
     assert maps["port_filter"].data[(80).to_bytes(4, "little")] == bytes(4)
     assert maps["src_routes"].data == {}
     # The reverse-NAT entries stay for the flows to :80 (see the next test).
     assert len(maps["rev_nat"].data) == 2 + 3
 
 
-def rev_nat(maps: dict[str, MemoryMap]) -> dict[tuple[str, int], tuple[str, int, int]]:
-    """backend -> (vip, vport, flags)"""
+def rev_nat(maps: dict[str, MemoryMap]) -> dict[tuple[str, int], tuple[str, int]]:
+    """backend -> (vip, vport)"""
     out = {}
     for k, v in maps["rev_nat"].data.items():
         key, val = L.RevNatKey.from_buffer_copy(k), L.RevNatVal.from_buffer_copy(v)
         out[(L.from_be32(key.addr), L.from_be16(key.port))] = (
-            L.from_be32(val.vip), L.from_be16(val.vport), val.flags)
+            L.from_be32(val.vip), L.from_be16(val.vport))
     return out
 
 
@@ -152,20 +155,20 @@ def test_reverse_nat_entries_stay_while_flows_rely_on_them() -> None:
     base = manifest(routes=0).replace("    sourceRoutes:\n", "")
     w.apply(plan_of(base), INV)
     b1, b2 = ("10.0.0.11", 8080), ("10.0.0.12", 8080)
-    assert rev_nat(maps)[b1] == ("192.0.2.10", 80, L.RN_ONLY)
+    assert rev_nat(maps)[b1] == ("192.0.2.10", 80)
     moved = base.replace("port: 80\n", "port: 81\n")
     w.apply(plan_of(moved), INV)
-    assert rev_nat(maps)[b1] == ("192.0.2.10", 80, 0)  # kept, but restores no lost flow
+    assert rev_nat(maps)[b1] == ("192.0.2.10", 80)  # kept
     vip80 = (L.be32("192.0.2.10"), L.be16(80))
     key = {b: bytes(L.RevNatKey(L.be32(b[0]), L.be16(b[1]), 6, 0)) for b in (b1, b2)}
     assert w.release_rev_nat({(key[b1], *vip80)}) == 1  # b2's flows are gone
-    assert rev_nat(maps)[b1] == ("192.0.2.10", 80, 0)
-    assert rev_nat(maps)[b2] == ("192.0.2.10", 81, L.RN_ONLY)
+    assert rev_nat(maps)[b1] == ("192.0.2.10", 80)
+    assert rev_nat(maps)[b2] == ("192.0.2.10", 81)
     assert w.release_rev_nat(set()) == 1
-    assert rev_nat(maps)[b1] == ("192.0.2.10", 81, L.RN_ONLY)
+    assert rev_nat(maps)[b1] == ("192.0.2.10", 81)
     # A backend that leaves: its entry goes once its flows have.
     w.apply(plan_of(moved.replace("    - {address: 10.0.0.12, port: 8080}\n", "")), INV)
-    assert rev_nat(maps)[b2] == ("192.0.2.10", 81, 0)
+    assert rev_nat(maps)[b2] == ("192.0.2.10", 81)
     assert w.release_rev_nat({(key[b2], L.be32("192.0.2.10"), L.be16(81))}) == 0
     assert w.release_rev_nat(set()) == 1
     assert b2 not in rev_nat(maps)
@@ -179,15 +182,15 @@ def test_encodings_are_network_order() -> None:
     lk = bytes(L.LpmKey.from_buffer_copy(lpm_key(5, "198.51.100.0/24")))
     assert lk[:4] == (56).to_bytes(4, "little") and lk[4:8] == (5).to_bytes(4, "big")
     assert lk[8:12] == bytes([198, 51, 100, 0])
-    assert ctypes.sizeof(L.CtVal) == 64
+    assert ctypes.sizeof(L.CtVal) == 72
 
 
 def test_capacity_errors_name_the_flag() -> None:
-    maps = {n: MemoryMap() for n in NAMES}
+    maps = {n: MemoryMap(SIZES.get(n, 8)) for n in NAMES}
     w = MapWriter(maps, Capacities(source_routes=2))
     with pytest.raises(CapacityError, match="--max-source-routes"):
         w.apply(plan_of(manifest(routes=3)), INV)
-    w2 = MapWriter({n: MemoryMap() for n in NAMES}, Capacities(table_slots=100))
+    w2 = MapWriter({n: MemoryMap(SIZES.get(n, 8)) for n in NAMES}, Capacities(table_slots=100))
     with pytest.raises(CapacityError, match="--table-slots"):
         w2.apply(plan_of(manifest()), INV)
 

@@ -215,12 +215,12 @@ def cmd_conntrack(a: argparse.Namespace) -> int:
     from xdplb.dataplane import conntrack
     from xdplb.dataplane import layout as L
 
-    ct = _open_maps(a.pin_dir)["ct"]
+    maps = _open_maps(a.pin_dir)
     if a.action == "flush":
-        print(f"flushed {conntrack.flush(ct)} entries")
+        print(f"flushed {conntrack.flush(maps['ct'], maps['ct_reply'])} entries")
         return 0
     now = L.ct_now_ns()
-    flows = conntrack.flows(ct)
+    flows = conntrack.flows(maps["ct"])
     for f in flows:
         print(f.describe(now))
     print(f"{len(flows)} flows")

@@ -1,9 +1,10 @@
-"""The node's interfaces and IPv4 addresses, read with pyroute2, and whether they
-have changed since they were last read."""
+"""The node's interfaces, IPv4 addresses and networks, read with pyroute2, and whether
+they have changed since they were last read."""
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 from collections.abc import Iterable
 
@@ -17,10 +18,14 @@ def read_inventory() -> Inventory:
     with IPRoute() as ipr:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         addrs: dict[str, list[str]] = {}
+        nets: dict[str, set[str]] = {}
         for a in ipr.get_addr(family=socket.AF_INET):
             name = names.get(a["index"])
             if name:
-                addrs.setdefault(name, []).append(a.get_attr("IFA_ADDRESS"))
+                addr = a.get_attr("IFA_ADDRESS")
+                addrs.setdefault(name, []).append(addr)
+                nets.setdefault(name, set()).add(
+                    str(ipaddress.IPv4Network(f"{addr}/{a['prefixlen']}", strict=False)))
         default = ""
         for r in ipr.get_default_routes(family=socket.AF_INET):
             oif = r.get_attr("RTA_OIF")
@@ -29,7 +34,8 @@ def read_inventory() -> Inventory:
                 break
     return Inventory(ifindex={n: i for i, n in names.items()},
                      addresses={n: tuple(sorted(a)) for n, a in addrs.items()},
-                     default_interface=default)
+                     default_interface=default,
+                     networks={n: tuple(sorted(s)) for n, s in nets.items()})
 
 
 # rtnetlink multicast groups (linux/rtnetlink.h).

@@ -262,7 +262,8 @@ class NodeApplier:
         if inv and inv.routes and backend_routes(all_backends(self.plan)) != inv.routes:
             log.info("routes toward source-NAT backends changed: applying again")
             self.apply(self.plan, inv)
-        swept = conntrack.sweep(self.dp.maps["ct"], self.opts.timeouts)
+        maps = self.dp.maps
+        swept = conntrack.sweep(maps["ct"], maps["ct_reply"], self.opts.timeouts)
         metrics.CT_ENTRIES.set(swept.left)
         if swept.deleted:
             log.info("conntrack sweep: %d expired entries deleted, %d left", swept.deleted,

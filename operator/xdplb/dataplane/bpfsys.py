@@ -155,8 +155,9 @@ def prog_name_by_id(prog_id: int) -> str:
 @dataclass(frozen=True)
 class TestRun:
     retval: int
-    data: bytes
+    data: bytes        # the frame as the program left it (for XDP, its metadata first)
     duration_ns: int
+    ctx: bytes = b""   # the context as the program left it (xdp_md: where data starts)
 
 
 def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1,
@@ -165,12 +166,14 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1,
     din = ctypes.create_string_buffer(data, len(data))
     dout = ctypes.create_string_buffer(len(data) + 256)
     cin = ctypes.create_string_buffer(ctx, len(ctx)) if ctx else None
+    cout = ctypes.create_string_buffer(len(ctx)) if ctx else None
     attr = _attr("=IIIIQQIIIIQQ", prog_fd, 0, len(data), len(dout), ctypes.addressof(din),
-                 ctypes.addressof(dout), repeat, 0, len(ctx) if ctx else 0, 0, _addr(cin), 0)
+                 ctypes.addressof(dout), repeat, 0, len(ctx) if ctx else 0,
+                 len(ctx) if ctx else 0, _addr(cin), _addr(cout))
     bpf(PROG_TEST_RUN, attr)
     _fd, retval, _in, out_size = struct.unpack_from("=IIII", attr, 0)
     duration = struct.unpack_from("=I", attr, 36)[0]
-    return TestRun(retval, dout.raw[:out_size], duration)
+    return TestRun(retval, dout.raw[:out_size], duration, cout.raw if cout else b"")
 
 
 class BpfMap:

@@ -11,12 +11,12 @@ from dataclasses import asdict, dataclass
 class Capacities:
     """Sizes of the maps. Listener and backend ids are 16-bit in conntrack entries."""
 
-    conntrack: int = 1_000_000       # flows of two entries (most flows take one)
+    conntrack: int = 1_000_000       # flows (a forward entry each, and maybe a reply entry)
     listener_keys: int = 16_384      # (interface, address, port, protocol) entries
     listeners: int = 4096            # distinct listeners (counters)
     source_routes: int = 1_000_000   # LPM entries
     groups: int = 262_144            # distinct backend groups
-    table_slots: int = 4_194_304     # Maglev slots of every group together
+    table_slots: int = 16_777_216    # Maglev slots of every group together (2 bytes each)
     backends: int = 65_536           # distinct (address, port) backends
     # Source-NAT ports, per (node address, backend): below the kernel's default ephemeral
     # ports (net.ipv4.ip_local_port_range 32768-60999), which the node's own connections take.
@@ -40,6 +40,10 @@ class Timeouts:
     sni_hello: int = 5               # SNI: a whole ClientHello after the handshake
 
 
+# Datagrams whose fragments are being translated at once (the frags map, LRU).
+MAX_FRAGMENTED = 65_536
+
+
 def map_entries(caps: Capacities) -> dict[str, int]:
     """Capacity of each map whose size is an agent flag (maps.h sizes them alike)."""
     return {
@@ -47,9 +51,12 @@ def map_entries(caps: Capacities) -> dict[str, int]:
         "src_routes": caps.source_routes,
         "groups": caps.groups,
         "pool": caps.table_slots,
-        "snat_src": caps.backends,
+        "backends": caps.backends,
+        "backend_nets": caps.backends,
+        "vips": caps.listener_keys,
         "rev_nat": 2 * caps.backends,  # per backend and protocol
-        "ct": 2 * caps.conntrack,
+        "ct": caps.conntrack,
+        "ct_reply": caps.conntrack,
         "listener_stats": caps.listeners,
         "backend_stats": caps.backends,
     }
@@ -68,8 +75,10 @@ def cflags(caps: Capacities, timeouts: Timeouts) -> list[str]:
         "MAX_SOURCE_ROUTES": caps.source_routes,
         "MAX_GROUPS": caps.groups,
         "POOL_SIZE": caps.table_slots,
-        "CT_ENTRIES": 2 * caps.conntrack,
+        "CT_ENTRIES": caps.conntrack,
         "MAX_BACKENDS": caps.backends,
+        "MAX_BACKEND_NETS": caps.backends,
+        "MAX_FRAGMENTED": MAX_FRAGMENTED,
         "MAX_REV_NAT": 2 * caps.backends,  # per backend and protocol
         "SNAT_PORT_MIN": caps.snat_port_min,
         "SNAT_PORT_MAX": caps.snat_port_max,

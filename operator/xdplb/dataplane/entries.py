@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from xdplb.plan.model import Listener, Plan
@@ -16,6 +17,8 @@ class Inventory:
     ifindex: dict[str, int]
     addresses: dict[str, tuple[str, ...]]
     default_interface: str = ""
+    # Interface -> the networks of its addresses (CIDRs, e.g. "10.20.1.0/24").
+    networks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Backend address -> (the node's source address toward it, outgoing interface),
     # from the routing table: what source NAT rewrites to, and where replies arrive.
     routes: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -40,6 +43,22 @@ def hairpin_listeners(plan: Plan, inv: Inventory) -> list[Listener]:
         if any(inv.routes.get(b.address, ("", ""))[1] in ifs for b in lst.backends()):
             out.append(lst)
     return out
+
+
+def backend_networks(plan: Plan, inv: Inventory) -> dict[str, int]:
+    """The networks of the node's interfaces that backends of hairpin listeners lie on,
+    numbered from 1: a client on one of them would get its backend's answer directly,
+    so its flows to a backend there are source-NATed (LF_HAIRPIN)."""
+    nets: set[str] = set()
+    for lst in hairpin_listeners(plan, inv):
+        for b in lst.backends():
+            route = inv.routes.get(b.address)
+            if route is None:
+                continue
+            addr = ipaddress.IPv4Address(b.address)
+            nets.update(n for n in inv.networks.get(route[1], ())
+                        if addr in ipaddress.IPv4Network(n))
+    return {n: i for i, n in enumerate(sorted(nets, key=ipaddress.IPv4Network), 1)}
 
 
 def translated_listeners(plan: Plan, inv: Inventory) -> list[Listener]:

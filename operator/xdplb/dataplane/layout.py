@@ -34,7 +34,7 @@ class ListenerKey(ctypes.Structure):
     _fields_ = [("ifindex", u32), ("addr", u32), ("port", u16), ("proto", u8), ("pad", u8)]
 
 
-LF_SNI, LF_CLIENT_IP, LF_SRC_ROUTES, LF_SNAT = 1, 2, 4, 8
+LF_SNI, LF_CLIENT_IP, LF_SRC_ROUTES, LF_SNAT, LF_HAIRPIN = 1, 2, 4, 8, 16
 
 
 def pf_listener(proto: int) -> int:
@@ -60,6 +60,17 @@ class GroupVal(ctypes.Structure):
     _fields_ = [("offset", u32), ("size", u32), ("flags", u32)]
 
 
+BF_LIVE = 1
+
+
+class BackendVal(ctypes.Structure):
+    _fields_ = [("addr", u32), ("port", u16), ("flags", u16), ("snat_src", u32), ("net", u32)]
+
+
+class NetKey(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("addr", u32)]
+
+
 MAX_SNI_ROUTES = 65536
 
 
@@ -67,17 +78,12 @@ class SniKey(ctypes.Structure):
     _fields_ = [("listener", u32), ("pad", u32), ("name_hash", u64)]
 
 
-class BackendSlot(ctypes.Structure):
-    _fields_ = [("addr", u32), ("port", u16), ("id", u16)]
+VIP_BITS = 65536
 
 
-class CtKey(ctypes.Structure):
-    _fields_ = [("src", u32), ("dst", u32), ("sport", u16), ("dport", u16), ("proto", u8),
-                ("dir", u8), ("pad", u16)]
-
-
-CT_REPLIED, CT_FIN_FWD, CT_FIN_REV, CT_RST, CT_SNAT, CT_DIRECT = 1, 2, 4, 8, 16, 32
-RN_ONLY = 1
+def vip_bit(addr_host: int) -> int:
+    """The bit of vip_bits an address (as a host-order integer) sets."""
+    return (addr_host ^ (addr_host >> 16)) & (VIP_BITS - 1)
 
 
 class RevNatKey(ctypes.Structure):
@@ -86,13 +92,43 @@ class RevNatKey(ctypes.Structure):
 
 class RevNatVal(ctypes.Structure):
     _fields_ = [("vip", u32), ("vport", u16), ("backend", u16), ("listener", u16),
-                ("flags", u16)]
+                ("pad", u16)]
+
+
+class CtKey(ctypes.Structure):
+    _fields_ = [("src", u32), ("dst", u32), ("sport", u16), ("dport", u16), ("proto", u8),
+                ("pad", u8 * 3)]
+
+
+(CT_REPLIED, CT_FIN_FWD, CT_FIN_REV, CT_RST, CT_SNAT, CT_PAIRED,
+ CT_ESTABLISHED) = 1, 2, 4, 8, 16, 32, 64
 
 
 class CtVal(ctypes.Structure):
-    _fields_ = [("nat_addr", u32), ("nat_port", u16), ("backend", u16), ("listener", u16),
-                ("flags", u16), ("snat_addr", u32), ("snat_port", u16), ("pad", u16),
-                ("created_s", u32), ("last_ns", u64), ("packets", u64 * 2), ("bytes", u64 * 2)]
+    _fields_ = [("nat_addr", u32), ("snat_addr", u32), ("nat_port", u16), ("snat_port", u16),
+                ("backend", u16), ("listener", u16), ("flags", u16), ("pad", u16),
+                ("seq_end", u32 * 2), ("created_s", u32), ("last_ns", u64),
+                ("packets", u64 * 2), ("bytes", u64 * 2)]
+
+
+class CtReplyVal(ctypes.Structure):
+    _fields_ = [("client", u32), ("vip", u32), ("cport", u16), ("vport", u16),
+                ("flags", u16), ("pad", u16), ("created_s", u32), ("last_ns", u64)]
+
+
+class FragKey(ctypes.Structure):
+    _fields_ = [("src", u32), ("dst", u32), ("id", u16), ("proto", u8), ("pad", u8)]
+
+
+class FragVal(ctypes.Structure):
+    _fields_ = [("src", u32), ("dst", u32)]
+
+
+DEFER_MAGIC, DEFER_FORWARD, DEFER_REPLY = 0x786C6230, 1, 2
+
+
+class DeferMeta(ctypes.Structure):
+    _fields_ = [("magic", u32), ("kind", u32)]
 
 
 class FlowStats(ctypes.Structure):
@@ -120,23 +156,35 @@ class Stat(enum.IntEnum):
     SNAT_REPLY = 15
     SNAT_EXHAUSTED = 16
     SNAT_NO_SOURCE = 17
-    REPLY_RESTORED = 18
+    SNAT_NO_FLOW = 18
+    SNAT_PORT_LOST = 19
+    VIP_CLOSED = 20
+    VIP_PING = 21
+    FRAG_MISSED = 22
+    CSUM_DEFERRED = 23
+    UDP_MOVED = 24
+    RST_IGNORED = 25
 
 
 # (map name, key type, value type) for every map with a fixed layout.
 MAP_LAYOUTS: list[tuple[str, type[ctypes.Structure] | type, type[ctypes.Structure] | type]] = [
     ("listeners", ListenerKey, ListenerVal),
+    ("port_filter", u32, u32),
+    ("vips", u32, u32),
+    ("vip_bits", u32, u32),
     ("src_routes", LpmKey, u32),
     ("groups", u32, GroupVal),
-    ("pool", u32, BackendSlot),
+    ("pool", u32, u16),
+    ("backends", u32, BackendVal),
+    ("backend_nets", NetKey, u32),
     ("sni_routes", SniKey, u32),
-    ("snat_src", u32, u32),
     ("rev_nat", RevNatKey, RevNatVal),
     ("ct", CtKey, CtVal),
+    ("ct_reply", CtKey, CtReplyVal),
+    ("frags", FragKey, FragVal),
+    ("stats", u32, u64),
     ("listener_stats", u32, FlowStats),
     ("backend_stats", u32, FlowStats),
-    ("port_filter", u32, u32),
-    ("stats", u32, u64),
 ]
 
 PROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
@@ -186,6 +234,10 @@ def encode(obj: ctypes.Structure) -> bytes:
 def encode_u32(v: int) -> bytes:
     """A u32 key or value (array indexes, ids) in host order."""
     return int(v).to_bytes(4, sys.byteorder)
+
+
+def encode_u16(v: int) -> bytes:
+    return int(v).to_bytes(2, sys.byteorder)
 
 
 def decode_u32(raw: bytes) -> int:

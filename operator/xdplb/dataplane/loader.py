@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 XDP_PROG = "xdplb_ingress"
 TC_PROG = "xdplb_egress"
-TC_BACKEND_PROG = "xdplb_backend_in"
+TC_INGRESS_PROG = "xdplb_tc_in"
 XDP_FLAGS = {"generic": 1 << 1, "native": 1 << 2, "offload": 1 << 3}
 XDP_ATTACHED_MODE = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload",
                      1: "native", 2: "generic", 3: "offload"}
@@ -146,7 +146,7 @@ def load_xdp_frags(bpf: Any, func: str) -> Any:
 # (function, program type, load flags) of the data path's programs
 PROGRAMS = ((XDP_PROG, bpfsys.PROG_TYPE_XDP, bpfsys.F_XDP_HAS_FRAGS),
             (TC_PROG, bpfsys.PROG_TYPE_SCHED_CLS, 0),
-            (TC_BACKEND_PROG, bpfsys.PROG_TYPE_SCHED_CLS, 0))
+            (TC_INGRESS_PROG, bpfsys.PROG_TYPE_SCHED_CLS, 0))
 
 
 def code_digest(flags: list[str]) -> str:
@@ -173,7 +173,7 @@ class DataPlane:
         self.bpf: Any = None
         self.xdp_fn: Any = None
         self.tc_fn: Any = None
-        self.tc_backend_fn: Any = None
+        self.tc_in_fn: Any = None
         self.maps: dict[str, bpfsys.BpfMap] = {}
         self.adopted = False
         self.reused = False  # the programs were a predecessor's: nothing compiled
@@ -248,10 +248,10 @@ class DataPlane:
 
         self.bpf = BPF(src_file=str(BPF_DIR / "xdplb.c").encode(), cflags=self._cflags())
         swap = self._open_maps()
-        self.xdp_fn, self.tc_fn, self.tc_backend_fn = (
+        self.xdp_fn, self.tc_fn, self.tc_in_fn = (
             load_program(self.bpf, func, typ, swap, pflags) for func, typ, pflags in PROGRAMS)
         os.makedirs(self.code_dir, exist_ok=True)
-        for fn in (self.xdp_fn, self.tc_fn, self.tc_backend_fn):
+        for fn in (self.xdp_fn, self.tc_fn, self.tc_in_fn):
             _pin_anew(fn.fd, f"{self.code_dir}/{fn.name.decode()}")
 
     def _compile_apart(self) -> None:
@@ -290,7 +290,7 @@ class DataPlane:
                 os.close(prog.fd)
             return False
         self.maps = maps
-        self.xdp_fn, self.tc_fn, self.tc_backend_fn = progs
+        self.xdp_fn, self.tc_fn, self.tc_in_fn = progs
         return True
 
     def _open_maps(self) -> dict[int, int]:
@@ -363,13 +363,14 @@ class DataPlane:
             _set_xdp(ifname, self.xdp_fn.fd, XDP_FLAGS["generic"])
             in_effect = "generic"
         _attach_tc(ifname, self.tc_fn.fd, self.tc_fn.name.decode(), TC_EGRESS_PARENT)
-        if _has_our_filter(ifname, TC_INGRESS_PARENT):  # XDP does it here now
-            _detach_tc(ifname, TC_INGRESS_PARENT)
+        # What XDP leaves to the skb path: rewrites of packets with a partial checksum.
+        self.attach_backend_side(ifname)
         return in_effect
 
     def attach_backend_side(self, ifname: str) -> None:
-        """TC ingress for source-NAT replies on an interface that runs no XDP of ours."""
-        _attach_tc(ifname, self.tc_backend_fn.fd, self.tc_backend_fn.name.decode(),
+        """TC ingress: on an interface that runs no XDP of ours, the replies of source-NAT
+        flows."""
+        _attach_tc(ifname, self.tc_in_fn.fd, self.tc_in_fn.name.decode(),
                    TC_INGRESS_PARENT)
 
     def close(self) -> None:
@@ -380,10 +381,10 @@ class DataPlane:
             self.bpf.cleanup()
             self.bpf = None
         else:
-            for fn in (self.xdp_fn, self.tc_fn, self.tc_backend_fn):
+            for fn in (self.xdp_fn, self.tc_fn, self.tc_in_fn):
                 if fn is not None:
                     os.close(fn.fd)
-        self.xdp_fn = self.tc_fn = self.tc_backend_fn = None
+        self.xdp_fn = self.tc_fn = self.tc_in_fn = None
 
 
 def compile_pinned(pin_root: str, spec: str) -> None:
@@ -466,7 +467,10 @@ def tc_filters(ifname: str, parent: int = TC_EGRESS_PARENT) -> list[str]:
     return names
 
 
-OUR_FILTERS = {TC_EGRESS_PARENT: TC_PROG, TC_INGRESS_PARENT: TC_BACKEND_PROG}
+# The names of our filters on each hook; xdplb_backend_in is what earlier versions named
+# the TC ingress program, whose filters an upgraded agent removes too.
+OUR_FILTERS = {TC_EGRESS_PARENT: (TC_PROG,), TC_INGRESS_PARENT: (TC_INGRESS_PROG,
+                                                                 "xdplb_backend_in")}
 
 
 def _has_our_filter(ifname: str, parent: int) -> bool:

@@ -10,6 +10,7 @@ after any packet still reading them has finished.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections.abc import Mapping
@@ -19,7 +20,14 @@ from typing import Protocol
 from xdplb.dataplane import layout as L
 from xdplb.dataplane.alloc import CapacityError, IdAllocator, RegionAllocator
 from xdplb.dataplane.config import Capacities
-from xdplb.dataplane.entries import Expansion, Inventory, expand, translated_listeners
+from xdplb.dataplane.entries import (
+    Expansion,
+    Inventory,
+    backend_networks,
+    expand,
+    hairpin_listeners,
+    translated_listeners,
+)
 from xdplb.plan.model import Group, Listener, Plan
 
 log = logging.getLogger(__name__)
@@ -59,17 +67,12 @@ class ApplyResult:
                 f"syscalls={self.syscalls} ms={self.ms:.1f}")
 
 
-def _retired_rev(val: bytes) -> bytes:
-    """A rev_nat entry kept for the flows that rely on it: no longer the backend's only
-    address, so TC egress restores no lost flow from it."""
-    v = L.RevNatVal.from_buffer_copy(val)
-    v.flags &= ~L.RN_ONLY
-    return L.encode(v)
-
-
 def _rev_nat_val(bid: int, vips: dict[tuple[int, int], int], vip: tuple[int, int]) -> bytes:
-    flags = L.RN_ONLY if len(vips) == 1 else 0
-    return L.encode(L.RevNatVal(vip[0], vip[1], bid, vips[vip], flags))
+    return L.encode(L.RevNatVal(vip[0], vip[1], bid, vips[vip], 0))
+
+
+# Array maps, where an entry that goes is written as zeros.
+ARRAYS = frozenset({"backends", "vip_bits"})
 
 
 class MapWriter:
@@ -79,9 +82,9 @@ class MapWriter:
         self.listener_ids: dict[tuple[str | None, int, str], int] = {}
         self.backend_ids: dict[tuple[str, int], int] = {}
         self.groups: dict[Group, GroupSlot] = {}
-        self.current: dict[str, dict[bytes, bytes]] = {"listeners": {}, "src_routes": {},
-                                                       "sni_routes": {}, "port_filter": {},
-                                                       "snat_src": {}, "rev_nat": {}}
+        self.current: dict[str, dict[bytes, bytes]] = {
+            name: {} for name in ("listeners", "src_routes", "sni_routes", "port_filter",
+                                  "rev_nat", "backends", "backend_nets", "vips", "vip_bits")}
         self._lid_alloc = IdAllocator(caps.listeners, "listeners (--max-listeners)")
         self._bid_alloc = IdAllocator(caps.backends, "backends (--max-backends)")
         self._gid_alloc = IdAllocator(caps.groups, "groups (--max-groups)")
@@ -105,8 +108,15 @@ class MapWriter:
         self.current["src_routes"] = dict(self.maps["src_routes"].items())
         self.current["sni_routes"] = dict(self.maps["sni_routes"].items())
         self.current["rev_nat"] = dict(self.maps["rev_nat"].items())
-        self.current["snat_src"] = {k: v for k, v in self.maps["snat_src"].items()
-                                    if v != L.encode_u32(0)}
+        for name in ("backend_nets", "vips"):
+            self.current[name] = dict(self.maps[name].items())
+        for name in ARRAYS:
+            self.current[name] = {k: v for k, v in self.maps[name].items() if any(v)}
+        # The adopted tables name backends by id: the same backends keep their ids.
+        for k, v in self.current["backends"].items():
+            b, bid = L.BackendVal.from_buffer_copy(v), L.decode_u32(k)
+            self._bid_alloc.reserve(bid)
+            self.backend_ids[(L.from_be32(b.addr), L.from_be16(b.port))] = bid
         for k, v in self.maps["groups"].items():
             g = L.GroupVal.from_buffer_copy(v)
             if g.flags & L.GF_IN_USE:
@@ -137,13 +147,15 @@ class MapWriter:
                 if g not in live:
                     live[g] = self.groups.get(g) or self._write_group(g, res)
 
+        hairpin = {id(lst) for lst in hairpin_listeners(plan, inv)}
         want_listeners: dict[bytes, bytes] = {}
         want_ports: dict[int, int] = {}
         for (ifindex, addr, port, proto), lst in exp.keys.items():
             flags = ((L.LF_SNI if lst.sni else 0)
                      | (L.LF_CLIENT_IP if lst.client_ip_affinity else 0)
                      | (L.LF_SRC_ROUTES if lst.source_routes else 0)
-                     | (L.LF_SNAT if lst.source_nat else 0))
+                     | (L.LF_SNAT if lst.source_nat else 0)
+                     | (L.LF_HAIRPIN if id(lst) in hairpin else 0))
             val = L.ListenerVal(lids[lst.identity], live[lst.default].id, flags)
             want_listeners[L.listener_key(ifindex, addr, port, proto)] = L.encode(val)
             want_ports[port] = want_ports.get(port, 0) | L.pf_listener(L.PROTO[proto])
@@ -156,7 +168,11 @@ class MapWriter:
 
         want_sni = self._sni_entries(plan, lids, live)
         translated = translated_listeners(plan, inv)
-        want_snat = self._snat_sources(translated, inv, res)
+        nets = backend_networks(plan, inv)
+        want_nets = {L.encode(L.NetKey(int(n.split("/")[1]), L.be32(n.split("/")[0]))):
+                     L.encode_u32(i) for n, i in nets.items()}
+        want_backends = self._backend_entries(live, translated, inv, nets, res)
+        want_vips, want_bits = _vip_entries(plan, inv)
         want_rev = self._rev_nat_entries(exp, lids)
         snat_bits = 0
         for lst in translated:
@@ -165,16 +181,17 @@ class MapWriter:
             for port in range(self.caps.snat_port_min, self.caps.snat_port_max + 1):
                 want_ports[port] = want_ports.get(port, 0) | snat_bits
 
-        self._sync_array("snat_src", want_snat, res)  # before a listener can use it
-        self._sync("src_routes", want_routes, res, delete=False)
-        self._sync("sni_routes", want_sni, res, delete=False)
-        self._sync("rev_nat", want_rev, res, delete=False)
+        # What a listener refers to is written before the listener, and goes after it.
+        stages = (("backends", want_backends), ("backend_nets", want_nets),
+                  ("vips", want_vips), ("vip_bits", want_bits), ("src_routes", want_routes),
+                  ("sni_routes", want_sni), ("rev_nat", want_rev))
+        for name, want in stages:
+            self._sync(name, want, res, delete=False)
         self._sync("listeners", want_listeners, res, delete=False)
         self._sync_ports(want_ports, res)
         self._sync("listeners", want_listeners, res, delete=True)
-        self._sync("sni_routes", want_sni, res, delete=True)
-        self._sync("rev_nat", want_rev, res, delete=True)
-        self._sync("src_routes", want_routes, res, delete=True)
+        for name, want in reversed(stages):
+            self._sync(name, want, res, delete=True)
 
         for g, slot in list(self.groups.items()):
             if g not in live:
@@ -230,20 +247,30 @@ class MapWriter:
                                 f"{L.MAX_SNI_ROUTES}")
         return want
 
-    def _snat_sources(self, translated: list[Listener], inv: Inventory,
-                      res: ApplyResult) -> dict[bytes, bytes]:
-        """Backend id -> the node's address toward it, for backends of the listeners whose
-        flows may be source-NATed (sourceNAT: Node, or hairpin)."""
+    def _backend_entries(self, live: dict[Group, GroupSlot], translated: list[Listener],
+                         inv: Inventory, nets: dict[str, int],
+                         res: ApplyResult) -> dict[bytes, bytes]:
+        """Backend id -> where the backend is, whether a UDP flow may stay on it (in the
+        plan, passing its checks), the node's address toward it (for source NAT) and the
+        node's network it lies on (for hairpin)."""
+        up = {(b.address, b.port) for g in live for b in g.backends if b.healthy}
         want: dict[bytes, bytes] = {}
-        for lst in translated:
-            for b in sorted(lst.backends()):
+        for g in live:
+            for b in g.backends:
                 route = inv.routes.get(b.address)
-                if route is not None:
-                    bid = self.backend_ids[(b.address, b.port)]
-                    want[L.encode_u32(bid)] = L.encode_u32(L.be32(route[0]))
-                elif lst.source_nat:
-                    res.problems.append(f"{lst.label}: no route from this node to backend "
-                                        f"{b.address}: its new flows are dropped")
+                src = L.be32(route[0]) if route is not None else 0
+                net = next((i for n, i in nets.items()
+                            if ipaddress.IPv4Address(b.address) in ipaddress.IPv4Network(n)), 0)
+                flags = L.BF_LIVE if (b.address, b.port) in up else 0
+                bid = self.backend_ids[(b.address, b.port)]
+                want[L.encode_u32(bid)] = L.encode(L.BackendVal(
+                    L.be32(b.address), L.be16(b.port), flags, src, net))
+        for lst in translated:
+            if lst.source_nat:
+                res.problems += [f"{lst.label}: no route from this node to backend "
+                                 f"{a}: its new flows are dropped"
+                                 for a in sorted({b.address for b in lst.backends()})
+                                 if a not in inv.routes]
         return want
 
     def _rev_nat_entries(self, exp: Expansion,
@@ -251,7 +278,7 @@ class MapWriter:
         """Backend endpoint -> a listener address it serves (see layout.h). The data path
         writes no reply entry for a flow to that address, so an entry keeps its address
         while flows may rely on it: an address the backend no longer serves (or a backend
-        gone) stays, without RN_ONLY, until release_rev_nat() finds no live flow of it;
+        gone) stays until release_rev_nat() finds no live flow of it;
         `self._rev_next` holds what replaces it then (None: nothing)."""
         # backend key -> (backend id, {(vip, vport): listener id})
         serves: dict[bytes, tuple[int, dict[tuple[int, int], int]]] = {}
@@ -268,7 +295,7 @@ class MapWriter:
         self._rev_next = {}
         for key, held in cur.items():
             if key not in serves:
-                want[key] = _retired_rev(held)
+                want[key] = held
                 self._rev_next[key] = None
         room = 2 * self.caps.backends - len(cur)
         for key, (bid, vips) in serves.items():
@@ -282,7 +309,7 @@ class MapWriter:
             if (named.vip, named.vport) in vips:
                 want[key] = _rev_nat_val(bid, vips, (named.vip, named.vport))
             else:
-                want[key] = _retired_rev(cur[key])
+                want[key] = cur[key]
                 self._rev_next[key] = fresh
         return want
 
@@ -306,17 +333,6 @@ class MapWriter:
             done += 1
         return done
 
-    def _sync_array(self, name: str, want: dict[bytes, bytes], res: ApplyResult) -> None:
-        """Like _sync for an array map, where an absent entry is written as zero."""
-        cur = self.current[name]
-        zero = bytes(self.maps[name].value_size)
-        changed = [(k, v) for k, v in want.items() if cur.get(k) != v]
-        changed += [(k, zero) for k in cur if k not in want]
-        if changed:
-            self.maps[name].update_batch([k for k, _ in changed], [v for _, v in changed])
-            res.written += len(changed)
-        self.current[name] = dict(want)
-
     def _listener_ids(self, plan: Plan) -> dict[tuple[str | None, int, str], int]:
         for lst in plan.listeners:
             if lst.identity not in self.listener_ids:
@@ -335,14 +351,10 @@ class MapWriter:
 
     def _write_group(self, g: Group, res: ApplyResult) -> GroupSlot:
         table = g.table
-        for b in g.backends:  # weight-0 ones too: their open flows still count
-            self._backend_id(b.address, b.port)
         gid = self._gid_alloc.allocate()
         offset = self._pool.allocate(len(table)) if table else 0
-        slots = [L.encode(L.BackendSlot(L.be32(g.backends[i].address), L.be16(g.backends[i].port),
-                                      self._backend_id(g.backends[i].address,
-                                                       g.backends[i].port)))
-                 for i in table]
+        ids = [self._backend_id(b.address, b.port) for b in g.backends]
+        slots = [L.encode_u16(ids[i]) for i in table]
         self.maps["pool"].update_batch([L.encode_u32(offset + i) for i in range(len(slots))], slots)
         self.maps["groups"].update(L.encode_u32(gid),
                                    L.encode(L.GroupVal(offset, len(table), L.GF_IN_USE)))
@@ -354,8 +366,12 @@ class MapWriter:
     def _sync(self, name: str, want: dict[bytes, bytes], res: ApplyResult, delete: bool) -> None:
         cur = self.current[name]
         if delete:
+            zero = bytes(self.maps[name].value_size)
             for k in [k for k in cur if k not in want]:
-                self.maps[name].delete(k)
+                if name in ARRAYS:
+                    self.maps[name].update(k, zero)
+                else:
+                    self.maps[name].delete(k)
                 del cur[k]
                 res.deleted += 1
             return
@@ -407,8 +423,8 @@ class MapWriter:
         live_ids = {lst.identity for lst in plan.listeners}
         for ident in [i for i in lids if i not in live_ids]:
             self._lid_alloc.free(lids.pop(ident))
-        # A retired table may still name a freed id for one apply: only its
-        # counters could be misattributed, never a packet.
+        # A retired table may still name a freed id for one apply, but no listener
+        # refers to it any more: the id is taken again no sooner than the next apply.
         used = {(b.address, b.port) for g in self.groups for b in g.backends}
         for key in [k for k in self.backend_ids if k not in used]:
             self._bid_alloc.free(self.backend_ids.pop(key))
@@ -416,3 +432,16 @@ class MapWriter:
     def _zero_stats(self, name: str, idx: int) -> None:
         m = self.maps[name]
         m.update(L.encode_u32(idx), bytes(m.value_size))
+
+
+def _vip_entries(plan: Plan, inv: Inventory) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    """The vips map and its vip_bits bitmap: every listener address that is no address
+    of the node (see layout.h)."""
+    own = {a for addrs in inv.addresses.values() for a in addrs}
+    vips = {lst.address for lst in plan.listeners if lst.address and lst.address not in own}
+    words: dict[int, int] = {}
+    for a in vips:
+        bit = L.vip_bit(int(ipaddress.IPv4Address(a)))
+        words[bit // 32] = words.get(bit // 32, 0) | 1 << (bit % 32)
+    return ({L.encode_u32(L.be32(a)): L.encode_u32(1) for a in sorted(vips)},
+            {L.encode_u32(w): L.encode_u32(v) for w, v in sorted(words.items())})

@@ -20,6 +20,8 @@ class Explanation:
 
     def text(self) -> str:
         if self.listener is None:
+            if self.verdict == "drop":
+                return "a VIP, but no listener serves this port and protocol there: dropped"
             return "no listener: passed untouched"
         head = (f"listener {self.listener.label} "
                 f"({self.listener.address or '*'}:{self.listener.port}/"
@@ -54,7 +56,10 @@ def explain(plan: Plan, src: str, sport: int, dst: str, dport: int, protocol: st
             local_addresses: set[str] | None = None) -> Explanation:
     lst = find_listener(plan, dst, dport, protocol, local_addresses)
     if lst is None:
-        return Explanation(None, "none", None, None, None, "pass")
+        # A listener address that is no address of the node is a VIP: what no listener
+        # serves there is dropped (bpf/xdplb.c not_ours).
+        vips = {x.address for x in plan.listeners if x.address} - (local_addresses or set())
+        return Explanation(None, "none", None, None, None, "drop" if dst in vips else "pass")
     client = ipaddress.IPv4Address(src)
     hits = [r for r in lst.source_routes if client in r.network]
     if hits:

@@ -20,6 +20,7 @@ class Backend:
     address: str
     port: int
     weight: int = 1
+    healthy: bool = True  # False: failing its health checks (weight 0 then)
 
 
 def address_key(address: str) -> bytes:

@@ -72,7 +72,7 @@ def plan_listener(lb: spec.LoadBalancer, lst: spec.Listener,
         for b in backends:
             t = Target(b.address, check.port or b.port, check)
             targets.add(t)
-            checked.append(replace(b, weight=0) if t in down else b)
+            checked.append(replace(b, weight=0, healthy=False) if t in down else b)
         return Group.of(checked)
 
     return Listener(

@@ -1,9 +1,10 @@
 """Which backend an SNI connection goes to: read from the same maps the data path
-uses (sni_routes -> groups -> pool), with the same flow hash, so `xdplb explain`,
-XDP and the acceptor agree on one Maglev table per group."""
+uses (sni_routes -> groups -> pool -> backends), with the same flow hash, so
+`xdplb explain`, XDP and the acceptor agree on one Maglev table per group."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -47,5 +48,8 @@ def pick_backend(maps: Mapping[str, LookupMap], route: Route, hostname: str | No
     slot = maps["pool"].lookup(L.encode_u32(group.offset + h % group.size))
     if slot is None:
         return None
-    b = L.BackendSlot.from_buffer_copy(slot)
+    raw = maps["backends"].lookup(L.encode_u32(int.from_bytes(slot[:2], sys.byteorder)))
+    if raw is None:
+        return None
+    b = L.BackendVal.from_buffer_copy(raw)
     return L.from_be32(b.addr), L.from_be16(b.port)

@@ -30,7 +30,7 @@ log = logging.getLogger("xdplb.sni")
 RTPROT_XDPLB = 0xB5          # marks the local routes this agent added
 RT_TABLE_LOCAL = 255
 RT_SCOPE_HOST = 254
-LOOKUP_MAPS = ("sni_routes", "groups", "pool")
+LOOKUP_MAPS = ("sni_routes", "groups", "pool", "backends")
 
 
 def bindings(plan: Plan, inv: Inventory,

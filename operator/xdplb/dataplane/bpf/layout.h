@@ -1,7 +1,8 @@
 /* Map key/value layouts shared by the XDP and TC programs.
  * Mirrored once in Python (xdplb/dataplane/layout.py); a test checks that
- * sizes and offsets agree. Changing anything here changes the pin directory
- * (its name carries a hash of this file), so old pins are never misread. */
+ * sizes, offsets and every constant agree. Changing anything here changes the
+ * pin directory (its name carries a hash of this file), so old pins are never
+ * misread. */
 #ifndef XDPLB_LAYOUT_H
 #define XDPLB_LAYOUT_H
 
@@ -19,6 +20,9 @@ struct listener_key {
 #define LF_CLIENT_IP  2   /* sessionAffinity: ClientIP */
 #define LF_SRC_ROUTES 4   /* the listener has source-CIDR routes */
 #define LF_SNAT       8   /* sourceNAT: Node, new flows leave from the node's address */
+#define LF_HAIRPIN    16  /* a backend lies on a network of the node: a client on the
+			   * same network is source-NATed (the backend would answer it
+			   * directly) */
 
 struct listener_val {
 	__u32 id;     /* index into listener_stats */
@@ -36,11 +40,30 @@ struct lpm_key {
 
 #define GF_IN_USE 1
 
-/* groups: the Maglev table of group g is pool[offset .. offset + size). */
+/* groups: the Maglev table of group g is pool[offset .. offset + size), each slot a
+ * backend id. */
 struct group_val {
 	__u32 offset;
 	__u32 size;   /* 0: no eligible backend */
 	__u32 flags;  /* GF_* */
+};
+
+/* backends: per backend id, where it is and how the node reaches it. */
+#define BF_LIVE 1  /* in the plan and passing its health checks: a UDP flow may stay */
+
+struct backend {
+	__be32 addr;
+	__be16 port;
+	__u16 flags;     /* BF_* */
+	__be32 snat_src; /* the node's address toward it (0: no route) */
+	__u32 net;       /* the node's network it lies on (backend_nets; 0: none) */
+};
+
+/* backend_nets (LPM trie): networks of the node's interfaces that backends lie on, so
+ * that a client on a backend's own network is told apart (LF_HAIRPIN). */
+struct net_key {
+	__u32 prefixlen;
+	__be32 addr;
 };
 
 /* sni_routes: (listener id, FNV-1a 64 of the lower-cased hostname) -> group id.
@@ -59,16 +82,17 @@ struct sni_key {
 #define PF_LISTENER(proto) (1u << ((proto) & 31))
 #define PF_SNAT(proto)     (1u << (((proto) + 8) & 31))
 
-/* snat_src: per backend id, the node's address toward that backend (0: none). */
+/* vips: the listener addresses that are no address of the node. Traffic to them is
+ * the load balancer's: what no listener serves is dropped, not routed (a VIP routed
+ * to the node would loop back to the router), and pings are answered. vip_bits, a
+ * bitmap by VIP_BIT(address), lets every other packet skip the hash lookup. */
+#define VIP_BITS 65536
+#define VIP_BIT(addr_host) (((addr_host) ^ ((addr_host) >> 16)) & (VIP_BITS - 1))
 
 /* rev_nat: a backend endpoint -> a listener address it serves. A flow to that
- * address needs no reply entry in conntrack: TC egress finds its forward entry
- * from the backend's reply through this map. The agent keeps an entry on the
- * address it first gave it for as long as flows may rely on it. With RN_ONLY
- * (the backend serves this address only), TC egress also restores a reply of a
- * flow whose conntrack entry was lost. */
-#define RN_ONLY 1
-
+ * address needs no reply entry: TC egress finds its forward entry from the
+ * backend's reply through this map. The agent keeps an entry on the address it
+ * first gave it for as long as flows may rely on it. */
 struct rev_nat_key {
 	__be32 addr;
 	__be16 port;
@@ -81,55 +105,85 @@ struct rev_nat_val {
 	__be16 vport;
 	__u16 backend;    /* backend id */
 	__u16 listener;   /* listener id */
-	__u16 flags;      /* RN_* */
+	__u16 pad;
 };
 
-/* pool: Maglev table slots of every group, back to back. */
-struct backend {
-	__be32 addr;
-	__be16 port;
-	__u16 id;     /* index into backend_stats */
-};
-
-/* conntrack: dir 0 is keyed by the client's packet (client -> listener) and
- * holds the backend; dir 1, only for a flow rev_nat does not cover, is keyed by
- * the backend's reply (backend -> client) and holds the listener address to
- * restore. With source NAT (CT_SNAT on both, always two entries): dir 0 also
- * holds the node's address and port the flow leaves from; dir 1 is keyed by the
- * reply to that address and port (backend -> node) and holds the client in
- * snat_addr/snat_port. */
+/* Conntrack. ct (LRU) holds a flow's forward entry, keyed by the client's packet
+ * (client -> listener): its backend, and with source NAT the node's address and port
+ * it leaves from. A flow rev_nat does not cover, and every source-NAT flow, also has
+ * a reply entry in ct_reply (keyed by the backend's reply: backend -> client, or
+ * backend -> node address and port), which is never evicted: it is what holds a
+ * source-NAT port, and it goes only when its flow is gone (the sweeper, or a new
+ * flow taking over the port of one that ended). */
 struct ct_key {
 	__be32 src;
 	__be32 dst;
 	__be16 sport;
 	__be16 dport;
 	__u8 proto;
-	__u8 dir;
-	__u16 pad;
+	__u8 pad[3];
 };
 
-#define CT_REPLIED 1
-#define CT_FIN_FWD 2
-#define CT_FIN_REV 4
-#define CT_RST     8
-#define CT_SNAT    16
-#define CT_DIRECT  32  /* dir 1 only: a connection made to a backend itself, not via a
-			* listener; its replies pass untouched */
+#define CT_REPLIED     1   /* the backend answered */
+#define CT_FIN_FWD     2
+#define CT_FIN_REV     4
+#define CT_RST         8   /* a RST within the window of its sender */
+#define CT_SNAT        16  /* source-NATed: a reply entry holds its port */
+#define CT_PAIRED      32  /* not source-NATed, with a reply entry (rev_nat does not cover it) */
+#define CT_ESTABLISHED 64  /* the client acknowledged the backend's answer */
 
-/* 64 bytes, one cache line: a new flow writes one of these, or two. */
 struct ct_val {
-	__be32 nat_addr;
+	__be32 nat_addr;   /* the backend */
+	__be32 snat_addr;  /* CT_SNAT: the node's address the flow leaves from */
 	__be16 nat_port;
+	__be16 snat_port;
 	__u16 backend;     /* backend id */
 	__u16 listener;    /* listener id */
-	__u16 flags;       /* CT_* (kept on the dir 0 entry) */
-	__be32 snat_addr;  /* CT_SNAT: see above */
-	__be16 snat_port;
+	__u16 flags;       /* CT_* */
 	__u16 pad;
+	__u32 seq_end[2];  /* TCP: each way, the sequence number past the data seen */
 	__u32 created_s;   /* CLOCK_MONOTONIC seconds when the flow began */
 	__u64 last_ns;     /* CLOCK_MONOTONIC (coarse) of the last packet either way */
 	__u64 packets[2];  /* [0] client -> backend, [1] backend -> client */
 	__u64 bytes[2];
+};
+
+struct ct_reply_val {
+	__be32 client;     /* the flow's client (with source NAT, not in the key) */
+	__be32 vip;        /* the listener address it reached */
+	__be16 cport;
+	__be16 vport;
+	__u16 flags;       /* CT_SNAT */
+	__u16 pad;
+	__u32 created_s;
+	__u64 last_ns;     /* refreshed by the flow's packets either way */
+};
+
+/* frags: the address translation of a fragmented datagram, recorded from its first
+ * fragment (which alone holds the ports) and applied to the others. */
+struct frag_key {
+	__be32 src;
+	__be32 dst;
+	__be16 id;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct frag_val {
+	__be32 src;
+	__be32 dst;
+};
+
+/* What XDP leaves to TC ingress in the frame's metadata: the rewrite of a packet
+ * whose L4 checksum is partial (only TC can tell, and fix it right). TC finds the
+ * flow again from the packet. */
+#define DEFER_MAGIC   0x786c6230u  /* "xlb0" */
+#define DEFER_FORWARD 1            /* a client's packet of a tracked flow */
+#define DEFER_REPLY   2            /* a backend's reply to a source-NAT flow */
+
+struct defer_meta {
+	__u32 magic;
+	__u32 kind;   /* DEFER_* */
 };
 
 struct flow_stats {
@@ -142,23 +196,30 @@ struct flow_stats {
 enum stat {
 	ST_NOMATCH = 0,       /* not for a listener: passed untouched */
 	ST_MALFORMED,         /* truncated or invalid headers: passed untouched */
-	ST_FRAGMENT,          /* IPv4 fragment: passed untouched */
+	ST_FRAGMENT,          /* a later fragment, translated like its first */
 	ST_ESTABLISHED,       /* followed its conntrack entry */
 	ST_NEW_DEFAULT,       /* new flow to the listener's default group */
 	ST_NEW_SRC_ROUTE,     /* new flow routed by a source-CIDR route */
-	ST_SNI_PASS,          /* new flow on an SNI listener left to the SNI path */
+	ST_SNI_PASS,          /* flow on an SNI listener left to the SNI path */
 	ST_RESELECTED,        /* TCP non-SYN without a live entry: backend selected again */
 	ST_NO_BACKEND_RST,    /* SYN to a group with no eligible backend: RST sent */
 	ST_NO_BACKEND_DROP,   /* UDP to a group with no eligible backend: dropped */
 	ST_CT_FULL,           /* conntrack insert failed: dropped */
 	ST_REPLY_NAT,         /* egress: reply source restored */
-	ST_REPLY_EXPIRED,     /* egress: reply of an expired flow, untouched */
+	ST_REPLY_EXPIRED,     /* a reply of a flow that is gone: untouched */
 	ST_ICMP_IN,           /* ICMP error about a flow's reply, sent on to its backend */
 	ST_ICMP_OUT,          /* egress: ICMP error about a flow's packet, sent on to its client */
 	ST_SNAT_REPLY,        /* a backend's reply to a source-NAT flow, sent on to its client */
 	ST_SNAT_EXHAUSTED,    /* no free source-NAT port toward the backend: dropped */
 	ST_SNAT_NO_SOURCE,    /* no node address known toward the backend: dropped */
-	ST_REPLY_RESTORED,    /* egress: reply of a flow with lost entries, restored and tracked */
+	ST_SNAT_NO_FLOW,      /* TCP non-SYN of a source-NAT listener without a flow: RST sent */
+	ST_SNAT_PORT_LOST,    /* a source-NAT flow whose port another flow holds: refused */
+	ST_VIP_CLOSED,        /* to a VIP, but no listener's port and protocol: dropped */
+	ST_VIP_PING,          /* an echo request to a VIP: answered */
+	ST_FRAG_MISSED,       /* a later fragment to a VIP, its first not seen: dropped */
+	ST_CSUM_DEFERRED,     /* partial L4 checksum: the rewrite left to TC ingress */
+	ST_UDP_MOVED,         /* UDP flow whose backend left or failed: moved to a live one */
+	ST_RST_IGNORED,       /* a RST outside its sender's window: not taken as the end */
 	ST_MAX
 };
 

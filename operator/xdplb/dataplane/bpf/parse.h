@@ -3,7 +3,13 @@
 #ifndef XDPLB_PARSE_H
 #define XDPLB_PARSE_H
 
-enum parse_result { P_OK, P_OTHER, P_MALFORMED, P_FRAGMENT, P_ICMP };
+enum parse_result {
+	P_OK,         /* TCP or UDP with its ports (a first fragment too: see p->frag) */
+	P_OTHER,      /* not IPv4 (p->ip unset), or another IPv4 protocol (p->ip set) */
+	P_MALFORMED,
+	P_FRAGMENT,   /* a later fragment: IPv4 header only (p->ip set) */
+	P_ICMP,
+};
 
 struct vlan_hdr {
 	__be16 tci;
@@ -18,8 +24,12 @@ struct pkt {
 	__be16 dport;
 	__u32 ip_off;   /* from the start of the frame */
 	__u32 l4_off;
+	__u32 seq;      /* TCP: the segment's sequence number, and where its data ends */
+	__u32 seq_end;
+	__u32 ack;
 	__u8 proto;
 	__u8 tcp_flags; /* the TCP flags byte: CWR ECE URG ACK PSH RST SYN FIN */
+	__u8 frag;      /* a first fragment: more of the datagram follows */
 };
 
 #define TCPF_FIN 0x01
@@ -66,24 +76,26 @@ static __always_inline int parse(void *data, void *data_end, struct pkt *p)
 	__u32 ihl = ip->ihl * 4;
 	if (ip->version != 4 || ihl < sizeof(*ip))
 		return P_MALFORMED;
-	if (bpf_ntohs(ip->tot_len) < ihl)
+	__u32 tot_len = bpf_ntohs(ip->tot_len);
+	if (tot_len < ihl)
 		return P_MALFORMED;
-	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+	p->ip = ip;
+	p->ip_off = off;
+	p->proto = ip->protocol;
+	if (ip->frag_off & bpf_htons(IP_OFFSET))
 		return P_FRAGMENT;
+	p->frag = !!(ip->frag_off & bpf_htons(IP_MF));
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP &&
 	    ip->protocol != IPPROTO_ICMP)
 		return P_OTHER;
 	if ((void *)ip + ihl > data_end)
 		return P_MALFORMED;
 
-	p->ip = ip;
-	p->ip_off = off;
 	p->l4_off = off + ihl;
-	p->proto = ip->protocol;
 	void *l4 = (void *)ip + ihl;
 	p->l4 = l4;
 	if (ip->protocol == IPPROTO_ICMP)
-		return P_ICMP;  /* see icmp.h */
+		return p->frag ? P_OTHER : P_ICMP;  /* see icmp.h */
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *tcp = l4;
 		if ((void *)(tcp + 1) > data_end || tcp->doff < 5)
@@ -92,6 +104,11 @@ static __always_inline int parse(void *data, void *data_end, struct pkt *p)
 		p->dport = tcp->dest;
 		p->l4_csum = &tcp->check;
 		p->tcp_flags = *((__u8 *)tcp + TCP_FLAGS_OFF);
+		p->seq = bpf_ntohl(tcp->seq);
+		p->ack = bpf_ntohl(tcp->ack_seq);
+		/* SYN and FIN take a sequence number each. */
+		p->seq_end = p->seq + tot_len - ihl - tcp->doff * 4 +
+			     !!(p->tcp_flags & TCPF_SYN) + !!(p->tcp_flags & TCPF_FIN);
 	} else {
 		struct udphdr *udp = l4;
 		if ((void *)(udp + 1) > data_end)

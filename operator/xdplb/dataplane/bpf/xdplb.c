@@ -2,7 +2,11 @@
  *   ingress (XDP): parse -> conntrack hit? DNAT : listener -> source route |
  *                  SNI path | default group -> Maglev slot -> conntrack -> DNAT
  *   egress  (TC):  a backend's reply -> restore the listener address as source
- * Rewritten packets are passed on (XDP_PASS) so the kernel routes them. */
+ *   ingress (TC):  what XDP left to it (a partial checksum), and source-NAT replies
+ *                  on interfaces without XDP
+ * Rewritten packets are passed on (XDP_PASS) so the kernel routes them. A reply is
+ * rewritten only on proof that its flow is the load balancer's: an entry made from a
+ * packet to a listener. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/icmp.h>
@@ -20,8 +24,9 @@
 #include "conntrack.h"
 #include "icmp.h"
 
-/* Counters live here, not in a header: bcc rewrites map calls only in the
- * main source file. */
+/* --- counters (here, not in a header: bcc rewrites map calls only in the main
+ * source file) ------------------------------------------------------------------ */
+
 static __always_inline void count(__u32 st)
 {
 	u64 *c = stats.lookup(&st);
@@ -46,6 +51,16 @@ static __always_inline void count_flow(__u32 listener, __u32 backend, __u64 byte
 	s = backend_stats.lookup(&backend);
 	add_flow_stats(s, bytes, new_flow);
 }
+
+/* Record a packet on a flow's forward entry (ct_track), counting a RST it ignored. */
+static __always_inline void track(struct ct_val *v, int dir, const struct pkt *p, __u64 now,
+				  __u64 bytes)
+{
+	if (ct_track(v, dir, p, now, bytes))
+		count(ST_RST_IGNORED);
+}
+
+/* --- rewriting in XDP (complete checksums) ------------------------------------------ */
 
 /* Rewrite one address and one port, fixing the IPv4 and L4 checksums. */
 static __always_inline void rewrite(struct pkt *p, __be32 *addr, __be16 *port, __be32 new_addr,
@@ -75,75 +90,266 @@ static __always_inline void snat(struct pkt *p, __be32 addr, __be16 port)
 	rewrite(p, &p->ip->saddr, p->l4 + L4_SPORT_OFF, addr, port);
 }
 
+/* A packet's IPv4 address (only: a later fragment has no ports) := to. */
+static __always_inline void ip_rewrite(struct iphdr *ip, __be32 *addr, __be32 to)
+{
+	csum_replace4(&ip->check, *addr, to);
+	*addr = to;
+}
+
+/* Whether p's L4 checksum holds only the pseudo-header sum (CHECKSUM_PARTIAL: a local
+ * sender or a veth left the rest to the NIC), which an update for a complete checksum
+ * would corrupt. XDP cannot see the skb's state: a checksum equal to the folded
+ * pseudo-header sum is taken for partial, and its rewrite left to TC ingress, which
+ * knows (a complete checksum matches one time in 65,536; TC gets it right too). A
+ * fragment's checksum is always complete. */
+static __always_inline int csum_maybe_partial(const struct pkt *p)
+{
+	if (p->frag || (p->proto == IPPROTO_UDP && *p->l4_csum == 0))
+		return 0;
+	__be32 s = p->ip->saddr, d = p->ip->daddr;
+	__u32 len = bpf_ntohs(p->ip->tot_len) - (p->l4_off - p->ip_off);
+	__u32 sum = (s & 0xffff) + (s >> 16) + (d & 0xffff) + (d >> 16) +
+		    bpf_htons(p->proto) + bpf_htons(len);
+	return *p->l4_csum == csum_fold(sum);
+}
+
+/* When p's checksum may be partial, leave its rewrite to TC ingress (xdplb_tc_in), in
+ * the frame's metadata: 1. Else 0, with p parsed again where the driver keeps no
+ * metadata (the attempt invalidated its pointers), for the caller to rewrite itself. */
+static __always_inline int defer_to_tc(struct xdp_md *ctx, struct pkt *p, __u32 kind)
+{
+	if (!csum_maybe_partial(p))
+		return 0;
+	if (!bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct defer_meta))) {
+		struct defer_meta *m = (void *)(long)ctx->data_meta;
+		if ((void *)(m + 1) > (void *)(long)ctx->data)
+			return 1;
+		m->magic = DEFER_MAGIC;
+		m->kind = kind;
+		count(ST_CSUM_DEFERRED);
+		return 1;
+	}
+	return parse((void *)(long)ctx->data, (void *)(long)ctx->data_end, p) != P_OK;
+}
+
+/* --- fragments ----------------------------------------------------------------------- */
+
+/* A first fragment was translated (src, dst: its addresses before): the others follow. */
+static __always_inline void frag_record(const struct pkt *p, __be32 src, __be32 dst)
+{
+	if (!p->frag)
+		return;
+	struct frag_key k = { .src = src, .dst = dst, .id = p->ip->id, .proto = p->proto };
+	struct frag_val v = { .src = p->ip->saddr, .dst = p->ip->daddr };
+	frags.update(&k, &v);
+}
+
+static __always_inline struct frag_val *frag_of(const struct iphdr *ip)
+{
+	struct frag_key k = {
+		.src = ip->saddr, .dst = ip->daddr, .id = ip->id, .proto = ip->protocol,
+	};
+	return frags.lookup(&k);
+}
+
+/* --- VIPs ------------------------------------------------------------------------------ */
+
+static __always_inline int is_vip(__be32 addr)
+{
+	__u32 bit = VIP_BIT(bpf_ntohl(addr));
+	__u32 word = bit / 32;
+	__u32 *w = vip_bits.lookup(&word);
+	if (!w || !(*w & (1u << (bit & 31))))
+		return 0;
+	return vips.lookup(&addr) != NULL;
+}
+
+/* A packet for no listener: dropped when it is to a VIP (a port no listener serves:
+ * the node must not answer, nor route it back), else passed untouched. */
+static __always_inline int not_ours(const struct pkt *p)
+{
+	if (p->ip && is_vip(p->ip->daddr)) {
+		count(ST_VIP_CLOSED);
+		return XDP_DROP;
+	}
+	count(ST_NOMATCH);
+	return XDP_PASS;
+}
+
+static __always_inline void swap_macs(struct ethhdr *eth)
+{
+	unsigned char mac[ETH_ALEN];
+	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
+}
+
+/* A packet turned back to its sender: MACs and addresses swapped (which leaves the IP
+ * checksum as it is), TTL 64, not fragmented. */
+static __always_inline void turn_back(struct ethhdr *eth, struct iphdr *ip)
+{
+	swap_macs(eth);
+	__be32 a = ip->saddr;
+	ip->saddr = ip->daddr;
+	ip->daddr = a;
+	__u16 old_ttl = *(__u16 *)&ip->ttl;
+	ip->ttl = 64;
+	csum_replace2(&ip->check, old_ttl, *(__u16 *)&ip->ttl);
+	csum_replace2(&ip->check, ip->frag_off, 0);
+	ip->frag_off = 0;
+}
+
+/* An echo request to a VIP gets its reply from XDP: a VIP need not be an address of
+ * the node. -1 for anything else. */
+static __always_inline int vip_ping(struct xdp_md *ctx, struct pkt *p)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = p->ip;
+	struct icmphdr *icmp = p->l4;
+	if ((void *)(eth + 1) > data_end || (void *)(ip + 1) > data_end ||
+	    (void *)(icmp + 1) > data_end)
+		return -1;
+	if (icmp->type != ICMP_ECHO || icmp->code != 0)
+		return -1;
+	turn_back(eth, ip);
+	__u16 old = *(__u16 *)icmp;
+	icmp->type = ICMP_ECHOREPLY;
+	csum_replace2(&icmp->checksum, old, *(__u16 *)icmp);
+	count(ST_VIP_PING);
+	return XDP_TX;
+}
+
+/* Answer a TCP segment with a RST from the listener (RFC 793: the sequence number
+ * its ACK expects, or an ACK of what it carried). */
+static __always_inline int send_rst(struct xdp_md *ctx, struct pkt *p)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = p->ip;
+	struct tcphdr *tcp = p->l4;
+	if ((void *)(eth + 1) > data_end || (void *)(ip + 1) > data_end ||
+	    (void *)(tcp + 1) > data_end)
+		return XDP_DROP;
+
+	turn_back(eth, ip);
+	__u16 new_len = bpf_htons(p->l4_off - p->ip_off + sizeof(*tcp));
+	csum_replace2(&ip->check, ip->tot_len, new_len);
+	ip->tot_len = new_len;
+
+	__be16 port = tcp->source;
+	tcp->source = tcp->dest;
+	tcp->dest = port;
+	if (p->tcp_flags & TCPF_ACK) {
+		tcp->seq = tcp->ack_seq;
+		tcp->ack_seq = 0;
+		*((__u8 *)tcp + TCP_FLAGS_OFF) = TCPF_RST;
+	} else {
+		tcp->ack_seq = bpf_htonl(p->seq_end);
+		tcp->seq = 0;
+		*((__u8 *)tcp + TCP_FLAGS_OFF) = TCPF_RST | TCPF_ACK;
+	}
+	*((__u8 *)tcp + TCP_DOFF_OFF) = (sizeof(*tcp) / 4) << 4;  /* no options */
+	tcp->window = 0;
+	tcp->urg_ptr = 0;
+	tcp->check = 0;
+	__u32 s = (ip->saddr & 0xffff) + (ip->saddr >> 16) + (ip->daddr & 0xffff) +
+		  (ip->daddr >> 16) + bpf_htons(IPPROTO_TCP) + bpf_htons(sizeof(*tcp));
+	__u16 *w = (__u16 *)tcp;
+#pragma unroll
+	for (int i = 0; i < sizeof(*tcp) / 2; i++)
+		s += w[i];
+	tcp->check = ~csum_fold(s);
+
+	int excess = (int)(data_end - data) - (int)(p->l4_off + sizeof(*tcp));
+	if (excess > 0 && bpf_xdp_adjust_tail(ctx, -excess))
+		return XDP_DROP;
+	return XDP_TX;
+}
+
+/* A TCP segment that has no flow to follow and may start none: a RST answers it
+ * (never a RST: that is dropped). */
+static __always_inline int refuse(struct xdp_md *ctx, struct pkt *p, __u32 st)
+{
+	count(st);
+	return p->tcp_flags & TCPF_RST ? XDP_DROP : send_rst(ctx, p);
+}
+
+/* --- flows ----------------------------------------------------------------------------- */
+
+/* The reply entry a forward entry of the client's packet p pairs with. */
+static __always_inline void reply_key_of(struct ct_key *rk, const struct ct_val *e,
+					 const struct pkt *p)
+{
+	rk->src = e->nat_addr;
+	rk->sport = e->nat_port;
+	if (e->flags & CT_SNAT) {
+		rk->dst = e->snat_addr;
+		rk->dport = e->snat_port;
+	} else {
+		rk->dst = p->ip->saddr;
+		rk->dport = p->sport;
+	}
+	rk->proto = p->proto;
+	rk->pad[0] = rk->pad[1] = rk->pad[2] = 0;
+}
+
+/* Whether reply entry rv names the flow of the client's packet p. */
+static __always_inline int reply_names(const struct ct_reply_val *rv, const struct pkt *p)
+{
+	return rv->client == p->ip->saddr && rv->cport == p->sport &&
+	       rv->vip == p->ip->daddr && rv->vport == p->dport;
+}
+
+/* May a new source-NAT flow (rv) take the port whose reply entry `held` names another
+ * flow? Only the same client's, from the same port, to the same listener, once that
+ * flow has closed: the backend still has that connection in TIME_WAIT and takes a
+ * new SYN on it only when the timestamps go on rising, which they do for one client
+ * port, not across ports. Other ports free up when the sweeper removes the entries of
+ * flows that are gone: a port never changes hands between clients here, so two CPUs
+ * can never give one port to two flows. */
+static __always_inline int snat_port_reusable(const struct ct_key *rk,
+					      const struct ct_reply_val *held,
+					      const struct ct_reply_val *rv, __u64 now)
+{
+	if (rk->proto != IPPROTO_TCP || held->client != rv->client || held->cport != rv->cport ||
+	    held->vip != rv->vip || held->vport != rv->vport)
+		return 0;
+	struct ct_key fkey;
+	ct_forward_key(&fkey, held, rk->proto);
+	struct ct_val *f = ct.lookup(&fkey);
+	return !f || !ct_pairs(f, rk, held) || ct_closing(f) || ct_expired(f, rk->proto, now);
+}
+
+static __always_inline int snat_claim(struct ct_key *rk, struct ct_reply_val *rv, __u64 now)
+{
+	if (!ct_reply.insert(rk, rv))
+		return 0;
+	struct ct_reply_val *held = ct_reply.lookup(rk);
+	return held && snat_port_reusable(rk, held, rv, now) && !ct_reply.update(rk, rv) ? 0 : -1;
+}
+
 #define SNAT_TRIES 32
 
-/* The dir-0 key of the flow a source-NAT reply entry (rv) belongs to: the
- * client's packet to the listener. Filled in place, field by field (ct_key has
- * no implicit padding). */
-static __always_inline void snat_forward_key(struct ct_key *k, const struct ct_val *rv,
-					     __u8 proto)
+/* Claim a source-NAT port for rk (the reply key: backend -> node address): the
+ * client's own port first, as MASQUERADE does, then random ones. -1 when every try
+ * found the port held. */
+static __always_inline int snat_reserve(struct ct_key *rk, struct ct_reply_val *rv, __u64 now)
 {
-	k->src = rv->snat_addr;
-	k->dst = rv->nat_addr;
-	k->sport = rv->snat_port;
-	k->dport = rv->nat_port;
-	k->proto = proto;
-	k->dir = 0;
-	k->pad = 0;
-}
-
-/* May a new flow (its reply entry: rv) take the source-NAT port that `held` (the
- * reply entry there) claims? Yes if held's flow is gone or idle past its timeout,
- * or, for TCP, if it has closed and was the same client's flow from the same port:
- * the backend still has that connection in TIME_WAIT and takes a new SYN on it only
- * when the timestamps go on rising, which they do for one client port, not across
- * ports. A live flow's port never changes hands. */
-static __always_inline int snat_port_free(struct ct_val *held, struct ct_val *rv, __be16 port,
-					  __u8 proto, __u64 now)
-{
-	if (!(held->flags & CT_SNAT))
-		return 0;  /* a direct connection's marker or a reply entry: not ours */
-	struct ct_key fkey;
-	snat_forward_key(&fkey, held, proto);
-	struct ct_val *f = ct.lookup(&fkey);
-	if (!f || f->snat_port != port || ct_expired(f, proto, now))
-		return 1;
-	return proto == IPPROTO_TCP && ct_closing(f) && held->snat_addr == rv->snat_addr &&
-	       held->snat_port == rv->snat_port && held->nat_addr == rv->nat_addr &&
-	       held->nat_port == rv->nat_port;
-}
-
-static __always_inline int snat_claim(struct ct_key *rkey, struct ct_val *rv, __u64 now)
-{
-	if (!ct.insert(rkey, rv))
-		return 0;
-	struct ct_val *held = ct.lookup(rkey);
-	return held && snat_port_free(held, rv, rkey->dport, rkey->proto, now) &&
-	       !ct.update(rkey, rv) ? 0 : -1;
-}
-
-#define SNAT_TAKEOVER_TRIES 4
-
-/* Claim a source-NAT port for rkey (the reply key: backend -> node address;
- * rv->snat_port is the client's port). The client's own port first, as
- * MASQUERADE does; then probes from a random start, the first
- * SNAT_TAKEOVER_TRIES of which may take a finished flow's port (each is a branch
- * for the verifier). -1 when every probe found a live flow. */
-static __always_inline int snat_reserve(struct ct_key *rkey, struct ct_val *rv, __u64 now)
-{
-	__u32 cport = bpf_ntohs(rv->snat_port);
+	__u32 cport = bpf_ntohs(rv->cport);
 	if (cport >= SNAT_PORT_MIN && cport <= SNAT_PORT_MAX) {
-		rkey->dport = rv->snat_port;
-		if (!snat_claim(rkey, rv, now))
+		rk->dport = rv->cport;
+		if (!snat_claim(rk, rv, now))
 			return 0;
 	}
-	__u32 span = SNAT_PORT_MAX - SNAT_PORT_MIN + 1;
-	__u32 port = bpf_get_prandom_u32() % span;
 	for (int i = 0; i < SNAT_TRIES; i++) {
-		rkey->dport = bpf_htons(SNAT_PORT_MIN + port);
-		if (i < SNAT_TAKEOVER_TRIES ? !snat_claim(rkey, rv, now) : !ct.insert(rkey, rv))
+		rk->dport = bpf_htons(SNAT_PORT_MIN +
+				      bpf_get_prandom_u32() % (SNAT_PORT_MAX - SNAT_PORT_MIN + 1));
+		if (!ct_reply.insert(rk, rv))
 			return 0;
-		port = port + 1 == span ? 0 : port + 1;
 	}
 	return -1;
 }
@@ -156,47 +362,68 @@ struct snat_back {
 	__be16 vport;
 };
 
-/* A backend's reply to a source-NAT flow, arriving on the backend side at the
- * node's address: its flow, tracked and counted. 0: found (t filled); -1: p is
- * no such reply; 1: the flow is gone (counted, to pass untouched). */
-static __always_inline int snat_reply_flow(struct pkt *p, __u64 now, __u64 bytes,
+/* A backend's reply to a source-NAT flow, arriving on the backend side at the node's
+ * address (p: backend -> node): its flow's forward entry and where the reply goes.
+ * NULL, with t->vip 0, when p is no such reply; NULL with t filled when its flow is
+ * gone. */
+static __always_inline struct ct_val *snat_reply_of(const struct pkt *p, __u64 now,
+						    struct snat_back *t,
+						    struct ct_reply_val **rvp)
+{
+	struct ct_key rk = {
+		.src = p->ip->saddr, .dst = p->ip->daddr, .sport = p->sport, .dport = p->dport,
+		.proto = p->proto,
+	};
+	t->vip = 0;
+	struct ct_reply_val *rv = ct_reply.lookup(&rk);
+	if (!rv || !(rv->flags & CT_SNAT))
+		return NULL;
+	t->client = rv->client;
+	t->vip = rv->vip;
+	t->cport = rv->cport;
+	t->vport = rv->vport;
+	*rvp = rv;
+	struct ct_key fkey;
+	ct_forward_key(&fkey, rv, p->proto);
+	struct ct_val *f = ct.lookup(&fkey);
+	if (!f || !ct_pairs(f, &rk, rv) || ct_expired(f, p->proto, now))
+		return NULL;
+	return f;
+}
+
+/* Track and count a source-NAT reply; 0 to translate it (t filled), 1 when its flow is
+ * gone (counted: pass untouched), -1 when it is no such reply. */
+static __always_inline int snat_reply_flow(const struct pkt *p, __u64 now, __u64 bytes,
 					   struct snat_back *t)
 {
-	struct ct_key rkey = {
-		.src = p->ip->saddr, .dst = p->ip->daddr, .sport = p->sport, .dport = p->dport,
-		.proto = p->proto, .dir = 1,
-	};
-	struct ct_val *rv = ct.lookup(&rkey);
-	if (!rv || !(rv->flags & CT_SNAT))
-		return -1;
-	struct ct_key fkey;
-	snat_forward_key(&fkey, rv, p->proto);
-	t->client = rv->snat_addr;
-	t->vip = rv->nat_addr;
-	t->cport = rv->snat_port;
-	t->vport = rv->nat_port;
-	struct ct_val *e = ct.lookup(&fkey);
-	if (!e || e->nat_addr != p->ip->saddr || e->nat_port != p->sport ||
-	    e->snat_port != p->dport || ct_expired(e, p->proto, now)) {
+	struct ct_reply_val *rv;
+	struct ct_val *f = snat_reply_of(p, now, t, &rv);
+	if (!f) {
+		if (!t->vip)
+			return -1;
 		count(ST_REPLY_EXPIRED);
 		return 1;
 	}
-	ct_track(e, 1, p->tcp_flags, now, bytes);
-	count_flow(e->listener, e->backend, bytes, 0);
+	rv->last_ns = now;
+	track(f, 1, p, now, bytes);
+	count_flow(f->listener, f->backend, bytes, 0);
 	count(ST_SNAT_REPLY);
 	return 0;
 }
 
-static __always_inline int snat_reply(struct pkt *p, __u64 now, __u64 bytes)
+static __always_inline int snat_reply(struct xdp_md *ctx, struct pkt *p, __u64 now,
+				      __u64 bytes)
 {
 	struct snat_back t;
 	int r = snat_reply_flow(p, now, bytes, &t);
-	if (r < 0)
-		return -1;
-	if (r == 0) {
-		dnat(p, t.client, t.cport);
-		snat(p, t.vip, t.vport);
-	}
+	if (r)
+		return r < 0 ? -1 : XDP_PASS;
+	if (defer_to_tc(ctx, p, DEFER_REPLY))
+		return XDP_PASS;
+	__be32 src = p->ip->saddr, dst = p->ip->daddr;
+	dnat(p, t.client, t.cport);
+	snat(p, t.vip, t.vport);
+	frag_record(p, src, dst);
 	return XDP_PASS;
 }
 
@@ -216,193 +443,305 @@ static __always_inline int rev_nat_covers(const struct backend *b, const struct 
 		return 1;
 	struct ct_key old = {
 		.src = p->ip->saddr, .dst = r->vip, .sport = p->sport, .dport = r->vport,
-		.proto = p->proto, .dir = 0,
+		.proto = p->proto,
 	};
 	struct ct_val *o = ct.lookup(&old);
-	if (o && o->nat_addr == b->addr && o->nat_port == b->port && !(o->flags & CT_SNAT))
+	if (o && o->nat_addr == b->addr && o->nat_port == b->port &&
+	    !(o->flags & (CT_SNAT | CT_PAIRED)))
 		ct.delete(&old);
 	return 0;
 }
 
-/* The live forward entry of the flow client:cport -> vip:vport, if it goes to
- * backend:bport without source NAT. */
-static __always_inline struct ct_val *forward_of(__be32 client, __be16 cport, __be32 vip,
-						 __be16 vport, __be32 backend, __be16 bport,
-						 __u8 proto, __u64 now)
+/* The client's packet of a tracked flow: DNAT (and source NAT), or left to TC when
+ * its checksum is partial. */
+static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, const struct ct_val *e)
 {
-	struct ct_key fkey = {
-		.src = client, .dst = vip, .sport = cport, .dport = vport, .proto = proto, .dir = 0,
-	};
-	struct ct_val *e = ct.lookup(&fkey);
-	if (!e || e->nat_addr != backend || e->nat_port != bport || (e->flags & CT_SNAT) ||
-	    ct_expired(e, proto, now))
-		return NULL;
-	return e;
-}
-
-enum reply_found { RF_FLOW, RF_DIRECT, RF_UNTRACKED, RF_GONE };
-
-struct reply {
-	struct rev_nat_val *rn;  /* the backend endpoint's rev_nat entry, if any */
-	struct ct_val *e;        /* RF_FLOW: the flow's forward entry; RF_DIRECT: the marker */
-	__be32 vip;              /* RF_FLOW: the listener address the client knows */
-	__be16 vport;
-};
-
-/* What a backend's packet (rkey: its dir-1 key, backend -> client) belongs to.
- * Most flows are found through rev_nat; the others through their reply entry.
- * RF_FLOW: a live flow. RF_DIRECT: a live CT_DIRECT marker, a connection made to
- * the backend itself. RF_UNTRACKED: no reply entry, or an expired marker.
- * RF_GONE: a reply entry whose flow is gone. */
-static __always_inline int reply_lookup(struct ct_key *rkey, __u64 now, struct reply *r)
-{
-	__be32 backend = rkey->src, client = rkey->dst;
-	__be16 bport = rkey->sport, cport = rkey->dport;
-	struct rev_nat_key bk = { .addr = backend, .port = bport, .proto = rkey->proto };
-	r->rn = rev_nat.lookup(&bk);
-	if (r->rn) {
-		r->vip = r->rn->vip;
-		r->vport = r->rn->vport;
-		r->e = forward_of(client, cport, r->vip, r->vport, backend, bport, rkey->proto, now);
-		if (r->e)
-			return RF_FLOW;
-	}
-	struct ct_val *rv = ct.lookup(rkey);
-	if (!rv)
-		return RF_UNTRACKED;
-	if (rv->flags & CT_DIRECT) {
-		r->e = rv;
-		return ct_expired(rv, rkey->proto, now) ? RF_UNTRACKED : RF_DIRECT;
-	}
-	r->vip = rv->nat_addr;
-	r->vport = rv->nat_port;
-	r->e = forward_of(client, cport, r->vip, r->vport, backend, bport, rkey->proto, now);
-	return r->e ? RF_FLOW : RF_GONE;
-}
-
-/* Answer a SYN with RST|ACK from the listener: the group has no backend. */
-static __always_inline int send_rst(struct xdp_md *ctx, struct pkt *p)
-{
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *ip = p->ip;
-	struct tcphdr *tcp = p->l4;
-	if ((void *)(eth + 1) > data_end || (void *)(ip + 1) > data_end ||
-	    (void *)(tcp + 1) > data_end)
-		return XDP_DROP;
-
-	unsigned char mac[ETH_ALEN];
-	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
-
-	/* Swapping the addresses leaves the IP checksum as it is. */
-	__be32 a = ip->saddr;
-	ip->saddr = ip->daddr;
-	ip->daddr = a;
-	__u16 new_len = bpf_htons(p->l4_off - p->ip_off + sizeof(*tcp));
-	csum_replace2(&ip->check, ip->tot_len, new_len);
-	ip->tot_len = new_len;
-	__u16 old_ttl = *(__u16 *)&ip->ttl;
-	ip->ttl = 64;
-	csum_replace2(&ip->check, old_ttl, *(__u16 *)&ip->ttl);
-	csum_replace2(&ip->check, ip->frag_off, 0);
-	ip->frag_off = 0;
-
-	__be16 port = tcp->source;
-	tcp->source = tcp->dest;
-	tcp->dest = port;
-	tcp->ack_seq = bpf_htonl(bpf_ntohl(tcp->seq) + 1);
-	tcp->seq = 0;
-	*((__u8 *)tcp + TCP_DOFF_OFF) = (sizeof(*tcp) / 4) << 4;  /* no options */
-	*((__u8 *)tcp + TCP_FLAGS_OFF) = TCPF_RST | TCPF_ACK;
-	tcp->window = 0;
-	tcp->urg_ptr = 0;
-	tcp->check = 0;
-	__u32 s = (ip->saddr & 0xffff) + (ip->saddr >> 16) + (ip->daddr & 0xffff) +
-		  (ip->daddr >> 16) + bpf_htons(IPPROTO_TCP) + bpf_htons(sizeof(*tcp));
-	__u16 *w = (__u16 *)tcp;
-#pragma unroll
-	for (int i = 0; i < sizeof(*tcp) / 2; i++)
-		s += w[i];
-	tcp->check = ~csum_fold(s);
-
-	int excess = (int)(data_end - data) - (int)(p->l4_off + sizeof(*tcp));
-	if (excess > 0 && bpf_xdp_adjust_tail(ctx, -excess))
-		return XDP_DROP;
-	return XDP_TX;
-}
-
-/* The conntrack key, direction ``dir``, of the flow an ICMP error is about: the
- * quoted packet travelled the other way, so its ends are swapped. (ct_key has no
- * implicit padding to clear.) */
-static __always_inline struct ct_key quoted_flow(const struct icmp_err *e, __u8 dir)
-{
-	struct ct_key k = {
-		.src = e->in_ip->daddr, .dst = e->in_ip->saddr, .sport = e->in_ports[1],
-		.dport = e->in_ports[0], .proto = e->in_proto, .dir = dir,
-	};
-	return k;
-}
-
-/* An error about a packet a source-NAT flow sent to its backend (the quote runs
- * node address -> backend), arriving at the node: make it about the client's
- * packet to the listener, and send it to the client. */
-static __always_inline int icmp_snat_forward(struct pkt *p, struct icmp_err *e)
-{
-	struct ct_key rkey = quoted_flow(e, 1);
-	struct ct_val *rv = ct.lookup(&rkey);
-	if (!rv || !(rv->flags & CT_SNAT)) {
-		count(ST_NOMATCH);
+	__be32 src = p->ip->saddr, dst = p->ip->daddr;
+	__be32 nat_addr = e->nat_addr, snat_addr = e->snat_addr;
+	__be16 nat_port = e->nat_port, snat_port = e->snat_port;
+	int snatted = e->flags & CT_SNAT;
+	if (defer_to_tc(ctx, p, DEFER_FORWARD))
 		return XDP_PASS;
-	}
-	struct ct_key fkey;
-	snat_forward_key(&fkey, rv, e->in_proto);
-	__be32 client = rv->snat_addr, vip = rv->nat_addr, node = rkey.dst;
-	__be16 client_port = rv->snat_port, vport = rv->nat_port;
-	struct ct_val *v = ct.lookup(&fkey);
-	if (!v || v->snat_port != rkey.dport ||
-	    ct_expired(v, e->in_proto, bpf_ktime_get_coarse_ns())) {
-		count(ST_NOMATCH);
-		return XDP_PASS;
-	}
-	icmp_rewrite_quote(e, 0, client, client_port);
-	icmp_rewrite_quote(e, 1, vip, vport);
-	if (p->ip->daddr == node) {
-		csum_replace4(&p->ip->check, node, client);
-		p->ip->daddr = client;
-	}
-	count(ST_ICMP_IN);
+	if (snatted)
+		snat(p, snat_addr, snat_port);
+	dnat(p, nat_addr, nat_port);
+	frag_record(p, src, dst);
 	return XDP_PASS;
 }
 
-/* An error about a reply the LB sent for a flow (the quote runs listener ->
- * client): make it about the backend's packet, and send it to the backend. */
-static __always_inline int icmp_ingress(struct pkt *p, void *data_end)
+/* A packet on a live forward entry e. -1: the flow cannot go on as it is (its UDP
+ * backend is gone, or its source-NAT port is another flow's): treat it as new. */
+static __always_inline int established(struct xdp_md *ctx, struct pkt *p, struct ct_key *fkey,
+				       struct ct_val *e, __u64 now, __u64 bytes)
 {
-	struct icmp_err e;
-	if (parse_icmp_error(data_end, p, &e)) {
-		count(ST_NOMATCH);
+	if (e->flags & (CT_SNAT | CT_PAIRED)) {
+		/* The two entries of a flow live and die together: the reply entry must be
+		 * there and name this flow, or the backend's answers would go elsewhere. */
+		struct ct_key rk;
+		reply_key_of(&rk, e, p);
+		struct ct_reply_val *rv = ct_reply.lookup(&rk);
+		if (rv && reply_names(rv, p)) {
+			rv->last_ns = now;
+		} else if (rv || (e->flags & CT_SNAT)) {
+			/* Its port (or, without source NAT, the backend's end) is another
+			 * flow's now: this one cannot go on from it. */
+			struct ct_reply_val mine = {
+				.client = p->ip->saddr, .vip = p->ip->daddr, .cport = p->sport,
+				.vport = p->dport, .flags = e->flags & CT_SNAT,
+				.created_s = now / SEC_NS, .last_ns = now,
+			};
+			if (rv || ct_reply.insert(&rk, &mine)) {
+				ct.delete(fkey);
+				count(ST_SNAT_PORT_LOST);
+				return -1;
+			}
+		} else {
+			struct ct_reply_val again = {
+				.client = p->ip->saddr, .vip = p->ip->daddr, .cport = p->sport,
+				.vport = p->dport, .created_s = now / SEC_NS, .last_ns = now,
+			};
+			ct_reply.update(&rk, &again);
+		}
+	}
+	if (p->proto == IPPROTO_UDP) {
+		/* A UDP flow whose backend left the plan or failed its checks moves to a live
+		 * one (TCP flows drain where they are). */
+		__u32 bid = e->backend;
+		struct backend *b = backends.lookup(&bid);
+		if (!b || !(b->flags & BF_LIVE) || b->addr != e->nat_addr || b->port != e->nat_port) {
+			ct.delete(fkey);
+			count(ST_UDP_MOVED);
+			return -1;
+		}
+	}
+	track(e, 0, p, now, bytes);
+	count_flow(e->listener, e->backend, bytes, 0);
+	count(ST_ESTABLISHED);
+	return forward(ctx, p, e);
+}
+
+static __always_inline __u32 net_of(__be32 addr)
+{
+	struct net_key k = { .prefixlen = 32, .addr = addr };
+	__u32 *net = backend_nets.lookup(&k);
+	return net ? *net : 0;
+}
+
+/* A packet that starts a flow, or (TCP without SYN) one whose entry is gone. */
+static __always_inline int new_flow(struct xdp_md *ctx, struct pkt *p, struct ct_key *fkey,
+				    __u64 now, __u64 bytes)
+{
+	struct listener_key lk = {
+		.ifindex = ctx->ingress_ifindex, .addr = p->ip->daddr, .port = p->dport,
+		.proto = p->proto,
+	};
+	struct listener_val *l = listeners.lookup(&lk);
+	if (!l)
+		return not_ours(p);
+	/* A segment of a flow whose entry is gone (LRU eviction, a restart with a new
+	 * layout, a flow rehashed here by upstream ECMP): the same table on every node
+	 * picks the same backend again, so the flow lands where it was. */
+	int syn = (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN;
+	int lost = p->proto == IPPROTO_TCP && !syn;
+	__u32 lid = l->id, gid = l->group, flags = l->flags, path = ST_NEW_DEFAULT;
+	/* On an SNI listener only a SYN may take a route: a later segment without an
+	 * entry is the acceptor's. */
+	if ((flags & LF_SRC_ROUTES) && !(lost && (flags & LF_SNI))) {
+		struct lpm_key rk = { .prefixlen = 64, .listener = bpf_htonl(lid),
+				      .addr = p->ip->saddr };
+		__u32 *g = src_routes.lookup(&rk);
+		if (g) {
+			gid = *g;
+			path = ST_NEW_SRC_ROUTE;
+		}
+	}
+	if (path == ST_NEW_DEFAULT && (flags & LF_SNI)) {
+		count(ST_SNI_PASS);
 		return XDP_PASS;
 	}
-	struct ct_key key = quoted_flow(&e, 0);
+
+	struct group_val *g = groups.lookup(&gid);
+	struct backend *b = NULL;
+	__u32 bid = 0;
+	if (g && g->size) {
+		__u32 h = (flags & LF_CLIENT_IP)
+			? client_hash(bpf_ntohl(p->ip->saddr))
+			: flow_hash(bpf_ntohl(p->ip->saddr), bpf_ntohl(p->ip->daddr),
+				    bpf_ntohs(p->sport), bpf_ntohs(p->dport), p->proto);
+		__u32 slot = g->offset + h % g->size;
+		__u16 *id = pool.lookup(&slot);
+		if (id) {
+			bid = *id;
+			b = backends.lookup(&bid);
+		}
+	}
+	if (!b) {
+		if (p->proto == IPPROTO_TCP && !lost) {
+			count(ST_NO_BACKEND_RST);
+			return send_rst(ctx, p);
+		}
+		count(ST_NO_BACKEND_DROP);
+		return XDP_DROP;
+	}
+
+	struct ct_val v = {
+		.nat_addr = b->addr, .nat_port = b->port, .backend = bid, .listener = lid,
+		.seq_end = {p->seq_end, 0}, .created_s = now / SEC_NS, .last_ns = now,
+		.packets = {1, 0}, .bytes = {bytes, 0},
+	};
+	if (lost)
+		v.flags = ct_flags_of(&v, 0, p);
+	struct ct_key rk = {
+		.src = b->addr, .dst = p->ip->saddr, .sport = b->port, .dport = p->sport,
+		.proto = p->proto,
+	};
+	struct ct_reply_val rv = {
+		.client = p->ip->saddr, .vip = p->ip->daddr, .cport = p->sport, .vport = p->dport,
+		.created_s = now / SEC_NS, .last_ns = now,
+	};
+	/* Source NAT when the listener asks, and when the backend would answer the client
+	 * directly: the client is the backend itself (hairpin), or on its network. */
+	if ((flags & LF_SNAT) || b->addr == p->ip->saddr ||
+	    ((flags & LF_HAIRPIN) && b->net && net_of(p->ip->saddr) == b->net)) {
+		/* A source-NAT flow is created by its first packet only: a lost one gets a
+		 * new port the backend does not know, so it is refused at once. */
+		if (lost)
+			return refuse(ctx, p, ST_SNAT_NO_FLOW);
+		if (!b->snat_src) {
+			count(ST_SNAT_NO_SOURCE);
+			return XDP_DROP;
+		}
+		rk.dst = b->snat_src;
+		rv.flags = CT_SNAT;
+		if (snat_reserve(&rk, &rv, now)) {
+			count(ST_SNAT_EXHAUSTED);
+			return XDP_DROP;
+		}
+		v.flags |= CT_SNAT;
+		v.snat_addr = rk.dst;
+		v.snat_port = rk.dport;
+	} else if (!rev_nat_covers(b, p)) {
+		if (ct_reply.update(&rk, &rv)) {
+			count(ST_CT_FULL);
+			return XDP_DROP;
+		}
+		v.flags |= CT_PAIRED;
+	}
+	if (ct.update(fkey, &v)) {
+		if (v.flags & (CT_SNAT | CT_PAIRED))
+			ct_reply.delete(&rk);
+		count(ST_CT_FULL);
+		return XDP_DROP;
+	}
+	count_flow(lid, bid, bytes, !lost);
+	count(lost ? ST_RESELECTED : path);
+	return forward(ctx, p, &v);
+}
+
+/* --- ICMP ------------------------------------------------------------------------------ */
+
+/* The forward key of the flow an ICMP error is about, when the quoted packet is one the
+ * LB sent toward a client (listener -> client): its ends swapped. */
+static __always_inline void quoted_forward(struct ct_key *k, const struct icmp_err *e)
+{
+	k->src = e->in_ip->daddr;
+	k->dst = e->in_ip->saddr;
+	k->sport = e->in_ports[1];
+	k->dport = e->in_ports[0];
+	k->proto = e->in_proto;
+	k->pad[0] = k->pad[1] = k->pad[2] = 0;
+}
+
+/* The reply key of the flow an ICMP error is about, when the quoted packet is one the
+ * LB sent toward a backend (client or node -> backend): its ends swapped. */
+static __always_inline void quoted_reply(struct ct_key *k, const struct icmp_err *e)
+{
+	quoted_forward(k, e);
+}
+
+/* An error about a packet a source-NAT flow sent to its backend (the quote runs node
+ * address -> backend), arriving at the node: make it about the client's packet to the
+ * listener, and send it to the client. 0: translated; -1: not about such a flow. */
+static __always_inline int icmp_snat_forward(struct pkt *p, struct icmp_err *e)
+{
+	struct ct_key rk;
+	quoted_reply(&rk, e);
+	struct ct_reply_val *rv = ct_reply.lookup(&rk);
+	if (!rv || !(rv->flags & CT_SNAT))
+		return -1;
+	struct ct_key fkey;
+	ct_forward_key(&fkey, rv, e->in_proto);
+	__be32 client = rv->client, vip = rv->vip, node = rk.dst;
+	__be16 client_port = rv->cport, vport = rv->vport;
+	struct ct_val *v = ct.lookup(&fkey);
+	if (!v || !ct_pairs(v, &rk, rv) || ct_expired(v, e->in_proto, bpf_ktime_get_coarse_ns()))
+		return -1;
+	icmp_rewrite_quote(e, 0, client, client_port);
+	icmp_rewrite_quote(e, 1, vip, vport);
+	if (p->ip->daddr == node)
+		ip_rewrite(p->ip, &p->ip->daddr, client);
+	return 0;
+}
+
+/* An error about a reply the LB sent for a flow (the quote runs listener -> client):
+ * make it about the backend's packet, and send it to the backend. 0: translated. */
+static __always_inline int icmp_translate_in(struct pkt *p, void *data_end)
+{
+	struct icmp_err e;
+	if (parse_icmp_error(data_end, p, &e))
+		return -1;
+	struct ct_key key;
+	quoted_forward(&key, &e);
 	struct ct_val *v = ct.lookup(&key);
 	if (!v)
 		return icmp_snat_forward(p, &e);
-	if (ct_expired(v, e.in_proto, bpf_ktime_get_coarse_ns())) {
-		count(ST_NOMATCH);
-		return XDP_PASS;
-	}
+	if (ct_expired(v, e.in_proto, bpf_ktime_get_coarse_ns()))
+		return -1;
 	__be32 vip = key.dst, backend = v->nat_addr;
 	icmp_rewrite_quote(&e, 0, backend, v->nat_port);
 	if (v->flags & CT_SNAT)  /* the backend's packet went to the node's address */
 		icmp_rewrite_quote(&e, 1, v->snat_addr, v->snat_port);
-	if (p->ip->daddr == vip) {
-		csum_replace4(&p->ip->check, vip, backend);
-		p->ip->daddr = backend;
+	if (p->ip->daddr == vip)
+		ip_rewrite(p->ip, &p->ip->daddr, backend);
+	return 0;
+}
+
+static __always_inline int icmp_ingress(struct xdp_md *ctx, struct pkt *p, void *data_end)
+{
+	if (!icmp_translate_in(p, data_end)) {
+		count(ST_ICMP_IN);
+		return XDP_PASS;
 	}
-	count(ST_ICMP_IN);
+	if (is_vip(p->ip->daddr)) {
+		int r = vip_ping(ctx, p);
+		if (r >= 0)
+			return r;
+		count(ST_VIP_CLOSED);
+		return XDP_DROP;
+	}
+	count(ST_NOMATCH);
+	return XDP_PASS;
+}
+
+/* A later fragment (no ports): translated as its first fragment was, if it was. One to
+ * a VIP whose first fragment was not seen (reordered, or lost) has nowhere to go. */
+static __always_inline int later_fragment(struct pkt *p)
+{
+	struct frag_val *f = frag_of(p->ip);
+	if (!f) {
+		if (is_vip(p->ip->daddr)) {
+			count(ST_FRAG_MISSED);
+			return XDP_DROP;
+		}
+		count(ST_NOMATCH);
+		return XDP_PASS;
+	}
+	__be32 src = f->src, dst = f->dst;
+	if (p->ip->saddr != src)
+		ip_rewrite(p->ip, &p->ip->saddr, src);
+	if (p->ip->daddr != dst)
+		ip_rewrite(p->ip, &p->ip->daddr, dst);
+	count(ST_FRAGMENT);
 	return XDP_PASS;
 }
 
@@ -419,176 +758,44 @@ int xdplb_ingress(struct xdp_md *ctx)
 		count(ST_MALFORMED);
 		return XDP_PASS;
 	case P_FRAGMENT:
-		count(ST_FRAGMENT);
-		return XDP_PASS;
+		return later_fragment(&p);
 	case P_ICMP:
-		return icmp_ingress(&p, data_end);
+		return icmp_ingress(ctx, &p, data_end);
 	default:
-		count(ST_NOMATCH);
-		return XDP_PASS;
+		return not_ours(&p);
 	}
 
 	__u32 dport = bpf_ntohs(p.dport);
 	__u32 *mask = port_filter.lookup(&dport);
-	if (!mask || !(*mask & (PF_LISTENER(p.proto) | PF_SNAT(p.proto)))) {
-		count(ST_NOMATCH);
-		return XDP_PASS;
-	}
+	if (!mask || !(*mask & (PF_LISTENER(p.proto) | PF_SNAT(p.proto))))
+		return not_ours(&p);
 
 	/* Idle timeouts are seconds: the tick-resolution clock is enough and cheaper. */
 	__u64 now = bpf_ktime_get_coarse_ns();
 	__u64 bytes = bpf_xdp_get_buff_len(ctx);  /* all buffers of a multi-buffer frame */
 	if (*mask & PF_SNAT(p.proto)) {
-		int r = snat_reply(&p, now, bytes);
+		int r = snat_reply(ctx, &p, now, bytes);
 		if (r >= 0)
 			return r;
-		if (!(*mask & PF_LISTENER(p.proto))) {
-			count(ST_NOMATCH);
-			return XDP_PASS;
-		}
+		if (!(*mask & PF_LISTENER(p.proto)))
+			return not_ours(&p);
 	}
 	int syn = (p.tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN;
-	struct ct_key key = {
+	struct ct_key fkey = {
 		.src = p.ip->saddr, .dst = p.ip->daddr, .sport = p.sport, .dport = p.dport,
-		.proto = p.proto, .dir = 0,
-	};
-	struct ct_val *e = ct.lookup(&key);
-	/* A SYN on a closed flow's entry starts a new flow (port reuse). */
-	if (e && !ct_expired(e, p.proto, now) && !(syn && ct_closing(e))) {
-		ct_track(e, 0, p.tcp_flags, now, bytes);
-		count_flow(e->listener, e->backend, bytes, 0);
-		count(ST_ESTABLISHED);
-		if (e->flags & CT_SNAT)
-			snat(&p, e->snat_addr, e->snat_port);
-		dnat(&p, e->nat_addr, e->nat_port);
-		return XDP_PASS;
-	}
-
-	struct listener_key lk = {
-		.ifindex = ctx->ingress_ifindex, .addr = p.ip->daddr, .port = p.dport,
 		.proto = p.proto,
 	};
-	struct listener_val *l = listeners.lookup(&lk);
-	if (!l) {
-		count(ST_NOMATCH);
-		return XDP_PASS;
+	struct ct_val *e = ct.lookup(&fkey);
+	/* A SYN on a closed flow's entry starts a new flow (port reuse). */
+	if (e && !ct_expired(e, p.proto, now) && !(syn && ct_closing(e))) {
+		int r = established(ctx, &p, &fkey, e, now, bytes);
+		if (r >= 0)
+			return r;
 	}
-	/* A segment of a flow whose entry is gone (LRU eviction, a restart with a new
-	 * layout, a flow rehashed here by upstream ECMP): the same table on every
-	 * node picks the same backend again, so the flow lands where it was. */
-	int lost = p.proto == IPPROTO_TCP && !syn;
-
-	__u32 lid = l->id, gid = l->group, flags = l->flags, path = ST_NEW_DEFAULT;
-	if (flags & LF_SRC_ROUTES) {
-		struct lpm_key rk = { .prefixlen = 64, .listener = bpf_htonl(lid),
-				      .addr = p.ip->saddr };
-		__u32 *g = src_routes.lookup(&rk);
-		if (g) {
-			gid = *g;
-			path = ST_NEW_SRC_ROUTE;
-		}
-	}
-	if (path == ST_NEW_DEFAULT && (flags & LF_SNI)) {
-		/* New and ongoing flows of the acceptor alike: its sockets own them. */
-		count(ST_SNI_PASS);
-		return XDP_PASS;
-	}
-
-	struct group_val *g = groups.lookup(&gid);
-	struct backend *b = NULL;
-	if (g && g->size) {
-		__u32 h = (flags & LF_CLIENT_IP)
-			? client_hash(bpf_ntohl(p.ip->saddr))
-			: flow_hash(bpf_ntohl(p.ip->saddr), bpf_ntohl(p.ip->daddr),
-				    bpf_ntohs(p.sport), dport, p.proto);
-		__u32 slot = g->offset + h % g->size;
-		b = pool.lookup(&slot);
-	}
-	if (!b) {
-		if (p.proto == IPPROTO_TCP && !lost) {
-			count(ST_NO_BACKEND_RST);
-			return send_rst(ctx, &p);
-		}
-		count(ST_NO_BACKEND_DROP);
-		return XDP_DROP;
-	}
-
-	struct ct_val v = {
-		.nat_addr = b->addr, .nat_port = b->port, .backend = b->id, .listener = lid,
-		.flags = lost ? ct_flags_of(0, p.tcp_flags) : 0,
-		.created_s = now / SEC_NS, .last_ns = now, .packets = {1, 0}, .bytes = {bytes, 0},
-	};
-	struct ct_key rkey = {
-		.src = b->addr, .dst = p.ip->saddr, .sport = b->port, .dport = p.sport,
-		.proto = p.proto, .dir = 1,
-	};
-	struct ct_val rv = {
-		.nat_addr = p.ip->daddr, .nat_port = p.dport, .backend = b->id, .listener = lid,
-		.created_s = now / SEC_NS, .last_ns = now,
-	};
-	/* The reply entry first: with source NAT it is what claims the port. A backend
-	 * that reaches itself through its listener (hairpin) would answer itself
-	 * directly, so its flow is source-NATed whatever the listener says. Without
-	 * source NAT, most flows need none (rev_nat_covers): one LRU insert, not two. */
-	int replied = 1;
-	if ((flags & LF_SNAT) || b->addr == p.ip->saddr) {
-		__u32 bid = b->id;
-		__be32 *src = snat_src.lookup(&bid);
-		if (!src || !*src) {
-			count(ST_SNAT_NO_SOURCE);
-			return XDP_DROP;
-		}
-		rkey.dst = *src;
-		rv.flags = CT_SNAT;
-		rv.snat_addr = p.ip->saddr;
-		rv.snat_port = p.sport;
-		if (snat_reserve(&rkey, &rv, now)) {
-			count(ST_SNAT_EXHAUSTED);
-			return XDP_DROP;
-		}
-		v.flags |= CT_SNAT;
-		v.snat_addr = rkey.dst;
-		v.snat_port = rkey.dport;
-	} else if (rev_nat_covers(b, &p)) {
-		replied = 0;
-	} else if (ct.update(&rkey, &rv)) {
-		count(ST_CT_FULL);
-		return XDP_DROP;
-	}
-	if (ct.update(&key, &v)) {
-		if (replied)
-			ct.delete(&rkey);
-		count(ST_CT_FULL);
-		return XDP_DROP;
-	}
-	count_flow(lid, b->id, bytes, !lost);
-	count(lost ? ST_RESELECTED : path);
-	if (v.flags & CT_SNAT)
-		snat(&p, v.snat_addr, v.snat_port);
-	dnat(&p, v.nat_addr, v.nat_port);
-	return XDP_PASS;
+	return new_flow(ctx, &p, &fkey, now, bytes);
 }
 
-/* An error about a packet the LB forwarded to a backend (the quote runs client
- * -> backend): make it about the packet the client sent, from the listener. */
-static __always_inline int icmp_egress(struct pkt *p, void *data_end)
-{
-	struct icmp_err e;
-	if (parse_icmp_error(data_end, p, &e))
-		return TC_ACT_OK;
-	struct ct_key rkey = quoted_flow(&e, 1);
-	struct reply rp;
-	if (reply_lookup(&rkey, bpf_ktime_get_coarse_ns(), &rp) != RF_FLOW)
-		return TC_ACT_OK;
-	__be32 backend = rkey.src;
-	icmp_rewrite_quote(&e, 1, rp.vip, rp.vport);
-	if (p->ip->saddr == backend) {  /* the backend itself reports it */
-		csum_replace4(&p->ip->check, backend, rp.vip);
-		p->ip->saddr = rp.vip;
-	}
-	count(ST_ICMP_OUT);
-	return TC_ACT_OK;
-}
+/* --- TC: the skb path --------------------------------------------------------------- */
 
 /* An skb's headers, pulled into the linear part when they are not all there
  * (GSO, paged skbs). An ICMP error's quote is pulled too: it is read and edited in
@@ -632,58 +839,110 @@ static __always_inline __u32 l4_csum_off(const struct pkt *p)
 	return p->l4_off + (p->proto == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF);
 }
 
-/* Source := listener address on a reply leaving for its client. */
-static __always_inline int reply_rewrite(struct __sk_buff *skb, struct pkt *p, __be32 new_addr,
-					 __be16 new_port)
+/* An skb's source (src = 1) or destination := addr:port. */
+static __always_inline void skb_nat(struct __sk_buff *skb, const struct pkt *p, int src,
+				    __be32 addr, __be16 port)
 {
 	__u64 mangled = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 	skb_rewrite_end(skb, l4_csum_off(p), mangled, p->ip_off + offsetof(struct iphdr, check),
-			p->ip_off + offsetof(struct iphdr, saddr), p->l4_off + L4_SPORT_OFF,
-			p->ip->saddr, new_addr, p->sport, new_port);
-	return TC_ACT_OK;
+			p->ip_off + (src ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr)),
+			p->l4_off + (src ? L4_SPORT_OFF : L4_DPORT_OFF),
+			src ? p->ip->saddr : p->ip->daddr, addr, src ? p->sport : p->dport, port);
 }
 
-/* A TCP segment from a backend endpoint (r: its rev_nat entry) that no flow
- * answers. A SYN|ACK: the backend accepts a connection made to it directly (not
- * through a listener); mark it so that its later segments pass untouched.
- * Anything else: a listener flow whose entry was lost (flushed, evicted, a new
- * layout); if the backend serves one listener address only, the client knows the
- * flow as coming from there: restore that and track the flow again. Otherwise
- * the client would answer the backend's own address with a RST. */
-static __always_inline int egress_untracked(struct __sk_buff *skb, struct pkt *p,
-					    struct ct_key *rkey, struct rev_nat_val *r, __u64 now)
+/* A later fragment's addresses := what its first fragment's became. */
+static __always_inline void skb_later_fragment(struct __sk_buff *skb, const struct pkt *p)
 {
-	if (p->proto != IPPROTO_TCP || !r)
-		return TC_ACT_OK;
-	if (p->tcp_flags & TCPF_SYN) {
-		struct ct_val d = {
-			.nat_addr = p->ip->saddr, .nat_port = p->sport,
-			.flags = CT_DIRECT | CT_REPLIED, .created_s = now / SEC_NS, .last_ns = now,
-		};
-		ct.update(rkey, &d);
-		return TC_ACT_OK;
+	struct frag_val *f = frag_of(p->ip);
+	if (!f)
+		return;
+	__be32 src = f->src, dst = f->dst, old_src = p->ip->saddr, old_dst = p->ip->daddr;
+	__u32 check = p->ip_off + offsetof(struct iphdr, check);
+	if (old_src != src) {
+		bpf_l3_csum_replace(skb, check, old_src, src, sizeof(src));
+		bpf_skb_store_bytes(skb, p->ip_off + offsetof(struct iphdr, saddr), &src,
+				    sizeof(src), 0);
 	}
-	if (!(r->flags & RN_ONLY))
-		return TC_ACT_OK;
-	__be32 vip = r->vip;
-	__be16 vport = r->vport;
-	__u32 lid = r->listener, bid = r->backend;
+	if (old_dst != dst) {
+		bpf_l3_csum_replace(skb, check, old_dst, dst, sizeof(dst));
+		bpf_skb_store_bytes(skb, p->ip_off + offsetof(struct iphdr, daddr), &dst,
+				    sizeof(dst), 0);
+	}
+	count(ST_FRAGMENT);
+}
+
+/* The live forward entry of the flow client:cport -> vip:vport, if it goes to
+ * backend:bport without source NAT. */
+static __always_inline struct ct_val *forward_of(__be32 client, __be16 cport, __be32 vip,
+						 __be16 vport, __be32 backend, __be16 bport,
+						 __u8 proto, __u64 now)
+{
 	struct ct_key fkey = {
-		.src = p->ip->daddr, .dst = vip, .sport = p->dport, .dport = vport,
-		.proto = p->proto, .dir = 0,
+		.src = client, .dst = vip, .sport = cport, .dport = vport, .proto = proto,
 	};
-	struct ct_val v = {
-		.nat_addr = p->ip->saddr, .nat_port = p->sport, .backend = bid, .listener = lid,
-		.flags = ct_flags_of(1, p->tcp_flags), .created_s = now / SEC_NS, .last_ns = now,
-		.packets = {0, 1}, .bytes = {0, skb->len},
-	};
-	if (ct.update(&fkey, &v)) {  /* rev_nat covers it: no reply entry */
-		count(ST_CT_FULL);
-		return TC_ACT_OK;
+	struct ct_val *e = ct.lookup(&fkey);
+	if (!e || e->nat_addr != backend || e->nat_port != bport || (e->flags & CT_SNAT) ||
+	    ct_expired(e, proto, now))
+		return NULL;
+	return e;
+}
+
+enum reply_found { RF_FLOW, RF_NONE, RF_GONE };
+
+/* A backend's reply (rk: backend -> client) and the flow it belongs to. */
+struct reply {
+	struct ct_val *e;          /* RF_FLOW: the flow's forward entry */
+	struct ct_reply_val *rv;   /* its reply entry (NULL: found through rev_nat) */
+	__be32 vip;                /* RF_FLOW: the listener address the client knows */
+	__be16 vport;
+};
+
+/* Through rev_nat (the backend's one listener address), else through the flow's reply
+ * entry. RF_FLOW: a live flow; RF_NONE: no flow of the load balancer's (a connection
+ * made to the backend itself, say: never touched); RF_GONE: a reply entry whose flow
+ * is gone. */
+static __always_inline int reply_lookup(struct ct_key *rk, __u64 now, struct reply *r)
+{
+	struct rev_nat_key bk = { .addr = rk->src, .port = rk->sport, .proto = rk->proto };
+	struct rev_nat_val *rn = rev_nat.lookup(&bk);
+	r->rv = NULL;
+	if (rn) {
+		r->vip = rn->vip;
+		r->vport = rn->vport;
+		r->e = forward_of(rk->dst, rk->dport, rn->vip, rn->vport, rk->src, rk->sport,
+				  rk->proto, now);
+		if (r->e && !(r->e->flags & CT_PAIRED))
+			return RF_FLOW;
 	}
-	count_flow(lid, bid, skb->len, 0);
-	count(ST_REPLY_RESTORED);
-	return reply_rewrite(skb, p, vip, vport);
+	struct ct_reply_val *rv = ct_reply.lookup(rk);
+	if (!rv || (rv->flags & CT_SNAT))
+		return RF_NONE;
+	r->rv = rv;
+	r->vip = rv->vip;
+	r->vport = rv->vport;
+	r->e = forward_of(rv->client, rv->cport, rv->vip, rv->vport, rk->src, rk->sport,
+			  rk->proto, now);
+	return r->e && (r->e->flags & CT_PAIRED) ? RF_FLOW : RF_GONE;
+}
+
+/* An error about a packet the LB forwarded to a backend (the quote runs client
+ * -> backend): make it about the packet the client sent, from the listener. */
+static __always_inline int icmp_egress(struct pkt *p, void *data_end)
+{
+	struct icmp_err e;
+	if (parse_icmp_error(data_end, p, &e))
+		return TC_ACT_OK;
+	struct ct_key rk;
+	quoted_reply(&rk, &e);
+	struct reply rp;
+	if (reply_lookup(&rk, bpf_ktime_get_coarse_ns(), &rp) != RF_FLOW)
+		return TC_ACT_OK;
+	__be32 backend = rk.src;
+	icmp_rewrite_quote(&e, 1, rp.vip, rp.vport);
+	if (p->ip->saddr == backend)  /* the backend itself reports it */
+		ip_rewrite(p->ip, &p->ip->saddr, rp.vip);
+	count(ST_ICMP_OUT);
+	return TC_ACT_OK;
 }
 
 int xdplb_egress(struct __sk_buff *skb)
@@ -692,21 +951,20 @@ int xdplb_egress(struct __sk_buff *skb)
 	int r = parse_skb(skb, &p);
 	if (r == P_ICMP)
 		return icmp_egress(&p, (void *)(long)skb->data_end);
+	if (r == P_FRAGMENT)
+		skb_later_fragment(skb, &p);
 	if (r != P_OK)
 		return TC_ACT_OK;
 
 	__u64 now = bpf_ktime_get_coarse_ns();
-	struct ct_key rkey = {
+	struct ct_key rk = {
 		.src = p.ip->saddr, .dst = p.ip->daddr, .sport = p.sport, .dport = p.dport,
-		.proto = p.proto, .dir = 1,
+		.proto = p.proto,
 	};
 	struct reply rp;
-	switch (reply_lookup(&rkey, now, &rp)) {
-	case RF_DIRECT:  /* a connection to the backend itself: untouched, kept alive */
-		rp.e->last_ns = now;
+	switch (reply_lookup(&rk, now, &rp)) {
+	case RF_NONE:
 		return TC_ACT_OK;
-	case RF_UNTRACKED:
-		return egress_untracked(skb, &p, &rkey, rp.rn, now);
 	case RF_GONE:
 		count(ST_REPLY_EXPIRED);
 		return TC_ACT_OK;
@@ -717,48 +975,104 @@ int xdplb_egress(struct __sk_buff *skb)
 	 * the new connection's segments are not taken for its replies. */
 	if ((p.tcp_flags & TCPF_SYN) && ct_closing(e)) {
 		struct ct_key fkey = {
-			.src = rkey.dst, .dst = rp.vip, .sport = p.dport, .dport = rp.vport,
-			.proto = p.proto, .dir = 0,
+			.src = rk.dst, .dst = rp.vip, .sport = p.dport, .dport = rp.vport,
+			.proto = p.proto,
 		};
 		ct.delete(&fkey);
-		return egress_untracked(skb, &p, &rkey, rp.rn, now);
+		return TC_ACT_OK;
 	}
-	ct_track(e, 1, p.tcp_flags, now, skb->len);
+	if (rp.rv)
+		rp.rv->last_ns = now;
+	track(e, 1, &p, now, skb->len);
 	count_flow(e->listener, e->backend, skb->len, 0);
 	count(ST_REPLY_NAT);
-	return reply_rewrite(skb, &p, rp.vip, rp.vport);
+	__be32 src = p.ip->saddr, dst = p.ip->daddr, vip = rp.vip;
+	__be16 id = p.ip->id;
+	int frag = p.frag;
+	skb_nat(skb, &p, 1, rp.vip, rp.vport);
+	if (frag) {
+		struct frag_key k = { .src = src, .dst = dst, .id = id, .proto = rk.proto };
+		struct frag_val v = { .src = vip, .dst = dst };
+		frags.update(&k, &v);
+	}
+	return TC_ACT_OK;
 }
 
-/* TC ingress on an interface toward backends that no listener uses: the replies
- * of source-NAT flows (XDP takes them where it is attached). On the skb path the
- * backends keep their segmentation and checksum offloads, which XDP on a veth
- * turns off, and no frame is copied for XDP. */
-int xdplb_backend_in(struct __sk_buff *skb)
+/* The translation of a source-NAT reply, on the skb. */
+static __always_inline void skb_snat_reply(struct __sk_buff *skb, struct pkt *p,
+					   const struct snat_back *t)
 {
+	__be32 src = p->ip->saddr, dst = p->ip->daddr;
+	__be16 id = p->ip->id;
+	__u8 proto = p->proto;
+	int frag = p->frag;
+	skb_nat(skb, p, 0, t->client, t->cport);
+	/* skb_nat invalidated p's packet pointers: parse again for the other end. */
+	struct pkt q = {};
+	if (parse_skb(skb, &q) != P_OK)
+		return;
+	skb_nat(skb, &q, 1, t->vip, t->vport);
+	if (frag) {
+		struct frag_key k = { .src = src, .dst = dst, .id = id, .proto = proto };
+		struct frag_val v = { .src = t->vip, .dst = t->client };
+		frags.update(&k, &v);
+	}
+}
+
+/* TC ingress on every interface the agent attaches to: the rewrites XDP left to it (a
+ * partial checksum, which only the skb path can update right), and, on interfaces
+ * toward backends that run no XDP, the replies of source-NAT flows (there the backends
+ * keep their segmentation and checksum offloads, which XDP on a veth turns off, and
+ * no frame is copied for XDP). */
+int xdplb_tc_in(struct __sk_buff *skb)
+{
+	struct defer_meta *m = (void *)(long)skb->data_meta;
+	__u32 deferred = 0;
+	if ((void *)(m + 1) <= (void *)(long)skb->data && m->magic == DEFER_MAGIC)
+		deferred = m->kind;
 	struct pkt p = {};
 	int r = parse_skb(skb, &p);
+	__u64 now = bpf_ktime_get_coarse_ns();
 	if (r == P_ICMP) {
-		icmp_ingress(&p, (void *)(long)skb->data_end);
+		if (!icmp_translate_in(&p, (void *)(long)skb->data_end))
+			count(ST_ICMP_IN);
 		return TC_ACT_OK;
 	}
+	if (r == P_FRAGMENT)
+		skb_later_fragment(skb, &p);
 	if (r != P_OK)
 		return TC_ACT_OK;
+	struct snat_back t;
+	if (deferred == DEFER_FORWARD) {
+		struct ct_key fkey = {
+			.src = p.ip->saddr, .dst = p.ip->daddr, .sport = p.sport, .dport = p.dport,
+			.proto = p.proto,
+		};
+		struct ct_val *e = ct.lookup(&fkey);
+		if (!e)
+			return TC_ACT_OK;
+		__be32 nat_addr = e->nat_addr, snat_addr = e->snat_addr;
+		__be16 nat_port = e->nat_port, snat_port = e->snat_port;
+		int snatted = e->flags & CT_SNAT;
+		skb_nat(skb, &p, 0, nat_addr, nat_port);
+		if (snatted) {
+			struct pkt q = {};
+			if (parse_skb(skb, &q) == P_OK)
+				skb_nat(skb, &q, 1, snat_addr, snat_port);
+		}
+		return TC_ACT_OK;
+	}
+	if (deferred == DEFER_REPLY) {
+		struct ct_reply_val *rv;
+		if (snat_reply_of(&p, now, &t, &rv))
+			skb_snat_reply(skb, &p, &t);
+		return TC_ACT_OK;
+	}
 	__u32 dport = bpf_ntohs(p.dport);
 	__u32 *mask = port_filter.lookup(&dport);
 	if (!mask || !(*mask & PF_SNAT(p.proto)))
 		return TC_ACT_OK;
-	struct snat_back t;
-	if (snat_reply_flow(&p, bpf_ktime_get_coarse_ns(), skb->len, &t))
-		return TC_ACT_OK;
-	__be32 old_dst = p.ip->daddr, old_src = p.ip->saddr;
-	__be16 old_dport = p.dport, old_sport = p.sport;
-	__u32 csum_off = l4_csum_off(&p), check_off = p.ip_off + offsetof(struct iphdr, check);
-	__u64 mangled = p.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
-	skb_rewrite_end(skb, csum_off, mangled, check_off,
-			p.ip_off + offsetof(struct iphdr, daddr), p.l4_off + L4_DPORT_OFF, old_dst,
-			t.client, old_dport, t.cport);
-	skb_rewrite_end(skb, csum_off, mangled, check_off,
-			p.ip_off + offsetof(struct iphdr, saddr), p.l4_off + L4_SPORT_OFF, old_src,
-			t.vip, old_sport, t.vport);
+	if (!snat_reply_flow(&p, now, skb->len, &t))
+		skb_snat_reply(skb, &p, &t);
 	return TC_ACT_OK;
 }
