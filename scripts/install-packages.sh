@@ -9,7 +9,7 @@ set -euo pipefail
 declare -A SETS=(
   [runtime]="python3-bpfcc python3-venv python3-pip iproute2 ethtool"
   [headers]="linux-headers-amd64"
-  [test]="bpftool iptables iperf3 nginx-light libnginx-mod-stream wrk socat curl openssl tcpdump"
+  [test]="bpftool iptables iperf3 nginx-light libnginx-mod-stream wrk socat curl openssl tcpdump iputils-ping"
 )
 
 wanted=()

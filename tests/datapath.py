@@ -7,7 +7,7 @@ import os
 import shutil
 import struct
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -20,6 +20,7 @@ from xdplb.dataplane import bpfsys, conntrack
 from xdplb.dataplane import layout as L
 from xdplb.dataplane.config import Capacities, Timeouts
 from xdplb.dataplane.entries import Inventory
+from xdplb.dataplane.layout import Stat
 from xdplb.dataplane.writer import ApplyResult, MapWriter
 from xdplb.plan.model import Plan
 from xdplb.plan.planner import build_plan
@@ -88,6 +89,12 @@ class XdpRun:
     retval: int
     data: bytes   # the frame as XDP left it
     meta: bytes   # the metadata it put in front (what it left to TC ingress)
+
+    @property
+    def sent_back(self) -> bool:
+        """An answer made in place of the frame, for TC ingress to send back."""
+        return self.retval == XDP_PASS and self.meta == bytes(
+            L.DeferMeta(L.DEFER_MAGIC, L.DEFER_ANSWER))
 
 
 class Harness:
@@ -274,29 +281,83 @@ def dst_of(frame: bytes, ip_off: int = 14) -> tuple[str, int]:
     return addr, port
 
 
-__all__ = [
-    "CAPS",
-    "CLIENT_MAC",
-    "INV",
-    "LB_MAC",
-    "TC_ACT_OK",
-    "XDP_DROP",
-    "XDP_PASS",
-    "XDP_TX",
-    "Harness",
-    "backend",
-    "checksums_valid",
-    "dnat",
-    "dst_of",
-    "ether",
-    "listener",
-    "manifest",
-    "needs_bpf",
-    "plan_of",
-    "reply_snat",
-    "rewritten",
-    "segment",
-    "stats_delta",
-    "syn",
-    "udp",
-]
+
+# --- the flows of the data-path tests -------------------------------------------------
+
+VIP = "192.0.2.10"
+CLIENT = "10.10.1.2"
+B1 = ("10.20.1.2", 8080)
+B2 = ("10.20.2.2", 8080)
+UB1 = ("10.20.1.2", 5353)
+TCP_LST = listener("tcp", 80, [backend(*B1)])
+UDP_LST = listener("udp", 53, [backend(*UB1)], protocol="UDP")
+NEW_STATS = {Stat.NEW_DEFAULT, Stat.NEW_SRC_ROUTE, Stat.ESTABLISHED, Stat.SNI_PASS,
+             Stat.NO_BACKEND_RST, Stat.NO_BACKEND_DROP, Stat.CT_FULL}
+
+
+def fwd_key(src: str = CLIENT, sport: int = 40000, dst: str = VIP, dport: int = 80,
+            proto: int = 6) -> Tuple5:
+    return (src, sport, dst, dport, proto)
+
+
+def rev_key(b: tuple[str, int] = B1, client: str = CLIENT, cport: int = 40000,
+            proto: int = 6) -> Tuple5:
+    return (b[0], b[1], client, cport, proto)
+
+
+def reply_tcp(b: tuple[str, int] = B1, client: str = CLIENT, cport: int = 40000,
+              flags: str = "SA", payload: bytes = b"") -> bytes:
+    return bytes(Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(src=b[0], dst=client)
+                 / TCP(sport=b[1], dport=cport, flags=flags, seq=5000, ack=1001) / payload)
+
+
+def reply_udp(b: tuple[str, int] = UB1, client: str = CLIENT, cport: int = 40000,
+              payload: bytes = b"answer", chksum: int | None = None) -> bytes:
+    return bytes(Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(src=b[0], dst=client)
+                 / UDP(sport=b[1], dport=cport, chksum=chksum) / payload)
+
+
+# When an entry was last seen: now, at boot (expired for the SHORT timeouts on any
+# machine up for more than a few seconds), or ahead of now (another CPU's stamp).
+NOW, BOOT, AHEAD = "now", "boot", "ahead"
+
+
+def stamp(when: str) -> int:
+    return {NOW: L.ct_now_ns(), BOOT: 0, AHEAD: L.ct_now_ns() + 5 * 10**9}[when]
+
+
+def ct_val(nat: tuple[str, int], listener_id: int = 0, backend_id: int = 0, flags: int = 0,
+           seen: str = NOW) -> L.CtVal:
+    last = stamp(seen)
+    return L.CtVal(nat_addr=L.be32(nat[0]), nat_port=L.be16(nat[1]), backend=backend_id,
+                   listener=listener_id, flags=flags, created_s=last // 10**9, last_ns=last)
+
+
+def sweep(lb: Harness) -> conntrack.Sweep:
+    return conntrack.sweep(lb.maps["ct"], lb.maps["ct_reply"], lb.timeouts)
+
+
+def put_flow(lb: Harness, nat: tuple[str, int], flags: int = 0, seen: str = NOW,
+             sport: int = 40000, proto: int = 6, vip_port: int = 80,
+             backend_id: int = 0) -> None:
+    """A flow CLIENT:sport -> VIP:vip_port tracked to `nat`, with a reply entry."""
+    lb.put_ct(fwd_key(sport=sport, dport=vip_port, proto=proto),
+              ct_val(nat, backend_id=backend_id, flags=flags | L.CT_PAIRED, seen=seen))
+    last = stamp(seen)
+    lb.put_reply(rev_key(nat, cport=sport, proto=proto), L.CtReplyVal(
+        client=L.be32(CLIENT), vip=L.be32(VIP), cport=L.be16(sport), vport=L.be16(vip_port),
+        created_s=last // 10**9, last_ns=last))
+
+
+NODE_B1 = "10.20.1.1"  # the node's address on the link to B1
+SNAT_INV = replace(INV, routes={B1[0]: (NODE_B1, "lo"), B2[0]: ("10.20.2.1", "lo")})
+
+
+def snat_plan(*listeners: dict[str, object]) -> Plan:
+    return Plan(tuple(replace(lst, source_nat=True) for lst in plan_of(*listeners).listeners))
+
+
+def snat_port_of(lb: Harness, sport: int = 40000, dport: int = 80, proto: int = 6) -> int:
+    f = lb.ct()[fwd_key(sport=sport, dport=dport, proto=proto)]
+    assert f.flags & L.CT_SNAT and L.from_be32(f.snat_addr) == NODE_B1
+    return L.from_be16(f.snat_port)

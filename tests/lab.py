@@ -94,8 +94,10 @@ class Lab:
     NAT, which makes the LB's own address the client, reaches it.
 
     tx_checksum_off: ``ethtool -K <dev> tx off`` on the client and backend ends, so packets
-    crossing the LB carry full checksums. peer_gro: ``ethtool -K <dev> gro on`` on the same
-    ends (needed for XDP_TX/XDP_REDIRECT into a veth without an XDP program of its own).
+    crossing the LB carry full checksums. lb_tx_checksum_off: the same on the LB's ends,
+    so the LB's kernel completes partial checksums in software on the way out (where a
+    wrong partial value shows as the receiver's checksum errors). peer_gro: ``ethtool -K
+    <dev> gro on`` on the client and backend ends.
     """
 
     VIP = "192.0.2.10"
@@ -111,12 +113,14 @@ class Lab:
 
     def __init__(self, backends: int = 3, prefix: str = "xl",
                  tx_checksum_off: bool = False, peer_gro: bool = False,
-                 router_mtu: int | None = None, direct_return: bool = False) -> None:
+                 router_mtu: int | None = None, direct_return: bool = False,
+                 lb_tx_checksum_off: bool = False) -> None:
         if not 1 <= backends <= 254:
             raise ValueError("backends must be in 1..254")
         # Keep "<prefix>-cli2" a sane file name under /run/netns and "lb-bK" ≤ 15 chars.
         if not re.fullmatch(r"[A-Za-z0-9_]{1,32}", prefix):
             raise ValueError(f"bad prefix {prefix!r}")
+        self.lb_tx_checksum_off = lb_tx_checksum_off
         self.n_backends = backends
         self.prefix = prefix
         self.tx_checksum_off = tx_checksum_off
@@ -253,9 +257,10 @@ class Lab:
             if self.tx_checksum_off:
                 # Senders then put full checksums on the wire instead of CHECKSUM_PARTIAL.
                 self.exec(short, "ethtool", "-K", dev, "tx", "off")
+            if self.lb_tx_checksum_off:
+                self.exec("lb", "ethtool", "-K", lb_dev, "tx", "off")
             if self.peer_gro:
-                # GRO gives a veth its NAPI instance, without which frames that the LB's
-                # XDP program sends with XDP_TX/XDP_REDIRECT into this peer are dropped.
+                # As on a NIC's receive path (a veth's default is off).
                 self.exec(short, "ethtool", "-K", dev, "gro", "on")
         self._sysctl(lb, {f"net.ipv4.conf.{d}.rp_filter": "0"
                           for d in [self.lb_client_if, self.lb_client2_if, *self.lb_backend_ifs]})
@@ -472,6 +477,12 @@ class Lab:
         if src:
             args += ["--src", src]
         return self.tool_json(ns, *args, timeout=count * timeout * (retries + 1) + 30)
+
+    def start_client(self, ns: str, *args: StrPath) -> Proc:
+        """A lab_tools client command running in the background (--json added); see
+        finish()."""
+        return self.popen(ns, sys.executable, TOOLS, *args, "--json", stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
 
     def start_long_stream(self, ns: str, dst: str, port: int, seconds: float,
                           rate_mbit: float = 0, progress: StrPath | None = None,

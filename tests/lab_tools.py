@@ -13,6 +13,8 @@ TCP request/response protocol (tcp-server / tcp-clients), integers are 8-byte bi
 The down stream is seeded by the up digest, so the client can regenerate and verify it
 byte-exactly without relying on its source port (a NAT may change that).
 
+Echo protocol (tcp-echo / tcp-chat): every byte comes back.
+
 Sink protocol (tcp-sink / long-stream): client streams bytes, then shuts down writing.
   server -> client: b"A" + count (cumulative bytes received by the application), repeatedly;
                     at EOF b"F" + count + sha256(all received bytes), then close.
@@ -328,6 +330,78 @@ def cmd_udp_clients(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
+def cmd_udp_session(args: argparse.Namespace) -> int:
+    """One UDP flow (one socket, one source port) of `count` numbered datagrams, each
+    answered by a udp-server's echo: an answer carrying anybody else's datagram is a
+    crossed flow, counted in "foreign"."""
+    me = f"{args.name}:".encode()
+    answered, foreign, lost = 0, 0, 0
+    failures: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((args.src or "0.0.0.0", 0))
+        for i in range(args.count):
+            payload = me + f"{i}:".encode() + os.urandom(max(8, args.size))
+            sock.sendto(payload, args.dst)
+            deadline = time.monotonic() + args.timeout
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                try:
+                    data = sock.recv(65535)
+                except TimeoutError:
+                    break
+                body = data[TAG_LEN:]
+                if body == payload:
+                    answered += 1
+                    break
+                if not body.startswith(me):
+                    foreign += 1
+                    failures.append(f"datagram {i}: got another client's {body[:24]!r}")
+            else:
+                lost += 1
+            time.sleep(args.gap)
+    result = {"ok": foreign == 0 and answered >= args.count * args.min_share,
+              "count": args.count, "answered": answered, "foreign": foreign, "lost": lost,
+              "failures": failures[:MAX_FAILURES]}
+    _emit(result, args.json)
+    return 0 if result["ok"] else 1
+
+
+# ---------------------------------------------------------------- tcp-echo / tcp-chat
+
+
+def cmd_tcp_echo(args: argparse.Namespace) -> int:
+    def handle(sock: socket.socket) -> None:
+        while data := sock.recv(CHUNK):
+            sock.sendall(data)
+
+    _serve(args.port, args.bind, handle)
+    return 0
+
+
+def cmd_tcp_chat(args: argparse.Namespace) -> int:
+    """One long-lived connection to a tcp-echo server: `rounds` exchanges, each after
+    `gap` seconds (round `long_round` after `long_gap`), every echo checked."""
+    ok_rounds = 0
+    failures: list[str] = []
+    with socket.create_connection(args.dst, timeout=args.timeout) as sock:
+        for i in range(args.rounds):
+            time.sleep(args.long_gap if i == args.long_round else args.gap)
+            msg = f"round {i} ".encode() + os.urandom(32)
+            try:
+                sock.sendall(msg)
+                if _recv_exact(sock, len(msg)) != msg:
+                    failures.append(f"round {i}: wrong echo")
+                    continue
+            except OSError as e:
+                failures.append(f"round {i}: {type(e).__name__}: {e}")
+                break
+            ok_rounds += 1
+    result = {"ok": ok_rounds == args.rounds, "rounds": args.rounds, "ok_rounds": ok_rounds,
+              "failures": failures}
+    _emit(result, args.json)
+    return 0 if result["ok"] else 1
+
+
 # ---------------------------------------------------------------- tcp-sink / long-stream
 
 
@@ -470,6 +544,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tag", required=True)
     sp.add_argument("--log", help="append one JSON line per datagram (peer, local, tag)")
     server("tcp-sink", cmd_tcp_sink)
+    server("tcp-echo", cmd_tcp_echo)
+
+    sp = sub.add_parser("udp-session")
+    sp.add_argument("--dst", type=_hostport, required=True)
+    sp.add_argument("--name", required=True, help="marks this client's datagrams")
+    sp.add_argument("--count", type=int, default=100)
+    sp.add_argument("--size", type=int, default=64)
+    sp.add_argument("--gap", type=float, default=0.01, help="seconds between datagrams")
+    sp.add_argument("--min-share", type=float, default=0.9, help="answered, at least")
+    sp.add_argument("--src")
+    sp.add_argument("--timeout", type=float, default=0.5)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_udp_session)
+
+    sp = sub.add_parser("tcp-chat")
+    sp.add_argument("--dst", type=_hostport, required=True)
+    sp.add_argument("--rounds", type=int, default=20)
+    sp.add_argument("--gap", type=float, default=0.3)
+    sp.add_argument("--long-round", type=int, default=-1)
+    sp.add_argument("--long-gap", type=float, default=0.0)
+    sp.add_argument("--timeout", type=float, default=SOCK_TIMEOUT)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_tcp_chat)
 
     sp = sub.add_parser("tcp-clients")
     sp.add_argument("--dst", type=_hostport, required=True)

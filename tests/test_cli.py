@@ -55,6 +55,7 @@ def test_verify_loads_without_attaching() -> None:
     r = run("verify", "--pin-dir", "/sys/fs/bpf/xdplb-test-verify")
     assert r.returncode == 0, r.stderr
     assert "xdplb_ingress: loaded and verified" in r.stdout
+    assert "xdplb_ingress_generic: loaded and verified" in r.stdout
     assert "xdplb_egress: loaded and verified" in r.stdout
     subprocess.run(["rm", "-rf", "/sys/fs/bpf/xdplb-test-verify"], check=False)
 

@@ -567,7 +567,8 @@ def test_backends_failing_health_checks_get_weight_zero_in_the_plan() -> None:
     dead = next(t for t in lst.health_targets if t.address == "10.0.0.1")
     (lst,) = desire({("default", "hc"): doc}, {}, EndpointIndex.of([], []),
                     frozenset({dead})).plan.listeners
-    assert lst.default.backends == (Backend("10.0.0.1", 8080, 0), Backend("10.0.0.2", 8080, 1))
+    assert lst.default.backends == (Backend("10.0.0.1", 8080, 0, healthy=False),
+                                    Backend("10.0.0.2", 8080, 1))
 
 
 def test_a_watch_that_times_out_resumes_without_listing_again(env: Env) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -16,130 +15,54 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 
 from tests.datapath import (
+    AHEAD,
+    B1,
+    B2,
+    BOOT,
     CAPS,
+    CLIENT,
     CLIENT_MAC,
     INV,
     LB_MAC,
-    SHORT,
+    NEW_STATS,
+    NODE_B1,
+    SNAT_INV,
     TC_ACT_OK,
+    TCP_LST,
+    UB1,
+    UDP_LST,
+    VIP,
     XDP_DROP,
     XDP_PASS,
-    XDP_TX,
     Harness,
-    Tuple5,
     backend,
     checksums_valid,
+    ct_val,
     dnat,
     ether,
+    fwd_key,
     listener,
     needs_bpf,
     plan_of,
+    put_flow,
     reply_snat,
+    reply_tcp,
+    reply_udp,
+    rev_key,
     rewritten,
     segment,
+    snat_plan,
+    snat_port_of,
     stats_delta,
+    sweep,
     syn,
     udp,
 )
-from xdplb.dataplane import conntrack
 from xdplb.dataplane import layout as L
 from xdplb.dataplane.config import Timeouts
 from xdplb.dataplane.layout import Stat
-from xdplb.plan.model import Plan
 
 pytestmark = needs_bpf
-
-VIP = "192.0.2.10"
-CLIENT = "10.10.1.2"
-B1 = ("10.20.1.2", 8080)
-B2 = ("10.20.2.2", 8080)
-UB1 = ("10.20.1.2", 5353)
-TCP_LST = listener("tcp", 80, [backend(*B1)])
-UDP_LST = listener("udp", 53, [backend(*UB1)], protocol="UDP")
-NEW_STATS = {Stat.NEW_DEFAULT, Stat.NEW_SRC_ROUTE, Stat.ESTABLISHED, Stat.SNI_PASS,
-             Stat.NO_BACKEND_RST, Stat.NO_BACKEND_DROP, Stat.CT_FULL}
-
-
-@pytest.fixture(scope="module")
-def harness() -> Iterator[Harness]:
-    h = Harness()
-    yield h
-    h.close()
-
-
-@pytest.fixture
-def lb(harness: Harness) -> Harness:
-    harness.reset()
-    return harness
-
-
-@pytest.fixture(scope="module")
-def short_harness() -> Iterator[Harness]:
-    h = Harness(timeouts=SHORT)
-    yield h
-    h.close()
-
-
-@pytest.fixture
-def short(short_harness: Harness) -> Harness:
-    """A data plane with timeouts of seconds (SHORT): its entries expire in a test."""
-    short_harness.reset()
-    return short_harness
-
-
-def fwd_key(src: str = CLIENT, sport: int = 40000, dst: str = VIP, dport: int = 80,
-            proto: int = 6) -> Tuple5:
-    return (src, sport, dst, dport, proto)
-
-
-def rev_key(b: tuple[str, int] = B1, client: str = CLIENT, cport: int = 40000,
-            proto: int = 6) -> Tuple5:
-    return (b[0], b[1], client, cport, proto)
-
-
-def reply_tcp(b: tuple[str, int] = B1, client: str = CLIENT, cport: int = 40000,
-              flags: str = "SA", payload: bytes = b"") -> bytes:
-    return bytes(Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(src=b[0], dst=client)
-                 / TCP(sport=b[1], dport=cport, flags=flags, seq=5000, ack=1001) / payload)
-
-
-def reply_udp(b: tuple[str, int] = UB1, client: str = CLIENT, cport: int = 40000,
-              payload: bytes = b"answer", chksum: int | None = None) -> bytes:
-    return bytes(Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(src=b[0], dst=client)
-                 / UDP(sport=b[1], dport=cport, chksum=chksum) / payload)
-
-
-# When an entry was last seen: now, at boot (expired for the SHORT timeouts on any
-# machine up for more than a few seconds), or ahead of now (another CPU's stamp).
-NOW, BOOT, AHEAD = "now", "boot", "ahead"
-
-
-def stamp(when: str) -> int:
-    return {NOW: L.ct_now_ns(), BOOT: 0, AHEAD: L.ct_now_ns() + 5 * 10**9}[when]
-
-
-def ct_val(nat: tuple[str, int], listener_id: int = 0, backend_id: int = 0, flags: int = 0,
-           seen: str = NOW) -> L.CtVal:
-    last = stamp(seen)
-    return L.CtVal(nat_addr=L.be32(nat[0]), nat_port=L.be16(nat[1]), backend=backend_id,
-                   listener=listener_id, flags=flags, created_s=last // 10**9, last_ns=last)
-
-
-def sweep(lb: Harness) -> conntrack.Sweep:
-    return conntrack.sweep(lb.maps["ct"], lb.maps["ct_reply"], lb.timeouts)
-
-
-def put_flow(lb: Harness, nat: tuple[str, int], flags: int = 0, seen: str = NOW,
-             sport: int = 40000, proto: int = 6, vip_port: int = 80,
-             backend_id: int = 0) -> None:
-    """A flow CLIENT:sport -> VIP:vip_port tracked to `nat`, with a reply entry."""
-    lb.put_ct(fwd_key(sport=sport, dport=vip_port, proto=proto),
-              ct_val(nat, backend_id=backend_id, flags=flags | L.CT_PAIRED, seen=seen))
-    last = stamp(seen)
-    lb.put_reply(rev_key(nat, cport=sport, proto=proto), L.CtReplyVal(
-        client=L.be32(CLIENT), vip=L.be32(VIP), cport=L.be16(sport), vport=L.be16(vip_port),
-        created_s=last // 10**9, last_ns=last))
-
 
 # --- 1. a new flow ---------------------------------------------------------------------
 
@@ -531,7 +454,7 @@ def test_a_vip_answers_pings(lb: Harness) -> None:
                   / ICMP(type=8, id=77, seq=3) / b"ping payload")
     before = lb.stats()
     r = lb.xdp(frame)
-    assert r.retval == XDP_TX
+    assert r.sent_back
     want = Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(src=VIP, dst=CLIENT, ttl=64, id=5) \
         / ICMP(type=0, id=77, seq=3) / b"ping payload"
     assert r.data == bytes(want)  # scapy computed both checksums
@@ -729,7 +652,7 @@ def test_syn_without_backend_gets_rst(lb: Harness, frame: bytes) -> None:
     lb.apply(plan_of(listener("tcp", 80, [backend(*B1, weight=0), backend(*B2, weight=0)])))
     before = lb.stats()
     r = lb.xdp(frame)
-    assert r.retval == XDP_TX
+    assert r.sent_back
     _check_rst(frame, r.data)
     assert stats_delta(before, lb.stats()) == {Stat.NO_BACKEND_RST: 1}
     assert lb.ct() == {}
@@ -741,7 +664,7 @@ def test_rst_through_vlan(lb: Harness) -> None:
     frame = bytes(ether() / Dot1Q(vlan=5) / IP(src=CLIENT, dst=VIP)
                   / TCP(sport=40000, dport=80, flags="S", seq=9) / b"abc")
     r = lb.xdp(frame)
-    assert r.retval == XDP_TX
+    assert r.sent_back
     _check_rst(frame, r.data, ip_off=18)
     assert Ether(r.data)[Dot1Q].vlan == 5
 
@@ -924,7 +847,7 @@ def test_fuzz_mutated_syn_is_untouched_dropped_answered_or_exact_dnat(
         assert h.ct() == {} and h.replies() == {}
         assert set(stats_delta(before, h.stats())) <= {Stat.VIP_CLOSED, Stat.FRAG_MISSED}
         return
-    if r.retval == XDP_TX:  # a ping of the VIP answered
+    if r.sent_back:  # a ping of the VIP answered
         event("answered")
         assert stats_delta(before, h.stats()) == {Stat.VIP_PING: 1}
         assert checksums_valid(r.data) or not checksums_valid(frame)
@@ -1053,20 +976,6 @@ def test_icmp_errors_of_unknown_or_expired_flows_are_untranslated(short: Harness
 
 
 # --- 12. source NAT (sourceNAT: Node) ------------------------------------------------------------
-
-NODE_B1 = "10.20.1.1"  # the node's address on the link to B1
-SNAT_INV = replace(INV, routes={B1[0]: (NODE_B1, "lo"), B2[0]: ("10.20.2.1", "lo")})
-
-
-def snat_plan(*listeners: dict[str, object]) -> Plan:
-    return Plan(tuple(replace(lst, source_nat=True) for lst in plan_of(*listeners).listeners))
-
-
-def snat_port_of(lb: Harness, sport: int = 40000) -> int:
-    f = lb.ct()[fwd_key(sport=sport)]
-    assert f.flags & L.CT_SNAT and L.from_be32(f.snat_addr) == NODE_B1
-    return L.from_be16(f.snat_port)
-
 
 def test_snat_new_flow_rewrites_both_ends_and_tracks_both_translations(lb: Harness) -> None:
     lb.apply(snat_plan(TCP_LST), SNAT_INV)

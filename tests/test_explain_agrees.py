@@ -16,7 +16,6 @@ from scapy.layers.inet import IP, TCP
 from tests.datapath import (
     XDP_DROP,
     XDP_PASS,
-    XDP_TX,
     Harness,
     backend,
     ether,
@@ -125,7 +124,7 @@ def _run_phase(h: Harness, plan: Plan, rng: random.Random) -> Counter[str]:
             want = (XDP_PASS, e.backend.address, e.backend.port)
             seen["dnat " + e.route.split()[0] + (" client-ip" if dport == 443 else "")] += 1
         elif e.verdict == "rst":
-            got, want = (r.retval, len(r.data)), (XDP_TX, 54)
+            got, want = (r.sent_back, len(r.data)), (True, 54)
             seen["rst"] += 1
         elif e.verdict == "drop":
             got, want = r.retval, XDP_DROP

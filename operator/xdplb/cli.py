@@ -271,27 +271,30 @@ def _load_only(a: argparse.Namespace) -> tuple[Any, list[Any]]:
 
     b = BPF(src_file=str(BPF_DIR / "xdplb.c"),
             cflags=[f"-I{BPF_DIR}", *cflags(capacities(a), timeouts(a))])
-    return b, [load_program(b, func, typ, flags=flags) for func, typ, flags in PROGRAMS]
+    return b, [load_program(b, p.func, p.type, flags=p.flags) for p in PROGRAMS]
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
     try:
-        _b, progs = _load_only(a)
+        _load_only(a)
     except Exception as e:
         print(f"verification failed: {e}", file=sys.stderr)
         return 1
-    for p in progs:
-        print(f"{p.name.decode()}: loaded and verified")
+    from xdplb.dataplane.loader import PROGRAMS
+
+    for spec in PROGRAMS:
+        print(f"{spec.pin}: loaded and verified")
     return 0
 
 
 def cmd_dump(a: argparse.Namespace) -> int:
     from xdplb.dataplane.bpfsys import prog_info
+    from xdplb.dataplane.loader import PROGRAMS
 
     _b, progs = _load_only(a)
-    for p in progs:
+    for spec, p in zip(PROGRAMS, progs, strict=True):
         pid = prog_info(p.fd).id
-        print(f"== {p.name.decode()} (id {pid})", flush=True)
+        print(f"== {spec.pin} (id {pid})", flush=True)
         subprocess.run(["bpftool", "prog", "dump", "xlated", "id", str(pid)], check=False)
     return 0
 

@@ -234,7 +234,7 @@ class NodeApplier:
                 metrics.ERRORS.labels("attach").inc()
                 log.error("%s", e)
                 continue
-            log.info("attached to %s: XDP %s mode, TC egress (%.0f ms)", ifname,
+            log.info("attached to %s: XDP %s mode, TC egress and ingress (%.0f ms)", ifname,
                      self.attached[ifname], (time.monotonic() - t0) * 1000)
         for ifname in sorted(backend_side - self.backend_side):
             try:

@@ -124,7 +124,7 @@ class FragVal(ctypes.Structure):
     _fields_ = [("src", u32), ("dst", u32)]
 
 
-DEFER_MAGIC, DEFER_FORWARD, DEFER_REPLY = 0x786C6230, 1, 2
+DEFER_MAGIC, DEFER_FORWARD, DEFER_REPLY, DEFER_ANSWER = 0x786C6230, 1, 2, 3
 
 
 class DeferMeta(ctypes.Structure):

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from xdplb.dataplane import bpfsys
 from xdplb.dataplane.apart import run_apart
@@ -135,7 +135,8 @@ def load_program(bpf: Any, func: str, prog_type: int, swap: dict[int, int] | Non
     insns = swap_map_fds(ctypes.string_at(start, size), swap or {})
     fd = bpfsys.prog_load(prog_type, insns, func, flags)
     fn = BPF.Function(bpf, name, fd)
-    bpf.funcs[name] = fn  # closed with the module
+    # Closed with the module; a function loaded twice (with other flags) keeps both.
+    bpf.funcs[name if name not in bpf.funcs else (name, fd)] = fn
     return fn
 
 
@@ -143,10 +144,23 @@ def load_xdp_frags(bpf: Any, func: str) -> Any:
     return load_program(bpf, func, bpfsys.PROG_TYPE_XDP, flags=bpfsys.F_XDP_HAS_FRAGS)
 
 
-# (function, program type, load flags) of the data path's programs
-PROGRAMS = ((XDP_PROG, bpfsys.PROG_TYPE_XDP, bpfsys.F_XDP_HAS_FRAGS),
-            (TC_PROG, bpfsys.PROG_TYPE_SCHED_CLS, 0),
-            (TC_INGRESS_PROG, bpfsys.PROG_TYPE_SCHED_CLS, 0))
+class ProgramSpec(NamedTuple):
+    pin: str    # its name under the code directory
+    func: str   # its function in xdplb.c
+    type: int
+    flags: int
+
+
+XDP_GENERIC_PIN = f"{XDP_PROG}_generic"  # bpffs names hold no dot
+
+# The data path's programs. XDP twice: multi-buffer aware for native mode, and without
+# that flag for generic mode: a multi-buffer program in generic mode leaves TC ingress
+# an skb without its link-layer header and with the frame's metadata misplaced (kernel
+# 6.18), and TC ingress completes what XDP leaves it (partial checksums).
+PROGRAMS = (ProgramSpec(XDP_PROG, XDP_PROG, bpfsys.PROG_TYPE_XDP, bpfsys.F_XDP_HAS_FRAGS),
+            ProgramSpec(XDP_GENERIC_PIN, XDP_PROG, bpfsys.PROG_TYPE_XDP, 0),
+            ProgramSpec(TC_PROG, TC_PROG, bpfsys.PROG_TYPE_SCHED_CLS, 0),
+            ProgramSpec(TC_INGRESS_PROG, TC_INGRESS_PROG, bpfsys.PROG_TYPE_SCHED_CLS, 0))
 
 
 def code_digest(flags: list[str]) -> str:
@@ -172,13 +186,14 @@ class DataPlane:
         self.pin_dir = f"{pin_root}/{layout_hash()}-{capacity_hash(self.caps)}"
         self.bpf: Any = None
         self.xdp_fn: Any = None
+        self.xdp_generic_fn: Any = None
         self.tc_fn: Any = None
         self.tc_in_fn: Any = None
         self.maps: dict[str, bpfsys.BpfMap] = {}
         self.adopted = False
         self.reused = False  # the programs were a predecessor's: nothing compiled
         self.code_dir = ""
-        self.xdp_id = 0
+        self.xdp_ids: tuple[int, ...] = ()
         self.load_seconds = 0.0  # compile and load, for the logs
         self.loading: threading.Thread | None = None  # load_async's
         self._load_error: BaseException | None = None
@@ -227,10 +242,12 @@ class DataPlane:
         # Pinned under its id, so that this or a later agent recognises the program
         # attached to an interface from the id netlink reports, without CAP_SYS_ADMIN
         # (BPF_PROG_GET_FD_BY_ID); the pin also keeps the id from being reused.
-        self.xdp_id = bpfsys.prog_info(self.xdp_fn.fd).id
-        id_pin = f"{self.pin_dir}/{PROG_PIN_PREFIX}{self.xdp_id}"
-        if not os.path.exists(id_pin):
-            bpfsys.obj_pin(self.xdp_fn.fd, id_pin)
+        self.xdp_ids = tuple(bpfsys.prog_info(fn.fd).id
+                             for fn in (self.xdp_fn, self.xdp_generic_fn))
+        for fn, prog_id in zip((self.xdp_fn, self.xdp_generic_fn), self.xdp_ids, strict=True):
+            id_pin = f"{self.pin_dir}/{PROG_PIN_PREFIX}{prog_id}"
+            if not os.path.exists(id_pin):
+                bpfsys.obj_pin(fn.fd, id_pin)
         self.load_seconds = time.monotonic() - t0
 
     def _cflags(self) -> list[str]:
@@ -248,11 +265,11 @@ class DataPlane:
 
         self.bpf = BPF(src_file=str(BPF_DIR / "xdplb.c").encode(), cflags=self._cflags())
         swap = self._open_maps()
-        self.xdp_fn, self.tc_fn, self.tc_in_fn = (
-            load_program(self.bpf, func, typ, swap, pflags) for func, typ, pflags in PROGRAMS)
+        progs = [load_program(self.bpf, p.func, p.type, swap, p.flags) for p in PROGRAMS]
         os.makedirs(self.code_dir, exist_ok=True)
-        for fn in (self.xdp_fn, self.tc_fn, self.tc_in_fn):
-            _pin_anew(fn.fd, f"{self.code_dir}/{fn.name.decode()}")
+        for p, fn in zip(PROGRAMS, progs, strict=True):
+            _pin_anew(fn.fd, f"{self.code_dir}/{p.pin}")
+        self._set_programs(progs)
 
     def _compile_apart(self) -> None:
         """_compile() in a child process (compile_pinned), then take what it pinned."""
@@ -265,7 +282,7 @@ class DataPlane:
     def _take_programs(self) -> bool:
         """Take the programs pinned under this code's digest and the maps they use,
         when every map is pinned and they use no other."""
-        pins = [f"{self.code_dir}/{func}" for func, _t, _f in PROGRAMS]
+        pins = [f"{self.code_dir}/{p.pin}" for p in PROGRAMS]
         if not all(os.path.exists(p) for p in pins) or not all(
                 os.path.exists(f"{self.pin_dir}/{name}") for name, _k, _v in MAP_LAYOUTS):
             return False
@@ -274,8 +291,8 @@ class DataPlane:
         try:  # a pin may go meanwhile (another agent's cleanup): then compile
             for name, _k, _v in MAP_LAYOUTS:
                 maps[name] = bpfsys.BpfMap.pinned(f"{self.pin_dir}/{name}")
-            for (func, _t, _f), p in zip(PROGRAMS, pins, strict=True):
-                progs.append(Program(bpfsys.obj_get(p), func.encode()))
+            for spec, pin in zip(PROGRAMS, pins, strict=True):
+                progs.append(Program(bpfsys.obj_get(pin), spec.func.encode()))
             pinned_ids = {m.info.id for m in maps.values()}
             usable = all((m.info.key_size, m.info.value_size)
                          == (ctypes.sizeof(k), ctypes.sizeof(v))
@@ -290,8 +307,14 @@ class DataPlane:
                 os.close(prog.fd)
             return False
         self.maps = maps
-        self.xdp_fn, self.tc_fn, self.tc_in_fn = progs
+        self._set_programs(progs)
         return True
+
+    def _set_programs(self, progs: list[Any]) -> None:
+        self.xdp_fn, self.xdp_generic_fn, self.tc_fn, self.tc_in_fn = progs
+
+    def _programs(self) -> list[Any]:
+        return [self.xdp_fn, self.xdp_generic_fn, self.tc_fn, self.tc_in_fn]
 
     def _open_maps(self) -> dict[int, int]:
         """The pinned maps (a predecessor's, adopted), or new ones pinned now; returns
@@ -330,7 +353,7 @@ class DataPlane:
         for d in self._other_layouts():
             shutil.rmtree(f"{self.pin_root}/{d}", ignore_errors=True)
         for pin in Path(self.pin_dir).glob(f"{PROG_PIN_PREFIX}*"):
-            if pin.name != f"{PROG_PIN_PREFIX}{self.xdp_id}":
+            if pin.name not in {f"{PROG_PIN_PREFIX}{i}" for i in self.xdp_ids}:
                 pin.unlink(missing_ok=True)
         for code in Path(self.pin_dir).glob(f"{CODE_PIN_PREFIX}*"):
             if code.name != os.path.basename(self.code_dir):
@@ -353,19 +376,22 @@ class DataPlane:
                      "for the gap)", ifname, cur.mode, mode)
             _set_xdp(ifname, -1, XDP_FLAGS[cur.mode])
         try:
-            _set_xdp(ifname, self.xdp_fn.fd, XDP_FLAGS[mode])
+            _set_xdp(ifname, self._xdp_for(mode).fd, XDP_FLAGS[mode])
             in_effect = mode
         except Exception as e:
             if mode != "native":
                 raise AttachError(f"{ifname}: cannot attach XDP in {mode} mode: {e}") from e
             log.warning("%s: native XDP unavailable (%s); falling back to generic mode",
                         ifname, e)
-            _set_xdp(ifname, self.xdp_fn.fd, XDP_FLAGS["generic"])
+            _set_xdp(ifname, self.xdp_generic_fn.fd, XDP_FLAGS["generic"])
             in_effect = "generic"
         _attach_tc(ifname, self.tc_fn.fd, self.tc_fn.name.decode(), TC_EGRESS_PARENT)
         # What XDP leaves to the skb path: rewrites of packets with a partial checksum.
         self.attach_backend_side(ifname)
         return in_effect
+
+    def _xdp_for(self, mode: str) -> Any:
+        return self.xdp_generic_fn if mode == "generic" else self.xdp_fn
 
     def attach_backend_side(self, ifname: str) -> None:
         """TC ingress: on an interface that runs no XDP of ours, the replies of source-NAT
@@ -381,10 +407,10 @@ class DataPlane:
             self.bpf.cleanup()
             self.bpf = None
         else:
-            for fn in (self.xdp_fn, self.tc_fn, self.tc_in_fn):
+            for fn in self._programs():
                 if fn is not None:
                     os.close(fn.fd)
-        self.xdp_fn = self.tc_fn = self.tc_in_fn = None
+        self.xdp_fn = self.xdp_generic_fn = self.tc_fn = self.tc_in_fn = None
 
 
 def compile_pinned(pin_root: str, spec: str) -> None:

@@ -175,11 +175,13 @@ struct frag_val {
 };
 
 /* What XDP leaves to TC ingress in the frame's metadata: the rewrite of a packet
- * whose L4 checksum is partial (only TC can tell, and fix it right). TC finds the
- * flow again from the packet. */
+ * whose L4 checksum is partial (only TC can tell, and fix it right; TC finds the flow
+ * again from the packet), or an answer XDP made of it, for TC to send back out of the
+ * interface it came in by (XDP_TX into a veth is lost unless its peer runs XDP). */
 #define DEFER_MAGIC   0x786c6230u  /* "xlb0" */
 #define DEFER_FORWARD 1            /* a client's packet of a tracked flow */
 #define DEFER_REPLY   2            /* a backend's reply to a source-NAT flow */
+#define DEFER_ANSWER  3            /* a RST or an echo reply, made: send it back */
 
 struct defer_meta {
 	__u32 magic;

@@ -114,19 +114,28 @@ static __always_inline int csum_maybe_partial(const struct pkt *p)
 	return *p->l4_csum == csum_fold(sum);
 }
 
-/* When p's checksum may be partial, leave its rewrite to TC ingress (xdplb_tc_in), in
- * the frame's metadata: 1. Else 0, with p parsed again where the driver keeps no
- * metadata (the attempt invalidated its pointers), for the caller to rewrite itself. */
+/* Ask TC ingress, in the frame's metadata, to do what kind says. 0 when asked; else
+ * the driver keeps no metadata. Either way p's pointers are no longer valid. */
+static __always_inline int ask_tc(struct xdp_md *ctx, __u32 kind)
+{
+	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct defer_meta)))
+		return -1;
+	struct defer_meta *m = (void *)(long)ctx->data_meta;
+	if ((void *)(m + 1) > (void *)(long)ctx->data)
+		return -1;
+	m->magic = DEFER_MAGIC;
+	m->kind = kind;
+	return 0;
+}
+
+/* When p's checksum may be partial, leave its rewrite to TC ingress (xdplb_tc_in): 1.
+ * Else 0, with p parsed again where the driver keeps no metadata, for the caller to
+ * rewrite itself. */
 static __always_inline int defer_to_tc(struct xdp_md *ctx, struct pkt *p, __u32 kind)
 {
 	if (!csum_maybe_partial(p))
 		return 0;
-	if (!bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct defer_meta))) {
-		struct defer_meta *m = (void *)(long)ctx->data_meta;
-		if ((void *)(m + 1) > (void *)(long)ctx->data)
-			return 1;
-		m->magic = DEFER_MAGIC;
-		m->kind = kind;
+	if (!ask_tc(ctx, kind)) {
 		count(ST_CSUM_DEFERRED);
 		return 1;
 	}
@@ -200,34 +209,57 @@ static __always_inline void turn_back(struct ethhdr *eth, struct iphdr *ip)
 	ip->frag_off = 0;
 }
 
-/* An echo request to a VIP gets its reply from XDP: a VIP need not be an address of
- * the node. -1 for anything else. */
+/* An answer made in place of the packet it answers goes back out of the interface
+ * it came in by: through TC ingress, or with XDP_TX where the driver keeps
+ * no metadata (a NIC's, where XDP_TX works; into a veth, XDP_TX is lost unless the
+ * peer runs XDP). via_tc: whether ask_tc took the request, before the answer was made. */
+static __always_inline int send_back(int via_tc)
+{
+	return via_tc ? XDP_PASS : XDP_TX;
+}
+
+/* An echo request to a VIP gets its reply here: a VIP need not be an address of the
+ * node. -1 for anything else. */
 static __always_inline int vip_ping(struct xdp_md *ctx, struct pkt *p)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *ip = p->ip;
 	struct icmphdr *icmp = p->l4;
-	if ((void *)(eth + 1) > data_end || (void *)(ip + 1) > data_end ||
-	    (void *)(icmp + 1) > data_end)
+	if ((void *)(icmp + 1) > (void *)(long)ctx->data_end)
 		return -1;
 	if (icmp->type != ICMP_ECHO || icmp->code != 0)
 		return -1;
+	int via_tc = !ask_tc(ctx, DEFER_ANSWER);
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	if (parse(data, data_end, p) != P_ICMP)
+		return XDP_DROP;
+	struct iphdr *ip = p->ip;
+	icmp = p->l4;
+	if ((void *)(eth + 1) > data_end || (void *)(ip + 1) > data_end ||
+	    (void *)(icmp + 1) > data_end)
+		return XDP_DROP;
 	turn_back(eth, ip);
 	__u16 old = *(__u16 *)icmp;
 	icmp->type = ICMP_ECHOREPLY;
 	csum_replace2(&icmp->checksum, old, *(__u16 *)icmp);
 	count(ST_VIP_PING);
-	return XDP_TX;
+	return send_back(via_tc);
 }
 
 /* Answer a TCP segment with a RST from the listener (RFC 793: the sequence number
- * its ACK expects, or an ACK of what it carried). */
+ * its ACK expects, or an ACK of what it carried). Its checksum is complete, or partial
+ * (the pseudo-header sum) when the segment's was and the skb goes on: the skb keeps
+ * the state that asks the kernel to complete it. */
 static __always_inline int send_rst(struct xdp_md *ctx, struct pkt *p)
 {
+	int partial = csum_maybe_partial(p);
+	__u8 flags = p->tcp_flags;
+	__u32 seq_end = p->seq_end;
+	int via_tc = !ask_tc(ctx, DEFER_ANSWER);
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
+	if (parse(data, data_end, p) != P_OK)
+		return XDP_DROP;
 	struct ethhdr *eth = data;
 	struct iphdr *ip = p->ip;
 	struct tcphdr *tcp = p->l4;
@@ -243,12 +275,12 @@ static __always_inline int send_rst(struct xdp_md *ctx, struct pkt *p)
 	__be16 port = tcp->source;
 	tcp->source = tcp->dest;
 	tcp->dest = port;
-	if (p->tcp_flags & TCPF_ACK) {
+	if (flags & TCPF_ACK) {
 		tcp->seq = tcp->ack_seq;
 		tcp->ack_seq = 0;
 		*((__u8 *)tcp + TCP_FLAGS_OFF) = TCPF_RST;
 	} else {
-		tcp->ack_seq = bpf_htonl(p->seq_end);
+		tcp->ack_seq = bpf_htonl(seq_end);
 		tcp->seq = 0;
 		*((__u8 *)tcp + TCP_FLAGS_OFF) = TCPF_RST | TCPF_ACK;
 	}
@@ -258,16 +290,20 @@ static __always_inline int send_rst(struct xdp_md *ctx, struct pkt *p)
 	tcp->check = 0;
 	__u32 s = (ip->saddr & 0xffff) + (ip->saddr >> 16) + (ip->daddr & 0xffff) +
 		  (ip->daddr >> 16) + bpf_htons(IPPROTO_TCP) + bpf_htons(sizeof(*tcp));
-	__u16 *w = (__u16 *)tcp;
+	if (partial && via_tc) {
+		tcp->check = csum_fold(s);
+	} else {
+		__u16 *w = (__u16 *)tcp;
 #pragma unroll
-	for (int i = 0; i < sizeof(*tcp) / 2; i++)
-		s += w[i];
-	tcp->check = ~csum_fold(s);
+		for (int i = 0; i < sizeof(*tcp) / 2; i++)
+			s += w[i];
+		tcp->check = ~csum_fold(s);
+	}
 
 	int excess = (int)(data_end - data) - (int)(p->l4_off + sizeof(*tcp));
 	if (excess > 0 && bpf_xdp_adjust_tail(ctx, -excess))
 		return XDP_DROP;
-	return XDP_TX;
+	return send_back(via_tc);
 }
 
 /* A TCP segment that has no flow to follow and may start none: a RST answers it
@@ -1030,6 +1066,8 @@ int xdplb_tc_in(struct __sk_buff *skb)
 	__u32 deferred = 0;
 	if ((void *)(m + 1) <= (void *)(long)skb->data && m->magic == DEFER_MAGIC)
 		deferred = m->kind;
+	if (deferred == DEFER_ANSWER)  /* made by XDP (send_back) */
+		return bpf_redirect(skb->ifindex, 0);
 	struct pkt p = {};
 	int r = parse_skb(skb, &p);
 	__u64 now = bpf_ktime_get_coarse_ns();
