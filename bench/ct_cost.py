@@ -4,10 +4,12 @@ A minimal XDP program (bench/bpf/ct_ops.c) keyed and valued exactly like the
 data path's conntrack (layout.h), run with BPF_PROG_TEST_RUN: every repetition
 takes the next key of a per-CPU counter, so each is a new flow, and performs
 OPS map operations: 1 = a lookup that misses (what every SYN does first),
-2 = that lookup and one insert, 3 = the lookup and both inserts of a flow (the
-data path's forward and reply entries). A program with no map operation is the
-floor. The capacity is the data path's default (2 entries per flow × 1,000,000
-flows) beside a cache-sized 65,536.
+2 = that lookup and the forward entry's insert (`ct`, LRU), 3 = both entries of a
+flow: the reply entry goes into `ct_reply`, which never evicts, so the program
+deletes the one made CAPACITY / 2 flows earlier, as the sweeper would (a steady
+state at half full; that delete is counted). A program with no map operation is
+the floor. The capacities: the data path's default (1,000,000 flows, each map)
+beside a cache-sized 65,536.
 
     sudo .venv/bin/python bench/ct_cost.py [--rounds 5] [--repeat 1000000]
 """
@@ -26,8 +28,8 @@ from xdplb.dataplane import bpfsys
 from xdplb.dataplane.layout import BPF_DIR
 
 SOURCE = Path(__file__).resolve().parent / "bpf" / "ct_ops.c"
-OPS = {0: "floor (no map operation)", 1: "lookup (miss)", 2: "lookup + 1 insert",
-       3: "lookup + 2 inserts (a flow)"}
+OPS = {0: "floor (no map operation)", 1: "lookup (miss)", 2: "lookup + forward insert",
+       3: "lookup + both inserts + a reply delete"}
 
 
 def run_once(ops: int, capacity: int, repeat: int) -> int:
@@ -54,7 +56,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=None, help="unused (common flag)")
     a = ap.parse_args()
     require_root()
-    capacities = (65_536, 2_000_000)
+    capacities = (65_536, 1_000_000)
     ns: dict[tuple[int, int], list[float]] = {}
     for rnd in range(a.rounds):
         order = [(o, c) for c in capacities for o in OPS]

@@ -199,7 +199,7 @@ class Bench:
     def flush_ct(self) -> None:
         from xdplb.dataplane import conntrack
 
-        conntrack.flush(self.dp.maps["ct"])
+        conntrack.flush(self.dp.maps["ct"], self.dp.maps["ct_reply"])
 
     def set_target(self, vary: bool, fd: int, frame: bytes) -> None:
         w = self.wrappers[vary]

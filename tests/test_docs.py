@@ -304,3 +304,15 @@ def test_every_example_is_named_in_the_docs() -> None:
     assert files
     unnamed = [str(p.relative_to(ROOT)) for p in files if str(p.relative_to(ROOT)) not in docs]
     assert unnamed == [], "name these in README.md or docs/examples.md"
+
+
+def test_every_data_path_counter_is_documented() -> None:
+    # docs/data-path.md's table lists exactly the counters the programs have, so a new
+    # one cannot go unexplained (the `path` label of xdplb_packets_by_path_total).
+    from xdplb.dataplane.layout import Stat
+
+    text = (ROOT / "docs" / "data-path.md").read_text()
+    listed = re.findall(r"^\| `(\w+)` \| \S", text, re.MULTILINE)
+    assert listed == [s.name.lower() for s in Stat]
+    for test in re.findall(r"`(test_\w+)`", text):  # a test it names exists
+        assert any(test in p.read_text() for p in (ROOT / "tests").glob("test_*.py")), test
