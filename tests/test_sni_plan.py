@@ -1,10 +1,14 @@
-"""SNI entries of the map writer, the acceptor's backend choice read back from those maps
-(it must agree with the plan's Maglev table and flow hash, as XDP does), the listening
-addresses of SNI listeners and the PROXY v2 header, all without a kernel."""
+"""SNI entries of the map writer; the acceptor's routing snapshot (it must pick what the
+maps the data path reads hold: the plan's Maglev table and flow hash), sent once per table;
+the flow hash on integers, IPv4 and IPv6; the listening addresses of SNI listeners and the
+PROXY v2 header; all without a kernel."""
 
 from __future__ import annotations
 
 import socket
+import sys
+from array import array
+from collections.abc import Mapping
 
 import pytest
 
@@ -15,10 +19,23 @@ from xdplb.dataplane.config import Capacities
 from xdplb.dataplane.entries import Inventory
 from xdplb.dataplane.layout import sni_key
 from xdplb.dataplane.writer import MapWriter
-from xdplb.plan.flowhash import client_hash, flow_hash
+from xdplb.plan.flowhash import (
+    HASH_SEED,
+    client_hash,
+    client_hash_int,
+    flow_hash,
+    flow_hash_ints,
+    mix32,
+)
 from xdplb.plan.planner import build_plan
-from xdplb.sni.acceptor import proxy_v2_header
-from xdplb.sni.routes import Route, pick_backend
+from xdplb.sni.proxyproto import proxy_v2_header
+from xdplb.sni.routes import (
+    GroupTable,
+    RoutingReceiver,
+    RoutingSender,
+    RoutingUpdate,
+    pick,
+)
 from xdplb.sni.service import bindings, local_routes_needed
 from xdplb.spec.load import SpecError, parse_manifests
 
@@ -108,34 +125,113 @@ def test_fnv1a_64_reference_values() -> None:
     assert L.sni_hash("foobar") == 0x85944171F73967E8
 
 
-@pytest.mark.parametrize("affinity", [False, True])
-def test_pick_backend_agrees_with_the_plan_table(affinity: bool) -> None:
-    extra = "    sessionAffinity: ClientIP\n" if affinity else ""
-    text = manifest(HOSTS, extra=extra)
-    plan = build_plan(parse_manifests(text))
+def maps_pick(maps: Mapping[str, MemoryMap], lid: int, hostname: str | None,
+              h: int) -> tuple[str, int] | None:
+    """What the data path reads for a flow hash: sni_routes -> groups -> pool -> backends."""
+    sni = maps["sni_routes"].data
+    gid = sni.get(sni_key(lid, hostname)) if hostname else None
+    gid = gid or sni.get(sni_key(lid, ""))
+    if gid is None:
+        return None
+    raw = maps["groups"].data.get(gid[:4])
+    group = L.GroupVal.from_buffer_copy(raw) if raw else None
+    if group is None or not group.size:
+        return None
+    slot = maps["pool"].data[L.encode_u32(group.offset + h % group.size)]
+    b = L.BackendVal.from_buffer_copy(
+        maps["backends"].data[L.encode_u32(int.from_bytes(slot[:2], sys.byteorder))])
+    return L.from_be32(b.addr), L.from_be16(b.port)
+
+
+def receiver_for(text: str) -> tuple[RoutingReceiver, MapWriter, dict[str, MemoryMap]]:
     w, maps = applied(text)
-    lst = plan.listeners[0]
-    route = Route(w.listener_ids[lst.identity], lst.label, affinity)
-    group_of = {r.hostname: r.group for r in lst.sni_routes}
+    recv = RoutingReceiver()
+    recv.apply(RoutingSender().update(w.plan, w.listener_ids))
+    return recv, w, maps
+
+
+@pytest.mark.parametrize("affinity", [False, True])
+def test_snapshot_picks_what_the_maps_hold(affinity: bool) -> None:
+    extra = "    sessionAffinity: ClientIP\n" if affinity else ""
+    recv, w, maps = receiver_for(manifest(HOSTS, extra=extra))
+    lst = w.plan.listeners[0]
+    lid = w.listener_ids[lst.identity]
+    table = recv.routing[lid]
+    local = ("192.0.2.10", 443)
     seen: set[str] = set()
     for i in range(300):
         client = (f"10.10.{i % 7}.{i % 250 + 1}", 1024 + 37 * i)
-        local = ("192.0.2.10", 443)
-        for host in ["a.example.com", "B.EXAMPLE.COM", "nope.example.com", None]:
-            g = group_of.get((host or "").lower(), lst.default)
-            h = client_hash(client[0]) if affinity \
-                else flow_hash(client[0], local[0], client[1], local[1], "TCP")
-            b = g.backends[g.table[h % len(g.table)]]
-            got = pick_backend(maps, route, host, client, local)  # type: ignore[arg-type]
-            assert got == (b.address, b.port), (host, client)
-            seen.add(b.address)
+        h = client_hash_int(int.from_bytes(socket.inet_aton(client[0]), "big")) if affinity \
+            else flow_hash_ints(int.from_bytes(socket.inet_aton(client[0]), "big"),
+                                int.from_bytes(socket.inet_aton(local[0]), "big"),
+                                client[1], local[1], 6)
+        assert h == (client_hash(client[0]) if affinity
+                     else flow_hash(client[0], local[0], client[1], local[1], "TCP"))
+        for host in ["a.example.com", "b.example.com", "nope.example.com", None]:
+            got = pick(table, host, h)
+            assert got is not None
+            assert got.address == maps_pick(maps, lid, host, h), (host, client)
+            assert got.family == socket.AF_INET
+            seen.add(got.address[0])
     assert {"10.9.1.1", "10.9.1.2", "10.9.1.3", "10.9.0.1", "10.9.0.2"} <= seen
 
 
-def test_pick_backend_without_entries_is_none() -> None:
-    maps = {n: MemoryMap() for n in NAMES}
-    assert pick_backend(maps, Route(0, "x"), "a.example.com",  # type: ignore[arg-type]
-                        ("10.0.0.1", 1), ("192.0.2.10", 443)) is None
+def test_a_group_without_eligible_backend_picks_none() -> None:
+    empty = RoutingReceiver()
+    empty.apply(RoutingUpdate({1: GroupTable(array("H"), ())}, {3: (1, {})}))
+    assert pick(empty.routing[3], "a.example.com", 12345) is None
+
+
+def test_tables_travel_once_and_are_forgotten_when_unused() -> None:
+    plan = build_plan(parse_manifests(manifest(HOSTS)))
+    ids = {plan.listeners[0].identity: 4}
+    sender, recv = RoutingSender(), RoutingReceiver()
+    first = sender.update(plan, ids)
+    assert len(first.tables) == 3          # the default, a's and b's groups
+    recv.apply(first)
+    # The same plan again: names only, no table.
+    again = sender.update(plan, ids)
+    assert again.tables == {} and again.listeners == first.listeners
+    recv.apply(again)
+    # b's group changes: one new table; the old one is forgotten by both sides.
+    plan2 = build_plan(parse_manifests(manifest({**HOSTS, "b.example.com": ["10.9.2.9"]})))
+    upd = sender.update(plan2, ids)
+    assert len(upd.tables) == 1
+    recv.apply(upd)
+    assert len(recv.tables) == 3
+    assert pick(recv.routing[4], "b.example.com", 7).address == ("10.9.2.9", 443)  # type: ignore[union-attr]
+    # A new acceptor process has nothing: everything is sent again.
+    sender.forget()
+    assert len(sender.update(plan2, ids).tables) == 3
+
+
+def _fold_reference(h: int, address: str) -> int:
+    """The documented IPv6 rule, spelled out: every 32-bit word, most significant first."""
+    packed = socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+    for i in range(0, len(packed), 4):
+        h = mix32(h ^ int.from_bytes(packed[i:i + 4], "big"))
+    return h
+
+
+@pytest.mark.parametrize("src, dst", [("10.10.1.2", "192.0.2.10"),
+                                      ("2001:db8::1", "2001:db8:0:ffff::10"),
+                                      ("::ffff:10.10.1.2", "::ffff:192.0.2.10")])
+def test_flow_hash_of_both_families(src: str, dst: str) -> None:
+    h = mix32(HASH_SEED ^ 6)
+    h = mix32(h ^ ((40000 << 16) | 443))
+    want = _fold_reference(_fold_reference(h, dst.replace("::ffff:", "")),
+                           src.replace("::ffff:", ""))
+    assert flow_hash(src, dst, 40000, 443, "TCP") == want
+    assert client_hash(src) == _fold_reference(mix32(HASH_SEED), src.replace("::ffff:", ""))
+    if ":" in src and "ffff" not in src:
+        # The IPv6 hash is not the IPv4 one of some word: all 128 bits count.
+        assert flow_hash(src, dst, 40000, 443, "TCP") != flow_hash(
+            src.replace("::1", "::2"), dst, 40000, 443, "TCP")
+
+
+def test_flow_hash_refuses_mixed_families() -> None:
+    with pytest.raises(ValueError, match="not of one address family"):
+        flow_hash("10.0.0.1", "2001:db8::1", 1, 2, "TCP")
 
 
 def test_bindings_exact_address_and_wildcard_on_interface_addresses() -> None:
@@ -176,6 +272,16 @@ def test_proxy_protocol_is_refused_with_source_routes() -> None:
                                    "port: 443}]\n    sniRoutes:")
     with pytest.raises(SpecError, match=r"listeners\[0\]\.proxyProtocol: proxyProtocol cannot"):
         parse_manifests(text)
+
+
+def test_proxy_v2_header_bytes_ipv6() -> None:
+    h = proxy_v2_header(("2001:db8::2", 40000), ("2001:db8:1::10", 443))
+    assert h[:12] == b"\r\n\r\n\x00\r\nQUIT\n"
+    assert h[12:16] == bytes([0x21, 0x21, 0, 36])
+    assert h[16:32] == socket.inet_pton(socket.AF_INET6, "2001:db8::2")
+    assert h[32:48] == socket.inet_pton(socket.AF_INET6, "2001:db8:1::10")
+    assert h[48:52] == (40000).to_bytes(2, "big") + (443).to_bytes(2, "big")
+    assert len(h) == 52
 
 
 def test_proxy_v2_header_bytes() -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from xdplb.dataplane.config import Capacities, Timeouts
 from xdplb.defaults import CONFIG_FILE, PIN_ROOT, STATE_FILE
 from xdplb.k8s.settings import add_args as add_operator_args
+from xdplb.sni.settings import FORWARDERS, SniSettings
 
 if TYPE_CHECKING:
     from xdplb.dataplane.bpfsys import BpfMap
@@ -75,6 +76,27 @@ def timeouts(a: argparse.Namespace) -> Timeouts:
     return Timeouts(**{f.name: getattr(a, f"to_{f.name}") for f in fields(Timeouts)})
 
 
+def add_sni_args(p: argparse.ArgumentParser) -> None:
+    d = SniSettings()
+    p.add_argument("--sni-max-pairs", type=int, default=d.max_pairs,
+                   help="SNI connections spliced at a time; more are refused "
+                        "(default %(default)s)")
+    p.add_argument("--sni-max-per-client", type=int, default=d.max_per_client,
+                   help="SNI connections of one client address at a time; more are "
+                        "refused (default %(default)s: no bound)")
+    p.add_argument("--sni-forward", choices=FORWARDERS, default=d.forward,
+                   help="how SNI pairs are spliced: splice(2) through a pipe, or an sk_skb "
+                        "verdict in a sockmap (default %(default)s)")
+
+
+def sni_settings(a: argparse.Namespace) -> SniSettings:
+    try:
+        return SniSettings(max_pairs=a.sni_max_pairs, max_per_client=a.sni_max_per_client,
+                           forward=a.sni_forward)
+    except ValueError as e:
+        sys.exit(f"xdplb: {e}")
+
+
 def cmd_agent(a: argparse.Namespace) -> int:
     from xdplb.dataplane.loader import AttachError, DataPlane, cleanup
 
@@ -103,14 +125,16 @@ def cmd_agent(a: argparse.Namespace) -> int:
                 xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
                 caps=capacities(a), timeouts=timeouts(a),
                 detach_on_exit=detach, force=a.force,
-                metrics_port=a.metrics_port, state_file=a.state_file), dp=dp).run()
+                metrics_port=a.metrics_port, state_file=a.state_file,
+                sni=sni_settings(a), log_format=a.log_format), dp=dp).run()
         else:
             from xdplb.agent.standalone import Agent, AgentOptions
 
             Agent(AgentOptions(config=a.config, xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
                                caps=capacities(a), timeouts=timeouts(a),
                                detach_on_exit=detach, force=a.force,
-                               metrics_port=a.metrics_port, state_file=a.state_file), dp).run()
+                               metrics_port=a.metrics_port, state_file=a.state_file,
+                               sni=sni_settings(a), log_format=a.log_format), dp).run()
     except (AttachError, SnatPortsError) as e:
         logging.error("%s", e)
         return 1
@@ -194,7 +218,8 @@ def cmd_explain(a: argparse.Namespace) -> int:
     if not a.any_local:
         from xdplb.agent.inventory import read_inventory
         local = {addr for addrs in read_inventory().addresses.values() for addr in addrs}
-    print(explain(plan, src, int(sport), dst, int(dport), a.proto.upper(), local).text())
+    print(explain(plan, src, int(sport), dst, int(dport), a.proto.upper(), local,
+                  a.sni).text())
     return 0
 
 
@@ -319,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                         " --cleanup does (set by the operator)")
     p.add_argument("--state-file", default=STATE_FILE)
     add_dataplane_args(p)
+    add_sni_args(p)
     p.set_defaults(fn=cmd_agent)
 
     p = sub.add_parser("operator", help="run the Kubernetes operator")
@@ -352,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--src", required=True, help="client IP:PORT")
     p.add_argument("--dst", required=True, help="destination IP:PORT")
     p.add_argument("--proto", default="tcp", choices=["tcp", "udp", "TCP", "UDP"])
+    p.add_argument("--sni", default=None, metavar="NAME",
+                   help="on an SNI listener: the ClientHello's server name ('' for none)")
     p.add_argument("--any-local", action="store_true",
                    help="let wildcard listeners match any destination")
     p.set_defaults(fn=cmd_explain)

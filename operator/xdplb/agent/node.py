@@ -39,6 +39,7 @@ from xdplb.defaults import PIN_ROOT, STATE_FILE
 from xdplb.memory import gc_paused, settle
 from xdplb.plan.model import Plan, all_backends, snat_backends
 from xdplb.sni.service import SniService
+from xdplb.sni.settings import SniSettings
 
 log = logging.getLogger("xdplb.agent")
 
@@ -55,6 +56,8 @@ class NodeOptions:
     state_file: str = STATE_FILE
     poll_seconds: float = 0.2
     sweep_seconds: float = 10.0
+    sni: SniSettings = field(default_factory=SniSettings)  # timeouts: from `timeouts`
+    log_format: str = "text"
 
 
 # Drops worth a log line besides their counter, with what to do about them.
@@ -115,7 +118,9 @@ class NodeApplier:
         self.load_async()
         self.dp.wait_loaded()
         self.writer = MapWriter(self.dp.maps, self.dp.caps)
-        self.sni = SniService(self.dp.maps, self.dp.pin_dir, self.opts.timeouts.sni_hello)
+        self.sni = SniService(self.dp.pin_dir, replace(
+            self.opts.sni, hello_timeout=self.opts.timeouts.sni_hello,
+            idle_timeout=self.opts.timeouts.sni_idle), self.opts.log_format)
         self._inherited = set(attached_interfaces(self.opts.pin_root))
         if self.dp.adopted:
             n = self.writer.adopt()
@@ -252,7 +257,9 @@ class NodeApplier:
 
     # -- housekeeping -------------------------------------------------------------------
     def tick(self) -> None:
-        """The periodic work, when due: sweep conntrack."""
+        """The periodic work, when due: sweep conntrack; replace a dead SNI acceptor."""
+        if self.sni is not None:
+            self.sni.check()
         if time.monotonic() >= self._next_sweep:
             self.sweep()
             self._next_sweep = time.monotonic() + self.opts.sweep_seconds

@@ -38,6 +38,7 @@ class Timeouts:
     tcp_unreplied: int = 30          # no reply seen yet
     udp: int = 30
     sni_hello: int = 5               # SNI: a whole ClientHello after the handshake
+    sni_idle: int = 600              # SNI: a spliced pair that moves no byte (0: never)
 
 
 # Datagrams whose fragments are being translated at once (the frags map, LRU).

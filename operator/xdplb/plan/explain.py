@@ -12,7 +12,7 @@ from xdplb.plan.model import Backend, Group, Listener, Plan
 @dataclass(frozen=True)
 class Explanation:
     listener: Listener | None
-    route: str            # "source <cidr>", "default", "sni" or "none"
+    route: str            # "source <cidr>", "default", "sni", "sni <name>" or "none"
     group: Group | None
     slot: int | None
     backend: Backend | None
@@ -27,12 +27,15 @@ class Explanation:
                 f"({self.listener.address or '*'}:{self.listener.port}/"
                 f"{self.listener.protocol}), route {self.route}")
         if self.verdict == "pass":
-            return f"{head}: left to the SNI path (backend chosen from the ClientHello)"
+            return (f"{head}: left to the SNI path (backend chosen from the ClientHello; "
+                    "--sni NAME says which)")
         if self.backend is None:
             return f"{head}: no eligible backend: {self.verdict}"
         source = ("source NAT: it leaves from this node's address toward the backend"
                   if self.listener.source_nat else
                   "client address kept: the backend must route its replies via this node")
+        if self.route.startswith("sni"):
+            source = "the SNI acceptor connects to it"
         return (f"{head}: table slot {self.slot} of {len(self.group.table) if self.group else 0}"
                 f" -> backend {self.backend.address}:{self.backend.port} ({source})")
 
@@ -53,20 +56,28 @@ def find_listener(plan: Plan, dst: str, dport: int, protocol: str,
 
 
 def explain(plan: Plan, src: str, sport: int, dst: str, dport: int, protocol: str = "TCP",
-            local_addresses: set[str] | None = None) -> Explanation:
+            local_addresses: set[str] | None = None,
+            server_name: str | None = None) -> Explanation:
+    """What the data path does with a new flow. On an SNI listener, with `server_name`
+    (the ClientHello's, "" for none): the backend the SNI acceptor picks."""
     lst = find_listener(plan, dst, dport, protocol, local_addresses)
     if lst is None:
         # A listener address that is no address of the node is a VIP: what no listener
         # serves there is dropped (bpf/xdplb.c not_ours).
         vips = {x.address for x in plan.listeners if x.address} - (local_addresses or set())
         return Explanation(None, "none", None, None, None, "drop" if dst in vips else "pass")
-    client = ipaddress.IPv4Address(src)
+    client = ipaddress.ip_address(src)
     hits = [r for r in lst.source_routes if client in r.network]
     if hits:
         best = max(hits, key=lambda r: r.network.prefixlen)
         group, route = best.group, f"source {best.cidr}"
-    elif lst.sni:
+    elif lst.sni and server_name is None:
         return Explanation(lst, "sni", None, None, None, "pass")
+    elif lst.sni:
+        name = (server_name or "").lower().rstrip(".")
+        named = {r.hostname.lower(): r.group for r in lst.sni_routes}
+        group = named.get(name, lst.default)
+        route = f"sni {name}" if name in named else "sni default"
     else:
         group, route = lst.default, "default"
     table = group.table

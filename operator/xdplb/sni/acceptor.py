@@ -1,64 +1,101 @@
 """The SNI acceptor: accept -> peek at the ClientHello -> pick a backend -> connect ->
-(PROXY v2 header) -> splice in the kernel. No payload byte passes through Python.
+(PROXY v2 header) -> splice. No payload byte passes through Python.
 
-One asyncio loop in a thread of the agent. While a ClientHello is incomplete the socket's
-SO_RCVLOWAT is set to the bytes still missing, so epoll stays quiet until they arrive
-and a slow or silent client costs nothing but its timeout timer. After the splice the loop
-only watches each socket for end of stream (the verdict moves all data away, so a spliced
-socket turns readable only at FIN or on an error) and passes half-closes and resets on.
+One epoll loop, no asyncio: a dict of descriptor -> (handler, connection), and FIFO
+deadline queues (every connection of a queue waits the same time). Listening sockets have
+TCP_DEFER_ACCEPT, so a connection is accepted once its first bytes (the ClientHello,
+nearly always whole) are there: accept, peek, parse, pick and a non-blocking connect
+happen in one go. While a ClientHello is incomplete its socket's SO_RCVLOWAT is the bytes
+still missing, so epoll stays quiet until they arrive and a slow or silent client costs
+nothing but its place in a queue.
+
+Forwarding (`forward` setting):
+- pipe (default): splice(2) through a pipe, socket -> pipe -> socket, pages moved by
+  reference. Every move wakes the loop once (two system calls), and the loop sees each
+  end of stream, reset and idle period directly.
+- sockmap: both sockets join a sockhash whose sk_skb verdict sends what one receives out
+  of the other (dataplane/bpf/splice.c); the loop sleeps until a side ends (EPOLLRDHUP,
+  edge-triggered, without EPOLLIN), then passes the FIN on once the side's bytes have
+  reached its peer's send queue. A connection that cannot join is spliced through a pipe.
+bench/README.md says which is faster here and why.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
+import errno
 import fcntl
 import logging
+import os
+import select
 import socket
 import struct
 import sys
 import termios
-import threading
-from collections import Counter
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from xdplb.errors import XdplbError
-from xdplb.sni.clienthello import MAX_HELLO, ClientHello, HelloError, HelloTooLong, parse
-from xdplb.sni.routes import Route
+from xdplb.plan.flowhash import IPV4_WORDS, IPV6_WORDS, client_hash_int, flow_hash_ints
+from xdplb.sni.clienthello import (
+    MAX_HELLO,
+    HelloError,
+    HelloReader,
+    HelloTooLong,
+    Incomplete,
+    fast_parse,
+)
+from xdplb.sni.deadlines import Deadlines
+from xdplb.sni.pipes import PipePool, discard
+from xdplb.sni.proxyproto import header as proxy_header
+from xdplb.sni.proxyproto import proxy_v2_header
+from xdplb.sni.routes import Address, Backend, Route, RoutingReceiver, pick
+from xdplb.sni.settings import OUTCOMES, SniSettings
 from xdplb.sni.splice import Splicer
+
+__all__ = ["OUTCOMES", "Acceptor", "listen_socket", "proxy_v2_header"]
 
 log = logging.getLogger("xdplb.sni")
 
-HELLO_TIMEOUT = 5.0      # seconds for a whole ClientHello after the handshake
-CONNECT_TIMEOUT = 5.0    # seconds for the backend's handshake
+IN, OUT, RDHUP, ERR, HUP, ET = (select.EPOLLIN, select.EPOLLOUT, select.EPOLLRDHUP,
+                                select.EPOLLERR, select.EPOLLHUP, select.EPOLLET)
+READ = IN | RDHUP
 BACKLOG = 4096
-IP_FREEBIND = 15
-DRAIN_POLL = 0.005       # seconds between checks that a half-closed side has drained
-PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+IP_FREEBIND, IPV6_FREEBIND = 15, 78
+DEFER_ACCEPT = 1         # seconds the kernel holds a connection that has sent nothing yet
+ACCEPT_BURST = 1024      # accepts per wake-up at most, so that a flood starves nobody
+CHUNK = 1 << 20          # bytes asked of one splice
+SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+TCP = socket.IPPROTO_TCP
+KEEPALIVE = ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (TCP, socket.TCP_KEEPIDLE, 60),
+             (TCP, socket.TCP_KEEPINTVL, 10), (TCP, socket.TCP_KEEPCNT, 6))
+LINGER_RESET = struct.pack("ii", 1, 0)
+DRAIN_DELAYS = (0.002, 0.01, 0.05, 0.25, 1.0)   # sockmap: re-checks of a side's draining
+IDLE_CHECKS = 10         # an idle pair is looked at this many times per idle timeout
+WARN_EVERY = 10.0        # seconds between two warnings of one kind
 
-Address = tuple[str, int]
-Picker = Callable[[Route, str | None, Address, Address], Address | None]
-
-
-def proxy_v2_header(client: Address, local: Address) -> bytes:
-    """PROXY protocol v2, PROXY command, TCP over IPv4: the client's and the listener's
-    address, so the backend sees who connected although the agent did."""
-    body = (socket.inet_aton(client[0]) + socket.inet_aton(local[0])
-            + struct.pack("!HH", client[1], local[1]))
-    return PROXY_V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", len(body)) + body
+WAIT_HELLO, CONNECTING, PAIRED, DONE = range(4)
 
 
 def listen_socket(address: str, port: int) -> socket.socket:
-    """A listening socket on address:port; IP_FREEBIND lets it bind a VIP that is made
-    local by a route rather than an interface address."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """A listening socket on address:port; FREEBIND lets it bind a VIP that is made local
+    by a route rather than an interface address. Accepted sockets inherit TCP_NODELAY
+    (the splice sends each segment on as it arrives: Nagle's algorithm would hold a small
+    one until the peer's delayed ACK) and keepalive."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+        else:
+            s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        s.setsockopt(TCP, socket.TCP_NODELAY, 1)
+        for opt in KEEPALIVE:
+            s.setsockopt(*opt)
+        s.setsockopt(TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
         s.bind((address, port))
         s.listen(BACKLOG)
         s.setblocking(False)
@@ -68,332 +105,636 @@ def listen_socket(address: str, port: int) -> socket.socket:
     return s
 
 
-def bytes_received(sock: socket.socket) -> int:
-    """tcp_info.tcpi_bytes_received: every in-order byte that arrived on the socket."""
-    return int.from_bytes(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 136)[128:136],
-                          "little")
+class Listening:
+    __slots__ = ("family", "local", "local_int", "port", "route", "sock", "words")
+
+    def __init__(self, sock: socket.socket, route: Route, address: Address) -> None:
+        self.sock, self.route, self.port = sock, route, address[1]
+        self.family = sock.family
+        self.local = socket.inet_pton(self.family, address[0])
+        self.local_int = int.from_bytes(self.local, "big")
+        self.words = IPV6_WORDS if self.family == socket.AF_INET6 else IPV4_WORDS
 
 
-def bytes_written(sock: socket.socket) -> int:
-    """Bytes handed to the socket for sending: acknowledged plus still queued."""
-    acked = int.from_bytes(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128)[120:128],
-                           "little")
-    outq = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    return acked + int.from_bytes(outq, sys.byteorder)
+class Conn:
+    """One client connection, from accept to close; its backend socket and, once paired,
+    the state of both directions (0: client -> backend, 1: backend -> client)."""
+
+    __slots__ = ("backend", "client_key", "cookies", "done", "eof", "extra", "fds", "last",
+                 "lst", "masks", "peer", "pending", "phase", "pipes", "reader", "reading",
+                 "sock", "spliced", "up")
+
+    def __init__(self, sock: socket.socket, peer: Any, lst: Listening) -> None:
+        self.sock, self.peer, self.lst = sock, peer, lst
+        self.up: socket.socket | None = None
+        self.phase = WAIT_HELLO
+        self.reader: HelloReader | None = None
+        self.client_key: str | None = None
+        self.backend: Backend | None = None
+        self.fds = (sock.fileno(), -1)
+        self.spliced = False       # sockmap: joined in the kernel
+        self.extra = 0             # bytes the acceptor wrote to the backend (PROXY header)
+        self.last = 0.0            # pipe: when a byte last moved
+
+    def start_pair(self) -> None:
+        self.masks = [0, 0]
+        self.pipes: list[tuple[int, int] | None] = [None, None]
+        self.pending = [0, 0]      # bytes a direction holds in its pipe
+        self.reading = [True, True]
+        self.eof = [False, False]  # its source ended
+        self.done = [False, False]  # ... and the FIN was passed on
 
 
-def _peek(sock: socket.socket) -> bytes:
-    try:
-        return sock.recv(MAX_HELLO, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return b""
-
-
-def close_clean(sock: socket.socket) -> None:
-    """Close with a FIN, not a RST: drop what the client sent but nobody read."""
-    with contextlib.suppress(OSError):
-        for _ in range(16):
-            if not sock.recv(65536, socket.MSG_DONTWAIT):
-                break
-    sock.close()
-
-
-@dataclass(eq=False)
-class _Pair:
-    socks: tuple[socket.socket, socket.socket]      # (client, backend)
-    cookies: tuple[int, int]
-    extra: tuple[int, int] = (0, 0)   # bytes the agent itself wrote to each (PROXY header)
-    eof: list[bool] = field(default_factory=lambda: [False, False])
-    shut: list[bool] = field(default_factory=lambda: [False, False])
-
-
-class ClosedEarly(XdplbError):
-    """The client closed before its ClientHello was complete."""
-
-
-# What became of the connections of SNI listeners (the acceptor's counters).
-OUTCOMES = (
-    "accepted",        # taken from a listening socket
-    "spliced",         # joined to its backend in the kernel
-    "relayed",         # copied through the agent: the client had half-closed already
-    "hello_timeout",   # no complete ClientHello in time: closed
-    "closed_early",    # the client went away before its ClientHello was complete
-    "hello_too_long",  # a ClientHello beyond the bound: sent to the default group
-    "not_tls",         # not a TLS ClientHello: closed
-    "no_backend",      # no eligible backend in the group: reset
-    "backend_failed",  # the backend refused or did not answer
-    "reset",           # a spliced or relayed pair ended by a reset
-    "closed",          # a pair ended, both sides done
-)
+Handler = Callable[[Any, int, int], None]
 
 
 class Acceptor:
-    def __init__(self, pick: Picker, splicer: Splicer, hello_timeout: float = HELLO_TIMEOUT,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
-        self.pick = pick
+    """Listens where `set_listeners` says, routes by `routes` (a RoutingReceiver the
+    agent's updates go to), forwards. `run` is the loop; `stop` ends it from within."""
+
+    def __init__(self, settings: SniSettings, splicer: Splicer | None = None) -> None:
+        self.settings = settings
         self.splicer = splicer
-        self.hello_timeout = hello_timeout
-        self.connect_timeout = connect_timeout
-        self.stats: Counter[str] = Counter(dict.fromkeys(OUTCOMES, 0))
-        self.loop = asyncio.new_event_loop()
-        self._listeners: dict[Address, tuple[socket.socket, Route]] = {}
-        self._pairs: set[_Pair] = set()
-        self._pending: set[asyncio.Task[None]] = set()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="sni-acceptor",
-                                        daemon=True)
+        self.stats = dict.fromkeys(OUTCOMES, 0)
+        self.routes = RoutingReceiver()
+        self.ep = select.epoll()
+        self.handlers: dict[int, tuple[Handler, Any]] = {}
+        self.listeners: dict[Address, Listening] = {}
+        self.pairs = 0
+        self.waiting = 0                                  # for a hello or a backend
+        self.per_client: dict[str, int] = {}
+        self.pipes = PipePool()
+        s = settings
+        self.hellos: Deadlines[Conn] = Deadlines(s.hello_timeout)
+        # Accepted after TCP_DEFER_ACCEPT with nothing sent: their wait began earlier.
+        self.late_hellos: Deadlines[Conn] = Deadlines(max(s.hello_timeout - DEFER_ACCEPT,
+                                                          0.05))
+        self.connects: Deadlines[Conn] = Deadlines(s.connect_timeout)
+        self.idle: Deadlines[Conn] = Deadlines(s.idle_timeout / IDLE_CHECKS
+                                               if s.idle_timeout else 3600.0)
+        self.drains = [Deadlines[tuple[Conn, int]](d) for d in DRAIN_DELAYS]
+        self.queues: list[Deadlines[Any]] = [self.hellos, self.late_hellos, self.connects,
+                                             self.idle, *self.drains]
+        self.now = time.monotonic()
+        self.running = True
+        self._closing: list[socket.socket] = []
+        self._spare: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self._warned: dict[str, float] = {}
 
-    # -- control, from the agent's thread ------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
+    # -- the loop --------------------------------------------------------------------
+    def watch(self, fd: int, mask: int, handler: Handler, obj: Any = None) -> None:
+        """Call handler(obj, fd, events) when fd is ready (the worker's control socket)."""
+        self.handlers[fd] = (handler, obj)
+        self.ep.register(fd, mask)
 
-    def set_listeners(self, want: dict[Address, Route]) -> list[str]:
-        """Listen on exactly `want`; returns problems (addresses that cannot be bound)."""
-        problems: list[str] = self._call(self._set_listeners, want)
-        return problems
+    def run(self) -> None:
+        handlers = self.handlers
+        poll = self.ep.poll
+        while self.running:
+            events = poll(self._timeout(), 1024)
+            self.now = time.monotonic()
+            for fd, ev in events:
+                h = handlers.get(fd)
+                if h is not None:
+                    h[0](h[1], fd, ev)
+            self._expire()
+            if self._closing:
+                # Closed only now: a descriptor number freed while later events of this
+                # batch still name it could be reused by an accept of the same batch.
+                for s in self._closing:
+                    s.close()
+                self._closing.clear()
+
+    def _timeout(self) -> float:
+        due = [t for q in self.queues if (t := q.next_at()) is not None]
+        if not due:
+            return -1
+        return max(min(due) - time.monotonic(), 0.0)
 
     def stop(self) -> None:
-        """Close listeners, pending and spliced connections; end the loop."""
-        self._call(self._stop)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-        self.loop.close()
+        self.running = False
 
-    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    def close(self) -> None:
+        """Close listeners and every connection (clients see their connections end)."""
+        self.set_listeners({})
+        for h in list(self.handlers.values()):
+            c = h[1]
+            if isinstance(c, Conn) and c.phase != DONE:
+                self._finish(c, reset=c.phase == PAIRED)
+        for s in self._closing:
+            s.close()
+        self._closing.clear()
+        self.pipes.close()
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+        self.ep.close()
 
-        def run() -> None:
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as e:
-                fut.set_exception(e)
+    @property
+    def open_pairs(self) -> int:
+        return self.pairs
 
-        self.loop.call_soon_threadsafe(run)
-        return fut.result(30)
-
-    # -- on the loop ----------------------------------------------------------------------
-    def _set_listeners(self, want: dict[Address, Route]) -> list[str]:
+    # -- listeners -------------------------------------------------------------------
+    def set_listeners(self, want: dict[Address, Route]) -> list[str]:
+        """Listen on exactly `want`; returns problems (addresses that cannot be bound)."""
         problems = []
-        for addr in [a for a in self._listeners if a not in want]:
-            sock, _ = self._listeners.pop(addr)
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
-            log.info("SNI: stopped listening on %s:%d", *addr)
+        for addr in [a for a in self.listeners if a not in want]:
+            lst = self.listeners.pop(addr)
+            del self.handlers[lst.sock.fileno()]
+            lst.sock.close()
+            log.info("SNI: stopped listening on %s port %d", *addr)
         for addr, route in want.items():
-            if addr in self._listeners:
-                self._listeners[addr] = (self._listeners[addr][0], route)
+            if addr in self.listeners:
+                self.listeners[addr].route = route
                 continue
             try:
                 sock = listen_socket(*addr)
             except OSError as e:
-                problems.append(f"{route.label}: cannot listen on {addr[0]}:{addr[1]}: "
+                problems.append(f"{route.label}: cannot listen on {addr[0]} port {addr[1]}: "
                                 f"{e.strerror}")
                 continue
-            self._listeners[addr] = (sock, route)
-            self.loop.add_reader(sock.fileno(), self._accept, addr)
-            log.info("SNI: listening on %s:%d for %s", addr[0], addr[1], route.label)
+            lst = self.listeners[addr] = Listening(sock, route, addr)
+            self.watch(sock.fileno(), IN, self._accept, lst)
+            log.info("SNI: listening on %s port %d for %s", addr[0], addr[1], route.label)
         return problems
 
-    def _stop(self) -> None:
-        self._set_listeners({})
-        for task in list(self._pending):
-            task.cancel()
-        for pair in list(self._pairs):
-            self._close(pair)
-
-    def _accept(self, addr: Address) -> None:
-        entry = self._listeners.get(addr)
-        if entry is None:
-            return
-        lsock, route = entry
-        for _ in range(64):      # a burst per wake-up, then let other work run
+    # -- accept and hello ------------------------------------------------------------
+    def _accept(self, lst: Listening, _fd: int, _ev: int) -> None:
+        accept = lst.sock.accept
+        stats = self.stats
+        s = self.settings
+        for _ in range(ACCEPT_BURST):
             try:
-                conn, _peer = lsock.accept()
-            except (BlockingIOError, InterruptedError):
+                sock, peer = accept()
+            except BlockingIOError:
                 return
             except OSError as e:
-                log.warning("SNI: accept on %s:%d: %s", addr[0], addr[1], e)
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._refuse_one(lst, e)
+                    continue
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue
+                self._warn("accept", f"SNI: accept on {lst.route.label}: {e}")
                 return
-            conn.setblocking(False)
-            self.stats["accepted"] += 1
-            task = self.loop.create_task(self._handle(conn, route))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            stats["accepted"] += 1
+            why = ("connections waiting for a hello or a backend" if self.waiting >= s.max_pending
+                   else "pairs (--sni-max-pairs)" if self.pairs >= s.max_pairs else "")
+            key = None
+            if s.max_per_client:
+                key = peer[0]
+                if self.per_client.get(key, 0) >= s.max_per_client:
+                    why = "connections of one client (--sni-max-per-client)"
+            if why:
+                self._refuse(sock, why)
+                continue
+            c = Conn(sock, peer, lst)
+            if key is not None:
+                c.client_key = key
+                self.per_client[key] = self.per_client.get(key, 0) + 1
+            self.waiting += 1
+            try:
+                data = sock.recv(MAX_HELLO, PEEK)
+            except BlockingIOError:
+                data = None
+            except OSError:
+                data = b""
+            if not data:
+                if data is None:        # accepted on the kernel's timeout, nothing sent
+                    self._wait_hello(c, b"", self.late_hellos)
+                    continue
+                stats["closed_early"] += 1
+                self._finish(c)
+                continue
+            hello = fast_parse(data)
+            if hello is not None:
+                self._route(c, hello.server_name)
+            else:
+                self._wait_hello(c, data, self.hellos)
 
-    async def _handle(self, conn: socket.socket, route: Route) -> None:
-        owned = [conn]  # closed on the way out, unless handed over (cleared)
+    def _wait_hello(self, c: Conn, data: bytes, queue: Deadlines[Conn]) -> None:
+        """The slow path: a hello in several records or segments, or not yet sent."""
+        c.reader = HelloReader()
+        if self._read_hello(c, data):
+            queue.add(self.now, c)
+            self.handlers[c.fds[0]] = (self._hello_ready, c)
+            self.ep.register(c.fds[0], READ | ET)
+
+    def _read_hello(self, c: Conn, data: bytes) -> bool:
+        """Parse what has arrived; True while more must come."""
+        assert c.reader is not None
         try:
-            client, local = conn.getpeername()[:2], conn.getsockname()[:2]
+            res = c.reader.feed(data)
+        except HelloTooLong:
+            self.stats["hello_too_long"] += 1
+            self._hello_done(c, None)
+            return False
+        except HelloError as e:
+            self.stats["not_tls"] += 1
+            log.debug("SNI: %s port %d is not TLS (%s): closed", c.peer[0], c.peer[1], e)
+            self._finish(c, drain=True)
+            return False
+        if isinstance(res, Incomplete):
+            if data:    # woken only once `need` bytes are there (or at an end or error)
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, res.need)
+            return True
+        self._hello_done(c, res.server_name)
+        return False
+
+    def _hello_ready(self, c: Conn, fd: int, ev: int) -> None:
+        ended = ev & (RDHUP | HUP | ERR)
+        try:
+            data = c.sock.recv(MAX_HELLO, PEEK)
+        except BlockingIOError:
+            if not ended:
+                return
+            data = b""
+        except OSError:
+            data = b""
+        # A wake-up short of SO_RCVLOWAT without an end (memory pressure, a small
+        # window) is no end of stream: the reader waits on.
+        if data and (not self._read_hello(c, data) or not ended):
+            return
+        if c.phase == WAIT_HELLO:   # the client ended its side, its hello incomplete
+            self.stats["closed_early"] += 1
+            self._finish(c)
+
+    def _hello_done(self, c: Conn, name: str | None) -> None:
+        if c.reader is not None and c.fds[0] in self.handlers:
+            # Off the slow path: forget the hello's watch; the pair watches anew.
+            del self.handlers[c.fds[0]]
+            self.ep.unregister(c.fds[0])
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        c.reader = None
+        self._route(c, name)
+
+    # -- backend ---------------------------------------------------------------------
+    def _route(self, c: Conn, name: str | None) -> None:
+        lst = c.lst
+        route = lst.route
+        table = self.routes.routing.get(route.listener_id)
+        backend = None
+        if table is not None:
+            cip = int.from_bytes(socket.inet_pton(lst.family, c.peer[0]), "big")
+            h = client_hash_int(cip, lst.words) if route.client_ip_affinity else \
+                flow_hash_ints(cip, lst.local_int, c.peer[1], lst.port, 6, lst.words)
+            backend = pick(table, name, h)
+        if backend is None:     # closed with a RST, as XDP answers such a SYN
+            self.stats["no_backend"] += 1
+            self._finish(c, reset=True)
+            return
+        c.backend = backend
+        try:
+            up = socket.socket(backend.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as e:
+            self._refuse(c.sock, f"backend sockets ({e.strerror})", c)
+            return
+        c.up = up
+        try:
+            up.setsockopt(TCP, socket.TCP_NODELAY, 1)
+            for opt in KEEPALIVE:
+                up.setsockopt(*opt)
+            err = up.connect_ex(backend.address)
+        except OSError as e:
+            err = e.errno or errno.EIO
+        if err not in (0, errno.EINPROGRESS):
+            self._backend_failed(c, os.strerror(err))
+            return
+        c.phase = CONNECTING
+        c.fds = (c.fds[0], up.fileno())
+        self.handlers[c.fds[1]] = (self._connected, c)
+        self.ep.register(c.fds[1], OUT)
+        self.connects.add(self.now, c)
+
+    def _connected(self, c: Conn, fd: int, ev: int) -> None:
+        assert c.up is not None
+        if ev & (ERR | HUP):
+            err = c.up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._backend_failed(c, os.strerror(err) if err else "closed")
+            return
+        if self.pairs >= self.settings.max_pairs:
+            self._refuse(c.sock, "pairs (--sni-max-pairs)", c)
+            return
+        lst = c.lst
+        if lst.route.proxy_protocol:
+            hdr = proxy_header(lst.family, socket.inet_pton(lst.family, c.peer[0]), lst.local,
+                               c.peer[1], lst.port)
             try:
-                async with asyncio.timeout(self.hello_timeout):
-                    name = await self._read_hello(conn)
-            except TimeoutError:
-                self.stats["hello_timeout"] += 1
-                log.debug("SNI: %s:%d sent no ClientHello in %.0f s: closed", *client,
-                          self.hello_timeout)
-                close_clean(conn)
-                owned.clear()
+                sent = c.up.send(hdr)
+            except OSError:
+                sent = -1
+            if sent != len(hdr):
+                self._backend_failed(c, "cannot send the PROXY header")
                 return
-            except ClosedEarly:
-                self.stats["closed_early"] += 1
-                return
-            except HelloTooLong:
-                self.stats["hello_too_long"] += 1
-                name = None
-            except HelloError as e:
-                self.stats["not_tls"] += 1
-                log.debug("SNI: %s:%d is not TLS (%s): closed", *client, e)
-                close_clean(conn)
-                owned.clear()
-                return
-            backend = self.pick(route, name, client, local)
-            if backend is None:     # closed with a RST, as XDP answers such a SYN
-                self.stats["no_backend"] += 1
-                log.debug("SNI: %s:%d (%s): no eligible backend", *client, name)
-                return
-            upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            owned.append(upstream)
-            upstream.setblocking(False)
-            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            async with asyncio.timeout(self.connect_timeout):
-                await self.loop.sock_connect(upstream, backend)
-            header = proxy_v2_header(client, local) if route.proxy_protocol else b""
-            if header:
-                await self.loop.sock_sendall(upstream, header)
-            try:
-                cookies = self.splicer.join(conn, upstream)
-            except OSError as e:
-                # Only established sockets can join: a client that already half-closed
-                # (or a full sockhash) is relayed by copying instead.
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-                self.stats["relayed"] += 1
-                log.debug("SNI: %s:%d relayed by copy (%s)", *client, e)
-                task = self.loop.create_task(self._relay(conn, upstream))
-                self._pending.add(task)
-                task.add_done_callback(self._pending.discard)
-                owned.clear()
-                return
-            # Bytes queued before the join (the ClientHello) move only when the stream
-            # parser is told data is ready; setting SO_RCVLOWAT tells it.
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-            pair = _Pair((conn, upstream), cookies, (0, len(header)))
-            self._pairs.add(pair)
-            for i in (0, 1):
-                self.loop.add_reader(pair.socks[i].fileno(), self._on_readable, pair, i)
+            c.extra = sent
+        self.waiting -= 1
+        self.pairs += 1
+        c.phase = PAIRED
+        c.start_pair()
+        c.last = self.now
+        if self.settings.idle_timeout:
+            self.idle.add(self.now, c)
+        if self.splicer is not None and self._join(c):
+            return
+        self._pipe_pair(c, counted=self.splicer is not None)
+
+    def _backend_failed(self, c: Conn, why: str) -> None:
+        self.stats["backend_failed"] += 1
+        b = c.backend
+        self._warn(f"backend {b}", f"SNI: {c.lst.route.label}: backend "
+                   f"{b.address[0] if b else '?'} port {b.address[1] if b else 0}: {why}")
+        self._finish(c, reset=True)
+
+    # -- pipe forwarding -------------------------------------------------------------
+    def _pipe_pair(self, c: Conn, counted: bool = False) -> None:
+        c.sock.setblocking(False)     # a full client must not block the loop
+        if not counted:
             self.stats["spliced"] += 1
-            log.debug("SNI: %s:%d -> %s -> %s:%d", *client, name, *backend)
-            owned.clear()  # the pair's now
-        except (OSError, TimeoutError) as e:
-            self.stats["backend_failed"] += 1
-            log.warning("SNI: %s: backend connection failed: %s", route.label,
-                        e.strerror if isinstance(e, OSError) and e.strerror else "timeout")
-        finally:
-            for s in owned:
-                s.close()
+        self.handlers[c.fds[0]] = self.handlers[c.fds[1]] = (self._on_pair, c)
+        c.masks = [READ, READ]
+        self.ep.register(c.fds[0], READ)
+        self.ep.modify(c.fds[1], READ)
+        self._move(c, 0)              # the ClientHello is there: no need to wait for epoll
 
-    async def _read_hello(self, conn: socket.socket) -> str | None:
-        need = 1
-        data = _peek(conn)      # the hello is often there already: no epoll round trip
-        while True:
-            if len(data) >= need:
-                res = parse(data)
-                if isinstance(res, ClientHello):
-                    return res.server_name
-                need = res.need
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, need)
-            await self._readable(conn)
-            data = _peek(conn)
-            if len(data) < need:    # readable below the low-water mark: FIN or error
-                raise ClosedEarly
+    def _on_pair(self, c: Conn, fd: int, ev: int) -> None:
+        i = 0 if fd == c.fds[0] else 1
+        if ev & OUT and c.pending[1 - i]:
+            self._flush(c, 1 - i)
+        if c.phase != PAIRED:
+            return
+        if c.reading[i] and ev & (IN | RDHUP | HUP | ERR):
+            self._move(c, i)
+        elif ev & (ERR | HUP):    # a socket not read that failed: both sides go
+            self._reset(c)
 
-    async def _readable(self, sock: socket.socket) -> None:
-        fut: asyncio.Future[None] = self.loop.create_future()
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        self.loop.add_reader(sock.fileno(), ready)
+    def _move(self, c: Conn, d: int) -> None:
+        """Move what side d received to the other side."""
+        pipe = self.pipes.get()
         try:
-            await fut
-        finally:
-            self.loop.remove_reader(sock.fileno())
-
-    # -- spliced pairs --------------------------------------------------------------------
-    def _on_readable(self, pair: _Pair, i: int) -> None:
-        sock = pair.socks[i]
+            n = os.splice(c.fds[d], pipe[1], CHUNK, flags=SPLICE)
+        except BlockingIOError:
+            self.pipes.put(pipe)
+            return
+        except OSError:
+            self.pipes.put(pipe)
+            self._reset(c)
+            return
+        if not n:
+            self.pipes.put(pipe)
+            self._end_of(c, d)
+            return
+        c.last = self.now
         try:
-            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
+            m = os.splice(pipe[0], c.fds[1 - d], n, flags=SPLICE)
+        except BlockingIOError:
+            m = 0
+        except OSError:
+            discard(pipe)
+            self._reset(c)
             return
-        except OSError:             # reset: pass it on
-            self.stats["reset"] += 1
-            self._close(pair, reset=True)
+        if m == n:
+            self.pipes.put(pipe)
             return
-        if data:
-            # Bytes (and perhaps a FIN) that arrived before the socket joined: the stream
-            # parser moves them shortly; never read them here, look again after it has.
-            self.loop.remove_reader(sock.fileno())
-            self.loop.call_later(DRAIN_POLL, self._rewatch, pair, i)
-            return
-        self.loop.remove_reader(sock.fileno())
-        pair.eof[i] = True
-        self._shut_when_drained(pair, i)
+        # The destination is full: hold the rest, stop reading until it drains.
+        c.pipes[d], c.pending[d], c.reading[d] = pipe, n - m, False
+        self._watch(c)
 
-    def _rewatch(self, pair: _Pair, i: int) -> None:
-        if pair in self._pairs and not pair.eof[i]:
-            self.loop.add_reader(pair.socks[i].fileno(), self._on_readable, pair, i)
+    def _flush(self, c: Conn, d: int) -> None:
+        """Direction d's destination can take more: send what its pipe holds."""
+        pipe = c.pipes[d]
+        assert pipe is not None
+        try:
+            m = os.splice(pipe[0], c.fds[1 - d], c.pending[d], flags=SPLICE)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._reset(c)
+            return
+        c.pending[d] -= m
+        if c.pending[d]:
+            return
+        self.pipes.put(pipe)
+        c.pipes[d] = None
+        if c.eof[d]:
+            self._pass_fin(c, d)
+        else:
+            c.reading[d] = True
+            self._watch(c)
 
-    def _shut_when_drained(self, pair: _Pair, i: int, delay: float = DRAIN_POLL) -> None:
+    def _end_of(self, c: Conn, d: int) -> None:
+        c.eof[d], c.reading[d] = True, False
+        if not c.pending[d]:
+            self._pass_fin(c, d)
+        elif c.phase == PAIRED:
+            self._watch(c)
+
+    def _pass_fin(self, c: Conn, d: int) -> None:
+        with contextlib.suppress(OSError):
+            (c.up if d == 0 else c.sock).shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
+        c.done[d] = True
+        if c.done[1 - d]:
+            self.stats["closed"] += 1
+            self._finish(c)
+        else:
+            self._watch(c)
+
+    def _watch(self, c: Conn) -> None:
+        """Each socket is watched for reading while its direction is open and free, and
+        for room while the other direction holds bytes for it. A socket with nothing to
+        watch leaves epoll: one whose peer has ended while its bytes wait for room would
+        report EPOLLHUP at every turn of the loop."""
+        for i in (0, 1):
+            mask = (READ if c.reading[i] else 0) | (OUT if c.pending[1 - i] else 0)
+            cur = c.masks[i]
+            if mask == cur:
+                continue
+            c.masks[i] = mask
+            if not mask:
+                self.ep.unregister(c.fds[i])
+            elif not cur:
+                self.ep.register(c.fds[i], mask)
+            else:
+                self.ep.modify(c.fds[i], mask)
+
+    def _reset(self, c: Conn) -> None:
+        self.stats["reset"] += 1
+        self._finish(c, reset=True)
+
+    # -- sockmap forwarding ----------------------------------------------------------
+    def _join(self, c: Conn) -> bool:
+        assert self.splicer is not None and c.up is not None
+        try:
+            self.splicer.join(c.sock, c.up)
+        except OSError as e:
+            # Only established sockets can join: a client that already half-closed (or a
+            # full sockhash) is spliced through a pipe instead.
+            self.stats["relayed"] += 1
+            log.debug("SNI: %s port %d spliced through a pipe (%s)", *c.peer[:2], e)
+            return False
+        c.spliced = True
+        self.stats["spliced"] += 1
+        # Bytes queued before the join (the ClientHello) move once the socket is told
+        # data is ready; setting SO_RCVLOWAT tells it.
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        self.handlers[c.fds[0]] = self.handlers[c.fds[1]] = (self._on_spliced, c)
+        self.ep.register(c.fds[0], RDHUP | ET)
+        self.ep.modify(c.fds[1], RDHUP | ET)
+        return True
+
+    def _on_spliced(self, c: Conn, fd: int, ev: int) -> None:
+        if c.phase != PAIRED:
+            return
+        if ev & ERR:
+            self._reset(c)
+            return
+        i = 0 if fd == c.fds[0] else 1
+        if not c.eof[i]:
+            c.eof[i] = True
+            self._shut_when_drained(c, i, 0)
+
+    def _shut_when_drained(self, c: Conn, i: int, level: int) -> None:
         """Pass side i's FIN on once every byte it received has reached its peer's send
-        queue: the verdict hands bytes to the peer asynchronously, and a shutdown before
-        they are queued would lose them."""
-        if pair not in self._pairs:
-            return
-        sock, peer = pair.socks[i], pair.socks[1 - i]
+        queue: the verdict hands bytes to the peer through a work queue, and a shutdown
+        before they are queued would lose them."""
+        sock, peer = (c.sock, c.up) if i == 0 else (c.up, c.sock)
+        assert sock is not None and peer is not None
         try:
             # The FIN that ended side i counts as one received byte.
-            drained = bytes_written(peer) >= bytes_received(sock) - 1 + pair.extra[1 - i]
+            drained = _written(peer) >= _received(sock) - 1 + (c.extra if i == 0 else 0)
         except OSError:
             drained = True
         if not drained:     # a peer that reads slowly is looked at less and less often
-            self.loop.call_later(delay, self._shut_when_drained, pair, i, min(2 * delay, 1.0))
+            self.drains[min(level, len(DRAIN_DELAYS) - 1)].add(self.now, (c, i))
             return
+        c.done[i] = True
         with contextlib.suppress(OSError):
             peer.shutdown(socket.SHUT_WR)
-        pair.shut[i] = True
-        if all(pair.shut):
-            self._close(pair)
+        if c.done[1 - i]:
+            self.stats["closed"] += 1
+            self._finish(c)
 
-    async def _relay(self, a: socket.socket, b: socket.socket) -> None:
-        async def pump(src: socket.socket, dst: socket.socket) -> None:
-            while data := await self.loop.sock_recv(src, 65536):
-                await self.loop.sock_sendall(dst, data)
-            dst.shutdown(socket.SHUT_WR)
+    # -- time ------------------------------------------------------------------------
+    def _expire(self) -> None:
+        now = self.now
+        for q in (self.hellos, self.late_hellos):
+            for c in q.due(now):
+                if c.phase == WAIT_HELLO:
+                    self.stats["hello_timeout"] += 1
+                    log.debug("SNI: %s port %d sent no ClientHello in time: closed",
+                              *c.peer[:2])
+                    self._finish(c, drain=True)
+        for c in self.connects.due(now):
+            if c.phase == CONNECTING:
+                self._backend_failed(c, "no answer in time")
+        for level, dq in enumerate(self.drains):
+            for side in dq.due(now):
+                if side[0].phase == PAIRED:
+                    self._shut_when_drained(side[0], side[1], level + 1)
+        timeout = self.settings.idle_timeout
+        for pair in self.idle.due(now):
+            if pair.phase != PAIRED:
+                continue
+            if now - self._last_activity(pair) >= timeout:
+                self.stats["idle_timeout"] += 1
+                self._finish(pair)
+            else:
+                self.idle.add(now, pair)
 
-        try:
-            await asyncio.gather(pump(a, b), pump(b, a))
+    def _last_activity(self, c: Conn) -> float:
+        if not c.spliced:
+            return c.last
+        try:    # the kernel moves the bytes: ask it when each side last received some
+            ms = min(_last_data_recv(c.sock), _last_data_recv(c.up))  # type: ignore[arg-type]
         except OSError:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        finally:
-            a.close()
-            b.close()
+            return 0.0
+        return self.now - ms / 1000
 
-    def _close(self, pair: _Pair, reset: bool = False) -> None:
-        if pair not in self._pairs:
+    # -- the end ---------------------------------------------------------------------
+    def _refuse(self, sock: socket.socket, why: str, c: Conn | None = None) -> None:
+        self.stats["refused"] += 1
+        self._warn(why, f"SNI: new connections refused: too many {why}")
+        if c is not None:
+            self._finish(c, reset=True)
             return
-        self._pairs.discard(pair)
-        self.splicer.part(pair.cookies)
-        for s, done in zip(pair.socks, pair.eof, strict=True):
-            if not done:
-                self.loop.remove_reader(s.fileno())
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        sock.close()
+
+    def _refuse_one(self, lst: Listening, e: OSError) -> None:
+        """Out of descriptors: a spare one, freed for an instant, lets the connection be
+        taken off the queue and reset; left there, it would wake the loop forever."""
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+        try:
+            sock, _ = lst.sock.accept()
+        except OSError:
+            sock = None
+        if sock is not None:
+            self.stats["accepted"] += 1
+            self._refuse(sock, f"open files ({e.strerror})")
+        with contextlib.suppress(OSError):
+            self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    def _finish(self, c: Conn, reset: bool = False, drain: bool = False) -> None:
+        """Close a connection in whatever phase it is: RST with `reset`, a clean FIN
+        otherwise (after dropping what the client sent, with `drain`)."""
+        phase, c.phase = c.phase, DONE
+        if phase == DONE:
+            return
+        if phase == PAIRED:
+            self.pairs -= 1
+            for pipe in c.pipes:
+                if pipe is not None:
+                    discard(pipe)
+            c.pipes = [None, None]
+        else:
+            self.waiting -= 1
+        if c.client_key is not None:
+            n = self.per_client[c.client_key] - 1
+            if n:
+                self.per_client[c.client_key] = n
+            else:
+                del self.per_client[c.client_key]
+        # Closing a descriptor takes it out of epoll (the acceptor never duplicates one).
+        for fd in c.fds:
+            self.handlers.pop(fd, None)
+        for s in (c.sock, c.up):
+            if s is None:
+                continue
             if reset:
                 with contextlib.suppress(OSError):
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            s.close()
-        self.stats["closed"] += 1
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            elif drain and s is c.sock:
+                _drain(s)
+            self._closing.append(s)
 
-    @property
-    def open_pairs(self) -> int:
-        return len(self._pairs)
+    def _warn(self, kind: str, text: str) -> None:
+        last = self._warned.get(kind)
+        if last is None or self.now - last >= WARN_EVERY:
+            self._warned[kind] = self.now
+            log.warning("%s", text)
 
+
+def _drain(sock: socket.socket) -> None:
+    """Drop what the client sent but nobody read: closing then sends a FIN, not a RST."""
+    with contextlib.suppress(OSError):
+        for _ in range(16):
+            if not sock.recv(65536, socket.MSG_DONTWAIT):
+                break
+
+
+def _received(sock: socket.socket) -> int:
+    """tcp_info.tcpi_bytes_received: every in-order byte that arrived on the socket."""
+    return int.from_bytes(sock.getsockopt(TCP, socket.TCP_INFO, 136)[128:136], "little")
+
+
+def _written(sock: socket.socket) -> int:
+    """Bytes handed to the socket for sending: acknowledged plus still queued."""
+    acked = int.from_bytes(sock.getsockopt(TCP, socket.TCP_INFO, 128)[120:128], "little")
+    outq = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return acked + int.from_bytes(outq, sys.byteorder)
+
+
+def _last_data_recv(sock: socket.socket) -> int:
+    """tcp_info.tcpi_last_data_recv: milliseconds since data last arrived."""
+    return int.from_bytes(sock.getsockopt(TCP, socket.TCP_INFO, 56)[52:56], sys.byteorder)

@@ -44,39 +44,126 @@ class ClientHello:
 def parse(data: bytes, limit: int = MAX_HELLO) -> ClientHello | Incomplete:
     """Parse the start of a TLS stream. Raises HelloError as soon as the first
     bytes rule out a ClientHello, so plain-text protocols are recognised at once."""
-    handshake = bytearray()
-    pos = 0
-    while True:
-        if handshake:
-            if handshake[0] != HANDSHAKE_CLIENT_HELLO:
-                raise HelloError(f"handshake type {handshake[0]} is not a ClientHello")
-            if len(handshake) >= 4:
-                total = 4 + int.from_bytes(handshake[1:4], "big")
-                if len(handshake) >= total:
-                    return ClientHello(_server_name(bytes(handshake[4:total])), pos)
-        if len(data) > pos and data[pos] != CONTENT_HANDSHAKE:
-            raise HelloError(f"record type {data[pos]} is not a handshake")
-        if len(data) > pos + 1 and data[pos + 1] != 3:
-            raise HelloError(f"record version major {data[pos + 1]} is not TLS")
-        if len(data) < pos + RECORD_HEADER:
-            return _need(pos + RECORD_HEADER, limit)
-        if not handshake and len(data) > pos + RECORD_HEADER \
-                and data[pos + RECORD_HEADER] != HANDSHAKE_CLIENT_HELLO:
-            raise HelloError(f"handshake type {data[pos + RECORD_HEADER]} is not a ClientHello")
-        rlen = int.from_bytes(data[pos + 3:pos + 5], "big")
-        if not 0 < rlen <= MAX_RECORD:
-            raise HelloError(f"record length {rlen} out of range")
-        end = pos + RECORD_HEADER + rlen
-        if len(data) < end:
-            return _need(end, limit)
-        handshake += data[pos + RECORD_HEADER:end]
-        pos = end
+    return HelloReader(limit).feed(data)
 
 
-def _need(n: int, limit: int) -> Incomplete:
-    if n > limit:
-        raise HelloTooLong(f"ClientHello longer than {limit} bytes")
-    return Incomplete(n)
+class HelloReader:
+    """The parser of one connection, fed the stream from its first byte each time more of
+    it has arrived. It resumes at the first record it has not taken yet, so a hello in
+    many small records costs its length once, not once per wake-up; and once the
+    handshake's length is known it asks for every byte still missing at once (plus one
+    record header), so a hello in many small records wakes the reader a few dozen
+    times at most, not once per record."""
+
+    __slots__ = ("handshake", "limit", "pos", "total")
+
+    def __init__(self, limit: int = MAX_HELLO) -> None:
+        self.limit = limit
+        self.pos = 0                    # records taken, in bytes from the stream's start
+        self.handshake = bytearray()    # their payload
+        self.total = 0                  # the handshake message's length, 0 while unknown
+
+    def feed(self, data: bytes) -> ClientHello | Incomplete:
+        hs = self.handshake
+        while True:
+            if hs:
+                if hs[0] != HANDSHAKE_CLIENT_HELLO:
+                    raise HelloError(f"handshake type {hs[0]} is not a ClientHello")
+                if not self.total and len(hs) >= 4:
+                    self.total = 4 + int.from_bytes(hs[1:4], "big")
+                if self.total and len(hs) >= self.total:
+                    return ClientHello(_server_name(bytes(hs[4:self.total])), self.pos)
+            pos = self.pos
+            missing = self.total - len(hs) if self.total else 0
+            if len(data) > pos and data[pos] != CONTENT_HANDSHAKE:
+                raise HelloError(f"record type {data[pos]} is not a handshake")
+            if len(data) > pos + 1 and data[pos + 1] != 3:
+                raise HelloError(f"record version major {data[pos + 1]} is not TLS")
+            if len(data) < pos + RECORD_HEADER:
+                return self._need(pos + RECORD_HEADER + missing)
+            if not hs and len(data) > pos + RECORD_HEADER \
+                    and data[pos + RECORD_HEADER] != HANDSHAKE_CLIENT_HELLO:
+                raise HelloError(f"handshake type {data[pos + RECORD_HEADER]} is not a "
+                                 "ClientHello")
+            rlen = int.from_bytes(data[pos + 3:pos + 5], "big")
+            if not 0 < rlen <= MAX_RECORD:
+                raise HelloError(f"record length {rlen} out of range")
+            end = pos + RECORD_HEADER + rlen
+            if len(data) < end:
+                after = missing - rlen
+                return self._need(end + (RECORD_HEADER + after if after > 0 else 0))
+            hs += data[pos + RECORD_HEADER:end]
+            self.pos = end
+
+    def _need(self, n: int) -> Incomplete:
+        if n > self.limit:
+            raise HelloTooLong(f"ClientHello longer than {self.limit} bytes")
+        return Incomplete(n)
+
+
+def fast_parse(data: bytes) -> ClientHello | None:
+    """The common case, a whole ClientHello in the first record, read in place: its
+    server name as parse() gives it. None whenever the full parser must decide (a hello
+    over several records, too short, or anything it would refuse)."""
+    n = len(data)
+    if n < 9 or data[0] != CONTENT_HANDSHAKE or data[1] != 3 \
+            or data[5] != HANDSHAKE_CLIENT_HELLO:
+        return None
+    rend = RECORD_HEADER + ((data[3] << 8) | data[4])
+    end = 9 + ((data[6] << 16) | (data[7] << 8) | data[8])
+    if rend > n or rend - RECORD_HEADER > MAX_RECORD or end > rend:
+        return None
+    p = 9 + 34                                      # legacy_version, random
+    if p >= end:
+        return None
+    p += 1 + data[p]                                # legacy_session_id
+    if p + 2 > end:
+        return None
+    p += 2 + ((data[p] << 8) | data[p + 1])         # cipher_suites
+    if p >= end:
+        return None
+    p += 1 + data[p]                                # legacy_compression_methods
+    if p > end:
+        return None
+    if p == end:
+        return ClientHello(None, rend)              # no extensions
+    if p + 2 > end:
+        return None
+    eend = p + 2 + ((data[p] << 8) | data[p + 1])
+    if eend > end:
+        return None
+    p += 2
+    while p + 4 <= eend:
+        etype = (data[p] << 8) | data[p + 1]
+        elen = (data[p + 2] << 8) | data[p + 3]
+        p += 4
+        if p + elen > eend:
+            return None
+        if etype == EXT_SERVER_NAME:
+            return _fast_host_name(data, p, p + elen, rend)
+        p += elen
+    return ClientHello(None, rend) if p == eend else None
+
+
+def _fast_host_name(data: bytes, p: int, end: int, length: int) -> ClientHello | None:
+    if p + 2 > end:
+        return None
+    lend = p + 2 + ((data[p] << 8) | data[p + 1])
+    if lend > end:
+        return None
+    q = p + 2
+    while q + 3 <= lend:
+        ntype, nlen = data[q], (data[q + 1] << 8) | data[q + 2]
+        q += 3
+        if q + nlen > lend:
+            return None
+        if ntype == NAME_TYPE_HOST:
+            name = data[q:q + nlen]
+            if not name.isascii():
+                return None
+            return ClientHello(name.decode("ascii").lower().rstrip(".") or None, length)
+        q += nlen
+    return ClientHello(None, length) if q == lend else None
 
 
 class _Reader:

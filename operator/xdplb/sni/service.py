@@ -1,45 +1,42 @@
-"""The agent's SNI path: one acceptor for every SNI listener of the plan, the local
-routes that make their VIPs deliver SYNs to it, and the in-kernel splice.
+"""The agent's SNI path: one acceptor process for every SNI listener of the plan, the
+local routes that make their VIPs deliver SYNs to it, and the routing snapshot it gets
+after every apply.
 
 XDP leaves new flows of an SNI listener that no source route claims to the kernel
 (XDP_PASS). A VIP is not an address of the node, so a `local` route in the local
 table (on lo, protocol RTPROT_XDPLB so ours are found again after a crash) makes the
-kernel deliver them to the acceptor's socket, bound with IP_FREEBIND. A wildcard SNI
-listener binds each address of its interfaces, never 0.0.0.0.
+kernel deliver them to the acceptor's socket, bound with FREEBIND. A wildcard SNI
+listener binds each address of its interfaces, never the wildcard address.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from collections.abc import Mapping
-from functools import partial
 
 from pyroute2 import IPRoute
 
-from xdplb.dataplane.bpfsys import BpfMap
 from xdplb.dataplane.entries import Inventory, listener_interfaces
 from xdplb.plan.model import Plan
-from xdplb.sni.acceptor import HELLO_TIMEOUT, Acceptor, Address
-from xdplb.sni.routes import Route, pick_backend
-from xdplb.sni.splice import Splicer
+from xdplb.sni.routes import Address, Route, RoutingSender, sni_listeners
+from xdplb.sni.settings import SniSettings
+from xdplb.sni.worker import Worker, WorkerError
 
 log = logging.getLogger("xdplb.sni")
 
 RTPROT_XDPLB = 0xB5          # marks the local routes this agent added
 RT_TABLE_LOCAL = 255
 RT_SCOPE_HOST = 254
-LOOKUP_MAPS = ("sni_routes", "groups", "pool", "backends")
+
+ListenerIds = Mapping[tuple[str | None, int, str], int]
 
 
-def bindings(plan: Plan, inv: Inventory,
-             listener_ids: Mapping[tuple[str | None, int, str], int]) -> dict[Address, Route]:
+def bindings(plan: Plan, inv: Inventory, listener_ids: ListenerIds) -> dict[Address, Route]:
     """(address, port) -> route for every SNI listener; an exact address beats a
     wildcard listener on the same port (as in the listener map)."""
     out: dict[Address, Route] = {}
-    sni = [lst for lst in plan.listeners if lst.sni]
-    for lst in sorted(sni, key=lambda lst: lst.address is None):
+    for lst in sorted(sni_listeners(plan), key=lambda lst: lst.address is None):
         route = Route(listener_ids[lst.identity], lst.label, lst.client_ip_affinity,
                       lst.proxy_protocol)
         if lst.address:
@@ -58,51 +55,94 @@ def local_routes_needed(want: Mapping[Address, Route], inv: Inventory) -> set[st
     return {addr for addr, _port in want if addr not in own}
 
 
+def _family(address: str) -> tuple[int, int]:
+    return (socket.AF_INET6, 128) if ":" in address else (socket.AF_INET, 32)
+
+
 class SniService:
-    def __init__(self, maps: Mapping[str, BpfMap], pin_dir: str,
-                 hello_timeout: float = HELLO_TIMEOUT) -> None:
-        self.pin_dir = pin_dir  # where the splice's maps pass from its compiler
-        # Own descriptors: lookups from the acceptor's thread stay out of the writer's counts.
-        self.maps = {n: BpfMap(os.dup(maps[n].fd), n) for n in LOOKUP_MAPS}
-        self.hello_timeout = hello_timeout
-        self.splicer: Splicer | None = None
-        self.acceptor: Acceptor | None = None
+    def __init__(self, pin_dir: str, settings: SniSettings | None = None,
+                 log_format: str = "text") -> None:
+        self.pin_dir = pin_dir  # where the sockmap splice's map passes from its compiler
+        self.settings = settings or SniSettings()
+        self.log_format = log_format
+        self.worker: Worker | None = None
+        self._sender = RoutingSender()
+        self._last: tuple[Plan, ListenerIds, dict[Address, Route]] | None = None
         self._routes: set[str] = set()
         self._remove_routes(set())           # leftovers of an agent that died
 
-    def apply(self, plan: Plan, inv: Inventory,
-              listener_ids: Mapping[tuple[str | None, int, str], int]) -> list[str]:
-        """Bring listeners and local routes in line with the plan; returns problems."""
+    @property
+    def acceptor_pid(self) -> int | None:
+        return self.worker.pid if self.worker is not None else None
+
+    def apply(self, plan: Plan, inv: Inventory, listener_ids: ListenerIds) -> list[str]:
+        """Bring listeners, routing and local routes in line with the plan; returns
+        problems."""
         want = bindings(plan, inv, listener_ids)
-        if want and self.acceptor is None:
-            self.splicer = Splicer(self.pin_dir)
-            self.acceptor = Acceptor(partial(pick_backend, self.maps), self.splicer,
-                                     self.hello_timeout)
-            self.acceptor.start()
-        if self.acceptor is None:
+        if not want and self.worker is None:
             return []
         routes = local_routes_needed(want, inv)
         self._add_routes(routes - self._routes)
-        problems = self.acceptor.set_listeners(want)
+        self._last = (plan, dict(listener_ids), want)
+        try:
+            problems = self._send(plan, listener_ids, want)
+        except WorkerError as e:
+            log.error("SNI: %s; starting a new acceptor", e)
+            self._discard_worker()
+            try:
+                problems = self._send(plan, listener_ids, want)
+            except WorkerError as e2:
+                self._discard_worker()
+                problems = [f"SNI listeners not served: {e2}"]
         self._remove_routes(routes)
         return problems
 
+    def _send(self, plan: Plan, listener_ids: ListenerIds,
+              want: dict[Address, Route]) -> list[str]:
+        if self.worker is None:
+            self.worker = Worker(self.settings, self.pin_dir, self.log_format)
+        # The routing first: a connection accepted on a new listener finds its table.
+        self.worker.ask("routes", self._sender.update(plan, listener_ids))
+        problems: list[str] = self.worker.ask("listen", want)
+        return problems
+
+    def _discard_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.kill()
+            self.worker = None
+        self._sender.forget()
+
+    def check(self) -> None:
+        """A dead acceptor process is replaced (its pairs are gone with it)."""
+        if self.worker is None or self.worker.alive() or self._last is None:
+            return
+        log.error("SNI: the acceptor process exited (%s); starting a new one",
+                  self.worker.proc.returncode)
+        self._discard_worker()
+        plan, ids, want = self._last
+        try:
+            for p in self._send(plan, ids, want):
+                log.warning("%s", p)
+        except WorkerError as e:
+            log.error("SNI: %s", e)
+            self._discard_worker()
+
     def stats(self) -> tuple[dict[str, int], int]:
         """The acceptor's counters (OUTCOMES) and the pairs it splices now."""
-        if self.acceptor is None:
+        if self.worker is None:
             return {}, 0
-        return dict(self.acceptor.stats), self.acceptor.open_pairs
+        try:
+            counts, pairs = self.worker.ask("stats")
+        except WorkerError as e:
+            log.warning("SNI: %s", e)
+            return {}, 0
+        return counts, pairs
 
     def stop(self) -> None:
-        if self.acceptor is not None:
-            self.acceptor.stop()
-            self.acceptor = None
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
         self._remove_routes(set())
-        if self.splicer is not None:
-            self.splicer.close()
-            self.splicer = None
-        for m in self.maps.values():
-            m.close()
 
     # -- local routes -------------------------------------------------------------------
     def _add_routes(self, addrs: set[str]) -> None:
@@ -111,20 +151,24 @@ class SniService:
         with IPRoute() as ipr:
             lo = ipr.link_lookup(ifname="lo")[0]
             for a in sorted(addrs):
-                ipr.route("replace", dst=a, dst_len=32, type="local", table=RT_TABLE_LOCAL,
-                          proto=RTPROT_XDPLB, scope=RT_SCOPE_HOST, oif=lo)
+                family, length = _family(a)
+                ipr.route("replace", family=family, dst=a, dst_len=length, type="local",
+                          table=RT_TABLE_LOCAL, proto=RTPROT_XDPLB, scope=RT_SCOPE_HOST,
+                          oif=lo)
                 self._routes.add(a)
                 log.info("SNI: %s made local (route in table local on lo)", a)
 
     def _remove_routes(self, keep: set[str]) -> None:
         with IPRoute() as ipr:
-            ours = [r for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_LOCAL)
-                    if r["proto"] == RTPROT_XDPLB]
-            for r in ours:
-                a = r.get_attr("RTA_DST")
-                if a in keep:
-                    continue
-                ipr.route("del", dst=a, dst_len=32, type="local", table=RT_TABLE_LOCAL,
-                          proto=RTPROT_XDPLB, scope=RT_SCOPE_HOST, oif=r.get_attr("RTA_OIF"))
-                self._routes.discard(a)
-                log.info("SNI: local route for %s removed", a)
+            for family in (socket.AF_INET, socket.AF_INET6):
+                ours = [r for r in ipr.get_routes(family=family, table=RT_TABLE_LOCAL)
+                        if r["proto"] == RTPROT_XDPLB]
+                for r in ours:
+                    a = r.get_attr("RTA_DST")
+                    if a in keep:
+                        continue
+                    ipr.route("del", family=family, dst=a, dst_len=_family(a)[1],
+                              type="local", table=RT_TABLE_LOCAL, proto=RTPROT_XDPLB,
+                              scope=RT_SCOPE_HOST, oif=r.get_attr("RTA_OIF"))
+                    self._routes.discard(a)
+                    log.info("SNI: local route for %s removed", a)

@@ -1,28 +1,28 @@
-"""The in-kernel splice of two TCP sockets (dataplane/bpf/splice.c): a sockhash with
-an sk_skb stream verdict that redirects every received byte to the peer socket."""
+"""The in-kernel splice of two TCP sockets through a sockmap (dataplane/bpf/splice.c):
+a sockhash with an sk_skb verdict that sends every received byte out of the peer
+socket. Used with `--sni-forward sockmap`; the default forwarder is splice(2) through a
+pipe (sni/pipes.py), which bench/sni.py measured faster here (bench/README.md)."""
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import os
 import shutil
 import socket
+import struct
 import uuid
 
 from xdplb.dataplane.apart import run_apart
-from xdplb.dataplane.bpfsys import BpfError, BpfMap, obj_pin
+from xdplb.dataplane.bpfsys import MAP_DELETE_ELEM, MAP_UPDATE_ELEM, BpfMap, bpf, obj_pin
 from xdplb.dataplane.layout import BPF_DIR
 from xdplb.errors import XdplbError
 
 SO_COOKIE = 57
+BPF_NOEXIST = 1
 
 
 def cookie(sock: socket.socket) -> int:
     return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
-
-
-def _u64(v: int) -> bytes:
-    return v.to_bytes(8, "little")
 
 
 class SpliceError(XdplbError):
@@ -30,10 +30,10 @@ class SpliceError(XdplbError):
 
 
 class Splicer:
-    """Compiled once per agent, in a child process (as the data path: the agent never
-    maps the compiler), which attaches the programs to the sockhash and pins both maps
-    under `pin_dir` for the agent to open; the pins then go. Sockets joined here belong
-    to the agent process, so they live as long as it does."""
+    """Compiled once per acceptor, in a child process (the acceptor never maps the
+    compiler), which attaches the verdict to the sockhash and pins the map under
+    `pin_dir` for the acceptor to open; the pin then goes. Sockets joined here belong
+    to the acceptor process, so they live as long as it does."""
 
     def __init__(self, pin_dir: str, max_sockets: int = 65536) -> None:
         # Unique by uuid, not by pid: in a pod every agent is PID 1.
@@ -42,58 +42,54 @@ class Splicer:
             if error := run_apart(f"{__name__}:compile_splice", work, str(max_sockets)):
                 raise SpliceError(f"compiling the splice failed: {error}")
             self.socks = BpfMap.pinned(f"{work}/socks")
-            try:
-                self.peers = BpfMap.pinned(f"{work}/peers")
-            except OSError:
-                self.socks.close()
-                raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        # One attribute block for every update: a join costs two bpf(2) calls, no more.
+        self._key = ctypes.create_string_buffer(8)
+        self._value = ctypes.create_string_buffer(self.socks.value_size)
+        self._attr = ctypes.create_string_buffer(32)
+        struct.pack_into("=IIQQQ", self._attr, 0, self.socks.fd, 0,
+                         ctypes.addressof(self._key), ctypes.addressof(self._value), 0)
 
-    def join(self, client: socket.socket, backend: socket.socket) -> tuple[int, int]:
-        """Splice two connected sockets. The backend joins first: a TLS server speaks only
-        after the ClientHello, which moves across as soon as the client joins."""
-        cc, bc = cookie(client), cookie(backend)
-        self.peers.update(_u64(cc), _u64(bc))
-        self.peers.update(_u64(bc), _u64(cc))
-        width = self.socks.value_size
+    def _put(self, key: int, sock: socket.socket) -> None:
+        struct.pack_into("=Q", self._key, 0, key)
+        self._value.raw = sock.fileno().to_bytes(len(self._value), "little")
+        bpf(MAP_UPDATE_ELEM, self._attr)
+
+    def _drop(self, key: int) -> None:
+        struct.pack_into("=Q", self._key, 0, key)
         try:
-            self.socks.update(_u64(bc), backend.fileno().to_bytes(width, "little"))
-            self.socks.update(_u64(cc), client.fileno().to_bytes(width, "little"))
-        except BpfError:
-            # Leaving the map gives a socket its ordinary receive path back.
-            for c in (cc, bc):
-                with contextlib.suppress(BpfError):
-                    self.socks.delete(_u64(c))
-            self.part((cc, bc))
-            raise
-        return cc, bc
+            bpf(MAP_DELETE_ELEM, self._attr)
+        except OSError:
+            pass
 
-    def part(self, cookies: tuple[int, int]) -> None:
-        """Forget a pair; closing a socket removes it from the sockhash by itself."""
-        for c in cookies:
-            try:
-                self.peers.delete(_u64(c))
-            except BpfError:
-                pass
+    def join(self, client: socket.socket, backend: socket.socket) -> None:
+        """Splice two connected sockets: each goes in under its peer's cookie. The backend
+        joins first: a TLS server speaks only after the ClientHello, which moves across
+        once the client has joined. Raises OSError when either cannot join (a socket that
+        is no longer established); neither is in the map then."""
+        cc, bc = cookie(client), cookie(backend)
+        self._put(cc, backend)
+        try:
+            self._put(bc, client)
+        except OSError:
+            # Leaving the map gives a socket its ordinary receive path back.
+            self._drop(cc)
+            raise
 
     def close(self) -> None:
         self.socks.close()
-        self.peers.close()
 
 
 def compile_splice(work: str, max_sockets: str) -> None:
-    """The child's part of Splicer(): compile, attach the programs to the sockhash, pin
-    the maps (a sockhash holds its programs)."""
+    """The child's part of Splicer(): compile, attach the verdict to the sockhash, pin
+    the map (a sockhash holds its program)."""
     from bcc import BPF, BPFAttachType, libbcc  # system package, imported late
 
     b = BPF(src_file=str(BPF_DIR / "splice.c").encode(),
             cflags=[f"-DMAX_SPLICED={int(max_sockets)}"])
-    parser = b.load_func(b"splice_parser", BPF.SK_SKB)
     verdict = b.load_func(b"splice_verdict", BPF.SK_SKB)
     socks_fd = libbcc.lib.bpf_table_fd(b.module, b"socks")
-    BPF.attach_func(parser, socks_fd, BPFAttachType.SK_SKB_STREAM_PARSER)
-    BPF.attach_func(verdict, socks_fd, BPFAttachType.SK_SKB_STREAM_VERDICT)
+    BPF.attach_func(verdict, socks_fd, BPFAttachType.SK_SKB_VERDICT)
     os.makedirs(work, exist_ok=True)
     obj_pin(socks_fd, f"{work}/socks")
-    obj_pin(libbcc.lib.bpf_table_fd(b.module, b"peers"), f"{work}/peers")

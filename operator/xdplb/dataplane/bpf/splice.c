@@ -1,29 +1,23 @@
-/* The SNI splice. Once the agent has read a connection's ClientHello and
- * connected to the chosen backend, it puts both sockets in `socks` (keyed by
- * socket cookie) and records each as the other's peer: from then on every
- * byte a socket receives is moved to its peer's send queue inside the kernel.
- * Bytes queued before a socket joined (the peeked ClientHello) go the same way. */
+/* The SNI splice through a sockmap (`--sni-forward sockmap`). Once the acceptor
+ * has read a connection's ClientHello and connected to the chosen backend, it
+ * puts each socket in `socks` under its peer's socket cookie: the verdict looks
+ * up the cookie of the socket that received a message and so finds the socket
+ * to send it out of. A join is two map updates; closing a socket takes it out.
+ * Bytes queued before a socket joined (the peeked ClientHello) go the same way.
+ *
+ * Attached as BPF_SK_SKB_VERDICT, without a stream parser: every skb is one
+ * message (a parser would only return skb->len, and costs its own set-up and
+ * teardown on every socket). */
 #include <uapi/linux/bpf.h>
 
 #ifndef MAX_SPLICED
 #define MAX_SPLICED 65536
 #endif
 
-BPF_SOCKHASH(socks, u64, MAX_SPLICED);
-BPF_HASH(peers, u64, u64, MAX_SPLICED);   /* socket cookie -> peer's cookie */
-
-/* Each skb is one message: the verdict sees everything that arrived. */
-int splice_parser(struct __sk_buff *skb)
-{
-	return skb->len;
-}
+BPF_SOCKHASH(socks, u64, MAX_SPLICED);   /* peer's socket cookie -> socket */
 
 int splice_verdict(struct __sk_buff *skb)
 {
-	u64 cookie = bpf_get_socket_cookie(skb);
-	u64 *peer = peers.lookup(&cookie);
-	if (!peer)
-		return SK_DROP;
-	u64 key = *peer;
+	u64 key = bpf_get_socket_cookie(skb);
 	return socks.sk_redirect_hash(skb, &key, 0);
 }

@@ -1,0 +1,38 @@
+"""Deadline queues of the acceptor. Every item of one queue waits the same delay, so the
+order of arrival is the order of expiry: a plain FIFO, with no heap and no timer object
+per connection. Items are not removed when they no longer wait (a hello that came in
+time): the acceptor checks, when an item falls due, whether it still waits for that."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Deadlines(Generic[T]):
+    __slots__ = ("_q", "delay")
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self._q: deque[tuple[float, T]] = deque()
+
+    def add(self, now: float, item: T) -> None:
+        self._q.append((now + self.delay, item))
+
+    def due(self, now: float) -> Iterator[T]:
+        """The items whose deadline has passed, oldest first (taken off the queue)."""
+        q = self._q
+        while q and q[0][0] <= now:
+            yield q.popleft()[1]
+
+    def next_at(self) -> float | None:
+        return self._q[0][0] if self._q else None
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def clear(self) -> None:
+        self._q.clear()
