@@ -1,19 +1,22 @@
-"""SNI routing end to end: xdplb's acceptor + in-kernel splice against nginx `stream`
-with `ssl_preread` (one worker), both routing the same hostnames to nginx TLS backends,
-and against going straight to the backend.
+"""SNI routing end to end: xdplb's acceptor against nginx `stream` with `ssl_preread` (one
+worker), both routing the same hostnames to nginx TLS backends, and against going straight
+to the backend (`direct`). xdplb runs twice: with its default forwarding (`xdplb`:
+splice(2) through a pipe) and with the sockmap verdict (`xdplb-sockmap`).
 
-Every configuration gets a fresh lab (tests/lab.py) in every round, in alternating
-order. Measured from the cli namespace, with a.bench.test -> backend 1 and
-b.bench.test -> backend 2:
+Every configuration gets a fresh lab (tests/lab.py) in every round, in alternating order.
+Measured from the cli namespace, with a.bench.test -> backend 1 and b.bench.test ->
+backend 2:
 
-  bulk     one HTTPS download of --size-mib MiB (curl), Gbit/s
+  bulk     one HTTPS download of --size-mib MiB (curl), and 8 at once, Gbit/s
   conn/s   new TLS connections per second: wrk over https with `Connection: close`
-  latency  median time of one small HTTPS request on a new connection (curl), and what
-           the LB adds to it against going straight to the backend
-  CPU      CPU-seconds during bulk and conn/s, per GiB and per 1,000 connections:
-           `lb proc` = processes in the lb namespace (agent or nginx); `machine` = all
-           CPUs of the machine (clients and backends too: compare between configurations).
-           The splice runs in softirq and kworker context, which `lb proc` does not see.
+  latency  p50 and p99 of a small HTTPS request on a new connection (curl, full TLS
+           handshakes), one at a time (c1) and 32 at a time (c32)
+  CPU      busy CPU-seconds of the whole machine (/proc/stat, every CPU: user, nice,
+           system, irq, softirq) per GiB and per 1,000 connections, and how much of it
+           was the LB's processes (agent and acceptor, or nginx), kworker threads and
+           softirq (the sockmap and the network stack work there, out of any process)
+  apply    xdplb: the acceptor's accept latency (connect until the backend's first
+           answer byte) while the agent applies --routes SNI routes, against before
 
     sudo .venv/bin/python bench/sni.py [--rounds 5] [--seconds 5] [--size-mib 256]
 """
@@ -27,6 +30,8 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +55,18 @@ from common import (
 
 from tests.lab import Lab
 
-CONFIGS = ("direct", "xdplb", "nginx")
+CONFIGS = ("direct", "nginx", "xdplb", "xdplb-sockmap")
 PORT = 443
 HOSTS = {"a.bench.test": 1, "b.bench.test": 2}
 VIP = Lab.VIP
+MIB = 1024 * 1024
+PARALLEL = 8
+HZ = os.sysconf("SC_CLK_TCK")
 
-MANIFEST = f"""\
+
+def manifest(extra_routes: int = 0) -> str:
+    hosts = {**HOSTS, **{f"r{i}.bench.test": 1 + i % 2 for i in range(extra_routes)}}
+    return f"""\
 apiVersion: xdplb.io/v1alpha1
 kind: LoadBalancer
 metadata: {{name: sni-bench, namespace: default}}
@@ -69,7 +80,8 @@ spec:
     backends: [{{address: {Lab.backend_addr(1)}, port: {PORT}}}]
     sniRoutes:
 """ + "".join(f"    - hostname: {h}\n      backends: [{{address: {Lab.backend_addr(k)}, "
-              f"port: {PORT}}}]\n" for h, k in HOSTS.items())
+              f"port: {PORT}}}]\n" for h, k in hosts.items())
+
 
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 TLS_SERVER = """\
@@ -97,6 +109,9 @@ stream {{
 """
 
 
+# -- the lab's parts ----------------------------------------------------------------------
+
+
 def start_backends(lab: Lab, size_mib: int) -> None:
     for k in (1, 2):
         b = f"b{k}"
@@ -114,20 +129,18 @@ def start_backends(lab: Lab, size_mib: int) -> None:
         start_nginx(lab, b, d, nginx_conf(d, 8192, nginx_http(d, server), "user root;\n"), PORT)
 
 
-MIB = 1024 * 1024
-
-
-def start_agent(lab: Lab) -> None:
+def start_agent(lab: Lab, forward: str) -> Path:
     cfg = lab.workdir / "xdplb.yaml"
-    cfg.write_text(MANIFEST)
+    cfg.write_text(manifest())
     log = lab.workdir / "agent.log"
     with open(log, "w") as out:
         lab.popen("lb", ROOT / ".venv/bin/xdplb", "agent", "--config", cfg,
-                  "--pin-dir", f"{PIN_BASE}/sni-{lab.prefix}",
+                  "--pin-dir", f"{PIN_BASE}/sni-{lab.prefix}", "--sni-forward", forward,
                   "--state-file", lab.workdir / "agent.json",
                   stdout=out, stderr=subprocess.STDOUT)
     wait_until(lambda: "applied" in log.read_text() and "SNI: listening" in log.read_text(),
-               "the agent to apply and listen", timeout=60)
+               "the agent to apply and listen", timeout=90)
+    return log
 
 
 def start_nginx_lb(lab: Lab) -> None:
@@ -142,33 +155,78 @@ def start_nginx_lb(lab: Lab) -> None:
                 PORT)
 
 
+def target(cfg: str, host: str) -> str:
+    return Lab.backend_addr(HOSTS[host]) if cfg == "direct" else VIP
+
+
+def hosts_file(lab: Lab, cfg: str) -> Path:
+    """`ip netns exec` mounts /etc/netns/<ns>/hosts over /etc/hosts: wrk and curl resolve
+    the hostnames (and so send them as SNI) without DNS."""
+    d = Path("/etc/netns") / lab.ns("cli")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "hosts").write_text("".join(f"{target(cfg, h)} {h}\n" for h in HOSTS))
+    return d
+
+
+# -- CPU ----------------------------------------------------------------------------------
+
+
+def _stat_fields(pid: str) -> tuple[str, list[str]]:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.index("(") + 1:text.rindex(")")], text.rsplit(")", 1)[1].split()
+
+
 def lb_cpu(lab: Lab) -> float:
     """CPU-seconds of every process in the lb namespace so far."""
     total = 0
     for pid in subprocess.run(["ip", "netns", "pids", lab.ns("lb")], capture_output=True,
                               text=True).stdout.split():
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            _, f = _stat_fields(pid)
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+        total += int(f[11]) + int(f[12])
+    return total / HZ
 
 
-def machine_cpu() -> float:
-    """Busy CPU-seconds of the whole machine so far (everything but idle and iowait)."""
-    vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")
+def kworker_cpu() -> float:
+    """CPU-seconds of every kworker thread so far (they are the kernel's, in no
+    namespace: other work on the machine counts too)."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            name, f = _stat_fields(pid)
+        except (OSError, ValueError):
+            continue
+        if name.startswith("kworker"):
+            total += int(f[11]) + int(f[12])
+    return total / HZ
 
 
-def cpu_during(lab: Lab, fn: Any) -> tuple[Any, float, float]:
-    l0, m0 = lb_cpu(lab), machine_cpu()
-    out = fn()
-    return out, lb_cpu(lab) - l0, machine_cpu() - m0
+def machine_cpu() -> tuple[float, float]:
+    """(busy CPU-seconds of every CPU: user, nice, system, irq, softirq; of it softirq)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = v
+    return (user + nice + system + irq + softirq) / HZ, softirq / HZ
 
 
-def target(cfg: str, host: str) -> str:
-    return Lab.backend_addr(HOSTS[host]) if cfg == "direct" else VIP
+class Cpu:
+    """CPU-seconds spent while `fn` ran, by where they went."""
+
+    def __init__(self, lab: Lab, fn: Callable[[], Any]) -> None:
+        l0, k0, (m0, s0) = lb_cpu(lab), kworker_cpu(), machine_cpu()
+        self.result = fn()
+        l1, k1, (m1, s1) = lb_cpu(lab), kworker_cpu(), machine_cpu()
+        self.machine, self.lb, self.kworker, self.softirq = m1 - m0, l1 - l0, k1 - k0, s1 - s0
+
+    def per(self, units: float) -> dict[str, float]:
+        return {"machine": self.machine / units, "lb": self.lb / units,
+                "kworker": self.kworker / units, "softirq": self.softirq / units}
+
+
+# -- the measures -------------------------------------------------------------------------
 
 
 def curl(lab: Lab, cfg: str, host: str, path: str, fmt: str) -> str:
@@ -178,6 +236,24 @@ def curl(lab: Lab, cfg: str, host: str, path: str, fmt: str) -> str:
     if res.returncode != 0:
         raise BenchError(f"curl {host}{path} via {cfg}: exit {res.returncode} {res.stderr}")
     return str(res.stdout)
+
+
+def curl_many(lab: Lab, cfg: str, path: str, count: int, parallel: int,
+              fmt: str = "%{time_total}\n") -> list[str]:
+    """`count` transfers of `path`, each on a new connection with a full TLS handshake,
+    `parallel` at a time; one line of `fmt` each."""
+    conf = lab.workdir / f"curl-{count}-{parallel}.conf"
+    conf.write_text(f'url = "https://a.bench.test:{PORT}{path}"\noutput = "/dev/null"\n' * count)
+    args = ["curl", "-skf", "--no-sessionid", "-H", "Connection: close", "-w", fmt,
+            "-K", str(conf)]
+    if parallel > 1:
+        args[1:1] = ["-Z", "--parallel-max", str(parallel), "--parallel-immediate"]
+    res = lab.exec("cli", *args, timeout=600, check=False)
+    lines = res.stdout.split()
+    if res.returncode != 0 or len(lines) != count:
+        raise BenchError(f"curl x{count} via {cfg}: exit {res.returncode}, {len(lines)} "
+                         f"transfers {res.stderr[-500:]}")
+    return lines
 
 
 def run_wrk(lab: Lab, seconds: float, conns: int) -> float:
@@ -192,23 +268,51 @@ def run_wrk(lab: Lab, seconds: float, conns: int) -> float:
     return float(m.group(1))
 
 
-def hosts_file(lab: Lab, cfg: str) -> Path:
-    """`ip netns exec` mounts /etc/netns/<ns>/hosts over /etc/hosts: wrk resolves the
-    hostnames (and so sends them as SNI) without DNS."""
-    d = Path("/etc/netns") / lab.ns("cli")
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "hosts").write_text("".join(f"{target(cfg, h)} {h}\n" for h in HOSTS))
-    return d
+def percentile(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
 
 
-def measure(cfg: str, prefix: str, seconds: float, conns: int, size_mib: int,
-            latency_n: int) -> dict[str, Any]:
-    with Lab(backends=2, prefix=prefix) as lab:
+def apply_latency(lab: Lab, log: Path, routes: int) -> dict[str, float]:
+    """The acceptor's accept latency while the agent applies `routes` SNI routes."""
+    out = lab.workdir / "probe.txt"
+    seconds = 20.0
+    probe = lab.popen("cli", sys.executable, ROOT / "bench" / "sni_probe.py", VIP, str(PORT),
+                      "a.bench.test", str(seconds), out)
+    time.sleep(2)
+    before = log.read_text().count("applied")
+    t_write = time.monotonic_ns()
+    cfg = lab.workdir / "xdplb.yaml"
+    tmp = cfg.with_suffix(".tmp")
+    tmp.write_text(manifest(routes - len(HOSTS)))
+    tmp.rename(cfg)
+    wait_until(lambda: log.read_text().count("applied") > before, "the large apply",
+               timeout=120)
+    t_done = time.monotonic_ns()
+    if "listeners=1 " not in log.read_text().split("cannot apply")[-1]:
+        raise BenchError(f"the large apply failed:\n{log.read_text()[-2000:]}")
+    probe.wait(seconds + 30)
+    samples = [line.split() for line in out.read_text().splitlines()]
+    failed = [s for s in samples if s[1] == "-1"]
+    if failed:
+        raise BenchError(f"probe connections failed: {failed[:3]}")
+    idle = [int(s[1]) / 1e6 for s in samples if int(s[0]) < t_write]
+    busy = [int(s[1]) / 1e6 for s in samples if t_write <= int(s[0]) <= t_done]
+    if len(busy) < 5 or len(idle) < 5:
+        raise BenchError(f"too few probes: {len(idle)} before, {len(busy)} during")
+    return {"apply_s": (t_done - t_write) / 1e9, "idle_p50": percentile(idle, 50),
+            "idle_p99": percentile(idle, 99), "busy_p50": percentile(busy, 50),
+            "busy_p99": percentile(busy, 99), "busy_max": max(busy), "busy_n": len(busy)}
+
+
+def measure(cfg: str, a: argparse.Namespace) -> dict[str, Any]:
+    with Lab(backends=2, prefix=a.prefix) as lab:
         etc = hosts_file(lab, cfg)
         try:
-            start_backends(lab, size_mib)
-            if cfg == "xdplb":
-                start_agent(lab)
+            start_backends(lab, a.size_mib)
+            log = None
+            if cfg.startswith("xdplb"):
+                log = start_agent(lab, "sockmap" if cfg == "xdplb-sockmap" else "pipe")
             elif cfg == "nginx":
                 start_nginx_lb(lab)
             for h, k in HOSTS.items():      # routing check: each name reaches its backend
@@ -216,18 +320,143 @@ def measure(cfg: str, prefix: str, seconds: float, conns: int, size_mib: int,
                                f"{h}:{PORT}:{target(cfg, h)}", f"https://{h}:{PORT}/").stdout
                 if got.strip() != f"b{k}":
                     raise BenchError(f"{cfg}: {h} reached {got.strip()!r}, not b{k}")
-            speed, bulk_lb, bulk_m = cpu_during(lab, lambda: float(curl(
-                lab, cfg, "a.bench.test", "/big", "%{speed_download}")))
-            cps, conn_lb, conn_m = cpu_during(lab, lambda: run_wrk(lab, seconds, conns))
-            lat = [float(curl(lab, cfg, "b.bench.test", "/", "%{time_total}"))
-                   for _ in range(latency_n)]
+            gib = a.size_mib / 1024
+            t0 = time.monotonic()
+            bulk1 = Cpu(lab, lambda: float(curl(lab, cfg, "a.bench.test", "/big",
+                                                "%{speed_download}")))
+            wall8 = [0.0]
+
+            def eight() -> None:
+                t = time.monotonic()
+                curl_many(lab, cfg, "/big", PARALLEL, PARALLEL, "%{size_download}\n")
+                wall8[0] = time.monotonic() - t
+            bulk8 = Cpu(lab, eight)
+            conn = Cpu(lab, lambda: run_wrk(lab, a.seconds, a.connections))
+            kconns = conn.result * a.seconds / 1000
+            lat1 = [float(x) * 1000 for x in curl_many(lab, cfg, "/", a.latency_requests, 1)]
+            lat32 = [float(x) * 1000 for x in curl_many(lab, cfg, "/", 3 * a.latency_requests,
+                                                         32)]
+            r: dict[str, Any] = {
+                "gbit1": bulk1.result * 8 / 1e9,
+                "gbit8": PARALLEL * a.size_mib * MIB * 8 / 1e9 / wall8[0],
+                "cps": conn.result,
+                "gib1": bulk1.per(gib), "gib8": bulk8.per(PARALLEL * gib),
+                "kconn": conn.per(kconns),
+                "c1_p50": percentile(lat1, 50), "c1_p99": percentile(lat1, 99),
+                "c32_p50": percentile(lat32, 50), "c32_p99": percentile(lat32, 99),
+                "seconds": time.monotonic() - t0,
+            }
+            if log is not None and a.routes:
+                r["apply"] = apply_latency(lab, log, a.routes)
         finally:
             shutil.rmtree(etc, ignore_errors=True)
-    gib = size_mib / 1024
-    kconns = cps * seconds / 1000
-    return {"gbit": speed * 8 / 1e9, "cps": cps, "lat_ms": statistics.median(lat) * 1000,
-            "lb_per_gib": bulk_lb / gib, "m_per_gib": bulk_m / gib,
-            "lb_per_kconn": conn_lb / kconns, "m_per_kconn": conn_m / kconns}
+    return r
+
+
+# -- the report ---------------------------------------------------------------------------
+
+
+def report(results: dict[str, list[dict[str, Any]]], a: argparse.Namespace,
+           load: tuple[str, str]) -> None:
+    print(header("SNI routing: xdplb against nginx stream ssl_preread", "native (lb-cli)",
+                 [f"{a.rounds} rounds, order alternated, a fresh lab per configuration and "
+                  f"round; bulk: one {a.size_mib} MiB HTTPS download (curl), and {PARALLEL} "
+                  f"at once; conn/s: wrk -t1 -c{a.connections} {a.seconds:g} s "
+                  "'Connection: close' over https; latency: curl, a new connection and full "
+                  f"handshake per request, {a.latency_requests} at c1, "
+                  f"{3 * a.latency_requests} at c32; backends: nginx TLS, one worker; "
+                  "nginx LB: one worker",
+                  f"load average before: {load[0]}; after: {load[1]} (/proc/loadavg: "
+                  "others' work on this machine disturbs every figure)"]))
+    run = [c for c in CONFIGS if results[c]]
+
+    def col(c: str, f: Callable[[dict[str, Any]], float], digits: int = 2) -> str:
+        return fmt_stat([f(r) for r in results[c]], digits)
+
+    print()
+    print(table(["config", "bulk Gbit/s", f"{PARALLEL} streams Gbit/s", "TLS conn/s",
+                 "c1 p50 ms", "c1 p99 ms", "c32 p50 ms", "c32 p99 ms"],
+                [[c, col(c, lambda r: r["gbit1"]), col(c, lambda r: r["gbit8"]),
+                  col(c, lambda r: r["cps"], 0), col(c, lambda r: r["c1_p50"]),
+                  col(c, lambda r: r["c1_p99"]), col(c, lambda r: r["c32_p50"]),
+                  col(c, lambda r: r["c32_p99"])] for c in run]))
+    for key, unit in (("gib1", "CPU-s per GiB, one stream"),
+                      ("gib8", f"CPU-s per GiB, {PARALLEL} streams"),
+                      ("kconn", "CPU-s per 1,000 connections")):
+        print()
+        print(table([f"{unit}", "machine", "lb processes", "kworker", "softirq"],
+                    [[c, *(col(c, lambda r, k=k, key=key: r[key][k], 3)
+                           for k in ("machine", "lb", "kworker", "softirq"))] for c in run]))
+
+    def per_round(x: str, f: Callable[[dict[str, Any], dict[str, Any], dict[str, Any]],
+                                      float]) -> list[float]:
+        return [f(xr, nr, dr) for xr, nr, dr in zip(results[x], results["nginx"],
+                                                    results["direct"], strict=True)]
+
+    def added(key: str, part: str = "machine") -> Callable[..., float]:
+        return lambda x, n, d: x[key][part] - d[key][part]
+
+    checks: list[tuple[str, list[float], str, Callable[[float], bool] | None]] = []
+    for x in [c for c in run if c.startswith("xdplb")]:
+        checks += [
+            (f"{x}: conn/s / nginx's", per_round(x, lambda x, n, d: x["cps"] / n["cps"]),
+             "≥ 1.0", lambda v: v >= 1.0),
+            (f"{x}: added machine CPU per conn / nginx's",
+             per_round(x, lambda x, n, d: (x["kconn"]["machine"] - d["kconn"]["machine"])
+                       / (n["kconn"]["machine"] - d["kconn"]["machine"])), "≤ 1.0",
+             lambda v: v <= 1.0),
+            (f"{x}: one stream / direct", per_round(x, lambda x, n, d: x["gbit1"] / d["gbit1"]),
+             "≥ 0.95", lambda v: v >= 0.95),
+            (f"{x}: {PARALLEL} streams / direct",
+             per_round(x, lambda x, n, d: x["gbit8"] / d["gbit8"]), "≥ 0.95",
+             lambda v: v >= 0.95),
+            (f"{x}: added machine CPU per GiB (1 stream), s", per_round(x, added("gib1")),
+             "≤ 0.25 × nginx's", None),
+            (f"{x}: added machine CPU per GiB ({PARALLEL} streams), s",
+             per_round(x, added("gib8")), "≤ 0.25 × nginx's", None),
+            (f"{x}: added p99 ms, c1 − nginx's",
+             per_round(x, lambda x, n, d: (x["c1_p99"] - d["c1_p99"])
+                       - (n["c1_p99"] - d["c1_p99"])), "≤ 0", lambda v: v <= 0),
+            (f"{x}: added p99 ms, c32 − nginx's",
+             per_round(x, lambda x, n, d: (x["c32_p99"] - d["c32_p99"])
+                       - (n["c32_p99"] - d["c32_p99"])), "≤ 0", lambda v: v <= 0),
+        ]
+    checks += [
+        ("nginx: added machine CPU per GiB (1 stream), s", per_round("nginx", added("gib1")),
+         "—", None),
+        (f"nginx: added machine CPU per GiB ({PARALLEL} streams), s",
+         per_round("nginx", added("gib8")), "—", None),
+    ]
+    print()
+    print(table(["goal (per round, same run)", "median (min–max)", "goal", ""],
+                [[name, fmt_stat(v, 2), goal,
+                  "" if ok is None else ("met" if ok(statistics.median(v)) else "NOT met")]
+                 for name, v, goal, ok in checks]))
+
+    # Where the added CPU went: the part of each config's figure over direct's.
+    rows = []
+    for x in [c for c in run if c != "direct"]:
+        for key, unit in (("kconn", "per 1k conn"), ("gib1", "per GiB, 1 stream"),
+                          ("gib8", f"per GiB, {PARALLEL} streams")):
+            parts = [per_round(x, added(key, p)) for p in ("machine", "lb", "kworker",
+                                                           "softirq")]
+            rest = [m - lb - k - s for m, lb, k, s in zip(*parts, strict=True)]
+            rows.append([x, unit, *(fmt_stat(p, 3) for p in parts), fmt_stat(rest, 3)])
+    print()
+    print(table(["added over direct, CPU-s", "", "machine", "lb processes", "kworker",
+                 "softirq", "elsewhere"], rows))
+
+    applies = [(c, r["apply"]) for c in run for r in results[c] if "apply" in r]
+    if applies:
+        print()
+        print(f"Accept latency (connect until the backend's first answer byte) while the "
+              f"agent applies {a.routes} SNI routes, ms:")
+        print(table(["config", "apply s", "before p50", "before p99", "during p50",
+                     "during p99", "during max", "probes during"],
+                    [[c, *(fmt_stat([x[k] for cc, x in applies if cc == c], 2)
+                           for k in ("apply_s", "idle_p50", "idle_p99", "busy_p50",
+                                     "busy_p99", "busy_max", "busy_n"))]
+                     for c in run if any(cc == c for cc, _ in applies)]))
 
 
 def main() -> int:
@@ -236,7 +465,11 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5, help="wrk duration")
     ap.add_argument("--connections", type=int, default=32, help="wrk connections")
     ap.add_argument("--size-mib", type=int, default=256, help="bulk download size")
-    ap.add_argument("--latency-requests", type=int, default=30)
+    ap.add_argument("--latency-requests", type=int, default=500,
+                    help="requests at c1 (three times as many at c32)")
+    ap.add_argument("--routes", type=int, default=10_000,
+                    help="SNI routes of the large apply (0: no such measure)")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--prefix", default="xb", help="namespace prefix of the labs")
     a = ap.parse_args()
     require_root()
@@ -245,63 +478,22 @@ def main() -> int:
             sys.exit(f"{tool} not found: run scripts/setup.sh")
     if not Path(STREAM_MODULE).exists():
         sys.exit("nginx stream module missing: apt install libnginx-mod-stream")
+    configs = [c for c in CONFIGS if c in a.configs.split(",")]
+    if not {"direct", "nginx"} <= set(configs):
+        sys.exit("--configs needs direct and nginx: every figure is compared with theirs")
     mount_bpffs()
-
+    load0 = Path("/proc/loadavg").read_text().strip()
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
     for rnd in range(a.rounds):
-        for cfg in (CONFIGS if rnd % 2 == 0 else CONFIGS[::-1]):
-            r = measure(cfg, a.prefix, a.seconds, a.connections, a.size_mib,
-                        a.latency_requests)
+        for cfg in (configs if rnd % 2 == 0 else configs[::-1]):
+            r = measure(cfg, a)
             results[cfg].append(r)
-            print(f"round {rnd + 1} {cfg:<7} {r['gbit']:6.2f} Gbit/s {r['cps']:8.0f} conn/s "
-                  f"{r['lat_ms']:6.2f} ms", file=sys.stderr, flush=True)
-
-    print(header("SNI routing: xdplb against nginx stream ssl_preread", "native (lb-cli)",
-                 [f"{a.rounds} rounds, order alternated, a fresh lab per configuration and "
-                  f"round; bulk: one {a.size_mib} MiB HTTPS download (curl); conn/s: wrk -t1 "
-                  f"-c{a.connections} {a.seconds:g} s 'Connection: close' over https; "
-                  f"latency: median of {a.latency_requests} curl requests on new connections; "
-                  "backends: nginx TLS, one worker; nginx LB: one worker"]))
-    rows = []
-    for c in CONFIGS:
-        rs = results[c]
-        rows.append([c, fmt_stat([r["gbit"] for r in rs], 2), fmt_stat([r["cps"] for r in rs], 0),
-                     fmt_stat([r["lat_ms"] for r in rs], 2),
-                     fmt_stat([r["lb_per_gib"] for r in rs], 2),
-                     fmt_stat([r["m_per_gib"] for r in rs], 2),
-                     fmt_stat([r["lb_per_kconn"] for r in rs], 2),
-                     fmt_stat([r["m_per_kconn"] for r in rs], 2)])
-    print()
-    print(table(["config", "bulk Gbit/s", "TLS conn/s", "latency ms", "lb proc CPU-s/GiB",
-                 "machine CPU-s/GiB", "lb proc CPU-s/1k conn", "machine CPU-s/1k conn"], rows))
-
-    def per_round(f: Any) -> list[float]:
-        return [f(x, n, d) for x, n, d in zip(results["xdplb"], results["nginx"],
-                                              results["direct"], strict=True)]
-
-    checks = [
-        ("bulk, xdplb/nginx", per_round(lambda x, n, d: x["gbit"] / n["gbit"]), "≥ 1.5",
-         lambda v: v >= 1.5),
-        ("conn/s, xdplb/nginx", per_round(lambda x, n, d: x["cps"] / n["cps"]), "≥ 1.0",
-         lambda v: v >= 1.0),
-        ("lb process CPU per GiB, xdplb/nginx",
-         per_round(lambda x, n, d: x["lb_per_gib"] / n["lb_per_gib"]), "≤ 0.25",
-         lambda v: v <= 0.25),
-        ("machine CPU per GiB, xdplb/nginx",
-         per_round(lambda x, n, d: x["m_per_gib"] / n["m_per_gib"]), "≤ 0.25 (goal is for "
-         "the LB)", None),
-        ("lb process CPU per 1k conn, xdplb/nginx",
-         per_round(lambda x, n, d: x["lb_per_kconn"] / n["lb_per_kconn"]), "—", None),
-        ("added latency ms, xdplb", per_round(lambda x, n, d: x["lat_ms"] - d["lat_ms"]), "—",
-         None),
-        ("added latency ms, nginx", per_round(lambda x, n, d: n["lat_ms"] - d["lat_ms"]), "—",
-         None),
-    ]
-    print()
-    print(table(["ratio (per round, same run)", "median (min–max)", "goal", ""],
-                [[name, fmt_stat(v, 2), goal,
-                  "" if ok is None else ("met" if ok(statistics.median(v)) else "NOT met")]
-                 for name, v, goal, ok in checks]))
+            print(f"round {rnd + 1} {cfg:<13} {r['gbit1']:6.2f} / {r['gbit8']:6.2f} Gbit/s "
+                  f"{r['cps']:7.0f} conn/s  c1 p99 {r['c1_p99']:6.2f} ms  c32 p99 "
+                  f"{r['c32_p99']:6.2f} ms  machine {r['kconn']['machine']:.3f} s/1k conn "
+                  f"{r['gib1']['machine']:.2f} s/GiB  ({r['seconds']:.0f} s)",
+                  file=sys.stderr, flush=True)
+    report(results, a, (load0, Path("/proc/loadavg").read_text().strip()))
     return 0
 
 

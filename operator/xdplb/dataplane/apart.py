@@ -11,15 +11,25 @@ exits 1 with the error (a verifier log, say) on stderr.
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child that runs ``python -m xdplb...``: this very package
+    first on its path, wherever the parent found it (not another copy installed)."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root}
 
 
 def run_apart(target: str, *args: str) -> str:
     """``target`` (MODULE:FUNCTION) called with ``args`` in a child process; its error,
     or "" when it succeeded."""
     res = subprocess.run([sys.executable, "-m", __name__, target, *args],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=child_env())
     return "" if res.returncode == 0 else res.stderr.strip() or f"exit {res.returncode}"
 
 

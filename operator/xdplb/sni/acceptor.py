@@ -22,6 +22,7 @@ bench/README.md says which is faster here and why.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import errno
 import fcntl
@@ -51,7 +52,7 @@ from xdplb.sni.proxyproto import header as proxy_header
 from xdplb.sni.proxyproto import proxy_v2_header
 from xdplb.sni.routes import Address, Backend, Route, RoutingReceiver, pick
 from xdplb.sni.settings import OUTCOMES, SniSettings
-from xdplb.sni.splice import Splicer
+from xdplb.sni.splice import JoinBroken, Splicer
 
 __all__ = ["OUTCOMES", "Acceptor", "listen_socket", "proxy_v2_header"]
 
@@ -68,14 +69,22 @@ CHUNK = 1 << 20          # bytes asked of one splice
 SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 TCP = socket.IPPROTO_TCP
+# Keepalive: a peer gone without a word is found within about two minutes. Accepted
+# sockets inherit all of it from the listener; a backend socket gets what differs most
+# from the kernel's defaults (2 h idle), one option per system call.
 KEEPALIVE = ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (TCP, socket.TCP_KEEPIDLE, 60),
              (TCP, socket.TCP_KEEPINTVL, 10), (TCP, socket.TCP_KEEPCNT, 6))
+BACKEND_OPTIONS = ((TCP, socket.TCP_NODELAY, 1), *KEEPALIVE[:2])
 LINGER_RESET = struct.pack("ii", 1, 0)
 DRAIN_DELAYS = (0.002, 0.01, 0.05, 0.25, 1.0)   # sockmap: re-checks of a side's draining
 IDLE_CHECKS = 10         # an idle pair is looked at this many times per idle timeout
 WARN_EVERY = 10.0        # seconds between two warnings of one kind
 
 WAIT_HELLO, CONNECTING, PAIRED, DONE = range(4)
+INF = float("inf")
+# Connections are sockets of the C type under socket.socket: no Python-level __init__, no
+# enum conversion of their family at every accept (about 5 µs a connection here).
+Sock = _socket.socket
 
 
 def listen_socket(address: str, port: int) -> socket.socket:
@@ -106,10 +115,12 @@ def listen_socket(address: str, port: int) -> socket.socket:
 
 
 class Listening:
-    __slots__ = ("family", "local", "local_int", "port", "route", "sock", "words")
+    __slots__ = ("accept", "family", "local", "local_int", "port", "route", "sock", "words")
 
     def __init__(self, sock: socket.socket, route: Route, address: Address) -> None:
         self.sock, self.route, self.port = sock, route, address[1]
+        # (descriptor, peer address): accept(2) without making a socket.socket of it.
+        self.accept: Callable[[], tuple[int, Any]] = sock._accept  # type: ignore[attr-defined]
         self.family = sock.family
         self.local = socket.inet_pton(self.family, address[0])
         self.local_int = int.from_bytes(self.local, "big")
@@ -124,9 +135,9 @@ class Conn:
                  "lst", "masks", "peer", "pending", "phase", "pipes", "reader", "reading",
                  "sock", "spliced", "up")
 
-    def __init__(self, sock: socket.socket, peer: Any, lst: Listening) -> None:
+    def __init__(self, sock: Sock, peer: Any, lst: Listening) -> None:
         self.sock, self.peer, self.lst = sock, peer, lst
-        self.up: socket.socket | None = None
+        self.up: Sock | None = None
         self.phase = WAIT_HELLO
         self.reader: HelloReader | None = None
         self.client_key: str | None = None
@@ -176,8 +187,9 @@ class Acceptor:
         self.queues: list[Deadlines[Any]] = [self.hellos, self.late_hellos, self.connects,
                                              self.idle, *self.drains]
         self.now = time.monotonic()
+        self._wake_at = INF          # the earliest deadline of any queue, or later
         self.running = True
-        self._closing: list[socket.socket] = []
+        self._closing: list[Sock] = []
         self._spare: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._warned: dict[str, float] = {}
 
@@ -197,7 +209,8 @@ class Acceptor:
                 h = handlers.get(fd)
                 if h is not None:
                     h[0](h[1], fd, ev)
-            self._expire()
+            if self.now >= self._wake_at:
+                self._expire()
             if self._closing:
                 # Closed only now: a descriptor number freed while later events of this
                 # batch still name it could be reused by an accept of the same batch.
@@ -206,10 +219,14 @@ class Acceptor:
                 self._closing.clear()
 
     def _timeout(self) -> float:
-        due = [t for q in self.queues if (t := q.next_at()) is not None]
-        if not due:
+        if self._wake_at == INF:
             return -1
-        return max(min(due) - time.monotonic(), 0.0)
+        return max(self._wake_at - time.monotonic(), 0.0)
+
+    def _later(self, queue: Deadlines[Any], item: Any) -> None:
+        due = queue.add(self.now, item)
+        if due < self._wake_at:
+            self._wake_at = due
 
     def stop(self) -> None:
         self.running = False
@@ -260,12 +277,13 @@ class Acceptor:
 
     # -- accept and hello ------------------------------------------------------------
     def _accept(self, lst: Listening, _fd: int, _ev: int) -> None:
-        accept = lst.sock.accept
+        accept = lst.accept
+        family = lst.family
         stats = self.stats
         s = self.settings
         for _ in range(ACCEPT_BURST):
             try:
-                sock, peer = accept()
+                fd, peer = accept()
             except BlockingIOError:
                 return
             except OSError as e:
@@ -276,6 +294,7 @@ class Acceptor:
                     continue
                 self._warn("accept", f"SNI: accept on {lst.route.label}: {e}")
                 return
+            sock = Sock(family, socket.SOCK_STREAM, 0, fd)
             stats["accepted"] += 1
             why = ("connections waiting for a hello or a backend" if self.waiting >= s.max_pending
                    else "pairs (--sni-max-pairs)" if self.pairs >= s.max_pairs else "")
@@ -315,7 +334,7 @@ class Acceptor:
         """The slow path: a hello in several records or segments, or not yet sent."""
         c.reader = HelloReader()
         if self._read_hello(c, data):
-            queue.add(self.now, c)
+            self._later(queue, c)
             self.handlers[c.fds[0]] = (self._hello_ready, c)
             self.ep.register(c.fds[0], READ | ET)
 
@@ -384,14 +403,13 @@ class Acceptor:
             return
         c.backend = backend
         try:
-            up = socket.socket(backend.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            up = Sock(backend.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as e:
             self._refuse(c.sock, f"backend sockets ({e.strerror})", c)
             return
         c.up = up
         try:
-            up.setsockopt(TCP, socket.TCP_NODELAY, 1)
-            for opt in KEEPALIVE:
+            for opt in BACKEND_OPTIONS:
                 up.setsockopt(*opt)
             err = up.connect_ex(backend.address)
         except OSError as e:
@@ -403,7 +421,7 @@ class Acceptor:
         c.fds = (c.fds[0], up.fileno())
         self.handlers[c.fds[1]] = (self._connected, c)
         self.ep.register(c.fds[1], OUT)
-        self.connects.add(self.now, c)
+        self._later(self.connects, c)
 
     def _connected(self, c: Conn, fd: int, ev: int) -> None:
         assert c.up is not None
@@ -432,7 +450,7 @@ class Acceptor:
         c.start_pair()
         c.last = self.now
         if self.settings.idle_timeout:
-            self.idle.add(self.now, c)
+            self._later(self.idle, c)
         if self.splicer is not None and self._join(c):
             return
         self._pipe_pair(c, counted=self.splicer is not None)
@@ -459,8 +477,8 @@ class Acceptor:
         i = 0 if fd == c.fds[0] else 1
         if ev & OUT and c.pending[1 - i]:
             self._flush(c, 1 - i)
-        if c.phase != PAIRED:
-            return
+            if c.phase != PAIRED:
+                return
         if c.reading[i] and ev & (IN | RDHUP | HUP | ERR):
             self._move(c, i)
         elif ev & (ERR | HUP):    # a socket not read that failed: both sides go
@@ -468,18 +486,19 @@ class Acceptor:
 
     def _move(self, c: Conn, d: int) -> None:
         """Move what side d received to the other side."""
-        pipe = self.pipes.get()
+        free = self.pipes.free
+        pipe = free.pop() if free else self.pipes.new()
         try:
             n = os.splice(c.fds[d], pipe[1], CHUNK, flags=SPLICE)
         except BlockingIOError:
-            self.pipes.put(pipe)
+            free.append(pipe)
             return
         except OSError:
-            self.pipes.put(pipe)
+            free.append(pipe)
             self._reset(c)
             return
         if not n:
-            self.pipes.put(pipe)
+            free.append(pipe)
             self._end_of(c, d)
             return
         c.last = self.now
@@ -492,7 +511,7 @@ class Acceptor:
             self._reset(c)
             return
         if m == n:
-            self.pipes.put(pipe)
+            free.append(pipe)     # empty again: the next move takes it
             return
         # The destination is full: hold the rest, stop reading until it drains.
         c.pipes[d], c.pending[d], c.reading[d] = pipe, n - m, False
@@ -557,6 +576,11 @@ class Acceptor:
 
     def _reset(self, c: Conn) -> None:
         self.stats["reset"] += 1
+        if log.isEnabledFor(logging.DEBUG):
+            errs = [s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if s else 0
+                    for s in (c.sock, c.up)]
+            log.debug("SNI: %s port %d: reset (client error %d, backend error %d, ended %s, "
+                      "passed on %s)", c.peer[0], c.peer[1], *errs, c.eof, c.done)
         self._finish(c, reset=True)
 
     # -- sockmap forwarding ----------------------------------------------------------
@@ -564,6 +588,9 @@ class Acceptor:
         assert self.splicer is not None and c.up is not None
         try:
             self.splicer.join(c.sock, c.up)
+        except JoinBroken as e:
+            self._backend_failed(c, str(e))
+            return True
         except OSError as e:
             # Only established sockets can join: a client that already half-closed (or a
             # full sockhash) is spliced through a pipe instead.
@@ -603,7 +630,7 @@ class Acceptor:
         except OSError:
             drained = True
         if not drained:     # a peer that reads slowly is looked at less and less often
-            self.drains[min(level, len(DRAIN_DELAYS) - 1)].add(self.now, (c, i))
+            self._later(self.drains[min(level, len(DRAIN_DELAYS) - 1)], (c, i))
             return
         c.done[i] = True
         with contextlib.suppress(OSError):
@@ -638,6 +665,8 @@ class Acceptor:
                 self._finish(pair)
             else:
                 self.idle.add(now, pair)
+        self._wake_at = min((t for q in self.queues if (t := q.next_at()) is not None),
+                            default=INF)
 
     def _last_activity(self, c: Conn) -> float:
         if not c.spliced:
@@ -649,7 +678,7 @@ class Acceptor:
         return self.now - ms / 1000
 
     # -- the end ---------------------------------------------------------------------
-    def _refuse(self, sock: socket.socket, why: str, c: Conn | None = None) -> None:
+    def _refuse(self, sock: Sock, why: str, c: Conn | None = None) -> None:
         self.stats["refused"] += 1
         self._warn(why, f"SNI: new connections refused: too many {why}")
         if c is not None:
@@ -665,10 +694,11 @@ class Acceptor:
         if self._spare is not None:
             os.close(self._spare)
             self._spare = None
+        sock: Sock | None = None
         try:
-            sock, _ = lst.sock.accept()
+            sock = Sock(lst.family, socket.SOCK_STREAM, 0, lst.accept()[0])
         except OSError:
-            sock = None
+            pass
         if sock is not None:
             self.stats["accepted"] += 1
             self._refuse(sock, f"open files ({e.strerror})")
@@ -715,7 +745,7 @@ class Acceptor:
             log.warning("%s", text)
 
 
-def _drain(sock: socket.socket) -> None:
+def _drain(sock: Sock) -> None:
     """Drop what the client sent but nobody read: closing then sends a FIN, not a RST."""
     with contextlib.suppress(OSError):
         for _ in range(16):
@@ -723,18 +753,18 @@ def _drain(sock: socket.socket) -> None:
                 break
 
 
-def _received(sock: socket.socket) -> int:
+def _received(sock: Sock) -> int:
     """tcp_info.tcpi_bytes_received: every in-order byte that arrived on the socket."""
     return int.from_bytes(sock.getsockopt(TCP, socket.TCP_INFO, 136)[128:136], "little")
 
 
-def _written(sock: socket.socket) -> int:
+def _written(sock: Sock) -> int:
     """Bytes handed to the socket for sending: acknowledged plus still queued."""
     acked = int.from_bytes(sock.getsockopt(TCP, socket.TCP_INFO, 128)[120:128], "little")
     outq = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
     return acked + int.from_bytes(outq, sys.byteorder)
 
 
-def _last_data_recv(sock: socket.socket) -> int:
+def _last_data_recv(sock: Sock) -> int:
     """tcp_info.tcpi_last_data_recv: milliseconds since data last arrived."""
     return int.from_bytes(sock.getsockopt(TCP, socket.TCP_INFO, 56)[52:56], sys.byteorder)

@@ -19,8 +19,11 @@ class Deadlines(Generic[T]):
         self.delay = delay
         self._q: deque[tuple[float, T]] = deque()
 
-    def add(self, now: float, item: T) -> None:
-        self._q.append((now + self.delay, item))
+    def add(self, now: float, item: T) -> float:
+        """Queue `item`; returns when it falls due."""
+        due = now + self.delay
+        self._q.append((due, item))
+        return due
 
     def due(self, now: float) -> Iterator[T]:
         """The items whose deadline has passed, oldest first (taken off the queue)."""

@@ -14,16 +14,20 @@ KEEP = 64                # idle pipes kept for reuse
 
 
 class PipePool:
-    __slots__ = ("_free", "size")
+    """`free` holds empty pipes; the acceptor's move takes one and puts it back itself
+    (two list operations, no call), so that list grows only through put()."""
+
+    __slots__ = ("free", "size")
 
     def __init__(self, size: int = PIPE_SIZE) -> None:
         self.size = size
-        self._free: list[tuple[int, int]] = []
+        self.free: list[tuple[int, int]] = []
 
     def get(self) -> tuple[int, int]:
         """An empty pipe (read end, write end), both non-blocking."""
-        if self._free:
-            return self._free.pop()
+        return self.free.pop() if self.free else self.new()
+
+    def new(self) -> tuple[int, int]:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
@@ -33,15 +37,15 @@ class PipePool:
 
     def put(self, pipe: tuple[int, int]) -> None:
         """Give back an empty pipe."""
-        if len(self._free) < KEEP:
-            self._free.append(pipe)
+        if len(self.free) < KEEP:
+            self.free.append(pipe)
         else:
             discard(pipe)
 
     def close(self) -> None:
-        for p in self._free:
+        for p in self.free:
             discard(p)
-        self._free.clear()
+        self.free.clear()
 
 
 def discard(pipe: tuple[int, int]) -> None:

@@ -5,6 +5,7 @@ pipe (sni/pipes.py), which bench/sni.py measured faster here (bench/README.md)."
 
 from __future__ import annotations
 
+import _socket
 import ctypes
 import os
 import shutil
@@ -13,7 +14,7 @@ import struct
 import uuid
 
 from xdplb.dataplane.apart import run_apart
-from xdplb.dataplane.bpfsys import MAP_DELETE_ELEM, MAP_UPDATE_ELEM, BpfMap, bpf, obj_pin
+from xdplb.dataplane.bpfsys import MAP_UPDATE_ELEM, BpfMap, bpf, obj_pin
 from xdplb.dataplane.layout import BPF_DIR
 from xdplb.errors import XdplbError
 
@@ -21,12 +22,16 @@ SO_COOKIE = 57
 BPF_NOEXIST = 1
 
 
-def cookie(sock: socket.socket) -> int:
+def cookie(sock: _socket.socket) -> int:
     return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
 
 
 class SpliceError(XdplbError):
     pass
+
+
+class JoinBroken(SpliceError, OSError):
+    """The client joined, its backend could not: the pair cannot go on."""
 
 
 class Splicer:
@@ -51,31 +56,26 @@ class Splicer:
         struct.pack_into("=IIQQQ", self._attr, 0, self.socks.fd, 0,
                          ctypes.addressof(self._key), ctypes.addressof(self._value), 0)
 
-    def _put(self, key: int, sock: socket.socket) -> None:
+    def _put(self, key: int, sock: _socket.socket) -> None:
         struct.pack_into("=Q", self._key, 0, key)
         self._value.raw = sock.fileno().to_bytes(len(self._value), "little")
         bpf(MAP_UPDATE_ELEM, self._attr)
 
-    def _drop(self, key: int) -> None:
-        struct.pack_into("=Q", self._key, 0, key)
-        try:
-            bpf(MAP_DELETE_ELEM, self._attr)
-        except OSError:
-            pass
-
-    def join(self, client: socket.socket, backend: socket.socket) -> None:
-        """Splice two connected sockets: each goes in under its peer's cookie. The backend
-        joins first: a TLS server speaks only after the ClientHello, which moves across
-        once the client has joined. Raises OSError when either cannot join (a socket that
-        is no longer established); neither is in the map then."""
+    def join(self, client: _socket.socket, backend: _socket.socket) -> None:
+        """Splice two connected sockets, each under its peer's cookie. The client joins
+        first: only an established socket can join, and a client that half-closed
+        already is refused here (OSError) with nothing joined, so the pair can go another
+        way. A socket that joined and left the map again does not get its ordinary
+        receive path back at once: what it receives meanwhile is lost. So once the
+        client is in, a backend that cannot join (it is closing already) fails the pair
+        (JoinBroken). Bytes the client sent before (its ClientHello) wait until the
+        caller pokes it: nothing moves before both are in."""
         cc, bc = cookie(client), cookie(backend)
-        self._put(cc, backend)
+        self._put(bc, client)
         try:
-            self._put(bc, client)
-        except OSError:
-            # Leaving the map gives a socket its ordinary receive path back.
-            self._drop(cc)
-            raise
+            self._put(cc, backend)
+        except OSError as e:
+            raise JoinBroken(e.errno, f"the backend socket cannot join: {e.strerror}") from e
 
     def close(self) -> None:
         self.socks.close()

@@ -35,6 +35,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from xdplb.dataplane.apart import child_env
 from xdplb.errors import XdplbError
 from xdplb.sni.settings import SniSettings
 
@@ -79,7 +80,7 @@ class Worker:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(theirs.fileno()),
                  json.dumps(asdict(settings)), log_format, pin_dir],
-                pass_fds=(theirs.fileno(),))
+                pass_fds=(theirs.fileno(),), env=child_env())
         except OSError:
             ours.close()
             raise
@@ -191,7 +192,8 @@ def _log_setup(fmt: str) -> None:
         handler.setFormatter(Json())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.basicConfig(level=logging.DEBUG if os.environ.get("XDPLB_SNI_DEBUG") else
+                        logging.INFO, handlers=[handler])
 
 
 def _raise_file_limit() -> None:

@@ -18,6 +18,10 @@ BPF_SOCKHASH(socks, u64, MAX_SPLICED);   /* peer's socket cookie -> socket */
 
 int splice_verdict(struct __sk_buff *skb)
 {
+	/* A FIN comes as an skb without data: sent on, it fails the peer socket with
+	 * EPIPE. It stays here, where the acceptor sees the end (EPOLLRDHUP). */
+	if (!skb->len)
+		return SK_PASS;
 	u64 key = bpf_get_socket_cookie(skb);
 	return socks.sk_redirect_hash(skb, &key, 0);
 }
