@@ -292,3 +292,28 @@ def test_proxy_v2_header_bytes() -> None:
         "192.0.2.10")
     assert h[24:28] == (40000).to_bytes(2, "big") + (443).to_bytes(2, "big")
     assert len(h) == 28
+
+
+def test_explain_names_the_backend_of_a_server_name() -> None:
+    """`xdplb explain --sni NAME`: the backend the acceptor picks (tested against the
+    acceptor and XDP in test_sni_agree)."""
+    import subprocess
+    from pathlib import Path
+
+    xdplb = str(Path(sys.executable).parent / "xdplb")
+    config = str(Path(__file__).resolve().parent.parent / "examples/sni.yaml")
+
+    def run(*extra: str) -> str:
+        r = subprocess.run([xdplb, "explain", "--config", config, "--src", "10.1.2.3:40000",
+                            "--dst", "192.0.2.20:443", "--any-local", *extra],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert "left to the SNI path" in run()
+    out = run("--sni", "WWW.example.com")
+    assert "route sni www.example.com" in out and "backend 10.0.2.21:443" in out, out
+    assert "the SNI acceptor connects to it" in out
+    out = run("--sni", "other.example.com")
+    assert "route sni default" in out and "backend 10.0.2.10:443" in out, out
+    assert "route sni default" in run("--sni", "")

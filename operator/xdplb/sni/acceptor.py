@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from xdplb.plan.flowhash import IPV4_WORDS, IPV6_WORDS, client_hash_int, flow_hash_ints
 from xdplb.sni.clienthello import (
     MAX_HELLO,
     HelloError,
@@ -50,7 +49,7 @@ from xdplb.sni.deadlines import Deadlines
 from xdplb.sni.pipes import PipePool, discard
 from xdplb.sni.proxyproto import header as proxy_header
 from xdplb.sni.proxyproto import proxy_v2_header
-from xdplb.sni.routes import Address, Backend, Route, RoutingReceiver, pick
+from xdplb.sni.routes import Address, Backend, Route, RoutingReceiver, pick_for
 from xdplb.sni.settings import OUTCOMES, SniSettings
 from xdplb.sni.splice import JoinBroken, Splicer
 
@@ -115,7 +114,7 @@ def listen_socket(address: str, port: int) -> socket.socket:
 
 
 class Listening:
-    __slots__ = ("accept", "family", "local", "local_int", "port", "route", "sock", "words")
+    __slots__ = ("accept", "family", "local", "local_int", "port", "route", "sock")
 
     def __init__(self, sock: socket.socket, route: Route, address: Address) -> None:
         self.sock, self.route, self.port = sock, route, address[1]
@@ -124,7 +123,6 @@ class Listening:
         self.family = sock.family
         self.local = socket.inet_pton(self.family, address[0])
         self.local_int = int.from_bytes(self.local, "big")
-        self.words = IPV6_WORDS if self.family == socket.AF_INET6 else IPV4_WORDS
 
 
 class Conn:
@@ -389,14 +387,8 @@ class Acceptor:
     # -- backend ---------------------------------------------------------------------
     def _route(self, c: Conn, name: str | None) -> None:
         lst = c.lst
-        route = lst.route
-        table = self.routes.routing.get(route.listener_id)
-        backend = None
-        if table is not None:
-            cip = int.from_bytes(socket.inet_pton(lst.family, c.peer[0]), "big")
-            h = client_hash_int(cip, lst.words) if route.client_ip_affinity else \
-                flow_hash_ints(cip, lst.local_int, c.peer[1], lst.port, 6, lst.words)
-            backend = pick(table, name, h)
+        backend = pick_for(self.routes.routing, lst.route, name, lst.family, c.peer,
+                           lst.local_int, lst.port)
         if backend is None:     # closed with a RST, as XDP answers such a SYN
             self.stats["no_backend"] += 1
             self._finish(c, reset=True)

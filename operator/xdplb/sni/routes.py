@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from xdplb.plan.flowhash import IPV4_WORDS, IPV6_WORDS, client_hash_int, flow_hash_ints
 from xdplb.plan.model import Group, Listener, Plan
 
 Address = tuple[str, int]
@@ -69,6 +70,21 @@ def pick(table: SniTable, hostname: str | None, h: int) -> Backend | None:
     g = table.names.get(hostname, table.default) if hostname else table.default
     slots = g.slots
     return g.backends[slots[h % len(slots)]] if slots else None
+
+
+def pick_for(routing: Routing, route: Route, hostname: str | None, family: int,
+             client: Address, local: int, port: int) -> Backend | None:
+    """The acceptor's choice for a connection from `client` to the listener address
+    `local` (an integer) and `port`: the data path's flow hash (or client hash, with
+    ClientIP affinity) on the Maglev table of the hostname's group."""
+    table = routing.get(route.listener_id)
+    if table is None:
+        return None
+    words = IPV6_WORDS if family == socket.AF_INET6 else IPV4_WORDS
+    cip = int.from_bytes(socket.inet_pton(family, client[0]), "big")
+    h = client_hash_int(cip, words) if route.client_ip_affinity else \
+        flow_hash_ints(cip, local, client[1], port, 6, words)
+    return pick(table, hostname, h)
 
 
 def sni_listeners(plan: Plan) -> Iterable[Listener]:
