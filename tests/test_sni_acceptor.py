@@ -62,7 +62,8 @@ def recv_all(s: socket.socket) -> bytes:
 class Backend_:
     """A TCP server in a thread. Each connection: the PROXY header if any is noted, then
     `mode` "sink" reads to the end and answers `name sha n proxy`; "speak" sends `speak`
-    bytes, half-closes, reads to the end and notes `sha n`; "hold" keeps it open."""
+    bytes, half-closes, reads to the end and notes `sha n` ("talk": the same, but it
+    half-closes only after the client has); "hold" keeps it open."""
 
     def __init__(self, host: str, name: str, mode: str = "sink", speak: int = 0) -> None:
         self.name, self.mode, self.speak = name, mode, speak
@@ -89,8 +90,9 @@ class Backend_:
             return
         with c:
             try:
-                if self.mode == "speak":
+                if self.mode in ("speak", "talk"):
                     c.sendall(bytes(range(256)) * (self.speak // 256))
+                if self.mode == "speak":
                     c.shutdown(socket.SHUT_WR)
                 data = recv_all(c)
             except OSError as e:
@@ -125,7 +127,8 @@ class Running:
 
     def __init__(self, settings: SniSettings, listen: dict[tuple[str, int], Route],
                  groups: dict[int, list[tuple[str, int]]], names: dict[int, dict[str, int]],
-                 splicer: Any = None, before: Callable[[Acceptor], None] | None = None) -> None:
+                 splicer: Any = None, before: Callable[[Acceptor], None] | None = None,
+                 start: bool = True) -> None:
         self.acc = Acceptor(settings, splicer)
         tables = {t: GroupTable(array("H", range(len(addrs))),
                                 tuple(Backend(family(a[0]), a) for a in addrs))
@@ -138,13 +141,27 @@ class Running:
         self._r, self._w = os.pipe()
         self.acc.watch(self._r, select.EPOLLIN, lambda *_: self.acc.stop())
         self.thread = threading.Thread(target=self.acc.run, daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
+
+    def step(self, what: str, cond: Callable[[], bool], connect: bool = False) -> None:
+        """Before start(): run the loop's handlers by hand until `cond`; a backend
+        connection is taken further only with `connect`."""
+        end = time.monotonic() + 5
+        while not cond():
+            assert time.monotonic() < end, f"timed out waiting for {what}"
+            for fd, ev in self.acc.ep.poll(0.05):
+                h = self.acc.handlers.get(fd)
+                if h is not None and (connect or h[0] != self.acc._connected):
+                    h[0](h[1], fd, ev)
 
     def conns(self) -> list[Conn]:
         return list({id(h[1]): h[1] for h in list(self.acc.handlers.values())
                      if isinstance(h[1], Conn)}.values())
 
     def stop(self) -> None:
+        if not self.thread.is_alive():
+            self.thread.start()
         os.write(self._w, b"x")
         self.thread.join(10)
         assert not self.thread.is_alive()
@@ -184,11 +201,12 @@ def lab_factory() -> Iterator[Callable[..., tuple[Running, tuple[str, int], dict
     def make(host: str = "127.0.0.1", settings: SniSettings | None = None,
              proxy: bool = False, modes: tuple[str, str] = ("sink", "sink"), speak: int = 0,
              splicer: Any = None, before: Callable[[Acceptor], None] | None = None,
-             ) -> tuple[Running, tuple[str, int], dict[str, Backend_]]:
+             start: bool = True) -> tuple[Running, tuple[str, int], dict[str, Backend_]]:
         b1, b2 = (Backend_(host, "b1", modes[0], speak), Backend_(host, "b2", modes[1], speak))
         addr = (host, free_port(host))
         run = Running(settings or SniSettings(), {addr: Route(7, "test", False, proxy)},
-                      {1: [b1.addr], 2: [b2.addr]}, {7: {"a.example.com": 2}}, splicer, before)
+                      {1: [b1.addr], 2: [b2.addr]}, {7: {"a.example.com": 2}}, splicer, before,
+                      start)
         made.append((run, [b1, b2]))
         return run, addr, {"b1": b1, "b2": b2}
 
@@ -242,14 +260,19 @@ def test_server_speaks_first_and_half_closes(lab_factory: Any, host: str,
                                       splicer=forward)
     payload = os.urandom(2 * MIB)
     h = hello("x.example.com")
-    with socket.create_connection(addr, timeout=10) as s:
-        s.sendall(h)
-        got = recv_all(s)                       # the server's bytes, then its FIN
-        assert got == bytes(range(256)) * (4 * MIB // 256)
-        s.sendall(payload)                      # the client's direction is still open
-        s.shutdown(socket.SHUT_WR)
-        s.settimeout(10)
-        assert s.recv(1) == b""
+    step = "the server's bytes"
+    try:
+        with socket.create_connection(addr, timeout=10) as s:
+            s.sendall(h)
+            got = recv_all(s)                   # the server's bytes, then its FIN
+            assert got == bytes(range(256)) * (4 * MIB // 256)
+            step = "the end"
+            s.sendall(payload)                  # the client's direction is still open
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(1) == b""
+    except TimeoutError as e:
+        raise AssertionError(f"no {step}: {run.acc.stats} " + str(
+            [(c.phase, c.spliced, c.eof, c.done) for c in run.conns()])) from e
     wait("the backend's digest", lambda: bool(backends["b1"].seen))
     assert backends["b1"].seen == [f"{hashlib.sha256(h + payload).hexdigest()} "
                                    f"{len(h) + len(payload)}"]
@@ -274,19 +297,55 @@ def test_a_hello_in_many_small_segments_then_a_slow_reader(lab_factory: Any) -> 
     assert (got, digest) == ("b2", hashlib.sha256(h + payload).hexdigest())
 
 
+def _connecting(run: Running) -> Conn:
+    """The connection whose backend socket is connecting."""
+    (c,) = [c for c in run.conns() if c.up is not None]
+    return c
+
+
 def test_sockmap_splices_through_a_pipe_what_cannot_join(lab_factory: Any,
                                                          splicer: Any) -> None:
     """A client that half-closed before its pair joined cannot join the sockhash (only
-    established sockets can): the pair is spliced through a pipe instead."""
-    run, addr, _ = lab_factory(splicer=splicer)
+    established sockets can): the pair is spliced through a pipe instead. The loop is
+    driven by hand up to the join, so that the client's FIN surely comes first."""
+    run, addr, _ = lab_factory(splicer=splicer, start=False)
     h = hello("a.example.com")
     with socket.create_connection(addr, timeout=10) as s:
         s.sendall(h)
+        run.step("a backend connection", lambda: any(c.up for c in run.conns()))
         s.shutdown(socket.SHUT_WR)
+        time.sleep(0.1)
+        run.step("the pair", lambda: run.acc.open_pairs == 1, connect=True)
+        run.thread.start()
         reply = recv_all(s).decode().split()
     assert reply[:2] == ["b2", hashlib.sha256(h).hexdigest()], run.acc.stats
     wait("the pair to close", lambda: run.acc.stats["closed"] == 1)
     assert (run.acc.stats["relayed"], run.acc.stats["spliced"]) == (1, 0)
+
+
+@pytest.mark.parametrize("mode", ["talk", "speak"])
+def test_sockmap_moves_what_a_backend_sent_before_the_join(lab_factory: Any, splicer: Any,
+                                                           mode: str) -> None:
+    """Bytes of a backend that speaks first, queued before its socket joined, reach the
+    client (the join tells both sockets that data is there); one that half-closed as well
+    ("speak") cannot join, and its pair is spliced through a pipe."""
+    run, addr, _ = lab_factory(splicer=splicer, modes=(mode, mode), speak=4096, start=False)
+    with socket.create_connection(addr, timeout=10) as s:
+        s.sendall(hello("x.example.com"))
+        run.step("a backend connection", lambda: any(c.up for c in run.conns()))
+        time.sleep(0.2)                         # the backend has spoken (and ended)
+        c = _connecting(run)
+        assert c.up is not None and len(c.up.recv(65536, socket.MSG_PEEK)) == 4096
+        run.step("the pair", lambda: run.acc.open_pairs == 1, connect=True)
+        run.thread.start()
+        s.settimeout(5)
+        got = b""
+        while len(got) < 4096 and (chunk := s.recv(65536)):
+            got += chunk
+        s.shutdown(socket.SHUT_WR)
+        assert got + recv_all(s) == bytes(range(256)) * 16
+    assert (run.acc.stats["relayed"], run.acc.stats["spliced"]) == \
+        ((1, 0) if mode == "speak" else (0, 1))
 
 
 # -- what ends a connection ---------------------------------------------------------------

@@ -412,7 +412,7 @@ class Acceptor:
         c.phase = CONNECTING
         c.fds = (c.fds[0], up.fileno())
         self.handlers[c.fds[1]] = (self._connected, c)
-        self.ep.register(c.fds[1], OUT)
+        self.ep.register(c.fds[1], OUT | RDHUP)   # RDHUP: a backend that spoke and ended
         self._later(self.connects, c)
 
     def _connected(self, c: Conn, fd: int, ev: int) -> None:
@@ -443,7 +443,7 @@ class Acceptor:
         c.last = self.now
         if self.settings.idle_timeout:
             self._later(self.idle, c)
-        if self.splicer is not None and self._join(c):
+        if self.splicer is not None and self._join(c, ev):
             return
         self._pipe_pair(c, counted=self.splicer is not None)
 
@@ -576,8 +576,12 @@ class Acceptor:
         self._finish(c, reset=True)
 
     # -- sockmap forwarding ----------------------------------------------------------
-    def _join(self, c: Conn) -> bool:
+    def _join(self, c: Conn, ev: int) -> bool:
         assert self.splicer is not None and c.up is not None
+        if ev & RDHUP:
+            # The backend spoke and half-closed already: only established sockets join.
+            self.stats["relayed"] += 1
+            return False
         try:
             self.splicer.join(c.sock, c.up)
         except JoinBroken as e:
@@ -591,9 +595,10 @@ class Acceptor:
             return False
         c.spliced = True
         self.stats["spliced"] += 1
-        # Bytes queued before the join (the ClientHello) move once the socket is told
-        # data is ready; setting SO_RCVLOWAT tells it.
+        # Bytes queued before the join (the ClientHello; a backend that speaks first)
+        # move once the socket is told data is ready; setting SO_RCVLOWAT tells it.
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        c.up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         self.handlers[c.fds[0]] = self.handlers[c.fds[1]] = (self._on_spliced, c)
         self.ep.register(c.fds[0], RDHUP | ET)
         self.ep.modify(c.fds[1], RDHUP | ET)
