@@ -24,9 +24,11 @@ backend 2:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -380,6 +382,12 @@ def report(results: dict[str, list[dict[str, Any]]], a: argparse.Namespace,
                   col(c, lambda r: r["cps"], 0), col(c, lambda r: r["c1_p50"]),
                   col(c, lambda r: r["c1_p99"]), col(c, lambda r: r["c32_p50"]),
                   col(c, lambda r: r["c32_p99"])] for c in run]))
+    print()
+    print(table(["added over direct, ms", "c1 p50", "c1 p99", "c32 p50", "c32 p99"],
+                [[c, *(fmt_stat([r[k] - d[k] for r, d in zip(results[c], results["direct"],
+                                                          strict=True)], 2)
+                       for k in ("c1_p50", "c1_p99", "c32_p50", "c32_p99"))]
+                 for c in run if c != "direct"]))
     for key, unit in (("gib1", "CPU-s per GiB, one stream"),
                       ("gib8", f"CPU-s per GiB, {PARALLEL} streams"),
                       ("kconn", "CPU-s per 1,000 connections")):
@@ -427,6 +435,17 @@ def report(results: dict[str, list[dict[str, Any]]], a: argparse.Namespace,
         (f"nginx: added machine CPU per GiB ({PARALLEL} streams), s",
          per_round("nginx", added("gib8")), "—", None),
     ]
+
+    def share(r: dict[str, Any], d: dict[str, Any], key: str) -> float:
+        """The LB's own part: its processes, kworkers, and softirq beyond direct's."""
+        return r[key]["lb"] + r[key]["kworker"] + r[key]["softirq"] - d[key]["softirq"]
+
+    for x in [c for c in run if c.startswith("xdplb")]:
+        for key, unit in (("kconn", "per conn"), ("gib1", "per GiB, 1 stream"),
+                          (f"gib{PARALLEL}", f"per GiB, {PARALLEL} streams")):
+            checks.append((f"{x}: LB share {unit} / nginx's (see bench/README.md)",
+                           per_round(x, lambda x, n, d, key=key: share(x, d, key)
+                                     / share(n, d, key)), "—", None))
     print()
     print(table(["goal (per round, same run)", "median (min–max)", "goal", ""],
                 [[name, fmt_stat(v, 2), goal,
@@ -471,7 +490,18 @@ def main() -> int:
                     help="SNI routes of the large apply (0: no such measure)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--prefix", default="xb", help="namespace prefix of the labs")
+    ap.add_argument("--json", default=None, help="also write every round's figures here")
+    ap.add_argument("--report", default=None, metavar="JSON",
+                    help="print the report of figures written by --json, measure nothing")
     a = ap.parse_args()
+    if a.report:
+        saved = json.loads(Path(a.report).read_text())
+        for k, v in saved["args"].items():
+            setattr(a, k, v)
+        report(saved["results"], a, tuple(saved["load"]))  # type: ignore[arg-type]
+        return 0
+    # A stop (SIGTERM) unwinds like ^C: every lab's namespaces and processes go.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     require_root()
     for tool in ("wrk", "nginx", "curl", "openssl", "ss"):
         if shutil.which(tool) is None:
@@ -488,13 +518,24 @@ def main() -> int:
         for cfg in (configs if rnd % 2 == 0 else configs[::-1]):
             r = measure(cfg, a)
             results[cfg].append(r)
+            save(a, (load0, Path("/proc/loadavg").read_text().strip()), results)
             print(f"round {rnd + 1} {cfg:<13} {r['gbit1']:6.2f} / {r['gbit8']:6.2f} Gbit/s "
                   f"{r['cps']:7.0f} conn/s  c1 p99 {r['c1_p99']:6.2f} ms  c32 p99 "
                   f"{r['c32_p99']:6.2f} ms  machine {r['kconn']['machine']:.3f} s/1k conn "
                   f"{r['gib1']['machine']:.2f} s/GiB  ({r['seconds']:.0f} s)",
                   file=sys.stderr, flush=True)
-    report(results, a, (load0, Path("/proc/loadavg").read_text().strip()))
+    load = (load0, Path("/proc/loadavg").read_text().strip())
+    save(a, load, results)
+    report(results, a, load)
     return 0
+
+
+def save(a: argparse.Namespace, load: tuple[str, str],
+         results: dict[str, list[dict[str, Any]]]) -> None:
+    if a.json:
+        keep = ("rounds", "seconds", "connections", "size_mib", "latency_requests", "routes")
+        Path(a.json).write_text(json.dumps({"args": {k: getattr(a, k) for k in keep},
+                                            "load": load, "results": results}, indent=1))
 
 
 if __name__ == "__main__":
