@@ -34,7 +34,7 @@ from common import (
 )
 
 FRAME_LEN = 64
-XDP_PASS = 2
+XDP_DROP, XDP_PASS = 1, 2
 VIP = "192.0.2.10"
 BACKENDS = ("10.20.1.2", "10.20.2.2", "10.20.3.2")
 TCPF_SYN, TCPF_ACK = 0x02, 0x10
@@ -116,12 +116,17 @@ class Case:
     snat: bool = False  # the output must leave from the node's address
     max_repeat: int | None = None
     entries: int = 1    # conntrack entries a new flow writes
+    verdict: int = XDP_PASS
 
 
 def build_cases() -> list[Case]:
     return [
-        Case("non-matching (TCP to :22)",
-             tcp_frame("10.10.1.2", 40000, VIP, 22, TCPF_ACK), "NOMATCH", False, None),
+        Case("non-matching (TCP to another address)",
+             tcp_frame("10.10.1.2", 40000, "10.99.0.1", 22, TCPF_ACK), "NOMATCH", False,
+             None),
+        Case("to a VIP's closed port (TCP to :22)",
+             tcp_frame("10.10.1.2", 40000, VIP, 22, TCPF_ACK), "VIP_CLOSED", False, None,
+             verdict=XDP_DROP),
         Case("established segment (ACK, 10 B)",
              tcp_frame("10.10.1.2", 40000, VIP, 80, TCPF_ACK, b"0123456789"),
              "ESTABLISHED", False, 60),
@@ -194,7 +199,8 @@ class Bench:
         return out
 
     def ct_entries(self) -> int:
-        return len(self.dp.maps["ct"].keys())
+        """Forward and reply entries."""
+        return sum(len(self.dp.maps[m].keys()) for m in ("ct", "ct_reply"))
 
     def flush_ct(self) -> None:
         from xdplb.dataplane import conntrack
@@ -207,7 +213,10 @@ class Bench:
         t[t.Key(0)] = t.Leaf.from_buffer_copy(frame)
         w["progs"][ctypes.c_int(0)] = ctypes.c_int(fd)
 
-    def run(self, case: Case, fd: int, repeat: int) -> tuple[float, dict[str, int], bytes, int]:
+    def run(self, case: Case, fd: int,
+            repeat: int) -> tuple[float, dict[str, int], bytes, int, bool]:
+        """ns per run, counter deltas, and the last run's frame (without the metadata it
+        put in front), verdict, and whether it left the rewrite to TC."""
         from xdplb.dataplane import bpfsys
 
         self.set_target(case.vary, fd, case.frame)
@@ -215,7 +224,8 @@ class Bench:
         r = bpfsys.prog_test_run(self.restore_fd[case.vary], case.frame, repeat, self.ctx)
         after = self.stats()
         delta = {k: after[k] - before[k] for k in after if after[k] != before[k]}
-        return float(r.duration_ns), delta, r.data, r.retval
+        meta_len = struct.unpack_from("=I", r.ctx)[0]  # xdp_md.data, from data_meta
+        return float(r.duration_ns), delta, r.data[meta_len:], r.retval, meta_len > 0
 
     def prepare(self, case: Case) -> None:
         """Established: make sure the flow exists (a SYN through the real program)."""
@@ -256,6 +266,7 @@ def main() -> int:
     prog: dict[str, list[float]] = {c.name: [] for c in cases}
     added: dict[str, list[float]] = {c.name: [] for c in cases}
     ct_fill: dict[str, list[float]] = {}  # case -> conntrack entries per new flow
+    deferred_total = {c.name: 0 for c in cases}
     try:
         b.flush_ct()
         for rnd in range(a.rounds):
@@ -267,19 +278,25 @@ def main() -> int:
                     if which == "xdplb":
                         b.prepare(c)
                     fd = b.floor_fd if which == "floor" else b.dp.xdp_fn.fd
-                    ns, delta, out, retval = b.run(c, fd, repeat)
+                    ns, delta, out, retval, left_to_tc = b.run(c, fd, repeat)
                     got[which] = ns
                     if which == "xdplb":
-                        if delta != {c.stat: repeat}:
+                        # A full checksum equal to the pseudo-header sum (1 in 65,536 of
+                        # the varied frames) is taken for partial: same path, rewrite
+                        # left to TC.
+                        deferred = delta.pop("CSUM_DEFERRED", 0)
+                        deferred_total[c.name] += deferred
+                        if delta != {c.stat: repeat} or deferred > repeat // 1000:
                             failures.append(f"round {rnd + 1} {c.name}: counter deltas {delta},"
                                             f" expected {{{c.stat!r}: {repeat}}}")
-                        if retval != XDP_PASS:
+                        if retval != c.verdict:
                             failures.append(f"round {rnd + 1} {c.name}: verdict {retval}")
                         dst = socket.inet_ntoa(out[30:34])
-                        if c.stat != "NOMATCH" and dst not in BACKENDS:
+                        translated = c.stat.startswith("NEW") or c.stat == "ESTABLISHED"
+                        if translated and dst not in BACKENDS and not left_to_tc:
                             failures.append(f"round {rnd + 1} {c.name}: not DNATed ({dst})")
                         src = socket.inet_ntoa(out[26:30])
-                        if c.snat and src != SNAT_SOURCES.get(dst):
+                        if c.snat and not left_to_tc and src != SNAT_SOURCES.get(dst):
                             failures.append(f"round {rnd + 1} {c.name}: not source-NATed "
                                             f"({src} -> {dst})")
                         if c.vary:
@@ -332,6 +349,10 @@ def main() -> int:
     print(f"path check: every timed repetition counted on its path (counter delta == "
           f"{a.repeat:,}, no other counter moved); DNAT seen in the output; conntrack "
           f"entries per new flow ({fill}; map capacity {cap:,}, so fewer is LRU eviction)")
+    left = ", ".join(f"{name}: {n}" for name, n in deferred_total.items() if n)
+    if left:
+        print(f"rewrites left to TC (a complete checksum that looks partial, 1 in 65,536): "
+              f"{left}")
     return 0
 
 

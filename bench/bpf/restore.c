@@ -3,7 +3,8 @@
  * The test run hands the same buffer to every repetition, so a program that
  * rewrites the packet (DNAT) would see its own output from the second run on.
  * `restore` copies the original frame (kept in the `frame` map) back over the
- * packet, optionally gives it a fresh source address/port (VARY: each run is a
+ * packet (and drops the metadata the last run put in front), optionally gives it
+ * a fresh source address/port (VARY: each run is a
  * new flow; checksums fixed incrementally), then tail-calls progs[0]: the
  * program under test or the parse-only `parse_floor`.
  *
@@ -29,6 +30,10 @@ BPF_PROG_ARRAY(progs, 1);
 
 int restore(struct xdp_md *ctx)
 {
+	/* Metadata the previous run left (an answer, or a rewrite left to TC) goes too. */
+	int meta = (int)((long)ctx->data - (long)ctx->data_meta);
+	if (meta > 0 && bpf_xdp_adjust_meta(ctx, meta))
+		return XDP_ABORTED;
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u32 zero = 0;
