@@ -52,4 +52,4 @@ def pick_backend(maps: Mapping[str, LookupMap], route: Route, hostname: str | No
     if raw is None:
         return None
     b = L.BackendVal.from_buffer_copy(raw)
-    return L.from_be32(b.addr), L.from_be16(b.port)
+    return L.from_ip(b.addr), L.from_be16(b.port)
