@@ -82,7 +82,8 @@ async def _udp_probe(address: str, port: int, payload: bytes) -> str | None:
                 answered.set_result(os.strerror(errno) if errno else str(exc))
 
     transport, _ = await loop.create_datagram_endpoint(
-        Probe, remote_addr=(address, port), family=socket.AF_INET)
+        Probe, remote_addr=(address, port),
+        family=socket.AF_INET6 if ":" in address else socket.AF_INET)
     try:
         transport.sendto(payload)
         return await answered

@@ -19,18 +19,22 @@ from typing import Any
 
 from xdplb.k8s.crd import loadbalancer_crd, structural
 from xdplb.spec.api import GROUP, VERSION
+from xdplb.spec.fields import IP_PATTERN
 from xdplb.spec.model import LoadBalancer
 
 __all__ = ["MODEL_RULES", "ModelRule", "render"]
 
 Schema = dict[str, Any]
 
-# Things the model's validators check beyond the JSON schema, by format.
+# Things the model's validators check beyond the JSON schema, by format (an address's
+# schema is the pattern IP_PATTERN, named "ip" here).
 FORMAT_NOTES = {
-    "ipv4": "IPv4 only; not 0.0.0.0, a multicast address or 255.255.255.255",
-    "cidr": "IPv4 only; no host bits set; standalone also takes a bare address as /32",
+    "ip": "IPv4 or IPv6 (written in its canonical form); not 0.0.0.0 or ::, a multicast"
+          " address, 255.255.255.255 or an IPv4-mapped IPv6 address",
+    "cidr": "IPv4 or IPv6, of the listener's family; no host bits set; standalone also"
+            " takes a bare address as /32 or /128",
 }
-FORMAT_NAMES = {"ipv4": "IPv4 address", "cidr": "IPv4 CIDR", "date-time": "RFC 3339 time"}
+FORMAT_NAMES = {"ip": "IP address", "cidr": "CIDR", "date-time": "RFC 3339 time"}
 
 # Where the modes differ beyond bounds: spec/load.py refuses Service groups and
 # trafficPolicy without Kubernetes mode, and only the cluster agent reads nodeSelector.
@@ -58,6 +62,12 @@ class ModelRule:
 MODEL_RULES = (
     ModelRule("spec.listeners[]", "(the object)",
               "listener {address}:{port}/{protocol} is also defined by {path}"),
+    ModelRule("spec.listeners[].sourceRoutes[]", ".sourceRoutes[].cidr",
+              "{cidr} is not an {family} network, the listener's family"),
+    ModelRule("spec.listeners[].sourceRoutes[], spec.listeners[].sniRoutes[]",
+              ".sourceRoutes[].backends[].address",
+              "{address} is not an {family} address, the listener's family (no NAT64): write"
+              " a listener per family"),
 )
 
 
@@ -152,6 +162,8 @@ def _type(node: Schema) -> str:
         return f"map of string to {_type(node['additionalProperties'])}"
     if kind == "string" and "format" in node:
         return FORMAT_NAMES.get(node["format"], f"string ({node['format']})")
+    if kind == "string" and node.get("pattern") == IP_PATTERN:
+        return FORMAT_NAMES["ip"]
     return str(kind)
 
 
@@ -197,7 +209,7 @@ def _constraints(model: Schema | None, cluster: Schema | None, sep: str = "; ") 
                 text = f"{text or 'any'} (cluster: {in_cluster})"
         if text:
             parts.append(text)
-    if "pattern" in node:
+    if "pattern" in node and node["pattern"] != IP_PATTERN:  # an address: its note says it
         parts.append(f"pattern `{node['pattern']}`")
     if node.get("x-kubernetes-int-or-string"):
         # Each bound applies to the branch of its type: a number, or a (port) name.
@@ -212,6 +224,8 @@ def _constraints(model: Schema | None, cluster: Schema | None, sep: str = "; ") 
         parts.append("items unique")
     if model is not None and node.get("format") in FORMAT_NOTES:
         parts.append(FORMAT_NOTES[node["format"]])
+    if model is not None and node.get("pattern") == IP_PATTERN:
+        parts.append(FORMAT_NOTES["ip"])
     for key, label in (("items", "items"), ("additionalProperties", "values")):
         inner = node.get(key)
         if isinstance(inner, dict) and inner.get("type") != "object":
