@@ -90,8 +90,10 @@ def test_changed_group_written_whole_before_switch() -> None:
     g = L.GroupVal.from_buffer_copy(maps["groups"].data[new_val.group.to_bytes(4, "little")])
     assert g.flags & L.GF_IN_USE and g.size == 16381  # every group of more than one backend
     by_id = {i: addr for (addr, _port), i in w.backend_ids.items()}
-    slots = [int.from_bytes(maps["pool"].data[(g.offset + i).to_bytes(4, "little")], "little")
-             for i in range(g.size)]
+    assert g.offset % L.POOL_IDS == 0
+    slots = [L.PoolIds.from_buffer_copy(
+        maps["pool"].data[((g.offset + i) // L.POOL_IDS).to_bytes(4, "little")]).id[
+        (g.offset + i) % L.POOL_IDS] for i in range(g.size)]
     counts = {by_id[s]: 0 for s in slots}
     for s in slots:
         counts[by_id[s]] += 1

@@ -265,7 +265,8 @@ def cmd_status(a: argparse.Namespace) -> int:
         except Exception as e:
             print(f"interface {ifname}: {e}")
     for lst in state["listeners"]:
-        print(f"listener {lst['name']} {lst['address']}:{lst['port']}/{lst['protocol']}: "
+        host = f"[{lst['address']}]" if ":" in lst["address"] else lst["address"]
+        print(f"listener {lst['name']} {host}:{lst['port']}/{lst['protocol']}: "
               f"{lst['backends']} backends, {lst['sourceRoutes']} source routes")
     health = state.get("health", [])
     down = [h for h in health if not h["up"]]

@@ -63,6 +63,11 @@ class LpmKey(ctypes.Structure):
 
 
 GF_IN_USE = 1
+POOL_IDS = 4
+
+
+class PoolIds(ctypes.Structure):
+    _fields_ = [("id", u16 * POOL_IDS)]
 
 
 class GroupVal(ctypes.Structure):
@@ -199,7 +204,7 @@ MAP_LAYOUTS: list[tuple[str, type[ctypes.Structure] | type, type[ctypes.Structur
     ("vip_bits", u32, u32),
     ("src_routes", LpmKey, u32),
     ("groups", u32, GroupVal),
-    ("pool", u32, u16),
+    ("pool", u32, PoolIds),
     ("backends", u32, BackendVal),
     ("backend_nets", NetKey, u32),
     ("sni_routes", SniKey, u32),

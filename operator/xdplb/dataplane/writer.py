@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -76,6 +77,11 @@ def _rev_nat_val(bid: int, vips: dict[VipPort, int], vip: VipPort) -> bytes:
     return L.encode(L.RevNatVal(L.Addr.from_buffer_copy(vip[0]), vip[1], bid, vips[vip], 0))
 
 
+def _pool_span(size: int) -> int:
+    """The slots a table of ``size`` takes in the pool: whole elements (layout.h)."""
+    return -(-size // L.POOL_IDS) * L.POOL_IDS
+
+
 # Array maps, where an entry that goes is written as zeros.
 ARRAYS = frozenset({"backends", "vip_bits"})
 
@@ -127,7 +133,7 @@ class MapWriter:
             if g.flags & L.GF_IN_USE:
                 gid = L.decode_u32(k)
                 self._gid_alloc.reserve(gid)
-                self._pool.reserve(g.offset, g.size)
+                self._pool.reserve(g.offset, _pool_span(g.size))
                 self._retired.append(GroupSlot(gid, g.offset, g.size))
         self._port_filter_known = False
         return len(found)
@@ -356,13 +362,19 @@ class MapWriter:
     def _write_group(self, g: Group, res: ApplyResult) -> GroupSlot:
         table = g.table
         gid = self._gid_alloc.allocate()
-        offset = self._pool.allocate(len(table)) if table else 0
+        offset = self._pool.allocate(_pool_span(len(table))) if table else 0
         ids = [self._backend_id(b.address, b.port) for b in g.backends]
-        slots = [L.encode_u16(ids[i]) for i in table]
-        self.maps["pool"].update_batch([L.encode_u32(offset + i) for i in range(len(slots))], slots)
+        slots = [ids[i] for i in table]
+        slots += [0] * (_pool_span(len(slots)) - len(slots))
+        # POOL_IDS slots to an element (layout.h); offset is a multiple of POOL_IDS.
+        elems = [struct.pack(f"={L.POOL_IDS}H", *slots[i:i + L.POOL_IDS])
+                 for i in range(0, len(slots), L.POOL_IDS)]
+        first = offset // L.POOL_IDS
+        self.maps["pool"].update_batch([L.encode_u32(first + i) for i in range(len(elems))],
+                                       elems)
         self.maps["groups"].update(L.encode_u32(gid),
                                    L.encode(L.GroupVal(offset, len(table), L.GF_IN_USE)))
-        res.written += len(slots) + 1
+        res.written += len(elems) + 1
         slot = GroupSlot(gid, offset, len(table))
         self.groups[g] = slot
         return slot
@@ -420,7 +432,7 @@ class MapWriter:
         for s in slots:
             self.maps["groups"].update(L.encode_u32(s.id), L.encode(L.GroupVal(0, 0, 0)))
             self._gid_alloc.free(s.id)
-            self._pool.free(s.offset, s.size)
+            self._pool.free(s.offset, _pool_span(s.size))
             res.written += 1
 
     def _release_ids(self, plan: Plan, lids: dict[tuple[str | None, int, str], int]) -> None:

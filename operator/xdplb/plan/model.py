@@ -15,6 +15,11 @@ from functools import cached_property
 from xdplb.plan import maglev
 
 
+def hostport(address: str, port: int) -> str:
+    """address:port, an IPv6 address in brackets ([2001:db8::1]:80)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 @dataclass(frozen=True, order=True)
 class Backend:
     address: str

@@ -50,8 +50,16 @@ struct lpm_key {
 
 #define GF_IN_USE 1
 
-/* groups: the Maglev table of group g is pool[offset .. offset + size), each slot a
- * backend id. */
+/* groups: the Maglev table of group g is slots offset .. offset + size of the pool,
+ * each slot a backend id. An array map's element takes 8 bytes at least, so the pool
+ * packs POOL_IDS slots in one (slot s: element s / POOL_IDS, id s % POOL_IDS), and a
+ * group's offset is a multiple of POOL_IDS: no two groups share an element. */
+#define POOL_IDS 4
+
+struct pool_ids {
+	__u16 id[POOL_IDS];
+};
+
 struct group_val {
 	__u32 offset;
 	__u32 size;   /* 0: no eligible backend */

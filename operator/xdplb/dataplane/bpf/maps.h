@@ -14,7 +14,7 @@ BPF_F_TABLE("hash", struct addr, u32, vips, MAX_LISTENER_KEYS, BPF_F_NO_PREALLOC
 BPF_TABLE("array", u32, u32, vip_bits, VIP_BITS / 32);
 BPF_F_TABLE("lpm_trie", struct lpm_key, u32, src_routes, MAX_SOURCE_ROUTES, BPF_F_NO_PREALLOC);
 BPF_TABLE("array", u32, struct group_val, groups, MAX_GROUPS);
-BPF_TABLE("array", u32, u16, pool, POOL_SIZE);  /* backend ids */
+BPF_TABLE("array", u32, struct pool_ids, pool, POOL_ELEMS);  /* POOL_IDS slots each */
 BPF_TABLE("array", u32, struct backend, backends, MAX_BACKENDS);
 BPF_F_TABLE("lpm_trie", struct net_key, u32, backend_nets, MAX_BACKEND_NETS, BPF_F_NO_PREALLOC);
 /* Read by the agent's SNI acceptor only: no need to preallocate. */

@@ -716,9 +716,10 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct pkt *p, struct ct
 			: flow_hash(&p->src, &p->dst, bpf_ntohs(p->sport), bpf_ntohs(p->dport),
 				    p->proto);
 		__u32 slot = g->offset + h % g->size;
-		__u16 *id = pool.lookup(&slot);
-		if (id) {
-			bid = *id;
+		__u32 elem = slot / POOL_IDS;
+		struct pool_ids *ids = pool.lookup(&elem);
+		if (ids) {
+			bid = ids->id[slot & (POOL_IDS - 1)];
 			b = backends.lookup(&bid);
 		}
 	}
