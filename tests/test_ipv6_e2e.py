@@ -225,3 +225,56 @@ def test_source_nat_to_the_nodes_ipv6_address(make_env: Env) -> None:
     assert res["reply_sources"] == {f"[{VIP6}]:54": 20}, res
     peers = {json.loads(line)["peer"].rsplit(":", 1)[0] for line in log.read_text().splitlines()}
     assert peers == {f"[{Lab.lb_backend6_addr(3)}]"}, peers  # the node's, not the client's
+
+
+def test_a_wildcard_listener_takes_ipv6_addresses_as_they_come(make_env: Env) -> None:
+    # An IPv6 listener without an address serves every IPv6 address of its interface,
+    # and one added later within a second (rtnetlink), without a file change.
+    extra = f"""\
+  - name: any6
+    protocol: TCP
+    port: 8081
+    ipFamily: IPv6
+    backends: [{{address: {B6[1]}, port: {TCP_PORT}}}, {{address: {B6[2]}, port: {TCP_PORT}}}]
+"""
+    lab, agent = make_env("x6w", config(extra=extra))
+    res = lab.tcp_clients("cli", Lab.lb_client6_addr, 8081, count=10, concurrency=5)
+    check_ok(res, "IPv6 to the LB's own address", agent)
+    added = "fd00:10:1::200"
+    offset = agent.size()
+    lab.exec("lb", "ip", "addr", "add", f"{added}/64", "dev", Lab.lb_client_if, "nodad")
+    agent.wait_log("applied", offset, timeout=3)
+    res = lab.tcp_clients("cli", added, 8081, count=20, concurrency=5)
+    check_ok(res, f"IPv6 to the new address {added}", agent)
+    assert set(res["tags"]) <= {"b1", "b2"}, res["tags"]
+    # IPv4 on the same port is not this listener's: the node answers it (refused).
+    res = lab.tcp_clients("cli", Lab.lb_client_addr, 8081, timeout=2)
+    assert not res["ok"] and "refused" in str(res["failures"]), res
+
+
+def test_health_checks_over_ipv6(make_env: Env) -> None:
+    extra = f"""\
+  - name: checked6
+    protocol: TCP
+    port: 84
+    address: {VIP6}
+    healthCheck: {{protocol: TCP, intervalSeconds: 1, timeoutSeconds: 1, unhealthyThreshold: 2,
+                  healthyThreshold: 1}}
+    backends: [{{address: {B6[1]}, port: 8090}}, {{address: {B6[2]}, port: 8090}}]
+"""
+    lab, agent = make_env("x6c", config(extra=extra), start=False)
+    servers = {b: lab.start_tcp_server(b, 8090) for b in ("b1", "b2")}
+    agent.start()
+    res = lab.tcp_clients("cli", VIP6, 84, count=30, concurrency=10)
+    check_ok(res, "both IPv6 backends healthy", agent)
+    assert set(res["tags"]) == {"b1", "b2"}
+    offset = agent.size()
+    lab.stop(servers["b1"])
+    agent.wait_log(f"backend [{B6[1]}]:8090 is unhealthy", offset, timeout=10)
+    agent.wait_log("applied", offset, timeout=5)
+    res = lab.tcp_clients("cli", VIP6, 84, count=30, concurrency=10)
+    check_ok(res, "new IPv6 flows while b1 is down", agent)
+    assert res["tags"] == {"b2": 30}
+    status = subprocess.run([str(XDPLB), "status", "--state-file", str(agent.state_file)],
+                            capture_output=True, text=True, timeout=30).stdout
+    assert f"backend [{B6[1]}]:8090 down" in status, status

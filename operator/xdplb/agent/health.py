@@ -20,7 +20,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from xdplb.plan.model import HealthCheck, Target
+from xdplb.plan.model import HealthCheck, Target, hostport
 
 log = logging.getLogger("xdplb.health")
 
@@ -162,11 +162,11 @@ class HealthChecker:
             if flipped:
                 assert state is not None
                 if state.up:
-                    log.info("backend %s:%d is healthy again (%s check): it gets new flows",
-                             t.address, t.port, t.check.protocol)
+                    log.info("backend %s is healthy again (%s check): it gets new flows",
+                             hostport(t.address, t.port), t.check.protocol)
                 else:
-                    log.warning("backend %s:%d is unhealthy (%s check: %s): no new flows "
-                                "until it passes %d checks", t.address, t.port,
+                    log.warning("backend %s is unhealthy (%s check: %s): no new flows "
+                                "until it passes %d checks", hostport(t.address, t.port),
                                 t.check.protocol, error, t.check.healthy_threshold)
                 self.on_change()
             await asyncio.sleep(t.check.interval)
