@@ -382,3 +382,16 @@ def test_explain_predicts_the_data_path_for_ipv6(lb: Harness) -> None:
     for kind in ("dnat default", "dnat source", "rst", "drop", "pass"):
         assert seen.get(kind, 0) >= 100, seen
     lb.flush_ct()
+
+
+def test_a_lost_ipv6_flow_is_selected_again(lb: Harness) -> None:
+    lb.apply(plan_of(listener("tcp6", 80, [backend(*B1), backend(*B2)], address=VIP)))
+    syn = tcp6()
+    first = Ether(lb.xdp(syn).data)[IPv6].dst
+    lb.flush_ct()
+    data = tcp6(flags="PA", payload=b"more", seq=1001, ack=5001)
+    before = lb.stats()
+    out = lb.xdp(data)
+    assert Ether(out.data)[IPv6].dst == first  # the same table, the same backend
+    assert stats_delta(before, lb.stats()) == {Stat.RESELECTED: 1}
+    assert valid6(out.data)
