@@ -27,7 +27,7 @@ class Verdict:
     """The operator's own judgement of a LoadBalancer: valid, and free of conflicts."""
 
     accepted: bool
-    reason: str  # Accepted | Invalid | Conflicted
+    reason: str  # Accepted | Invalid | AddressNotAllowed | Conflicted
     message: str
 
 
@@ -36,12 +36,16 @@ class NodeInfo:
     name: str
     labels: Mapping[str, str]
     deleting: bool = False
+    addresses: tuple[str, ...] = ()  # InternalIP and ExternalIP: never a backend
 
     @classmethod
     def from_node(cls, node: Mapping[str, Any]) -> NodeInfo:
         meta = node.get("metadata", {})
+        addresses = tuple(sorted({a["address"] for a in (node.get("status") or {}).get(
+            "addresses") or [] if a.get("type") in ("InternalIP", "ExternalIP")
+            and a.get("address")}))
         return cls(meta["name"], dict(meta.get("labels") or {}),
-                   bool(meta.get("deletionTimestamp")))
+                   bool(meta.get("deletionTimestamp")), addresses)
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class NodeReport:
     heartbeat: datetime.datetime | None
     errors: tuple[str, ...]  # node-level: agent error, interfaces that failed to attach
     entries: Mapping[Ref, Mapping[str, Any]] = field(default_factory=dict)
+    announced: frozenset[str] = frozenset()  # addresses this node answers ARP for
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any] | None) -> NodeReport:
@@ -61,7 +66,8 @@ class NodeReport:
             errors.insert(0, str(status["error"]))
         entries = {(e.get("namespace", ""), e.get("name", "")): e
                    for e in status.get("loadBalancers") or []}
-        return cls(parse_time(status.get("heartbeatTime")), tuple(errors), entries)
+        announced = frozenset(a.get("address", "") for a in status.get("announcements") or [])
+        return cls(parse_time(status.get("heartbeatTime")), tuple(errors), entries, announced)
 
 
 def parse_time(value: Any) -> datetime.datetime | None:
@@ -134,11 +140,33 @@ def condition(ctype: str, ok: bool, reason: str, message: str, generation: int) 
             "message": message, "observedGeneration": generation}
 
 
+def announcers(reports: Mapping[str, NodeReport], now: datetime.datetime,
+               silence: float = SILENCE_LIMIT) -> dict[str, str]:
+    """Address -> the node that reports announcing it (the first by name if, for the
+    moment of a takeover, two do); silent nodes count for nothing."""
+    out: dict[str, str] = {}
+    for name in sorted(reports):
+        report = reports[name]
+        if report.heartbeat is None or (now - report.heartbeat).total_seconds() > silence:
+            continue
+        for address in report.announced:
+            out.setdefault(address, name)
+    return out
+
+
+def address_status(pools: Mapping[str, str], announced: Mapping[str, str]
+                   ) -> list[dict[str, str]]:
+    """status.addresses: each listener address, its pool and its announcer (L2)."""
+    return [{"address": a, "pool": p, "announcedBy": announced.get(a, "")}
+            for a, p in sorted(pools.items())]
+
+
 def lb_status(lb: Mapping[str, Any], verdict: Verdict, nodes: Iterable[NodeInfo],
               reports: Mapping[str, NodeReport], now: datetime.datetime,
               agent_selector: Mapping[str, str] | None = None,
               silence: float = SILENCE_LIMIT,
-              resolve: ServiceResolver | None = None) -> dict[str, Any]:
+              resolve: ServiceResolver | None = None,
+              addresses: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """The status a LoadBalancer should have (conditions without lastTransitionTime)."""
     meta, spec = lb.get("metadata", {}), lb.get("spec") or {}
     generation = int(meta.get("generation") or 1)
@@ -198,6 +226,7 @@ def lb_status(lb: Mapping[str, Any], verdict: Verdict, nodes: Iterable[NodeInfo]
         "nodes": {"selected": len(selected), "programmed": len(programmed),
                   "summary": f"{len(programmed)}/{len(selected)}"},
         "listeners": listener_counts(spec, ref[0], resolve),
+        "addresses": addresses or [],
     }
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from xdplb.spec.api import API_VERSION, ApiVersion
 
 __all__ = [
+    "Announcement",
     "InterfaceState",
     "LoadBalancerState",
     "NodeState",
@@ -57,6 +58,15 @@ class LoadBalancerState(_Model):
     backends: Count = 0
 
 
+class Announcement(_Model):
+    """An address this node answers ARP for (announce: L2), elected by its Lease."""
+
+    address: str = Field(min_length=1, max_length=45)
+    pool: str = Field(default="", max_length=253)
+    interfaces: list[str] = Field(default_factory=list, max_length=16)
+    since: datetime.datetime | None = None
+
+
 class NodeStateStatus(_Model):
     heartbeat_time: datetime.datetime = Field(alias="heartbeatTime")
     mode: Mode = "none"
@@ -64,11 +74,18 @@ class NodeStateStatus(_Model):
     load_balancers: list[LoadBalancerState] = Field(
         default_factory=list, alias="loadBalancers", max_length=MAX_LOADBALANCERS_PER_NODE
     )
+    announcements: list[Announcement] = Field(default_factory=list,
+                                              max_length=MAX_LOADBALANCERS_PER_NODE)
     error: Message = ""
 
     def to_json(self) -> dict[str, Any]:
         data = self.model_dump(mode="json", by_alias=True)
         data["heartbeatTime"] = rfc3339(self.heartbeat_time)
+        for a, model in zip(data["announcements"], self.announcements, strict=True):
+            if model.since is not None:
+                a["since"] = rfc3339(model.since)
+            else:
+                a.pop("since")
         return data
 
 

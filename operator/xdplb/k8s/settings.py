@@ -13,6 +13,7 @@ from typing import Any
 from xdplb.dataplane.config import Timeouts
 from xdplb.k8s.conditions import SILENCE_LIMIT
 from xdplb.k8s.daemonset import AgentSettings
+from xdplb.k8s.services import DEFAULT_CLASS
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class OperatorSettings:
     kubeconfig: str | None = None  # None: in-cluster service account, else $KUBECONFIG
     leader_election: LeaderElectionSettings = field(default_factory=LeaderElectionSettings)
     health_port: int = 0  # /healthz and /readyz; 0: not served
+    service_class: str = DEFAULT_CLASS  # spec.loadBalancerClass of the Services we answer
+    default_service_class: bool = False  # also answer Services that name no class
 
 
 def _env(name: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
@@ -121,6 +124,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
          help="seconds between renewals and between a standby's attempts")
     flag("health-port", 8080 if in_pod else 0, int,
          help="port of /healthz and /readyz; 0: off (8080 in a pod, else 0)")
+    flag("service-class", o.service_class,
+         help="answer Services of type LoadBalancer with this spec.loadBalancerClass")
+    p.add_argument("--default-service-class", action=argparse.BooleanOptionalAction,
+                   default=_env("default-service-class", o.default_service_class, _bool),
+                   help="also answer Services of type LoadBalancer that name no class (leave"
+                        " off when another implementation answers those; env"
+                        " XDPLB_DEFAULT_SERVICE_CLASS; default %(default)s)")
 
 
 def settings_from_args(a: argparse.Namespace) -> OperatorSettings:
@@ -144,4 +154,5 @@ def settings_from_args(a: argparse.Namespace) -> OperatorSettings:
         namespace=a.namespace, agent=agent, silence=a.node_silence,
         release_timeout=a.release_timeout, status_interval=a.status_interval,
         pod_name=pod_name, pod_namespace=os.environ.get("POD_NAMESPACE"),
-        leader_election=election, health_port=a.health_port)
+        leader_election=election, health_port=a.health_port,
+        service_class=a.service_class, default_service_class=a.default_service_class)
