@@ -677,6 +677,9 @@ def test_worst_case_nodestate_fits_etcd() -> None:
         "loadBalancers": [{"namespace": f"{i:0>63}", "name": "n" * 253, "uid": "u" * 64,
                            "generation": 2**62, "phase": "Failed", "message": "m" * 1024,
                            "listeners": 64, "backends": 10**6} for i in range(512)],
+        "announcements": [{"address": f"2001:db8:ffff:ffff:ffff:ffff:{i:0>4x}:ffff",
+                           "pool": "p" * 253, "interfaces": [f"{j:0>15}" for j in range(4)],
+                           "since": "2026-01-01T00:00:00Z"} for i in range(256)],
         "error": "e" * 1024,
     }
     doc = {"apiVersion": "xdplb.io/v1alpha1", "kind": "NodeState",

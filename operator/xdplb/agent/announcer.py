@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from kubernetes.client.exceptions import ApiException
 
 from xdplb.k8s.lease import decide, released
-from xdplb.k8s.nodestate import Announcement
+from xdplb.k8s.nodestate import MAX_ANNOUNCEMENTS, Announcement
 from xdplb.spec.api import API_VERSION
 
 log = logging.getLogger("xdplb.agent")
@@ -103,10 +103,11 @@ class Announcer:
             self._wanted = dict(candidates)
 
     def announcements(self) -> list[Announcement]:
+        """What the NodeState shows (the first MAX_ANNOUNCEMENTS, by address)."""
         with self._lock:
             return [Announcement(address=a, pool=h.candidate.pool,
-                                 interfaces=list(h.candidate.interfaces), since=h.since)
-                    for a, h in sorted(self._held.items())]
+                                 interfaces=list(h.candidate.interfaces[:4]), since=h.since)
+                    for a, h in sorted(self._held.items())[:MAX_ANNOUNCEMENTS]]
 
     @property
     def problems(self) -> list[str]:

@@ -649,11 +649,15 @@ class ClusterAgent:
                          frozenset(own - {""}), self._pools)
 
     def _candidates(self, desired: Desired, inv: Inventory) -> dict[str, Candidate]:
+        """The addresses this node may announce: those of listeners it serves, on an
+        interface it is attached to (a node that cannot serve one must not draw its
+        traffic)."""
         out = {}
         for address, (grant, ifs) in desired.l2.items():
-            listeners = {i or inv.default_interface for i in ifs} - {""}
-            out[address] = Candidate(address, grant.name, grant.uid, interfaces_for(
-                address, inv, grant.l2_interfaces, listeners))
+            listeners = {i or inv.default_interface for i in ifs} & set(self.node.attached)
+            if listeners:
+                out[address] = Candidate(address, grant.name, grant.uid, interfaces_for(
+                    address, inv, grant.l2_interfaces, listeners))
         return out
 
     def _report_waiting(self) -> None:

@@ -55,7 +55,8 @@ class NodeReport:
     heartbeat: datetime.datetime | None
     errors: tuple[str, ...]  # node-level: agent error, interfaces that failed to attach
     entries: Mapping[Ref, Mapping[str, Any]] = field(default_factory=dict)
-    announced: frozenset[str] = frozenset()  # addresses this node answers ARP for
+    # Addresses this node answers ARP for, and since when.
+    announced: Mapping[str, datetime.datetime | None] = field(default_factory=dict)
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any] | None) -> NodeReport:
@@ -66,7 +67,8 @@ class NodeReport:
             errors.insert(0, str(status["error"]))
         entries = {(e.get("namespace", ""), e.get("name", "")): e
                    for e in status.get("loadBalancers") or []}
-        announced = frozenset(a.get("address", "") for a in status.get("announcements") or [])
+        announced = {a.get("address", ""): parse_time(a.get("since"))
+                     for a in status.get("announcements") or []}
         return cls(parse_time(status.get("heartbeatTime")), tuple(errors), entries, announced)
 
 
@@ -142,16 +144,20 @@ def condition(ctype: str, ok: bool, reason: str, message: str, generation: int) 
 
 def announcers(reports: Mapping[str, NodeReport], now: datetime.datetime,
                silence: float = SILENCE_LIMIT) -> dict[str, str]:
-    """Address -> the node that reports announcing it (the first by name if, for the
-    moment of a takeover, two do); silent nodes count for nothing."""
-    out: dict[str, str] = {}
+    """Address -> the node that reports announcing it; when two do (a node whose agent
+    died reports its last state until it falls silent), the one that took it over last.
+    Silent nodes count for nothing."""
+    oldest = datetime.datetime.min.replace(tzinfo=datetime.UTC)
+    best: dict[str, tuple[datetime.datetime, str]] = {}
     for name in sorted(reports):
         report = reports[name]
         if report.heartbeat is None or (now - report.heartbeat).total_seconds() > silence:
             continue
-        for address in report.announced:
-            out.setdefault(address, name)
-    return out
+        for address, since in report.announced.items():
+            key = (since or oldest, name)
+            if address not in best or key[0] > best[address][0]:
+                best[address] = key
+    return {address: name for address, (_, name) in best.items()}
 
 
 def address_status(pools: Mapping[str, str], announced: Mapping[str, str]

@@ -48,6 +48,7 @@ class AgentSettings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     metrics_port: int = 9090
     log_format: str = "text"
+    l2_lease_seconds: int = 3
     pin_dir: str = PIN_ROOT
     resources: dict[str, Any] = field(default_factory=lambda: {
         "requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}})
@@ -61,7 +62,8 @@ def agent_args(s: AgentSettings) -> list[str]:
     args = ["agent", "--kubernetes", "--xdp-mode", s.xdp_mode,
             "--conntrack-capacity", str(s.conntrack_capacity),
             "--metrics-port", str(s.metrics_port), "--log-format", s.log_format,
-            "--pin-dir", s.pin_dir, "--daemonset", f"{s.namespace}/{s.name}"]
+            "--pin-dir", s.pin_dir, "--daemonset", f"{s.namespace}/{s.name}",
+            "--l2-lease-seconds", str(s.l2_lease_seconds)]
     for f in fields(Timeouts):
         args += [f"--{f.name.replace('_', '-')}-timeout", str(getattr(s.timeouts, f.name))]
     return args

@@ -216,9 +216,10 @@ class State:
             refs = set(old.entries) | set(new.entries)
             self.dirty.update(r for r in refs
                               if old.entries.get(r) != new.entries.get(r) and r in self.lbs)
-            if moved := old.announced ^ new.announced:  # the L2 announcer of an address
+            if moved := set(old.announced.items()) ^ set(new.announced.items()):
+                moved_addresses = {a for a, _ in moved}  # the L2 announcer of an address
                 self.dirty.update(r for r, a in self.admissions.items()
-                                  if moved & a.pools.keys() and r in self.lbs)
+                                  if moved_addresses & a.pools.keys() and r in self.lbs)
         self.silent.discard(name)
         self.changed.set()
 

@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 MAX_LOADBALANCERS_PER_NODE = 512
+MAX_ANNOUNCEMENTS = 256  # listed per node (a node may announce more: the rest are counted)
 MAX_MESSAGE = 1024
 
 Phase = Literal["Applied", "Failed", "Removed"]
@@ -63,7 +64,8 @@ class Announcement(_Model):
 
     address: str = Field(min_length=1, max_length=45)
     pool: str = Field(default="", max_length=253)
-    interfaces: list[str] = Field(default_factory=list, max_length=16)
+    interfaces: list[Annotated[str, Field(max_length=15)]] = Field(default_factory=list,
+                                                                   max_length=4)
     since: datetime.datetime | None = None
 
 
@@ -75,7 +77,7 @@ class NodeStateStatus(_Model):
         default_factory=list, alias="loadBalancers", max_length=MAX_LOADBALANCERS_PER_NODE
     )
     announcements: list[Announcement] = Field(default_factory=list,
-                                              max_length=MAX_LOADBALANCERS_PER_NODE)
+                                              max_length=MAX_ANNOUNCEMENTS)
     error: Message = ""
 
     def to_json(self) -> dict[str, Any]:

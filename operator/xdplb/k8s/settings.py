@@ -98,6 +98,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     for f in fields(Timeouts):
         flag(f"{f.name.replace('_', '-')}-timeout", f.default, int, help="seconds")
     flag("metrics-port", a.metrics_port, int, help="agent Prometheus port")
+    flag("l2-lease-seconds", a.l2_lease_seconds, int,
+         help="announce: L2: an announcing agent that stops is replaced within this")
     flag("log-format", "text", choices=["text", "json"], help="operator and agent log format")
     flag("node-silence", o.silence, float,
          help="seconds without a heartbeat after which a node is not programmed")
@@ -141,7 +143,8 @@ def settings_from_args(a: argparse.Namespace) -> OperatorSettings:
         service_account=a.agent_service_account, node_selector=a.agent_node_selector,
         tolerations=a.agent_tolerations, resources=a.agent_resources, xdp_mode=a.xdp_mode,
         conntrack_capacity=a.conntrack_capacity, timeouts=timeouts,
-        metrics_port=a.metrics_port, log_format=a.log_format)
+        metrics_port=a.metrics_port, log_format=a.log_format,
+        l2_lease_seconds=a.l2_lease_seconds)
     pod_name = os.environ.get("POD_NAME")
     election = LeaderElectionSettings(
         enabled=a.leader_election, name=a.leader_election_name,

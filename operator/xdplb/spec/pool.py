@@ -81,13 +81,14 @@ class LabelSelectorRequirement(_Model):
     """One requirement on a namespace's labels (as in any Kubernetes label selector)."""
 
     cel_rules = (
-        CelRule("self.operator in ['In', 'NotIn'] ? has(self.values) && size(self.values) > 0"
+        CelRule("self.operator == 'In' || self.operator == 'NotIn'"
+                " ? has(self.values) && size(self.values) > 0"
                 " : !has(self.values) || size(self.values) == 0",
                 "In and NotIn need values; Exists and DoesNotExist take none", ".values"),
     )
 
-    key: Annotated[LabelKey, Field(max_length=317, pattern=LABEL_KEY_PATTERN)] = Field(
-        description="the label's key")
+    key: LabelKey = Field(max_length=317, pattern=LABEL_KEY_PATTERN,
+                          description="the label's key")
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
         description="how the label's value is compared with values")
     values: Annotated[list[LabelValue], Field(max_length=64)] | None = Field(
