@@ -26,7 +26,7 @@ from tests.chart import chart_grants
 from tests.k8s.cluster import KUBECTL, Cluster, wait_for
 from tests.l2lab import L2Lab
 from tests.lab import Proc
-from tests.test_address_pools import Api, pool, service
+from tests.test_address_pools import CLASS, Api, pool, service
 from tests.test_cluster_agent import AGENT_TOKEN, L2_LEASE_RULES, XDPLB, endpoint
 from tests.test_operator import (
     SYSTEM_NS,
@@ -168,14 +168,26 @@ def l2_setup(tmp_path: Path, prefix: str
         lab.close()
 
 
-def web_service(api: Api, name: str, *backends: str) -> None:
+def web_service(api: Api, name: str, *backends: str, expose: bool = False) -> None:
     """A Service of the class with an EndpointSlice of ``backends`` (no controller makes
-    one here)."""
-    api.apply(service(name))
+    one here). ``expose``: made as the README shows, from a Deployment by `kubectl expose`
+    (one unnamed port)."""
+    if expose:
+        api.apply({"apiVersion": "apps/v1", "kind": "Deployment",
+                   "metadata": {"name": name, "namespace": "default"},
+                   "spec": {"selector": {"matchLabels": {"app": name}}, "template": {
+                       "metadata": {"labels": {"app": name}},
+                       "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}})
+        api.env.cluster.kubectl(
+            "expose", "deployment", name, "--type=LoadBalancer", "--port", "80",
+            "--target-port", str(BACKEND_PORT), "--overrides",
+            json.dumps({"apiVersion": "v1", "spec": {"loadBalancerClass": CLASS}}))
+    else:
+        api.apply(service(name))
     api.env.admin.request("POST", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices", {
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
         "metadata": {"name": f"{name}-1", "labels": {"kubernetes.io/service-name": name}},
-        "ports": [{"name": "http", "port": BACKEND_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "" if expose else "http", "port": BACKEND_PORT, "protocol": "TCP"}],
         "endpoints": [endpoint(b) for b in backends]})
 
 
@@ -200,9 +212,11 @@ def test_l2_announced_service_survives_its_announcer(tmp_path: Path) -> None:
         def tails() -> str:
             return "\n".join(n.tail() for n in nodes.values())
 
-        web_service(api, "web", L2Lab.backend_addr(1), L2Lab.backend_addr(2))
+        web_service(api, "web", L2Lab.backend_addr(1), L2Lab.backend_addr(2), expose=True)
         vip = api.wait_address("web")
         assert vip == "10.70.0.100"
+        row = api.env.cluster.kubectl("get", "svc", "web").stdout.split("\n")[1].split()
+        assert row[:5] == ["web", "LoadBalancer", "<none>", vip, "80/TCP"], row
         wait_for("web applied on both nodes", lambda: applied_on_both(api, "web"), timeout=60)
         first = wait_for("one announcer", lambda: announcer(api, vip), timeout=20)
         other = next(n for n in lab.NODES if n != first)

@@ -248,7 +248,7 @@ def test_create_accepts_and_ensures_the_agent_daemonset(env: Env) -> None:
             "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in agent["env"]
     assert spec["hostNetwork"] is True
     assert agent["securityContext"]["capabilities"] == {
-        "drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "PERFMON"]}
+        "drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "NET_RAW", "PERFMON"]}
     assert agent["securityContext"]["privileged"] is False
     assert {"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "DirectoryOrCreate"}
             } in spec["volumes"]
