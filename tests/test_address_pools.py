@@ -411,3 +411,24 @@ def test_kubectl_expose_with_the_default_class(tmp_path: Path) -> None:
             "name": "tcp-80", "protocol": "TCP", "port": 80, "address": address,
             "service": {"name": "web", "port": 80}, "sessionAffinity": "None"}]
         assert derived["spec"]["trafficPolicy"] == "Cluster"
+
+
+def test_ipv6_listeners_are_judged_alike(api: Api) -> None:
+    api.apply(pool("v6", "2001:db8:a::/120", "2001:db8:a:1::10-2001:db8:a:1::20",
+                   namespaceSelector={"matchLabels": {"team": "a"}}))
+    api.apply(lb("in-range", "team-a", "2001:db8:a:1::15", backends=("2001:db8:f::1",)),
+              lb("outside", "team-a", "2001:db8:b::5", backends=("2001:db8:f::1",)),
+              lb("link-local", "team-a", "2001:db8:a::6", backends=("fe80::1",)),
+              lb("loopback", "team-a", "2001:db8:a::7", backends=("::1",)))
+    api.wait_condition("team-a", "in-range", "Accepted", "True")
+    out = api.wait_condition("team-a", "outside", "Accepted", "False",
+                             reason="AddressNotAllowed")
+    assert out["message"].startswith("spec.listeners[0].address: 2001:db8:b::5 is in no"
+                                     " AddressPool that admits namespace 'team-a'.")
+    for name, what in (("link-local", "fe80::1 is link-local (fe80::/10)"),
+                       ("loopback", "::1 is loopback (::1)")):
+        refused = api.wait_condition("team-a", name, "Accepted", "False",
+                                     reason="AddressNotAllowed")
+        assert f"{what}: never a backend" in refused["message"], refused
+    wait_for("v6 uses 1", lambda: api.pool_status("v6").get("used") == 1
+             and api.pool_status("v6").get("total") == str(256 + 17))

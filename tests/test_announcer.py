@@ -155,9 +155,13 @@ def test_an_announcer_without_interfaces_says_so(admin: Kube) -> None:
     a = Announcer(admin, NS, "n1", kernel, lease_seconds=2)
     a.start()
     try:
-        a.want({VIP: candidate(())})
-        wait_for("the problem", lambda: a.problems)
-        assert a.problems == [f"L2 {VIP}: no interface to announce it on"]
+        v6 = Candidate("2001:db8::5", "flat", "", ("eth0",))
+        a.want({VIP: candidate(()), v6.address: v6})
+        wait_for("the problems", lambda: len(a.problems) == 2)
+        assert a.problems == [  # by address
+            f"L2 {VIP}: no interface to announce it on",
+            "L2 2001:db8::5: IPv6 addresses are not announced yet (route it to the nodes)"]
+        assert kernel.routes == {VIP}
     finally:
         a.stop(release=True)
 

@@ -521,6 +521,71 @@ def test_end_to_end_apply_traffic_and_drain(tmp_path: Path) -> None:
         shutil.rmtree(E2E_PIN_DIR, ignore_errors=True)
 
 
+def test_a_dual_stack_loadbalancer_from_both_families_slices(tmp_path: Path) -> None:
+    # One Service, an EndpointSlice per family, a listener per family naming it: each
+    # VIP is backed by its family's endpoints, and both carry traffic.
+    ensure_bpffs(str(Path(E2E_PIN_DIR).parent))
+    lab = start_lab("xk6", ipv6=True)
+    agent: LabAgent | None = None
+    relays: list[subprocess.Popen[bytes]] = []
+    try:
+        with Cluster(tmp_path) as cluster:
+            install(cluster, tmp_path, {**OPEN_POOL, "spec": {
+                "addresses": [VIP, Lab.VIP6], "namespaceSelector": {}}})
+            cluster.emulator.grant(AGENT_TOKEN, "system:serviceaccount:xdplb:agent",
+                                   chart_grants("agent", "xdplb"))
+            api = cluster.client()
+            core = kubernetes.client.CoreV1Api(api)
+            discovery = kubernetes.client.DiscoveryV1Api(api)
+            custom = kubernetes.client.CustomObjectsApi(api)
+            core.create_node({"metadata": {"name": NODE}})
+            agent = LabAgent(lab, api_relay(lab, cluster, tmp_path, relays))
+            core.create_namespaced_service("default", {"metadata": {"name": "web"}, "spec": {
+                "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+                "ports": [{"name": "http", "port": 80, "targetPort": TCP_PORT}]}})
+            for family, addrs in (("IPv4", [Lab.backend_addr(1), Lab.backend_addr(2)]),
+                                  ("IPv6", [Lab.backend6_addr(1), Lab.backend6_addr(2)])):
+                discovery.create_namespaced_endpoint_slice("default", {
+                    "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "addressType": family,
+                    "metadata": {"name": f"web-{family.lower()}",
+                                 "labels": {"kubernetes.io/service-name": "web"}},
+                    "ports": [{"name": "http", "port": TCP_PORT, "protocol": "TCP"}],
+                    "endpoints": [endpoint(a) for a in addrs]})
+            lb = {"apiVersion": "xdplb.io/v1alpha1", "kind": "LoadBalancer",
+                  "metadata": {"name": "web", "namespace": "default"},
+                  "spec": {"interfaces": [Lab.lb_client_if], "listeners": [
+                      {"name": "http", "protocol": "TCP", "port": VIP_TCP, "address": VIP,
+                       "service": {"name": "web", "port": "http"}},
+                      {"name": "http6", "protocol": "TCP", "port": VIP_TCP,
+                       "address": Lab.VIP6, "service": {"name": "web", "port": "http"}}]}}
+            cluster.kubectl("apply", "-f", "-", stdin=json.dumps(lb))
+            agent.wait_log("applied default/web generation 1: 2 listeners, 4 backends")
+
+            def entry() -> dict[str, Any] | None:
+                try:
+                    ns = custom.get_cluster_custom_object("xdplb.io", "v1alpha1", "nodestates",
+                                                          NODE)
+                except kubernetes.client.ApiException:
+                    return None
+                return next((e for e in ns.get("status", {}).get("loadBalancers", [])
+                             if e["name"] == "web" and e["phase"] == "Applied"), None)
+            wait_for("NodeState reports web Applied", entry)
+            for vip in (VIP, Lab.VIP6):
+                res = lab.tcp_clients("cli", vip, VIP_TCP, count=30, concurrency=6)
+                check_ok(res, f"TCP to {vip} through its family's endpoints",
+                         agent)  # type: ignore[arg-type]
+                assert set(res["tags"]) == {"b1", "b2"}, res["tags"]
+    finally:
+        if agent is not None and agent.proc.poll() is None:
+            lab.stop(agent.proc)
+        for relay in relays:
+            relay.terminate()
+            relay.wait(10)
+        lab.close()
+        shutil.rmtree(E2E_PIN_DIR, ignore_errors=True)
+
+
 UNINSTALL_PINS = "/run/xdplb-k8s/bpf/uninstall"
 UNINSTALL_IF = "xkun0"
 

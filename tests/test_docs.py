@@ -224,9 +224,13 @@ def _twice() -> dict[str, Any]:
     return doc
 
 
+V6_ROUTE = {"cidr": "2001:db8::/32", "backends": [{"address": "10.0.0.12", "port": 80}]}
 # One manifest per entry of MODEL_RULES, in order, that breaks that rule.
 MODEL_RULE_CASES = [
     _twice(),
+    manifest(sourceRoutes=[V6_ROUTE]),
+    manifest(sourceRoutes=[{**V6_ROUTE, "cidr": "10.0.0.0/8",
+                            "backends": [{"address": "2001:db8::12", "port": 80}]}]),
 ]
 
 
@@ -236,7 +240,8 @@ def test_model_rules_are_the_validators_messages(rule: Any, doc: dict[str, Any])
     assert api_server_errors(LB_SCHEMA, doc) == []
     pattern = re.escape(rule.message)
     pattern = re.sub(r"\\\{\w+\\\}", ".+", pattern)
-    field = "" if rule.reported_at.startswith("(") else re.escape(rule.reported_at)
+    field = "" if rule.reported_at.startswith("(") else re.sub(
+        r"\\\[\\\]", r"\\[\\d+\\]", re.escape(rule.reported_at))
     errors = crd.validate_object(doc)
     assert any(re.fullmatch(rf"spec\.listeners\[\d+\]{field}: {pattern}", e) for e in errors), (
         errors
@@ -288,13 +293,54 @@ def test_node_selector_is_accepted_standalone(text: str) -> None:
 @pytest.mark.parametrize(
     ("address", "ok"),
     [("10.0.0.1", True), ("0.0.0.0", False), ("224.0.0.1", False),
-     ("255.255.255.255", False), ("2001:db8::1", False)],
+     ("255.255.255.255", False), ("::", False), ("ff02::1", False), ("::ffff:10.0.0.1", False),
+     ("2001:db8::1", True), ("2001:zz8::1", False)],
 )
 def test_address_note(text: str, address: str, ok: bool) -> None:
-    assert "not 0.0.0.0, a multicast address or 255.255.255.255" in rows(text)[
+    assert "not 0.0.0.0 or ::, a multicast address" in rows(text)[
         "spec.listeners[].backends[].address"][3]
     doc = manifest(backends=[{"address": address, "port": 80}])
     assert (crd.validate_object(doc) == []) is ok
+
+
+@pytest.mark.parametrize(
+    ("fields", "path"),
+    [({"address": "192.0.2.1", "backends": [{"address": "2001:db8::11", "port": 80}]},
+      "backends"),
+     ({"address": "2001:db8::1", "backends": [{"address": "10.0.0.11", "port": 80}]},
+      "backends"),
+     ({"ipFamily": "IPv6"}, "backends"),
+     ({"address": "192.0.2.1", "ipFamily": "IPv6"}, "ipFamily"),
+     ({"backends": [{"address": "10.0.0.11", "port": 80},
+                    {"address": "2001:db8::11", "port": 80}]}, "backends")],
+)
+def test_a_listener_serves_one_family(fields: dict[str, Any], path: str) -> None:
+    # No NAT64: the API server refuses a listener whose backends are of another family
+    # than its address (or ipFamily), and the model says the same at the same path.
+    doc = manifest(**fields)
+    assert any(path in e for e in api_server_errors(LB_SCHEMA, doc)), \
+        api_server_errors(LB_SCHEMA, doc)
+    assert any(e.startswith(f"spec.listeners[0].{path}:") for e in crd.validate_object(doc)), \
+        crd.validate_object(doc)
+
+
+def test_a_dual_stack_service_is_two_listeners() -> None:
+    doc = manifest(address="192.0.2.1")
+    doc["spec"]["listeners"].append({"name": "http6", "protocol": "TCP", "port": 80,
+                                     "address": "2001:DB8::0:1",
+                                     "backends": [{"address": "2001:db8::11", "port": 80}]})
+    (lb,) = parse_manifests(yaml.safe_dump(doc), "lb.yaml")
+    v6 = lb.spec.listeners[1]
+    assert (v6.address, v6.family, v6.endpoint) == ("2001:db8::1", "IPv6", "[2001:db8::1]:80/TCP")
+    # Two wildcards of one port: one per family.
+    doc = manifest()
+    doc["spec"]["listeners"].append({"name": "http6", "protocol": "TCP", "port": 80,
+                                     "ipFamily": "IPv6",
+                                     "backends": [{"address": "2001:db8::11", "port": 80}]})
+    assert crd.validate_object(doc) == []
+    doc["spec"]["listeners"][1]["ipFamily"] = "IPv4"
+    doc["spec"]["listeners"][1]["backends"] = [{"address": "10.0.0.11", "port": 80}]
+    assert any("also defined" in e for e in crd.validate_object(doc))
 
 
 def test_cidr_note(text: str) -> None:

@@ -189,14 +189,33 @@ def cmd_explain(a: argparse.Namespace) -> int:
     except SpecError as e:
         print(e, file=sys.stderr)
         return 1
-    src, _, sport = a.src.rpartition(":")
-    dst, _, dport = a.dst.rpartition(":")
+    try:
+        src, sport = _endpoint(a.src)
+        dst, dport = _endpoint(a.dst)
+    except ValueError as e:
+        print(f"xdplb explain: {e}", file=sys.stderr)
+        return 2
     local = None
     if not a.any_local:
         from xdplb.agent.inventory import read_inventory
         local = {addr for addrs in read_inventory().addresses.values() for addr in addrs}
-    print(explain(plan, src, int(sport), dst, int(dport), a.proto.upper(), local).text())
+    print(explain(plan, src, sport, dst, dport, a.proto.upper(), local).text())
     return 0
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    """IP:PORT, an IPv6 address in brackets ([2001:db8::1]:443), as (canonical
+    address, port)."""
+    import ipaddress
+
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, like [2001:db8::1]:443")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is no IP:PORT")
+    return str(ipaddress.ip_address(host)), int(port)
 
 
 def _open_maps(pin_dir: str) -> dict[str, BpfMap]:
@@ -247,7 +266,8 @@ def cmd_status(a: argparse.Namespace) -> int:
         except Exception as e:
             print(f"interface {ifname}: {e}")
     for lst in state["listeners"]:
-        print(f"listener {lst['name']} {lst['address']}:{lst['port']}/{lst['protocol']}: "
+        host = f"[{lst['address']}]" if ":" in lst["address"] else lst["address"]
+        print(f"listener {lst['name']} {host}:{lst['port']}/{lst['protocol']}: "
               f"{lst['backends']} backends, {lst['sourceRoutes']} source routes")
     health = state.get("health", [])
     down = [h for h in health if not h["up"]]
@@ -356,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("explain", help="which listener, route and backend a new flow gets")
     p.add_argument("--config", default=CONFIG_FILE)
-    p.add_argument("--src", required=True, help="client IP:PORT")
-    p.add_argument("--dst", required=True, help="destination IP:PORT")
+    p.add_argument("--src", required=True, help="client IP:PORT ([IPv6]:PORT)")
+    p.add_argument("--dst", required=True, help="destination IP:PORT ([IPv6]:PORT)")
     p.add_argument("--proto", default="tcp", choices=["tcp", "udp", "TCP", "UDP"])
     p.add_argument("--any-local", action="store_true",
                    help="let wildcard listeners match any destination")

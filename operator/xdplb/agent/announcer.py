@@ -146,6 +146,10 @@ class Announcer:
         for address in [a for a in self._held if a not in wanted]:
             self._release(address)
         for address, cand in sorted(wanted.items()):
+            if ":" in address:  # IPv6 needs unsolicited neighbour advertisements: not yet
+                self._problem(address, f"L2 {address}: IPv6 addresses are not announced yet"
+                              " (route it to the nodes)")
+                continue
             held = self._held.get(address)
             if held is not None:
                 held.candidate = cand

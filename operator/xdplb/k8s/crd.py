@@ -14,8 +14,9 @@ total :data:`ROUTE_TOTAL_RULE`); larger configurations are split over several
 LoadBalancers, and big groups name a Service instead of listing addresses.
 Their worst case (tests/test_crd.py bounds it from the schema, and prints it)
 stays under three quarters of etcd's limit, leaving room for metadata and
-managedFields. The 1,024-route total is what a full health check on every
-route (a 64-byte payload each) leaves room for. Big objects are best applied with
+managedFields. The 1,000-route total is what a full health check on every
+route (a 64-byte payload each) leaves room for, with IPv6 addresses at their longest.
+Big objects are best applied with
 ``kubectl apply --server-side`` (client-side apply copies the object into an
 annotation, and annotations are limited to 256 KiB).
 """
@@ -56,7 +57,7 @@ Schema = dict[str, Any]
 
 # Cluster-only list bounds by schema path ("[]" = every item); see the module doc.
 MAX_LISTENERS_PER_OBJECT = 16
-MAX_ROUTES_PER_OBJECT = 1024
+MAX_ROUTES_PER_OBJECT = 1000
 STORAGE_MAX_ITEMS: dict[str, int] = {
     "spec.listeners": MAX_LISTENERS_PER_OBJECT,
     "spec.listeners[].backends": 64,

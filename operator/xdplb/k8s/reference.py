@@ -29,6 +29,7 @@ from xdplb.k8s.services import (
     SHARING_ANNOTATION,
 )
 from xdplb.spec.api import GROUP, VERSION
+from xdplb.spec.fields import IP_PATTERN
 from xdplb.spec.model import LoadBalancer
 from xdplb.spec.pool import AddressPool
 
@@ -36,10 +37,13 @@ __all__ = ["MODEL_RULES", "POOL_HEADING", "SERVICE_HEADING", "ModelRule", "rende
 
 Schema = dict[str, Any]
 
-# Things the model's validators check beyond the JSON schema, by format.
+# Things the model's validators check beyond the JSON schema, by format (an address's
+# schema is the pattern IP_PATTERN, named "ip" here).
 FORMAT_NOTES = {
-    "ipv4": "IPv4 only; not 0.0.0.0, a multicast address or 255.255.255.255",
-    "cidr": "IPv4 only; no host bits set; standalone also takes a bare address as /32",
+    "ip": "IPv4 or IPv6 (written in its canonical form); not 0.0.0.0 or ::, a multicast"
+          " address, 255.255.255.255 or an IPv4-mapped IPv6 address",
+    "cidr": "IPv4 or IPv6, of the listener's family; no host bits set; standalone also"
+            " takes a bare address as /32 or /128",
 }
 POOL_FORMAT_NOTES = {"cidr": "IPv4 or IPv6; no host bits set"}
 POOL_HEADING = "# AddressPool reference"
@@ -48,7 +52,7 @@ POOL_CRD_FILE = f"crds/addresspools.{GROUP}.yaml"
 POOL_ENTRY_NOTE = ("each: a CIDR without host bits, FIRST-LAST (one family, FIRST ≤ LAST) or"
                    " an address; IPv4 or IPv6; none in loopback, link-local, multicast,"
                    " 0.0.0.0/8 or 255.255.255.255; entries do not overlap")
-FORMAT_NAMES = {"ipv4": "IPv4 address", "cidr": "IPv4 CIDR", "date-time": "RFC 3339 time"}
+FORMAT_NAMES = {"ip": "IP address", "cidr": "CIDR", "date-time": "RFC 3339 time"}
 
 # Where the modes differ beyond bounds: spec/load.py refuses Service groups and
 # trafficPolicy without Kubernetes mode, and only the cluster agent reads nodeSelector.
@@ -76,6 +80,12 @@ class ModelRule:
 MODEL_RULES = (
     ModelRule("spec.listeners[]", "(the object)",
               "listener {address}:{port}/{protocol} is also defined by {path}"),
+    ModelRule("spec.listeners[].sourceRoutes[]", ".sourceRoutes[].cidr",
+              "{cidr} is not an {family} network, the listener's family"),
+    ModelRule("spec.listeners[].sourceRoutes[], spec.listeners[].sniRoutes[]",
+              ".sourceRoutes[].backends[].address",
+              "{address} is not an {family} address, the listener's family (no NAT64): write"
+              " a listener per family"),
 )
 
 
@@ -174,6 +184,8 @@ def _type(node: Schema) -> str:
         return f"map of string to {_type(node['additionalProperties'])}"
     if kind == "string" and "format" in node:
         return FORMAT_NAMES.get(node["format"], f"string ({node['format']})")
+    if kind == "string" and node.get("pattern") == IP_PATTERN:
+        return FORMAT_NAMES["ip"]
     return str(kind)
 
 
@@ -220,7 +232,7 @@ def _constraints(model: Schema | None, cluster: Schema | None, sep: str = "; ",
                 text = f"{text or 'any'} (cluster: {in_cluster})"
         if text:
             parts.append(text)
-    if "pattern" in node:
+    if "pattern" in node and node["pattern"] != IP_PATTERN:  # an address: its note says it
         parts.append(f"pattern `{node['pattern']}`")
     if node.get("x-kubernetes-int-or-string"):
         # Each bound applies to the branch of its type: a number, or a (port) name.
@@ -235,6 +247,8 @@ def _constraints(model: Schema | None, cluster: Schema | None, sep: str = "; ",
         parts.append("items unique")
     if model is not None and node.get("format") in notes:
         parts.append(notes[node["format"]])
+    if model is not None and node.get("pattern") == IP_PATTERN and "ip" in notes:
+        parts.append(notes["ip"])
     for key, label in (("items", "items"), ("additionalProperties", "values")):
         inner = node.get(key)
         if isinstance(inner, dict) and inner.get("type") != "object":
@@ -332,7 +346,7 @@ def _render_pool() -> str:
     ]
     lines += _field_tables(model, cluster, "AddressPool", POOL_FORMAT_NOTES)
     lines = [f"{line[:-2]}; {POOL_ENTRY_NOTE} |" if line.startswith("| `spec.addresses` |")
-             else line.replace("list of IPv4 CIDR", "list of CIDR") for line in lines]
+             else line for line in lines]
     lines += ["", "## Cross-field rules", "",
               "CEL validations of the CRD, evaluated by the model too.", ""]
     lines += _table(("Applies to", "Reported at", "Message", "Rule (CEL)", "Mode"),

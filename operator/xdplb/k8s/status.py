@@ -67,8 +67,11 @@ class LoadBalancerStatus(_Model):
     observed_generation: Count | None = Field(default=None, alias="observedGeneration")
     conditions: list[Condition] = Field(default_factory=list, max_length=8)
     nodes: NodeCounts | None = None
-    listeners: list[ListenerStatus] = Field(default_factory=list, max_length=64)
-    addresses: list[AddressStatus] = Field(default_factory=list, max_length=64)
+    # A cluster object has at most 16 listeners (MAX_LISTENERS_PER_OBJECT in k8s/crd.py),
+    # so at most 16 listener entries and 16 addresses: bounds that keep the worst-case
+    # object within etcd's limit.
+    listeners: list[ListenerStatus] = Field(default_factory=list, max_length=16)
+    addresses: list[AddressStatus] = Field(default_factory=list, max_length=16)
 
 
 class AddressPoolStatus(_Model):

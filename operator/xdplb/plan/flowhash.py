@@ -1,4 +1,7 @@
-"""Flow hashes, bit for bit the same as the data path's (dataplane/bpf/hash.h)."""
+"""Flow hashes, bit for bit the same as the data path's (dataplane/bpf/hash.h).
+
+An IPv4 address goes in as one 32-bit word, an IPv6 address as its four words in
+order; ports in host order."""
 
 from __future__ import annotations
 
@@ -19,16 +22,26 @@ def mix32(h: int) -> int:
     return h
 
 
-def ip_int(address: str) -> int:
-    return int(ipaddress.IPv4Address(address))
+def address_words(address: str) -> tuple[int, ...]:
+    """The words an address mixes in: one for IPv4, four for IPv6."""
+    ip = ipaddress.ip_address(address)
+    if ip.version == 4:
+        return (int(ip),)
+    n = int(ip)
+    return tuple((n >> shift) & _M32 for shift in (96, 64, 32, 0))
+
+
+def mix_address(h: int, address: str) -> int:
+    for word in address_words(address):
+        h = mix32(h ^ word)
+    return h
 
 
 def flow_hash(saddr: str, daddr: str, sport: int, dport: int, protocol: str) -> int:
     h = mix32(HASH_SEED ^ PROTO_NUMBERS[protocol])
     h = mix32(h ^ ((sport << 16) | dport))
-    h = mix32(h ^ ip_int(daddr))
-    return mix32(h ^ ip_int(saddr))
+    return mix_address(mix_address(h, daddr), saddr)
 
 
 def client_hash(saddr: str) -> int:
-    return mix32(mix32(HASH_SEED) ^ ip_int(saddr))
+    return mix_address(mix32(HASH_SEED), saddr)

@@ -4,7 +4,6 @@ uses (sni_routes -> groups -> pool -> backends), with the same flow hash, so
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -45,11 +44,13 @@ def pick_backend(maps: Mapping[str, LookupMap], route: Route, hostname: str | No
         return None
     h = client_hash(client[0]) if route.client_ip_affinity \
         else flow_hash(client[0], local[0], client[1], local[1], "TCP")
-    slot = maps["pool"].lookup(L.encode_u32(group.offset + h % group.size))
-    if slot is None:
+    slot = group.offset + h % group.size
+    elem = maps["pool"].lookup(L.encode_u32(slot // L.POOL_IDS))
+    if elem is None:
         return None
-    raw = maps["backends"].lookup(L.encode_u32(int.from_bytes(slot[:2], sys.byteorder)))
+    bid = L.PoolIds.from_buffer_copy(elem).id[slot % L.POOL_IDS]
+    raw = maps["backends"].lookup(L.encode_u32(bid))
     if raw is None:
         return None
     b = L.BackendVal.from_buffer_copy(raw)
-    return L.from_be32(b.addr), L.from_be16(b.port)
+    return L.from_ip(b.addr), L.from_be16(b.port)

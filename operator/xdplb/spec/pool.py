@@ -1,8 +1,8 @@
 """The AddressPool manifest: which addresses and ports the cluster admin grants to which
 namespaces (cluster-scoped, xdplb.io/v1alpha1).
 
-Addresses are IPv4 or IPv6 CIDRs and ranges; IPv6 is parsed and validated now, and
-refused where it would be programmed (a listener's address is IPv4 only for now).
+Addresses are IPv4 or IPv6 CIDRs and ranges, judged alike for listeners of either
+family. (Services are given IPv4 addresses, and L2 announcement is IPv4, for now.)
 As for LoadBalancer, cross-field rules are CEL rules declared on the models, so the
 CRD and the Python validator say the same thing.
 """
@@ -146,8 +146,8 @@ class AddressPoolSpec(_Model):
     addresses: Annotated[list[PoolEntry], Field(max_length=MAX_POOL_ENTRIES)] = Field(
         default_factory=list,
         description="CIDRs (192.0.2.0/28, 2001:db8::/120) and ranges (192.0.2.10-192.0.2.20)"
-        " a LoadBalancer of an admitted namespace may use as listener addresses; IPv6 is"
-        " accepted here and refused in listeners for now")
+        " a LoadBalancer of an admitted namespace may use as listener addresses (Services"
+        " are given IPv4 ones for now)")
     namespace_selector: LabelSelector = Field(
         alias="namespaceSelector",
         description="the namespaces this pool admits; {} admits every namespace")
@@ -172,7 +172,8 @@ class AddressPoolSpec(_Model):
         default="None",
         description="None: route the addresses to the nodes yourself (static routes, ECMP,"
         " BGP); L2: one elected node per address answers ARP for it on the local network"
-        " and sends gratuitous ARP when it takes over")
+        " and sends gratuitous ARP when it takes over (IPv4 addresses; IPv6 ones are"
+        " reported not announced)")
     l2_interfaces: (
         Annotated[list[InterfaceName], Field(min_length=1, max_length=16)] | None
     ) = Field(default=None, alias="l2Interfaces",
