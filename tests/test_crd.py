@@ -662,7 +662,9 @@ def test_worst_case_object_fits_etcd() -> None:
             for t in range(8)
         ],
         "nodes": {"selected": 10**6, "programmed": 10**6, "summary": "1000000/1000000"},
-        "listeners": [{"name": f"{i:0>63}", "backends": 10**6} for i in range(64)],
+        "listeners": [{"name": f"{i:0>63}", "backends": 10**6} for i in range(16)],
+        "addresses": [{"address": f"2001:db8:ffff:ffff:ffff:ffff:ffff:{i:0>4x}",
+                       "pool": "p" * 253, "announcedBy": "n" * 253} for i in range(16)],
     }
     assert api_server_errors(LB_SCHEMA, {**doc, "status": status}) == []
     status_bytes = len(json.dumps(status, separators=(",", ":")))
@@ -678,6 +680,9 @@ def test_worst_case_nodestate_fits_etcd() -> None:
         "loadBalancers": [{"namespace": f"{i:0>63}", "name": "n" * 253, "uid": "u" * 64,
                            "generation": 2**62, "phase": "Failed", "message": "m" * 1024,
                            "listeners": 64, "backends": 10**6} for i in range(512)],
+        "announcements": [{"address": f"2001:db8:ffff:ffff:ffff:ffff:{i:0>4x}:ffff",
+                           "pool": "p" * 253, "interfaces": [f"{j:0>15}" for j in range(4)],
+                           "since": "2026-01-01T00:00:00Z"} for i in range(256)],
         "error": "e" * 1024,
     }
     doc = {"apiVersion": "xdplb.io/v1alpha1", "kind": "NodeState",

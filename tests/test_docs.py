@@ -8,15 +8,20 @@ import re
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
 from tests.test_crd import LB_SCHEMA, api_server_errors
 from xdplb.cli import main
 from xdplb.k8s import crd
-from xdplb.k8s.reference import MODEL_RULES, render
+from xdplb.k8s.admission import PoolView, grants_of
+from xdplb.k8s.poolstatus import overlaps
+from xdplb.k8s.reference import MODEL_RULES, POOL_HEADING, SERVICE_HEADING, render
+from xdplb.k8s.services import IPS_ANNOTATION, POOL_ANNOTATION, SHARING_ANNOTATION
 from xdplb.spec import bounds, fields, model
 from xdplb.spec.load import SpecError, load_file, parse_manifests
+from xdplb.spec.pool import AddressPool
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "docs" / "reference.md"
@@ -25,8 +30,19 @@ CLUSTER_EXAMPLES = EXAMPLES / "cluster"
 
 
 @pytest.fixture(scope="module")
-def text() -> str:
+def whole() -> str:
     return render()
+
+
+@pytest.fixture(scope="module")
+def text(whole: str) -> str:
+    """The LoadBalancer part."""
+    return whole.split(POOL_HEADING)[0]
+
+
+@pytest.fixture(scope="module")
+def pool_text(whole: str) -> str:
+    return whole.split(POOL_HEADING)[1].split(SERVICE_HEADING)[0]
 
 
 def rows(text: str) -> dict[str, list[str]]:
@@ -67,20 +83,41 @@ def manifest(**listener: Any) -> dict[str, Any]:
 # --- the reference ---------------------------------------------------------------------------
 
 
-def test_reference_is_current(text: str) -> None:
+def test_reference_is_current(whole: str) -> None:
     stale = f"{REFERENCE} is stale: run `.venv/bin/xdplb reference --output docs/reference.md`"
     assert REFERENCE.exists(), stale
-    assert REFERENCE.read_text() == text, stale
+    assert REFERENCE.read_text() == whole, stale
 
 
 def test_cli_prints_and_writes(
-    text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    whole: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["reference"]) == 0
-    assert capsys.readouterr().out == text
+    assert capsys.readouterr().out == whole
     out = tmp_path / "reference.md"
     assert main(["reference", "--output", str(out)]) == 0
-    assert out.read_text() == text
+    assert out.read_text() == whole
+
+
+def test_every_pool_property_has_a_row_and_spec_fields_a_description(pool_text: str) -> None:
+    schema = crd.addresspool_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    paths = property_paths(schema) + property_paths(crd.structural(AddressPool))
+    documented = rows(pool_text)
+    assert len(paths) > 20
+    assert set(paths) == documented.keys()
+    assert [p for p, cells in documented.items() if p.startswith("spec.") and not cells[4]] == []
+    for message in ("list addresses, or set nodeAddresses: true",
+                    "In and NotIn need values; Exists and DoesNotExist take none"):
+        assert message in pool_text
+    assert "crds/addresspools.xdplb.io.yaml" in pool_text
+
+
+def test_the_service_mapping_names_every_setting(whole: str) -> None:
+    mapping = whole.split(SERVICE_HEADING)[1]
+    for name in (IPS_ANNOTATION, POOL_ANNOTATION, SHARING_ANNOTATION, "loadBalancerClass",
+                 "--default-service-class", "externalTrafficPolicy", "sessionAffinity",
+                 "ipMode: VIP", "PoolExhausted", "NoAddressPool", "AddressInUse"):
+        assert name in mapping, name
 
 
 def test_every_property_has_a_row(text: str) -> None:
@@ -326,7 +363,11 @@ def test_the_examples_are_there() -> None:
     names = {str(p.relative_to(ROOT)) for p in EXAMPLE_FILES}
     assert {"examples/lab.yaml", "examples/standalone.yaml", "examples/sni.yaml",
             "examples/source-nat.yaml", "examples/cluster/web.yaml",
-            "examples/cluster/basic.yaml"} <= names
+            "examples/cluster/basic.yaml", "examples/cluster/pools.yaml",
+            "examples/cluster/service.yaml"} <= names
+
+
+POOL_SCHEMA = crd.addresspool_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
 @pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: str(p.relative_to(EXAMPLES)))
@@ -336,11 +377,29 @@ def test_example_is_valid(path: Path) -> None:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
         assert docs
         for doc in docs:
-            assert api_server_errors(LB_SCHEMA, doc) == []
-            assert crd.validate_object(doc) == []
+            if doc["kind"] == "AddressPool":
+                assert api_server_errors(POOL_SCHEMA, doc) == []
+                assert crd.parse_pool(doc)[1] == []
+            elif doc["kind"] == "Service":
+                kubernetes_validate.validate(doc, "1.35", strict=True)
+            else:
+                assert api_server_errors(LB_SCHEMA, doc) == []
+                assert crd.validate_object(doc) == []
     else:
         # What `xdplb validate` runs.
         assert load_file(path)
+
+
+def test_the_example_pools_admit_the_example_loadbalancers() -> None:
+    docs = [d for p in sorted(CLUSTER_EXAMPLES.glob("*.yaml"))
+            for d in yaml.safe_load_all(p.read_text()) if d]
+    pools = [(AddressPool.model_validate(d), "") for d in docs if d["kind"] == "AddressPool"]
+    view = PoolView(grants_of(pools))
+    lbs = [model.LoadBalancer.model_validate(d) for d in docs if d["kind"] == "LoadBalancer"]
+    assert len(lbs) >= 2
+    for lb in lbs:
+        assert view.judge(lb).refusal is None, lb.qualified_name
+    assert pools and all(not overlaps(g, view.grants) for g in view.grants)
 
 
 def test_every_example_is_named_in_the_docs() -> None:

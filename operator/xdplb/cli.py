@@ -100,6 +100,7 @@ def cmd_agent(a: argparse.Namespace) -> int:
 
             ClusterAgent(ClusterOptions(
                 node_name=a.node_name, daemonset=a.daemonset,
+                lease_namespace=a.lease_namespace, l2_lease_seconds=a.l2_lease_seconds,
                 xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
                 caps=capacities(a), timeouts=timeouts(a),
                 detach_on_exit=detach, force=a.force,
@@ -337,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--daemonset", default="", metavar="NAMESPACE/NAME",
                    help="the agents' DaemonSet: when it is gone at a stop, clean up as"
                         " --cleanup does (set by the operator)")
+    p.add_argument("--lease-namespace", default="",
+                   help="namespace of the L2 announcement Leases (default: the --daemonset's;"
+                        " neither: no L2 announcement)")
+    p.add_argument("--l2-lease-seconds", type=int, default=3,
+                   help="an L2 announcer that stops is replaced within this (it renews its"
+                        " Lease every third of it; default %(default)s)")
     p.add_argument("--state-file", default=STATE_FILE)
     add_dataplane_args(p)
     p.set_defaults(fn=cmd_agent)
