@@ -48,6 +48,11 @@ from common import (
 
 from tests.k8s.cluster import KUBECTL, Cluster, crd_manifests
 
+# Admits the LoadBalancers' addresses (192.0.2.0 ..): without a pool they are refused.
+OPEN_POOL = {"apiVersion": "xdplb.io/v1alpha1", "kind": "AddressPool",
+             "metadata": {"name": "bench"},
+             "spec": {"addresses": ["192.0.0.0/16"], "namespaceSelector": {}}}
+
 NODE = "bench-node"
 
 
@@ -85,6 +90,7 @@ def one_round(a: argparse.Namespace) -> dict[str, Any]:
     shutil.rmtree(pins, ignore_errors=True)
     with Cluster(work) as cluster:
         cluster.kubectl("apply", *[x for f in crd_manifests() for x in ("-f", str(f))])
+        cluster.kubectl("apply", "-f", "-", stdin=json.dumps(OPEN_POOL))
         import kubernetes
 
         api = cluster.client()

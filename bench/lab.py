@@ -1,6 +1,6 @@
 """End to end in the namespace lab: xdplb (native and generic XDP) against
 iptables DNAT and plain forwarding; xdplb with source NAT against iptables
-DNAT + MASQUERADE.
+DNAT + MASQUERADE; xdplb over IPv6 (xdplb-native6) against itself over IPv4.
 
 Every configuration gets a fresh lab (tests/lab.py, prefix "xb") in every
 round, in alternating order. Measures, each from the cli namespace:
@@ -46,12 +46,14 @@ from common import (
 
 from tests.lab import Lab
 
-CONFIGS = ("plain", "iptables", "xdplb-native", "xdplb-generic", "iptables-masq", "xdplb-snat")
+CONFIGS = ("plain", "iptables", "xdplb-native", "xdplb-generic", "iptables-masq", "xdplb-snat",
+           "xdplb-native6")
 # Which iptables run each xdplb configuration is compared with.
 BASELINE = {"xdplb-native": "iptables", "xdplb-generic": "iptables",
             "xdplb-snat": "iptables-masq"}
 HTTP_PORT, IPERF_PORT = 80, 5201
 B1, B2 = Lab.backend_addr(1), Lab.backend_addr(2)
+B1_6, B2_6 = Lab.backend6_addr(1), Lab.backend6_addr(2)
 
 MANIFEST = f"""\
 apiVersion: xdplb.io/v1alpha1
@@ -77,6 +79,23 @@ spec:
     address: {Lab.VIP}
     backends: [{{address: {B1}, port: {IPERF_PORT}}}]
 """
+# The same over IPv6 (xdplb-native6), in a lab with IPv6 on.
+MANIFEST6 = MANIFEST + f"""  - name: http6
+    protocol: TCP
+    port: {HTTP_PORT}
+    address: {Lab.VIP6}
+    backends: [{{address: {B1_6}, port: {HTTP_PORT}}}, {{address: {B2_6}, port: {HTTP_PORT}}}]
+  - name: iperf-tcp6
+    protocol: TCP
+    port: {IPERF_PORT}
+    address: {Lab.VIP6}
+    backends: [{{address: {B1_6}, port: {IPERF_PORT}}}]
+  - name: iperf-udp6
+    protocol: UDP
+    port: {IPERF_PORT}
+    address: {Lab.VIP6}
+    backends: [{{address: {B1_6}, port: {IPERF_PORT}}}]
+"""
 
 IPTABLES_RULES = [
     ["-p", "tcp", "--dport", str(HTTP_PORT), "-m", "statistic", "--mode", "random",
@@ -98,9 +117,14 @@ HTTP_SERVER = f"""\
 
 
 def start_servers(lab: Lab) -> None:
+    server = HTTP_SERVER
+    if lab.ipv6:
+        server = server.replace(f"listen {HTTP_PORT} backlog=4096;",
+                                f"listen {HTTP_PORT} backlog=4096;\n"
+                                f"        listen [::]:{HTTP_PORT} backlog=4096;")
     for b in ("b1", "b2"):
         d = lab.workdir / f"nginx-{b}"
-        start_nginx(lab, b, d, nginx_conf(d, 4096, nginx_http(d, HTTP_SERVER)), HTTP_PORT)
+        start_nginx(lab, b, d, nginx_conf(d, 4096, nginx_http(d, server)), HTTP_PORT)
     lab.popen("b1", "iperf3", "-s", "-p", str(IPERF_PORT), stdout=subprocess.DEVNULL,
               stderr=subprocess.DEVNULL)
     wait_until(lambda: listening(lab, "b1", IPERF_PORT), "iperf3 server in b1")
@@ -117,8 +141,9 @@ def setup_iptables(lab: Lab, masquerade: bool = False) -> None:
 def start_agent(lab: Lab, mode: str, source_nat: bool = False) -> str:
     """Start the agent in the lb namespace; returns the XDP mode it reports attached."""
     cfg = lab.workdir / "xdplb.yaml"
-    manifest = MANIFEST.replace("    protocol:", "    sourceNAT: Node\n    protocol:") \
-        if source_nat else MANIFEST
+    base = MANIFEST6 if lab.ipv6 else MANIFEST
+    manifest = base.replace("    protocol:", "    sourceNAT: Node\n    protocol:") \
+        if source_nat else base
     cfg.write_text(manifest)
     log = lab.workdir / "agent.log"
     with open(log, "w") as out:
@@ -138,9 +163,13 @@ def tso(lab: Lab) -> str:
     return m.group(1) if m else "?"
 
 
+def host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
 def run_wrk(lab: Lab, target: str, seconds: float, conns: int) -> float:
     res = lab.exec("cli", "wrk", "-t", "1", "-c", str(conns), "-d", f"{seconds:g}s",
-                   "-H", "Connection: close", f"http://{target}:{HTTP_PORT}/",
+                   "-H", "Connection: close", f"http://{host(target)}:{HTTP_PORT}/",
                    timeout=seconds + 60)
     m = re.search(r"Requests/sec:\s+([\d.]+)", res.stdout)
     if not m:
@@ -169,7 +198,7 @@ def run_iperf(lab: Lab, target: str, seconds: float, udp: bool) -> dict[str, Any
 
 
 def measure(cfg: str, seconds: float, conns: int) -> dict[str, Any]:
-    with Lab(backends=2, prefix="xb") as lab:
+    with Lab(backends=2, prefix="xb", ipv6=cfg == "xdplb-native6") as lab:
         start_servers(lab)
         mode = "—"
         if cfg.startswith("iptables"):
@@ -177,9 +206,10 @@ def measure(cfg: str, seconds: float, conns: int) -> dict[str, Any]:
         elif cfg == "xdplb-snat":
             mode = start_agent(lab, "native", source_nat=True)
         elif cfg.startswith("xdplb-"):
-            mode = start_agent(lab, cfg.removeprefix("xdplb-"))
-        http_target = B1 if cfg == "plain" else Lab.VIP
-        iperf_target = B1 if cfg == "plain" else Lab.VIP
+            mode = start_agent(lab, cfg.removeprefix("xdplb-").removesuffix("6"))
+        vip = Lab.VIP6 if lab.ipv6 else Lab.VIP
+        http_target = B1 if cfg == "plain" else vip
+        iperf_target = B1 if cfg == "plain" else vip
         cps = run_wrk(lab, http_target, seconds, conns)
         bulk = run_iperf(lab, iperf_target, seconds, udp=False)
         gbit = bulk["end"]["sum_received"]["bits_per_second"] / 1e9
@@ -269,6 +299,15 @@ def main() -> int:
                      ""], rows))
         print("\nA negative added cost means faster than plain forwarding within noise; "
               "ratios of added costs are then not meaningful.")
+    if {"xdplb-native", "xdplb-native6"} <= set(configs):
+        v4, v6 = results["xdplb-native"], results["xdplb-native6"]
+        cps = [b["cps"] / a["cps"] for a, b in zip(v4, v6, strict=True)]
+        bulk = [b["gbit"] / a["gbit"] for a, b in zip(v4, v6, strict=True)]
+        print()
+        print(table(["IPv6 / IPv4, xdplb native (same run)", "median (min–max)", "goal", ""],
+                    [["new TCP conn/s", fmt_stat(cps, 2), "≥ 0.9",
+                      "met" if median(cps) >= 0.9 else "NOT met"],
+                     ["bulk TCP", fmt_stat(bulk, 2), "—", ""]]))
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import heapq
+import json
 import os
 import random
 import subprocess
@@ -39,6 +40,11 @@ from common import ROOT, fmt_stat, header, require_root, table, wait_until
 
 from tests.k8s.cluster import Cluster
 from xdplb.k8s.nodestate import rfc3339
+
+# Admits the LoadBalancers' addresses (192.0.2.0 ..): without a pool they are refused.
+OPEN_POOL = {"apiVersion": "xdplb.io/v1alpha1", "kind": "AddressPool",
+             "metadata": {"name": "bench"},
+             "spec": {"addresses": ["192.0.0.0/16"], "namespaceSelector": {}}}
 
 GROUP, VERSION = "xdplb.io", "v1alpha1"
 HEARTBEAT = 10.0  # seconds, as the agent (ClusterOptions.heartbeat_seconds)
@@ -118,6 +124,7 @@ def one_run(n_nodes: int, a: argparse.Namespace, seed: int) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="xdplb-status-bench-"))
     with Cluster(work) as cluster:
         cluster.apply_crds()
+        cluster.kubectl("apply", "-f", "-", stdin=json.dumps(OPEN_POOL))
         import kubernetes
 
         api = cluster.client()

@@ -201,11 +201,11 @@ Tuple5 = tuple[str, int, str, int, int]
 
 
 def ct_key(src: str, sport: int, dst: str, dport: int, proto: int) -> L.CtKey:
-    return L.CtKey(L.be32(src), L.be32(dst), L.be16(sport), L.be16(dport), proto)
+    return L.CtKey(L.ip(src), L.ip(dst), L.be16(sport), L.be16(dport), proto)
 
 
 def _tuple(k: L.CtKey) -> Tuple5:
-    return (L.from_be32(k.src), L.from_be16(k.sport), L.from_be32(k.dst), L.from_be16(k.dport),
+    return (L.from_ip(k.src), L.from_be16(k.sport), L.from_ip(k.dst), L.from_be16(k.dport),
             k.proto)
 
 
@@ -329,7 +329,7 @@ def stamp(when: str) -> int:
 def ct_val(nat: tuple[str, int], listener_id: int = 0, backend_id: int = 0, flags: int = 0,
            seen: str = NOW) -> L.CtVal:
     last = stamp(seen)
-    return L.CtVal(nat_addr=L.be32(nat[0]), nat_port=L.be16(nat[1]), backend=backend_id,
+    return L.CtVal(nat_addr=L.ip(nat[0]), nat_port=L.be16(nat[1]), backend=backend_id,
                    listener=listener_id, flags=flags, created_s=last // 10**9, last_ns=last)
 
 
@@ -345,7 +345,7 @@ def put_flow(lb: Harness, nat: tuple[str, int], flags: int = 0, seen: str = NOW,
               ct_val(nat, backend_id=backend_id, flags=flags | L.CT_PAIRED, seen=seen))
     last = stamp(seen)
     lb.put_reply(rev_key(nat, cport=sport, proto=proto), L.CtReplyVal(
-        client=L.be32(CLIENT), vip=L.be32(VIP), cport=L.be16(sport), vport=L.be16(vip_port),
+        client=L.ip(CLIENT), vip=L.ip(VIP), cport=L.be16(sport), vport=L.be16(vip_port),
         created_s=last // 10**9, last_ns=last))
 
 
@@ -359,5 +359,5 @@ def snat_plan(*listeners: dict[str, object]) -> Plan:
 
 def snat_port_of(lb: Harness, sport: int = 40000, dport: int = 80, proto: int = 6) -> int:
     f = lb.ct()[fwd_key(sport=sport, dport=dport, proto=proto)]
-    assert f.flags & L.CT_SNAT and L.from_be32(f.snat_addr) == NODE_B1
+    assert f.flags & L.CT_SNAT and L.from_ip(f.snat_addr) == NODE_B1
     return L.from_be16(f.snat_port)

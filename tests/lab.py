@@ -44,6 +44,11 @@ class Proc(subprocess.Popen[Any]):
     progress_path: Path | None = None
 
 
+def hostport(host: str, port: int) -> str:
+    """host:port for the lab tools; an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
     if check and res.returncode != 0:
@@ -101,6 +106,7 @@ class Lab:
     """
 
     VIP = "192.0.2.10"
+    VIP6 = "2001:db8::10"
     client_addr = "10.10.1.2"
     client2_addr = "10.10.2.2"
     lb_client_addr = "10.10.1.1"
@@ -114,7 +120,7 @@ class Lab:
     def __init__(self, backends: int = 3, prefix: str = "xl",
                  tx_checksum_off: bool = False, peer_gro: bool = False,
                  router_mtu: int | None = None, direct_return: bool = False,
-                 lb_tx_checksum_off: bool = False) -> None:
+                 lb_tx_checksum_off: bool = False, ipv6: bool = False) -> None:
         if not 1 <= backends <= 254:
             raise ValueError("backends must be in 1..254")
         # Keep "<prefix>-cli2" a sane file name under /run/netns and "lb-bK" ≤ 15 chars.
@@ -127,6 +133,7 @@ class Lab:
         self.peer_gro = peer_gro
         self.router_mtu = router_mtu
         self.direct_return = direct_return
+        self.ipv6 = ipv6
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-lab-"))
         self._procs: list[Proc] = []
         self._created: list[str] = []
@@ -158,6 +165,20 @@ class Lab:
     @staticmethod
     def backend_addr(k: int) -> str:
         return f"10.20.{k}.2"
+
+    # With ipv6=True every link also has an IPv6 /64: fd00:<net>::1 on the LB's end,
+    # ::2 on the other (the router's link is the LB's; DAD off, so they are usable at once).
+    client6_addr = "fd00:10:1::2"
+    client2_6_addr = "fd00:10:2::2"
+    lb_client6_addr = "fd00:10:1::1"
+
+    @staticmethod
+    def backend6_addr(k: int) -> str:
+        return f"fd00:20:{k:x}::2"
+
+    @staticmethod
+    def lb_backend6_addr(k: int) -> str:
+        return f"fd00:20:{k:x}::1"
 
     @staticmethod
     def lb_backend_addr(k: int) -> str:
@@ -218,15 +239,18 @@ class Lab:
             _ip("netns", "add", name)
             self._created.append(name)
             # Set defaults before creating links so every new device inherits them.
+            v6 = "0" if self.ipv6 else "1"
             self._sysctl(name, {
-                "net.ipv6.conf.all.disable_ipv6": "1",
-                "net.ipv6.conf.default.disable_ipv6": "1",
+                "net.ipv6.conf.all.disable_ipv6": v6,
+                "net.ipv6.conf.default.disable_ipv6": v6,
+                "net.ipv6.conf.all.accept_dad": "0",
+                "net.ipv6.conf.default.accept_dad": "0",
                 "net.ipv4.conf.all.rp_filter": "0",
                 "net.ipv4.conf.default.rp_filter": "0",
             })
             _ip("-n", name, "link", "set", "lo", "up")
         lb = self.ns("lb")
-        self._sysctl(lb, {"net.ipv4.ip_forward": "1"})
+        self._sysctl(lb, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"})
 
         links = [
             ("cli", self.client_if, self.client_addr, self.lb_client_if, self.lb_client_addr),
@@ -254,6 +278,15 @@ class Lab:
             if self.direct_return and short == f"b{self.n_backends}":
                 gateway = lb_addr.rsplit(".", 1)[0] + ".254"
             _ip("-n", peer_ns, "route", "add", "default", "via", gateway)
+            if self.ipv6:
+                net = {"cli": "10:1", "cli2": "10:2", "rt": f"30:{self.n_backends:x}"}.get(
+                    short) or f"20:{int(short[1:]):x}"
+                _ip("-n", lb, "addr", "add", f"fd00:{net}::1/64", "dev", lb_dev, "nodad")
+                _ip("-n", peer_ns, "addr", "add", f"fd00:{net}::2/64", "dev", dev, "nodad")
+                gw6 = f"fd00:{net}::1"
+                if self.direct_return and short == f"b{self.n_backends}":
+                    gw6 = f"fd00:{net}::fe"
+                _ip("-n", peer_ns, "-6", "route", "add", "default", "via", gw6)
             if self.tx_checksum_off:
                 # Senders then put full checksums on the wire instead of CHECKSUM_PARTIAL.
                 self.exec(short, "ethtool", "-K", dev, "tx", "off")
@@ -281,6 +314,16 @@ class Lab:
         _ip("-n", b, "route", "add", "default", "via", self.lb_backend_addr(n),
             "advmss", "1460")
         _ip("-n", self.ns("lb"), "route", "add", f"10.20.{n}.0/24", "via", f"10.30.{n}.2")
+        if self.ipv6:
+            self._sysctl(rt, {"net.ipv6.conf.all.forwarding": "1"})
+            _ip("-n", rt, "addr", "add", f"{self.lb_backend6_addr(n)}/64", "dev", "down0",
+                "nodad")
+            _ip("-n", b, "addr", "add", f"{self.backend6_addr(n)}/64", "dev", self.backend_if,
+                "nodad")
+            _ip("-n", b, "-6", "route", "add", "default", "via", self.lb_backend6_addr(n),
+                "advmss", "1440")
+            _ip("-n", self.ns("lb"), "-6", "route", "add", f"fd00:20:{n:x}::/64", "via",
+                f"fd00:30:{n:x}::2")
 
     def _sysctl(self, ns: str, values: dict[str, str]) -> None:
         # /proc/sys/net is per network namespace, so write it from inside the namespace.
@@ -457,7 +500,7 @@ class Lab:
                     up: int = 1024, down: int = 1024, src: str | None = None,
                     details: bool = False, timeout: float = 20,
                     src_port: int = 0) -> dict[str, Any]:
-        args = ["tcp-clients", "--dst", f"{dst}:{port}", "--count", str(count),
+        args = ["tcp-clients", "--dst", hostport(dst, port), "--count", str(count),
                 "--concurrency", str(concurrency), "--up", str(up), "--down", str(down),
                 "--timeout", str(timeout), "--json"]
         if src:
@@ -471,7 +514,7 @@ class Lab:
     def udp_clients(self, ns: str, dst: str, port: int, count: int = 1,
                     src: str | None = None, size: int = 64, timeout: float = 1.0,
                     retries: int = 3) -> dict[str, Any]:
-        args = ["udp-clients", "--dst", f"{dst}:{port}", "--count", str(count),
+        args = ["udp-clients", "--dst", hostport(dst, port), "--count", str(count),
                 "--size", str(size), "--timeout", str(timeout), "--retries", str(retries),
                 "--json"]
         if src:
@@ -489,7 +532,7 @@ class Lab:
                           ) -> Proc:
         """Start long-stream; stdout (PIPE) ends with its JSON result, see finish()."""
         progress = progress or self.workdir / f"{ns}-stream-{time.monotonic_ns()}.progress"
-        p = self.popen(ns, sys.executable, TOOLS, "long-stream", "--dst", f"{dst}:{port}",
+        p = self.popen(ns, sys.executable, TOOLS, "long-stream", "--dst", hostport(dst, port),
                        "--seconds", str(seconds), "--rate-mbit", str(rate_mbit),
                        "--progress", str(progress), stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True)

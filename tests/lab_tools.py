@@ -45,6 +45,7 @@ CHUNK = 64 * 1024
 U64 = struct.Struct("!Q")
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # not exported by Python 3.11
 PKTINFO = struct.Struct("=I4s4s")  # struct in_pktinfo
+PKTINFO6 = struct.Struct("=16sI")  # struct in6_pktinfo
 MAX_FAILURES = 100  # cap the JSON size when everything fails
 
 
@@ -53,14 +54,27 @@ def _log(msg: str) -> None:
 
 
 def _hostport(value: str) -> tuple[str, int]:
+    """IP:PORT, an IPv6 address in brackets: [2001:db8::10]:80."""
     host, sep, port = value.rpartition(":")
     if not sep or not host:
         raise argparse.ArgumentTypeError(f"expected IP:PORT, got {value!r}")
-    return host, int(port)
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 def _fmt(addr: tuple[Any, ...]) -> str:
-    return f"{addr[0]}:{addr[1]}"
+    """host:port; an IPv4 peer of a dual-stack socket (::ffff:a.b.c.d) as IPv4, an IPv6
+    one in brackets."""
+    host = str(addr[0]).removeprefix("::ffff:")
+    return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _any(host: str) -> str:
+    """The wildcard address of host's family."""
+    return "::" if ":" in host else "0.0.0.0"
 
 
 def _pad_tag(tag: str) -> bytes:
@@ -104,6 +118,16 @@ class _Server(socketserver.ThreadingTCPServer):
     request_queue_size = 1024  # many concurrent SYNs from tcp-clients
 
 
+class _DualServer(_Server):
+    """Bound to "::": IPv6 and IPv4 clients alike."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
 def _serve(port: int, bind: str, handler: Callable[[socket.socket], None]) -> None:
     class Handler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
@@ -114,7 +138,10 @@ def _serve(port: int, bind: str, handler: Callable[[socket.socket], None]) -> No
             except Exception as e:  # one bad connection must not stop the server
                 _log(f"connection from {_fmt(self.client_address)}: {type(e).__name__}: {e}")
 
-    with _Server((bind, port), Handler) as srv:
+    server = _DualServer if bind == "::" else _Server
+    if ":" in bind and bind != "::":
+        server = type("_V6Server", (_Server,), {"address_family": socket.AF_INET6})
+    with server((bind, port), Handler) as srv:
         _ready("tcp", srv.server_address[1])
         srv.serve_forever()
 
@@ -127,7 +154,7 @@ def cmd_tcp_server(args: argparse.Namespace) -> int:
 
     def handle(sock: socket.socket) -> None:
         # Default tag: the address the client reached, i.e. which backend answered.
-        tag = args.tag or sock.getsockname()[0]
+        tag = args.tag or str(sock.getsockname()[0]).removeprefix("::ffff:")
         up_len, down_len = struct.unpack("!QQ", _recv_exact(sock, 16))
         h = hashlib.sha256()
         left = up_len
@@ -156,12 +183,12 @@ def _tcp_conn(dst: tuple[str, int], src: str | None, up: int, down: int,
               timeout: float, src_port: int = 0) -> tuple[str, str]:
     """One verified request/response; returns (tag, local address) or raises."""
     local = "?"
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    with socket.socket(_family(dst[0]), socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         if src_port:  # reused on purpose: a new connection from a recent flow's port
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if src or src_port:
-            sock.bind((src or "0.0.0.0", src_port))
+            sock.bind((src or _any(dst[0]), src_port))
         try:
             sock.connect(dst)
             local = _fmt(sock.getsockname())
@@ -247,16 +274,28 @@ def cmd_tcp_clients(args: argparse.Namespace) -> int:
 
 
 def cmd_udp_server(args: argparse.Namespace) -> int:
+    """Echoes each datagram behind its tag. Bound to "::", one socket per family."""
     tag = _pad_tag(args.tag)
     lock = threading.Lock()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    binds = ["0.0.0.0", "::"] if args.bind == "::" else [args.bind]
+    socks = []
+    for bind in binds:
+        sock = socket.socket(_family(bind), socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # PKTINFO lets us reply from exactly the address the datagram was sent to.
-        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-        sock.bind((args.bind, args.port))
-        _ready("udp", sock.getsockname()[1])
+        if ":" in bind:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        sock.bind((bind, args.port if not socks else socks[0].getsockname()[1]))
+        socks.append(sock)
+    _ready("udp", socks[0].getsockname()[1])
+
+    def serve(sock: socket.socket) -> None:
+        port = sock.getsockname()[1]
         while True:
-            data, anc, _flags, peer = sock.recvmsg(65535, socket.CMSG_SPACE(PKTINFO.size))
+            data, anc, _flags, peer = sock.recvmsg(65535, socket.CMSG_SPACE(PKTINFO6.size))
             reply_anc = []
             local = "?"
             for level, typ, cdata in anc:
@@ -264,21 +303,31 @@ def cmd_udp_server(args: argparse.Namespace) -> int:
                     _ifindex, _spec, dst = PKTINFO.unpack(cdata[:PKTINFO.size])
                     local = socket.inet_ntoa(dst)
                     reply_anc = [(socket.IPPROTO_IP, IP_PKTINFO, PKTINFO.pack(0, dst, bytes(4)))]
+                elif level == socket.IPPROTO_IPV6 and typ == socket.IPV6_PKTINFO:
+                    dst6, _ifindex = PKTINFO6.unpack(cdata[:PKTINFO6.size])
+                    local = f"[{socket.inet_ntop(socket.AF_INET6, dst6)}]"
+                    reply_anc = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO,
+                                  PKTINFO6.pack(dst6, 0))]
             try:
                 sock.sendmsg([tag + data], reply_anc, 0, peer)
             except OSError as e:
                 _log(f"reply to {_fmt(peer)}: {e}")
-            _append_log(args.log, lock, {"peer": _fmt(peer), "local": f"{local}:{args.port}",
+            _append_log(args.log, lock, {"peer": _fmt(peer), "local": f"{local}:{port}",
                                          "tag": args.tag, "len": len(data)})
+
+    for sock in socks[1:]:
+        threading.Thread(target=serve, args=(sock,), daemon=True).start()
+    serve(socks[0])
+    return 0
 
 
 def _udp_one(i: int, dst: tuple[str, int], src: str | None, size: int, timeout: float,
              retries: int) -> tuple[str, str, int]:
     """Returns (tag, reply source, attempts used) or raises with a clear message."""
     payload = f"{i}:".encode() + os.urandom(max(8, size))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with socket.socket(_family(dst[0]), socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
-        sock.bind((src or "0.0.0.0", 0))  # fresh socket => fresh source port per probe
+        sock.bind((src or _any(dst[0]), 0))  # fresh socket => fresh source port per probe
         local = _fmt(sock.getsockname())
         for attempt in range(1, retries + 2):
             sock.sendto(payload, dst)
@@ -337,8 +386,8 @@ def cmd_udp_session(args: argparse.Namespace) -> int:
     me = f"{args.name}:".encode()
     answered, foreign, lost = 0, 0, 0
     failures: list[str] = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((args.src or "0.0.0.0", 0))
+    with socket.socket(_family(args.dst[0]), socket.SOCK_DGRAM) as sock:
+        sock.bind((args.src or _any(args.dst[0]), 0))
         for i in range(args.count):
             payload = me + f"{i}:".encode() + os.urandom(max(8, args.size))
             sock.sendto(payload, args.dst)
@@ -468,7 +517,7 @@ def cmd_long_stream(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     st = threading.Thread(target=sampler, daemon=True)
     st.start()
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    with socket.socket(_family(args.dst[0]), socket.SOCK_STREAM) as sock:
         sock.settimeout(args.timeout)
         if args.src:
             sock.bind((args.src, 0))
@@ -533,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     def server(name: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
         sp = sub.add_parser(name)
         sp.add_argument("--port", type=int, required=True, help="0 = pick a free port")
-        sp.add_argument("--bind", default="0.0.0.0")
+        sp.add_argument("--bind", default="::", help="default: every address, both families")
         sp.set_defaults(fn=fn)
         return sp
 

@@ -37,6 +37,9 @@ K8S_VERSION = "1.35"
 DEFAULT = ()
 CUSTOM = (str(CUSTOM_VALUES),)
 HOOK = "helm.sh/hook"
+# What the pods' processes inherit here: a PATH, and the tree under test when it is not
+# the one installed in .venv (PYTHONPATH).
+BASE_ENV = {k: v for k, v in os.environ.items() if k in ("PATH", "PYTHONPATH")}
 
 
 def validate(doc: dict[str, Any]) -> None:
@@ -161,6 +164,29 @@ def test_operator_and_hook_run_as_non_root_read_only(values: tuple[str, ...]) ->
     assert hook[HOOK] == "pre-delete"
 
 
+@pytest.mark.parametrize("values", [DEFAULT, CUSTOM], ids=["defaults", "custom"])
+def test_service_class_settings_reach_the_operator(values: tuple[str, ...],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from xdplb.k8s.settings import add_args, settings_from_args
+
+    v = yaml.safe_load((CHART / "values.yaml").read_text())
+    for f in values:
+        v["operator"] |= yaml.safe_load(Path(f).read_text())["operator"]
+    op = container(find(render(values=values), "Deployment", "xdplb-operator"))
+    for name, value in container_env(op, {"metadata.name": "p", "metadata.namespace": "ns"}
+                                     ).items():
+        monkeypatch.setenv(name, value)
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    settings = settings_from_args(parser.parse_args([]))
+    assert (settings.service_class, settings.default_service_class) == (
+        v["operator"]["serviceClass"], v["operator"]["defaultServiceClass"])
+    bad = helm("template", "x", str(CHART), "--set", "operator.serviceClass=nope", check=False)
+    assert bad.returncode != 0 and "serviceClass" in bad.stderr, bad.stderr
+
+
 def test_uninstall_hook_can_be_turned_off() -> None:
     docs = render(values=(str(CUSTOM_VALUES),))
     assert any(d["kind"] == "Job" for d in docs)
@@ -211,7 +237,7 @@ def test_chart_runs_the_operator_and_uninstalls(tmp_path: Path, values: tuple[st
         watched = env.get("XDPLB_NAMESPACE", "default")
         proc = subprocess.Popen(
             [str(XDPLB), *op["args"]],
-            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), **env,
+            env={**BASE_ENV, "HOME": str(tmp_path), **env,
                  "KUBECONFIG": str(cluster.kubeconfig("operator", "op-token"))},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
@@ -257,7 +283,7 @@ def test_chart_runs_the_operator_and_uninstalls(tmp_path: Path, values: tuple[st
             hc = container(job)
             uninstall = subprocess.Popen(
                 [str(XDPLB), *hc["args"]],
-                env={"PATH": os.environ["PATH"], "HOME": str(tmp_path),
+                env={**BASE_ENV, "HOME": str(tmp_path),
                      **container_env(hc, {"metadata.namespace": ns}),
                      "KUBECONFIG": str(cluster.kubeconfig("hook", "hook-token"))},
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -312,6 +338,7 @@ def check_daemonset(ds: dict[str, Any], deployment: dict[str, Any],
         v["agent"]["xdpMode"], str(v["agent"]["conntrackCapacity"]),
         str(v["agent"]["metricsPort"]), v["logFormat"], str(t["tcpEstablished"]),
         str(t["tcpClosing"]), str(t["tcpUnreplied"]), str(t["udp"]), "xdplb-system/xdplb-agent")
+    assert arg("--l2-lease-seconds") == str(v["agent"]["l2LeaseSeconds"])
     assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": sorted(CAPABILITIES)}
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     (owner,) = ds["metadata"]["ownerReferences"]

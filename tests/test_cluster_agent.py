@@ -51,13 +51,17 @@ from xdplb.agent.cluster import (
     uninstalling,
 )
 from xdplb.dataplane.loader import ensure_bpffs
+from xdplb.k8s.admission import PoolView, grants_of
 from xdplb.k8s.daemonset import AgentSettings, agent_daemonset
 from xdplb.plan.endpoints import EndpointIndex
 from xdplb.plan.model import Backend
+from xdplb.spec.pool import AddressPool
 
 pytestmark = pytest.mark.skipif(not KUBECTL.exists(), reason="run scripts/setup.sh for kubectl")
 
 XDPLB = Path(__file__).resolve().parents[1] / ".venv/bin/xdplb"
+L2_LEASE_RULES = {"get leases.coordination.k8s.io", "create leases.coordination.k8s.io",
+                  "update leases.coordination.k8s.io"}
 AGENT_TOKEN = "agent-token"
 NODE = "n1"
 PIN_ROOT = "/run/xdplb-k8s/bpf/cluster-agent"
@@ -115,11 +119,24 @@ def backends(*last: int) -> list[dict[str, Any]]:
     return [{"address": f"10.0.0.{i}", "port": 8080} for i in last]
 
 
+# Admits every namespace to 192.0.2.0/24 (the tests' VIPs).
+OPEN_POOL = {"apiVersion": "xdplb.io/v1alpha1", "kind": "AddressPool",
+             "metadata": {"name": "open"},
+             "spec": {"addresses": ["192.0.2.0/24"], "namespaceSelector": {}}}
+
+
+def install(cluster: Cluster, tmp: Path, *pools: dict[str, Any]) -> None:
+    """The CRDs, and the pools (by default OPEN_POOL), as an admin installs them."""
+    cluster.kubectl("apply", *[a for f in crd_manifests(tmp) for a in ("-f", str(f))])
+    cluster.kubectl("apply", "-f", "-",
+                    stdin="\n".join(json.dumps(p) for p in pools or (OPEN_POOL,)))
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("cluster-agent")
     with Cluster(tmp) as cluster:
-        cluster.kubectl("apply", *[a for f in crd_manifests(tmp) for a in ("-f", str(f))])
+        install(cluster, tmp)
         account = cluster.emulator.grant(AGENT_TOKEN, "system:serviceaccount:xdplb:agent",
                                          chart_grants("agent", "xdplb"))
         admin = kubernetes.client.CoreV1Api(cluster.client())
@@ -256,6 +273,70 @@ def test_invalid_and_conflicting_objects_are_reported_failed(env: Env) -> None:
     assert env.group("first") == (Backend("10.0.0.1", 8080),)
 
 
+def tenant_lb(name: str, ns: str, port: int, address: str | None,
+              backend: str = "10.0.0.1") -> dict[str, Any]:
+    listener: dict[str, Any] = {"name": "l", "protocol": "TCP", "port": port,
+                                "backends": [{"address": backend, "port": 8080}]}
+    if address:
+        listener["address"] = address
+    return {"apiVersion": "xdplb.io/v1alpha1", "kind": "LoadBalancer",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"interfaces": [MISSING_IF], "listeners": [listener]}}
+
+
+def namespace_doc(name: str, **labels: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+
+
+def written(env: Env) -> set[tuple[str | None, int, str]]:
+    """The listener identities the agent's map writer holds ids for (what it wrote)."""
+    writer = env.agent.node.writer
+    assert writer is not None
+    return set(writer.listener_ids)
+
+
+def test_what_no_pool_admits_never_reaches_the_maps(env: Env) -> None:
+    """The agent judges on its own: these are refused with no operator running at all."""
+    env.apply(namespace_doc("tenant", team="t"))
+    env.apply(tenant_lb("ssh", "tenant", 22, None),
+              tenant_lb("outside", "tenant", 97, "203.0.113.7"),
+              tenant_lb("metadata", "tenant", 98, "192.0.2.10", backend="169.254.169.254"),
+              tenant_lb("fine", "tenant", 99, "192.0.2.10"))
+    env.wait_entry("fine", phase="Applied")
+    for name, text in (("ssh", "a listener without an address serves every address"),
+                       ("outside", "203.0.113.7 is in no AddressPool that admits"),
+                       ("metadata", "169.254.169.254 is link-local")):
+        entry = env.wait_entry(name, phase="Failed")
+        assert entry["message"].startswith("AddressNotAllowed: "), entry
+        assert text in entry["message"], entry
+        assert f"tenant/{name}" not in env.owners()
+    assert {(None, 22, "TCP"), ("203.0.113.7", 97, "TCP"),
+            ("192.0.2.10", 98, "TCP")}.isdisjoint(written(env))
+    assert ("192.0.2.10", 99, "TCP") in written(env)
+
+
+def test_a_pool_change_unprograms_and_programs_again(env: Env) -> None:
+    pool = {"apiVersion": "xdplb.io/v1alpha1", "kind": "AddressPool",
+            "metadata": {"name": "t2"},
+            "spec": {"addresses": ["198.51.100.0/24"],
+                     "namespaceSelector": {"matchLabels": {"team": "t2"}}}}
+    env.apply(namespace_doc("t2", team="t2"), pool)
+    env.apply(tenant_lb("kept", "t2", 100, "198.51.100.1"))
+    env.wait_entry("kept", phase="Applied")
+    assert "t2/kept" in env.owners()
+    pool["spec"]["namespaceSelector"] = {"matchLabels": {"team": "nobody"}}
+    env.apply(pool)
+    entry = env.wait_entry("kept", phase="Failed")
+    assert entry["message"].startswith("AddressNotAllowed: spec.listeners[0].address:"
+                                       " 198.51.100.1 is in no AddressPool that admits"
+                                       " namespace 't2'")
+    assert "t2/kept" not in env.owners()
+    pool["spec"]["namespaceSelector"] = {}
+    env.apply(pool)
+    env.wait_entry("kept", phase="Applied")
+    assert "t2/kept" in env.owners()
+
+
 def test_deleted_loadbalancer_leaves_maps_and_report(env: Env) -> None:
     env.apply(lb_doc("gone", 93, backends=backends(1)))
     env.wait_entry("gone", phase="Applied")
@@ -281,9 +362,11 @@ def test_reports_are_coalesced_and_rights_are_minimal(env: Env) -> None:
     finally:
         env.agent.opts.heartbeat_seconds = 10.0
     # Every write the agent made was allowed by its rules: none touches LoadBalancers.
-    # With the uninstall test (which uses the other two), every granted rule is needed.
+    # With the uninstall test (which uses the two below) and the L2 test in test_l2.py
+    # (the Leases), every granted rule is needed.
     unused = set(env.account.unused())  # type: ignore[attr-defined]
-    assert unused <= {"delete nodestates.xdplb.io", "get daemonsets.apps"}, unused
+    assert unused <= {"delete nodestates.xdplb.io", "get daemonsets.apps",
+                      *L2_LEASE_RULES}, unused
     used = {(res, verb) for _, _, res, verb in env.account.used}  # type: ignore[attr-defined]
     assert ("loadbalancers", "list") in used and ("nodestates/status", "patch") in used
     assert not {v for r, v in used if r == "loadbalancers"} - {"list", "watch"}
@@ -350,7 +433,8 @@ def test_end_to_end_apply_traffic_and_drain(tmp_path: Path) -> None:
     relays: list[subprocess.Popen[bytes]] = []
     try:
         with Cluster(tmp_path) as cluster:
-            cluster.kubectl("apply", *[a for f in crd_manifests(tmp_path) for a in ("-f", str(f))])
+            install(cluster, tmp_path, {**OPEN_POOL, "spec": {
+                "addresses": [VIP], "namespaceSelector": {}}})
             cluster.emulator.grant(AGENT_TOKEN, "system:serviceaccount:xdplb:agent",
                                    chart_grants("agent", "xdplb"))
             api = cluster.client()
@@ -437,6 +521,71 @@ def test_end_to_end_apply_traffic_and_drain(tmp_path: Path) -> None:
         shutil.rmtree(E2E_PIN_DIR, ignore_errors=True)
 
 
+def test_a_dual_stack_loadbalancer_from_both_families_slices(tmp_path: Path) -> None:
+    # One Service, an EndpointSlice per family, a listener per family naming it: each
+    # VIP is backed by its family's endpoints, and both carry traffic.
+    ensure_bpffs(str(Path(E2E_PIN_DIR).parent))
+    lab = start_lab("xk6", ipv6=True)
+    agent: LabAgent | None = None
+    relays: list[subprocess.Popen[bytes]] = []
+    try:
+        with Cluster(tmp_path) as cluster:
+            install(cluster, tmp_path, {**OPEN_POOL, "spec": {
+                "addresses": [VIP, Lab.VIP6], "namespaceSelector": {}}})
+            cluster.emulator.grant(AGENT_TOKEN, "system:serviceaccount:xdplb:agent",
+                                   chart_grants("agent", "xdplb"))
+            api = cluster.client()
+            core = kubernetes.client.CoreV1Api(api)
+            discovery = kubernetes.client.DiscoveryV1Api(api)
+            custom = kubernetes.client.CustomObjectsApi(api)
+            core.create_node({"metadata": {"name": NODE}})
+            agent = LabAgent(lab, api_relay(lab, cluster, tmp_path, relays))
+            core.create_namespaced_service("default", {"metadata": {"name": "web"}, "spec": {
+                "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+                "ports": [{"name": "http", "port": 80, "targetPort": TCP_PORT}]}})
+            for family, addrs in (("IPv4", [Lab.backend_addr(1), Lab.backend_addr(2)]),
+                                  ("IPv6", [Lab.backend6_addr(1), Lab.backend6_addr(2)])):
+                discovery.create_namespaced_endpoint_slice("default", {
+                    "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "addressType": family,
+                    "metadata": {"name": f"web-{family.lower()}",
+                                 "labels": {"kubernetes.io/service-name": "web"}},
+                    "ports": [{"name": "http", "port": TCP_PORT, "protocol": "TCP"}],
+                    "endpoints": [endpoint(a) for a in addrs]})
+            lb = {"apiVersion": "xdplb.io/v1alpha1", "kind": "LoadBalancer",
+                  "metadata": {"name": "web", "namespace": "default"},
+                  "spec": {"interfaces": [Lab.lb_client_if], "listeners": [
+                      {"name": "http", "protocol": "TCP", "port": VIP_TCP, "address": VIP,
+                       "service": {"name": "web", "port": "http"}},
+                      {"name": "http6", "protocol": "TCP", "port": VIP_TCP,
+                       "address": Lab.VIP6, "service": {"name": "web", "port": "http"}}]}}
+            cluster.kubectl("apply", "-f", "-", stdin=json.dumps(lb))
+            agent.wait_log("applied default/web generation 1: 2 listeners, 4 backends")
+
+            def entry() -> dict[str, Any] | None:
+                try:
+                    ns = custom.get_cluster_custom_object("xdplb.io", "v1alpha1", "nodestates",
+                                                          NODE)
+                except kubernetes.client.ApiException:
+                    return None
+                return next((e for e in ns.get("status", {}).get("loadBalancers", [])
+                             if e["name"] == "web" and e["phase"] == "Applied"), None)
+            wait_for("NodeState reports web Applied", entry)
+            for vip in (VIP, Lab.VIP6):
+                res = lab.tcp_clients("cli", vip, VIP_TCP, count=30, concurrency=6)
+                check_ok(res, f"TCP to {vip} through its family's endpoints",
+                         agent)  # type: ignore[arg-type]
+                assert set(res["tags"]) == {"b1", "b2"}, res["tags"]
+    finally:
+        if agent is not None and agent.proc.poll() is None:
+            lab.stop(agent.proc)
+        for relay in relays:
+            relay.terminate()
+            relay.wait(10)
+        lab.close()
+        shutil.rmtree(E2E_PIN_DIR, ignore_errors=True)
+
+
 UNINSTALL_PINS = "/run/xdplb-k8s/bpf/uninstall"
 UNINSTALL_IF = "xkun0"
 
@@ -457,7 +606,7 @@ def test_uninstall_removes_programs_pins_and_nodestate(tmp_path: Path) -> None:
     ensure_bpffs(str(Path(UNINSTALL_PINS).parent))
     try:
         with Cluster(tmp_path) as cluster:
-            cluster.kubectl("apply", *[a for f in crd_manifests(tmp_path) for a in ("-f", str(f))])
+            install(cluster, tmp_path)
             account = cluster.emulator.grant(AGENT_TOKEN, "system:serviceaccount:xdplb:agent",
                                              chart_grants("agent", "xdplb"))
             admin = cluster.client()
@@ -560,12 +709,13 @@ def test_backends_failing_health_checks_get_weight_zero_in_the_plan() -> None:
     doc = lb_doc("hc", 80, backends=backends(1, 2),
                  healthCheck={"protocol": "TCP", "intervalSeconds": 1})
     doc["metadata"].update(uid="u1", generation=1, creationTimestamp="2026-01-01T00:00:00Z")
-    plain = desire({("default", "hc"): doc}, {}, EndpointIndex.of([], []))
+    open_pool = PoolView(grants_of([(AddressPool.model_validate(OPEN_POOL), "u")]))
+    plain = desire({("default", "hc"): doc}, {}, EndpointIndex.of([], []), open_pool)
     (lst,) = plain.plan.listeners
     assert {(t.address, t.port) for t in lst.health_targets} == {("10.0.0.1", 8080),
                                                                   ("10.0.0.2", 8080)}
     dead = next(t for t in lst.health_targets if t.address == "10.0.0.1")
-    (lst,) = desire({("default", "hc"): doc}, {}, EndpointIndex.of([], []),
+    (lst,) = desire({("default", "hc"): doc}, {}, EndpointIndex.of([], []), open_pool,
                     frozenset({dead})).plan.listeners
     assert lst.default.backends == (Backend("10.0.0.1", 8080, 0, healthy=False),
                                     Backend("10.0.0.2", 8080, 1))

@@ -42,14 +42,14 @@ def stamp(boot: bool) -> int:
 
 
 def fkey(cport: int, proto: int = 6) -> bytes:
-    return bytes(L.CtKey(L.be32(CLIENT), L.be32(VIP), L.be16(cport), L.be16(80), proto))
+    return bytes(L.CtKey(L.ip(CLIENT), L.ip(VIP), L.be16(cport), L.be16(80), proto))
 
 
 def put_flow(maps: dict[str, BpfMap], cport: int, boot: bool = False, flags: int = EST,
              proto: int = 6, paired: bool = True) -> None:
     """A flow CLIENT:cport -> VIP:80 on B1; with its reply entry when ``paired``."""
     last = stamp(boot)
-    v = L.CtVal(nat_addr=L.be32(B1[0]), nat_port=L.be16(B1[1]), last_ns=last,
+    v = L.CtVal(nat_addr=L.ip(B1[0]), nat_port=L.be16(B1[1]), last_ns=last,
                 flags=flags | (L.CT_PAIRED if paired else 0))
     maps["ct"].update(fkey(cport, proto), bytes(v))
     if paired:
@@ -57,11 +57,11 @@ def put_flow(maps: dict[str, BpfMap], cport: int, boot: bool = False, flags: int
 
 
 def rkey(cport: int, proto: int = 6, dst: str = CLIENT) -> bytes:
-    return bytes(L.CtKey(L.be32(B1[0]), L.be32(dst), L.be16(B1[1]), L.be16(cport), proto))
+    return bytes(L.CtKey(L.ip(B1[0]), L.ip(dst), L.be16(B1[1]), L.be16(cport), proto))
 
 
 def put_reply(maps: dict[str, BpfMap], cport: int, last: int, proto: int = 6) -> None:
-    r = L.CtReplyVal(client=L.be32(CLIENT), vip=L.be32(VIP), cport=L.be16(cport),
+    r = L.CtReplyVal(client=L.ip(CLIENT), vip=L.ip(VIP), cport=L.be16(cport),
                      vport=L.be16(80), last_ns=last)
     maps["ct_reply"].update(rkey(cport, proto), bytes(r))
 
@@ -91,8 +91,8 @@ def test_sweep_deletes_expired_flows_and_their_reply_entries(maps: dict[str, Bpf
     assert reply_ports(maps) == {1000, 1003}
     assert (swept.left, swept.deleted) == (5, 8)
     # Only the flow without a reply entry relies on B1's rev_nat entry for VIP:80.
-    b1 = bytes(L.RevNatKey(L.be32(B1[0]), L.be16(B1[1]), 6, 0))
-    assert swept.relied == {(b1, L.be32(VIP), L.be16(80))}
+    b1 = bytes(L.RevNatKey(L.ip(B1[0]), L.be16(B1[1]), 6, 0))
+    assert swept.relied == {(b1, L.ip_bytes(VIP), L.be16(80))}
     states = {L.from_be16(f.key.sport): f.state() for f in conntrack.flows(maps["ct"])}
     assert states == {1000: "established", 1003: "closed", 1006: "established"}
 
@@ -124,9 +124,9 @@ def test_a_reply_entry_of_another_flow_of_its_key_is_not_its_flows(
 
 def put_snat_flow(maps: dict[str, BpfMap], cport: int, node_port: int, boot: bool) -> None:
     last = stamp(boot)
-    v = L.CtVal(nat_addr=L.be32(B1[0]), nat_port=L.be16(B1[1]), flags=EST | L.CT_SNAT,
-                last_ns=last, snat_addr=L.be32(NODE), snat_port=L.be16(node_port))
-    r = L.CtReplyVal(client=L.be32(CLIENT), vip=L.be32(VIP), cport=L.be16(cport),
+    v = L.CtVal(nat_addr=L.ip(B1[0]), nat_port=L.be16(B1[1]), flags=EST | L.CT_SNAT,
+                last_ns=last, snat_addr=L.ip(NODE), snat_port=L.be16(node_port))
+    r = L.CtReplyVal(client=L.ip(CLIENT), vip=L.ip(VIP), cport=L.be16(cport),
                      vport=L.be16(80), flags=L.CT_SNAT, last_ns=last)
     maps["ct"].update(fkey(cport), bytes(v))
     maps["ct_reply"].update(rkey(node_port, dst=NODE), bytes(r))

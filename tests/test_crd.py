@@ -566,8 +566,8 @@ def test_cost_estimator_refuses_unbounded_or_unknown(rule: str, schema: Any, err
 
 def worst_case_loadbalancer() -> dict[str, Any]:
     """The largest object the CRD admits: every bound reached, every string at its longest."""
-    def addr(i: int) -> str:
-        return f"223.255.{200 + i // 250}.{i % 250 + 1}"
+    def addr(i: int) -> str:  # IPv6, every group four digits: the longest address
+        return f"fd00:ffff:ffff:ffff:ffff:ffff:{i // 65536 + 0x1000:x}:{i % 65536 + 0x1000:x}"
 
     per_listener = crd.MAX_ROUTES_PER_OBJECT // crd.MAX_LISTENERS_PER_OBJECT
     label = "a" * 63
@@ -605,7 +605,8 @@ def worst_case_loadbalancer() -> dict[str, Any]:
     }
 
 
-FORMAT_LENGTHS = {"ipv4": len("255.255.255.255"), "cidr": len("255.255.255.255/32"),
+FORMAT_LENGTHS = {"ipv4": len("255.255.255.255"),
+                  "cidr": len("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"),
                   "date-time": len("2006-01-02T15:04:05.999999999+00:00")}
 
 
@@ -661,7 +662,9 @@ def test_worst_case_object_fits_etcd() -> None:
             for t in range(8)
         ],
         "nodes": {"selected": 10**6, "programmed": 10**6, "summary": "1000000/1000000"},
-        "listeners": [{"name": f"{i:0>63}", "backends": 10**6} for i in range(64)],
+        "listeners": [{"name": f"{i:0>63}", "backends": 10**6} for i in range(16)],
+        "addresses": [{"address": f"2001:db8:ffff:ffff:ffff:ffff:ffff:{i:0>4x}",
+                       "pool": "p" * 253, "announcedBy": "n" * 253} for i in range(16)],
     }
     assert api_server_errors(LB_SCHEMA, {**doc, "status": status}) == []
     status_bytes = len(json.dumps(status, separators=(",", ":")))
@@ -677,6 +680,9 @@ def test_worst_case_nodestate_fits_etcd() -> None:
         "loadBalancers": [{"namespace": f"{i:0>63}", "name": "n" * 253, "uid": "u" * 64,
                            "generation": 2**62, "phase": "Failed", "message": "m" * 1024,
                            "listeners": 64, "backends": 10**6} for i in range(512)],
+        "announcements": [{"address": f"2001:db8:ffff:ffff:ffff:ffff:{i:0>4x}:ffff",
+                           "pool": "p" * 253, "interfaces": [f"{j:0>15}" for j in range(4)],
+                           "since": "2026-01-01T00:00:00Z"} for i in range(256)],
         "error": "e" * 1024,
     }
     doc = {"apiVersion": "xdplb.io/v1alpha1", "kind": "NodeState",

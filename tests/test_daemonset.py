@@ -52,8 +52,8 @@ def test_least_capabilities_each_with_a_reason() -> None:
     sec = container(agent_daemonset(AgentSettings()))["securityContext"]
     assert sec["privileged"] is False and sec["allowPrivilegeEscalation"] is False
     assert sec["capabilities"]["drop"] == ["ALL"]
-    assert sec["capabilities"]["add"] == ["BPF", "NET_ADMIN", "PERFMON"]
-    assert all(CAPABILITIES[c] for c in ("BPF", "NET_ADMIN", "PERFMON"))
+    assert sec["capabilities"]["add"] == ["BPF", "NET_ADMIN", "NET_RAW", "PERFMON"]
+    assert all(CAPABILITIES[c] for c in ("BPF", "NET_ADMIN", "NET_RAW", "PERFMON"))
 
 
 def test_owner_reference_only_in_a_cluster() -> None:

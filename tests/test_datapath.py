@@ -82,7 +82,7 @@ def test_syn_to_listener_is_dnatted_and_tracked(lb: Harness) -> None:
     lid = lb.writer.listener_ids[(VIP, 80, "TCP")]
     bid = lb.writer.backend_ids[B1]
     f = ct[fwd_key()]
-    assert (L.from_be32(f.nat_addr), L.from_be16(f.nat_port)) == B1
+    assert (L.from_ip(f.nat_addr), L.from_be16(f.nat_port)) == B1
     assert (f.backend, f.listener, f.flags) == (bid, lid, 0)
     assert t0 <= f.last_ns <= t1 and f.created_s == f.last_ns // 10**9
     assert list(f.packets) == [1, 0] and list(f.bytes) == [len(frame), 0]
@@ -107,7 +107,7 @@ def test_flow_to_a_backends_second_address_gets_a_reply_entry(lb: Harness) -> No
     # other has a reply entry, which its replies are restored from.
     lb.apply(plan_of(TCP_LST, listener("tcp81", 81, [backend(*B1)])))
     held = L.from_be16(L.RevNatVal.from_buffer_copy(lb.maps["rev_nat"].lookup(bytes(
-        L.RevNatKey(L.be32(B1[0]), L.be16(B1[1]), 6, 0)))).vport)
+        L.RevNatKey(L.ip(B1[0]), L.be16(B1[1]), 6, 0)))).vport)
     other = 161 - held
     frame = syn(dport=other)
     t0 = L.ct_now_ns()
@@ -117,8 +117,8 @@ def test_flow_to_a_backends_second_address_gets_a_reply_entry(lb: Harness) -> No
     assert lb.ct()[fwd_key(dport=other)].flags == L.CT_PAIRED
     assert set(lb.replies()) == {rev_key()}
     rv = lb.replies()[rev_key()]
-    assert (L.from_be32(rv.client), L.from_be16(rv.cport)) == (CLIENT, 40000)
-    assert (L.from_be32(rv.vip), L.from_be16(rv.vport), rv.flags) == (VIP, other, 0)
+    assert (L.from_ip(rv.client), L.from_be16(rv.cport)) == (CLIENT, 40000)
+    assert (L.from_ip(rv.vip), L.from_be16(rv.vport), rv.flags) == (VIP, other, 0)
     assert t0 <= rv.last_ns <= t1 and rv.created_s == rv.last_ns // 10**9
     reply = reply_tcp(flags="SA")
     assert lb.tc(reply).data == reply_snat(reply, VIP, other)
@@ -139,7 +139,7 @@ def test_client_port_moving_to_a_backends_second_address_takes_its_replies(
     lb.apply(plan_of(listener("a", 80, [backend(*B1)], protocol=proto),
                      listener("b", 81, [backend(*B1)], protocol=proto)))
     held = L.from_be16(L.RevNatVal.from_buffer_copy(lb.maps["rev_nat"].lookup(bytes(
-        L.RevNatKey(L.be32(B1[0]), L.be16(B1[1]), L.PROTO[proto], 0)))).vport)
+        L.RevNatKey(L.ip(B1[0]), L.be16(B1[1]), L.PROTO[proto], 0)))).vport)
     other = 161 - held
     first = syn(dport=held) if proto == "TCP" else udp(dport=held)
     lb.xdp(first)
@@ -199,7 +199,7 @@ def test_established_flow_follows_entry_after_group_change(lb: Harness) -> None:
     other = syn(sport=40001)  # a new flow takes the new group
     r = lb.xdp(other)
     assert r.retval == XDP_PASS
-    assert lb.ct()[fwd_key(sport=40001)].nat_addr in (L.be32(B2[0]), L.be32("10.20.3.2"))
+    assert L.from_ip(lb.ct()[fwd_key(sport=40001)].nat_addr) in (B2[0], "10.20.3.2")
 
     # B1 left the plan, but its flow has no reply entry: its rev_nat entry stays while
     # the flow lives, and its replies keep coming from the listener.
@@ -207,7 +207,7 @@ def test_established_flow_follows_entry_after_group_change(lb: Harness) -> None:
     assert lb.tc(reply).data == reply_snat(reply, VIP, 80)
     lb.writer.release_rev_nat(sweep(lb).relied)
     assert lb.tc(reply).data == reply_snat(reply, VIP, 80)
-    b1 = bytes(L.RevNatKey(L.be32(B1[0]), L.be16(B1[1]), 6, 0))
+    b1 = bytes(L.RevNatKey(L.ip(B1[0]), L.be16(B1[1]), 6, 0))
     assert lb.maps["rev_nat"].lookup(b1) is not None
     lb.flush_ct()  # once it is gone, so is B1's entry
     lb.writer.release_rev_nat(sweep(lb).relied)
@@ -485,7 +485,7 @@ def test_expired_entry_non_syn_is_selected_again(short: Harness) -> None:
     assert (r.retval, r.data) == (XDP_PASS, dnat(frame, *B1))
     assert stats_delta(before, short.stats()) == {Stat.RESELECTED: 1}
     f = short.ct()[fwd_key()]
-    assert (L.from_be32(f.nat_addr), L.from_be16(f.nat_port)) == B1
+    assert (L.from_ip(f.nat_addr), L.from_be16(f.nat_port)) == B1
     assert f.flags == 0 and list(f.packets) == [1, 0]
 
 
@@ -522,7 +522,7 @@ def test_expired_entry_syn_starts_new_flow(short: Harness) -> None:
     assert r.data == dnat(frame, *B1)
     assert stats_delta(before, short.stats()) == {Stat.NEW_DEFAULT: 1}
     f = short.ct()[fwd_key()]
-    assert (L.from_be32(f.nat_addr), L.from_be16(f.nat_port)) == B1
+    assert (L.from_ip(f.nat_addr), L.from_be16(f.nat_port)) == B1
     assert f.created_s >= t0 // 10**9 and f.flags == 0 and list(f.packets) == [1, 0]
 
 
@@ -865,7 +865,7 @@ def test_fuzz_mutated_syn_is_untouched_dropped_answered_or_exact_dnat(
         return
     assert r.meta == b""
     (_key, val), = h.ct().items()
-    target = (L.from_be32(val.nat_addr), L.from_be16(val.nat_port))
+    target = (L.from_ip(val.nat_addr), L.from_be16(val.nat_port))
     assert target in (B1, UB1)
     _check_dnat(frame, r.data, target)
 
@@ -989,8 +989,8 @@ def test_snat_new_flow_rewrites_both_ends_and_tracks_both_translations(lb: Harne
     assert stats_delta(before, lb.stats()) == {Stat.NEW_DEFAULT: 1}
     rv = lb.replies()[(B1[0], B1[1], NODE_B1, port, 6)]
     assert rv.flags == L.CT_SNAT
-    assert (L.from_be32(rv.client), L.from_be16(rv.cport)) == (CLIENT, 40000)
-    assert (L.from_be32(rv.vip), L.from_be16(rv.vport)) == (VIP, 80)
+    assert (L.from_ip(rv.client), L.from_be16(rv.cport)) == (CLIENT, 40000)
+    assert (L.from_ip(rv.vip), L.from_be16(rv.vport)) == (VIP, 80)
     assert rev_key() not in lb.replies()  # no reply entry toward the client itself
 
     data = segment(flags="PA", payload=b"GET /")
@@ -1113,7 +1113,7 @@ def test_snat_keeps_the_client_port_and_reuses_ports_of_finished_flows_only() ->
         frame = syn(sport=40001, seq=9000)
         assert small.xdp(frame).data == rewritten(frame, dst=B1, src=(NODE_B1, 40001))
         rv = small.replies()[(B1[0], B1[1], NODE_B1, 40001, 6)]
-        assert L.from_be32(rv.client) == CLIENT
+        assert L.from_ip(rv.client) == CLIENT
         assert small.ct()[fwd_key(sport=40001)].flags == L.CT_SNAT  # a new flow: no FIN
         # A flow idle past its timeout gives up its port once the sweeper has removed
         # its entries: the data path never hands one client's port to another.
@@ -1143,7 +1143,7 @@ def test_hairpin_flow_of_a_backend_to_itself_is_source_natted(lb: Harness) -> No
     frame = syn(src=B1[0], sport=41000)
     r = lb.xdp(frame)
     f = lb.ct()[fwd_key(src=B1[0], sport=41000)]
-    assert f.flags & L.CT_SNAT and L.from_be32(f.snat_addr) == NODE_B1
+    assert f.flags & L.CT_SNAT and L.from_ip(f.snat_addr) == NODE_B1
     assert r.data == rewritten(frame, dst=B1, src=(NODE_B1, L.from_be16(f.snat_port)))
     other = syn(src=B2[0], sport=41000)  # another host keeps its address (no source NAT)
     assert lb.xdp(other).data == dnat(other, *B1)

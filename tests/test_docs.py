@@ -8,15 +8,20 @@ import re
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
 from tests.test_crd import LB_SCHEMA, api_server_errors
 from xdplb.cli import main
 from xdplb.k8s import crd
-from xdplb.k8s.reference import MODEL_RULES, render
+from xdplb.k8s.admission import PoolView, grants_of
+from xdplb.k8s.poolstatus import overlaps
+from xdplb.k8s.reference import MODEL_RULES, POOL_HEADING, SERVICE_HEADING, render
+from xdplb.k8s.services import IPS_ANNOTATION, POOL_ANNOTATION, SHARING_ANNOTATION
 from xdplb.spec import bounds, fields, model
 from xdplb.spec.load import SpecError, load_file, parse_manifests
+from xdplb.spec.pool import AddressPool
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "docs" / "reference.md"
@@ -25,8 +30,19 @@ CLUSTER_EXAMPLES = EXAMPLES / "cluster"
 
 
 @pytest.fixture(scope="module")
-def text() -> str:
+def whole() -> str:
     return render()
+
+
+@pytest.fixture(scope="module")
+def text(whole: str) -> str:
+    """The LoadBalancer part."""
+    return whole.split(POOL_HEADING)[0]
+
+
+@pytest.fixture(scope="module")
+def pool_text(whole: str) -> str:
+    return whole.split(POOL_HEADING)[1].split(SERVICE_HEADING)[0]
 
 
 def rows(text: str) -> dict[str, list[str]]:
@@ -67,20 +83,41 @@ def manifest(**listener: Any) -> dict[str, Any]:
 # --- the reference ---------------------------------------------------------------------------
 
 
-def test_reference_is_current(text: str) -> None:
+def test_reference_is_current(whole: str) -> None:
     stale = f"{REFERENCE} is stale: run `.venv/bin/xdplb reference --output docs/reference.md`"
     assert REFERENCE.exists(), stale
-    assert REFERENCE.read_text() == text, stale
+    assert REFERENCE.read_text() == whole, stale
 
 
 def test_cli_prints_and_writes(
-    text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    whole: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["reference"]) == 0
-    assert capsys.readouterr().out == text
+    assert capsys.readouterr().out == whole
     out = tmp_path / "reference.md"
     assert main(["reference", "--output", str(out)]) == 0
-    assert out.read_text() == text
+    assert out.read_text() == whole
+
+
+def test_every_pool_property_has_a_row_and_spec_fields_a_description(pool_text: str) -> None:
+    schema = crd.addresspool_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    paths = property_paths(schema) + property_paths(crd.structural(AddressPool))
+    documented = rows(pool_text)
+    assert len(paths) > 20
+    assert set(paths) == documented.keys()
+    assert [p for p, cells in documented.items() if p.startswith("spec.") and not cells[4]] == []
+    for message in ("list addresses, or set nodeAddresses: true",
+                    "In and NotIn need values; Exists and DoesNotExist take none"):
+        assert message in pool_text
+    assert "crds/addresspools.xdplb.io.yaml" in pool_text
+
+
+def test_the_service_mapping_names_every_setting(whole: str) -> None:
+    mapping = whole.split(SERVICE_HEADING)[1]
+    for name in (IPS_ANNOTATION, POOL_ANNOTATION, SHARING_ANNOTATION, "loadBalancerClass",
+                 "--default-service-class", "externalTrafficPolicy", "sessionAffinity",
+                 "ipMode: VIP", "PoolExhausted", "NoAddressPool", "AddressInUse"):
+        assert name in mapping, name
 
 
 def test_every_property_has_a_row(text: str) -> None:
@@ -187,9 +224,13 @@ def _twice() -> dict[str, Any]:
     return doc
 
 
+V6_ROUTE = {"cidr": "2001:db8::/32", "backends": [{"address": "10.0.0.12", "port": 80}]}
 # One manifest per entry of MODEL_RULES, in order, that breaks that rule.
 MODEL_RULE_CASES = [
     _twice(),
+    manifest(sourceRoutes=[V6_ROUTE]),
+    manifest(sourceRoutes=[{**V6_ROUTE, "cidr": "10.0.0.0/8",
+                            "backends": [{"address": "2001:db8::12", "port": 80}]}]),
 ]
 
 
@@ -199,7 +240,8 @@ def test_model_rules_are_the_validators_messages(rule: Any, doc: dict[str, Any])
     assert api_server_errors(LB_SCHEMA, doc) == []
     pattern = re.escape(rule.message)
     pattern = re.sub(r"\\\{\w+\\\}", ".+", pattern)
-    field = "" if rule.reported_at.startswith("(") else re.escape(rule.reported_at)
+    field = "" if rule.reported_at.startswith("(") else re.sub(
+        r"\\\[\\\]", r"\\[\\d+\\]", re.escape(rule.reported_at))
     errors = crd.validate_object(doc)
     assert any(re.fullmatch(rf"spec\.listeners\[\d+\]{field}: {pattern}", e) for e in errors), (
         errors
@@ -251,13 +293,54 @@ def test_node_selector_is_accepted_standalone(text: str) -> None:
 @pytest.mark.parametrize(
     ("address", "ok"),
     [("10.0.0.1", True), ("0.0.0.0", False), ("224.0.0.1", False),
-     ("255.255.255.255", False), ("2001:db8::1", False)],
+     ("255.255.255.255", False), ("::", False), ("ff02::1", False), ("::ffff:10.0.0.1", False),
+     ("2001:db8::1", True), ("2001:zz8::1", False)],
 )
 def test_address_note(text: str, address: str, ok: bool) -> None:
-    assert "not 0.0.0.0, a multicast address or 255.255.255.255" in rows(text)[
+    assert "not 0.0.0.0 or ::, a multicast address" in rows(text)[
         "spec.listeners[].backends[].address"][3]
     doc = manifest(backends=[{"address": address, "port": 80}])
     assert (crd.validate_object(doc) == []) is ok
+
+
+@pytest.mark.parametrize(
+    ("fields", "path"),
+    [({"address": "192.0.2.1", "backends": [{"address": "2001:db8::11", "port": 80}]},
+      "backends"),
+     ({"address": "2001:db8::1", "backends": [{"address": "10.0.0.11", "port": 80}]},
+      "backends"),
+     ({"ipFamily": "IPv6"}, "backends"),
+     ({"address": "192.0.2.1", "ipFamily": "IPv6"}, "ipFamily"),
+     ({"backends": [{"address": "10.0.0.11", "port": 80},
+                    {"address": "2001:db8::11", "port": 80}]}, "backends")],
+)
+def test_a_listener_serves_one_family(fields: dict[str, Any], path: str) -> None:
+    # No NAT64: the API server refuses a listener whose backends are of another family
+    # than its address (or ipFamily), and the model says the same at the same path.
+    doc = manifest(**fields)
+    assert any(path in e for e in api_server_errors(LB_SCHEMA, doc)), \
+        api_server_errors(LB_SCHEMA, doc)
+    assert any(e.startswith(f"spec.listeners[0].{path}:") for e in crd.validate_object(doc)), \
+        crd.validate_object(doc)
+
+
+def test_a_dual_stack_service_is_two_listeners() -> None:
+    doc = manifest(address="192.0.2.1")
+    doc["spec"]["listeners"].append({"name": "http6", "protocol": "TCP", "port": 80,
+                                     "address": "2001:DB8::0:1",
+                                     "backends": [{"address": "2001:db8::11", "port": 80}]})
+    (lb,) = parse_manifests(yaml.safe_dump(doc), "lb.yaml")
+    v6 = lb.spec.listeners[1]
+    assert (v6.address, v6.family, v6.endpoint) == ("2001:db8::1", "IPv6", "[2001:db8::1]:80/TCP")
+    # Two wildcards of one port: one per family.
+    doc = manifest()
+    doc["spec"]["listeners"].append({"name": "http6", "protocol": "TCP", "port": 80,
+                                     "ipFamily": "IPv6",
+                                     "backends": [{"address": "2001:db8::11", "port": 80}]})
+    assert crd.validate_object(doc) == []
+    doc["spec"]["listeners"][1]["ipFamily"] = "IPv4"
+    doc["spec"]["listeners"][1]["backends"] = [{"address": "10.0.0.11", "port": 80}]
+    assert any("also defined" in e for e in crd.validate_object(doc))
 
 
 def test_cidr_note(text: str) -> None:
@@ -280,7 +363,11 @@ def test_the_examples_are_there() -> None:
     names = {str(p.relative_to(ROOT)) for p in EXAMPLE_FILES}
     assert {"examples/lab.yaml", "examples/standalone.yaml", "examples/sni.yaml",
             "examples/source-nat.yaml", "examples/cluster/web.yaml",
-            "examples/cluster/basic.yaml"} <= names
+            "examples/cluster/basic.yaml", "examples/cluster/pools.yaml",
+            "examples/cluster/service.yaml"} <= names
+
+
+POOL_SCHEMA = crd.addresspool_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
 @pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: str(p.relative_to(EXAMPLES)))
@@ -290,11 +377,29 @@ def test_example_is_valid(path: Path) -> None:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
         assert docs
         for doc in docs:
-            assert api_server_errors(LB_SCHEMA, doc) == []
-            assert crd.validate_object(doc) == []
+            if doc["kind"] == "AddressPool":
+                assert api_server_errors(POOL_SCHEMA, doc) == []
+                assert crd.parse_pool(doc)[1] == []
+            elif doc["kind"] == "Service":
+                kubernetes_validate.validate(doc, "1.35", strict=True)
+            else:
+                assert api_server_errors(LB_SCHEMA, doc) == []
+                assert crd.validate_object(doc) == []
     else:
         # What `xdplb validate` runs.
         assert load_file(path)
+
+
+def test_the_example_pools_admit_the_example_loadbalancers() -> None:
+    docs = [d for p in sorted(CLUSTER_EXAMPLES.glob("*.yaml"))
+            for d in yaml.safe_load_all(p.read_text()) if d]
+    pools = [(AddressPool.model_validate(d), "") for d in docs if d["kind"] == "AddressPool"]
+    view = PoolView(grants_of(pools))
+    lbs = [model.LoadBalancer.model_validate(d) for d in docs if d["kind"] == "LoadBalancer"]
+    assert len(lbs) >= 2
+    for lb in lbs:
+        assert view.judge(lb).refusal is None, lb.qualified_name
+    assert pools and all(not overlaps(g, view.grants) for g in view.grants)
 
 
 def test_every_example_is_named_in_the_docs() -> None:

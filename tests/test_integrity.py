@@ -76,7 +76,7 @@ def test_a_lost_reply_entry_is_made_again_by_the_next_packet(lb: Harness) -> Non
     lb.apply(snat_plan(UDP_LST), SNAT_INV)
     lb.xdp(udp())
     port = snat_port_of(lb, dport=53, proto=17)
-    lb.maps["ct_reply"].delete(bytes(L.CtKey(L.be32(UB1[0]), L.be32(NODE_B1), L.be16(UB1[1]),
+    lb.maps["ct_reply"].delete(bytes(L.CtKey(L.ip(UB1[0]), L.ip(NODE_B1), L.be16(UB1[1]),
                                              L.be16(port), 17)))
     frame = udp(payload=b"again")
     assert lb.xdp(frame).data == rewritten(frame, dst=UB1, src=(NODE_B1, port))
@@ -94,7 +94,7 @@ def test_a_flow_whose_port_another_holds_never_sends_from_it() -> None:
         one.apply(snat_plan(TCP_LST, UDP_LST), SNAT_INV)
         a, b = "10.10.1.2", "10.10.1.3"
         assert one.xdp(udp(src=a)).retval == XDP_PASS
-        rk = bytes(L.CtKey(L.be32(UB1[0]), L.be32(NODE_B1), L.be16(UB1[1]), L.be16(40000), 17))
+        rk = bytes(L.CtKey(L.ip(UB1[0]), L.ip(NODE_B1), L.be16(UB1[1]), L.be16(40000), 17))
         one.maps["ct_reply"].delete(rk)
         frame = udp(src=b)
         assert one.xdp(frame).data == rewritten(frame, dst=UB1, src=(NODE_B1, 40000))
@@ -103,11 +103,11 @@ def test_a_flow_whose_port_another_holds_never_sends_from_it() -> None:
         assert stats_delta(before, one.stats()) == {Stat.SNAT_PORT_LOST: 1,
                                                     Stat.SNAT_EXHAUSTED: 1}
         held = L.CtReplyVal.from_buffer_copy(one.maps["ct_reply"].lookup(rk))
-        assert L.from_be32(held.client) == b  # B's, untouched
+        assert L.from_ip(held.client) == b  # B's, untouched
         # TCP: the flow whose port went is reset, and made again by nobody.
         one.flush_ct()
         one.xdp(syn(src=a))
-        tk = bytes(L.CtKey(L.be32(B1[0]), L.be32(NODE_B1), L.be16(B1[1]), L.be16(40000), 6))
+        tk = bytes(L.CtKey(L.ip(B1[0]), L.ip(NODE_B1), L.be16(B1[1]), L.be16(40000), 6))
         one.maps["ct_reply"].delete(tk)
         one.xdp(syn(src=b, sport=41000))
         data = segment(src=a, flags="PA", payload=b"x")
@@ -124,11 +124,11 @@ def test_a_flow_whose_port_another_holds_never_sends_from_it() -> None:
 def test_a_lost_reply_entry_of_a_two_entry_flow_is_made_again(lb: Harness) -> None:
     lb.apply(plan_of(TCP_LST, listener("tcp81", 81, [backend(*B1)])))
     held = L.from_be16(L.RevNatVal.from_buffer_copy(lb.maps["rev_nat"].lookup(bytes(
-        L.RevNatKey(L.be32(B1[0]), L.be16(B1[1]), 6, 0)))).vport)
+        L.RevNatKey(L.ip(B1[0]), L.be16(B1[1]), 6, 0)))).vport)
     other = 161 - held
     lb.xdp(syn(dport=other))
     assert rev_key() in lb.replies()
-    lb.maps["ct_reply"].delete(bytes(L.CtKey(L.be32(B1[0]), L.be32(CLIENT), L.be16(B1[1]),
+    lb.maps["ct_reply"].delete(bytes(L.CtKey(L.ip(B1[0]), L.ip(CLIENT), L.be16(B1[1]),
                                              L.be16(40000), 6)))
     lb.xdp(segment(dport=other))
     assert rev_key() in lb.replies()
@@ -161,7 +161,7 @@ def test_a_source_nat_flow_whose_entry_was_evicted_keeps_its_port(short: Harness
     lb.apply(snat_plan(TCP_LST), SNAT_INV)
     lb.xdp(syn())
     port = snat_port_of(lb)
-    lb.maps["ct"].delete(bytes(L.CtKey(L.be32(CLIENT), L.be32(VIP), L.be16(40000), L.be16(80),
+    lb.maps["ct"].delete(bytes(L.CtKey(L.ip(CLIENT), L.ip(VIP), L.be16(40000), L.be16(80),
                                        6)))
     data = segment(flags="PA", payload=b"x")
     before = lb.stats()
@@ -350,8 +350,8 @@ def test_a_udp_flow_leaves_a_gone_backend_and_tcp_drains(lb: Harness, why: str) 
         lb.xdp(udp(sport=sport))
         lb.xdp(syn(sport=sport))
     on_ub1 = [p for p in sports
-              if L.from_be32(lb.ct()[fwd_key(sport=p, dport=53, proto=17)].nat_addr) == UB1[0]]
-    on_b1 = [p for p in sports if L.from_be32(lb.ct()[fwd_key(sport=p)].nat_addr) == B1[0]]
+              if L.from_ip(lb.ct()[fwd_key(sport=p, dport=53, proto=17)].nat_addr) == UB1[0]]
+    on_b1 = [p for p in sports if L.from_ip(lb.ct()[fwd_key(sport=p)].nat_addr) == B1[0]]
     assert on_ub1 and on_b1
     if why == "removed":
         lb.apply(plan_of(listener("udp", 53, [backend("10.20.2.2", 5353)], protocol="UDP"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import threading
 import time
 import urllib.error
@@ -24,6 +25,7 @@ import pytest
 from tests.chart import chart_grants
 from tests.k8s.cluster import KUBECTL, Cluster, wait_for, write_kubeconfig
 from tests.test_health import free_port
+from tests.test_operator import OPEN_POOL
 from xdplb.k8s.client import Kube
 from xdplb.k8s.daemonset import AgentSettings
 from xdplb.k8s.index import State
@@ -206,6 +208,7 @@ class Replica:
 def replicas(tmp_path: Path, *identities: str) -> Iterator[tuple[Kube, list[Replica]]]:
     with Cluster(tmp_path) as cluster:
         cluster.apply_crds()
+        cluster.kubectl("apply", "-f", "-", stdin=json.dumps(OPEN_POOL))
         cluster.emulator.grant(TOKEN, f"system:serviceaccount:{NS}:xdplb-operator",
                                chart_grants("operator", NS))
         kubeconfig = cluster.kubeconfig("operator", TOKEN)

@@ -163,33 +163,60 @@ def seed_operator_deployment(admin: Kube) -> dict[str, Any]:
     return dep
 
 
+OPEN_POOL = {"apiVersion": "xdplb.io/v1alpha1", "kind": "AddressPool",
+             "metadata": {"name": "open"},
+             "spec": {"addresses": ["192.0.2.0/24"], "namespaceSelector": {},
+                      "nodeAddresses": True, "autoAssign": False}}
+
+
+def operator_settings(cluster: Cluster, **overrides: Any) -> OperatorSettings:
+    return replace(OperatorSettings(
+        kubeconfig=str(cluster.kubeconfig("operator", OPERATOR_TOKEN)),
+        pod_name=OPERATOR_POD, pod_namespace=SYSTEM_NS,
+        agent=AgentSettings(namespace=SYSTEM_NS, image="registry.example/xdplb:1.2.3"),
+        status_interval=0.2, resync_interval=0.3,
+        # As deployed: the Lease taken and renewed (each granted verb used within 0.5 s).
+        leader_election=LeaderElectionSettings(
+            enabled=True, namespace=SYSTEM_NS, identity=OPERATOR_POD,
+            retry_period=0.5)), **overrides)
+
+
 @contextmanager
-def operator_env(tmp_path: Any, **overrides: Any) -> Iterator[Env]:
+def running_operator(cluster: Cluster, settings: OperatorSettings) -> Iterator[State]:
+    """`xdplb operator` in a thread of this process until the block ends."""
+    state = State(settings)
+    stop, ready = threading.Event(), threading.Event()
+    thread = threading.Thread(target=run, args=(settings, stop, ready, state), daemon=True)
+    thread.start()
+    assert ready.wait(20), "the operator did not start"
+    try:
+        yield state
+    finally:
+        stop.set()
+        thread.join(20)
+
+
+def operator_cluster(cluster: Cluster, pools: tuple[dict[str, Any], ...]) -> None:
+    """What an install leaves before the operator starts: CRDs, the pools, the operator's
+    account with exactly the chart's rules, its Deployment."""
+    cluster.apply_crds()
+    if pools:
+        cluster.kubectl("apply", "-f", "-", stdin="\n".join(json.dumps(p) for p in pools))
+    cluster.emulator.grant(OPERATOR_TOKEN, f"system:serviceaccount:{SYSTEM_NS}:xdplb-operator",
+                           chart_grants("operator", SYSTEM_NS))
+    seed_operator_deployment(Kube(str(cluster.admin_kubeconfig)))
+
+
+@contextmanager
+def operator_env(tmp_path: Any, pools: tuple[dict[str, Any], ...] = (OPEN_POOL,),
+                 **overrides: Any) -> Iterator[Env]:
+    """The operator, with ``pools`` in place (by default one that admits every namespace
+    to 192.0.2.0/24 and to the nodes' addresses)."""
     with Cluster(tmp_path) as cluster:
-        cluster.apply_crds()
-        cluster.emulator.grant(OPERATOR_TOKEN, f"system:serviceaccount:{SYSTEM_NS}:xdplb-operator",
-                               chart_grants("operator", SYSTEM_NS))
-        admin = Kube(str(cluster.admin_kubeconfig))
-        seed_operator_deployment(admin)
-        settings = replace(OperatorSettings(
-            kubeconfig=str(cluster.kubeconfig("operator", OPERATOR_TOKEN)),
-            pod_name=OPERATOR_POD, pod_namespace=SYSTEM_NS,
-            agent=AgentSettings(namespace=SYSTEM_NS, image="registry.example/xdplb:1.2.3"),
-            status_interval=0.2, resync_interval=0.3,
-            # As deployed: the Lease taken and renewed (each granted verb used within 0.5 s).
-            leader_election=LeaderElectionSettings(
-                enabled=True, namespace=SYSTEM_NS, identity=OPERATOR_POD,
-                retry_period=0.5)), **overrides)
-        state = State(settings)
-        stop, ready = threading.Event(), threading.Event()
-        thread = threading.Thread(target=run, args=(settings, stop, ready, state), daemon=True)
-        thread.start()
-        assert ready.wait(20), "the operator did not start"
-        try:
+        operator_cluster(cluster, pools)
+        settings = operator_settings(cluster, **overrides)
+        with running_operator(cluster, settings) as state:
             yield Env(cluster, state, settings)
-        finally:
-            stop.set()
-            thread.join(20)
 
 
 @pytest.fixture
@@ -221,7 +248,7 @@ def test_create_accepts_and_ensures_the_agent_daemonset(env: Env) -> None:
             "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in agent["env"]
     assert spec["hostNetwork"] is True
     assert agent["securityContext"]["capabilities"] == {
-        "drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "PERFMON"]}
+        "drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "NET_RAW", "PERFMON"]}
     assert agent["securityContext"]["privileged"] is False
     assert {"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "DirectoryOrCreate"}
             } in spec["volumes"]
@@ -599,6 +626,17 @@ def test_operator_needs_every_granted_rule(env: Env) -> None:
     env.cluster.kubectl("delete", "loadbalancer", "web", "--wait=false")
     env.report("n1", {**env.applied("web"), "phase": "Removed"})
     wait_for("deleted", lambda: env.lb("web") is None)
+    # A Service of the class: its LoadBalancer created, its status written; then deleted.
+    env.apply({"apiVersion": "v1", "kind": "Service", "metadata": {
+        "name": "svc", "namespace": "default",
+        "annotations": {"xdplb.io/address-pool": "open"}}, "spec": {
+        "type": "LoadBalancer", "loadBalancerClass": "xdplb.io/xdplb",
+        "ports": [{"port": 80, "protocol": "TCP"}]}})
+    wait_for("the Service's LoadBalancer", lambda: env.lb("svc"))
+    wait_for("the Service's address", lambda: env.admin.get(
+        "/api/v1/namespaces/default/services/svc").get("status"))
+    env.cluster.kubectl("delete", "service", "svc")
+    wait_for("the Service's LoadBalancer gone", lambda: env.lb("svc") is None)
     # The leader renews its Lease every retry period (0.5 s here): a renewal is an update.
     lease = f"/apis/coordination.k8s.io/v1/namespaces/{SYSTEM_NS}/leases/xdplb-operator"
     wait_for("a renewal of the Lease", lambda: (
@@ -629,6 +667,7 @@ def test_xdplb_operator_command_finds_the_api_through_kubeconfig(tmp_path: Any) 
         env_vars = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig("op", OPERATOR_TOKEN)),
                     "XDPLB_AGENT_IMAGE": "registry.example/agent:9", "XDPLB_XDP_MODE": "generic"}
         env_vars.pop("POD_NAME", None)
+        cluster.kubectl("apply", "-f", "-", stdin=json.dumps(OPEN_POOL))
         proc = subprocess.Popen([str(XDPLB), "operator", "--agent-namespace", "lb-system",
                                  "--conntrack-capacity", "4096"], env=env_vars,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -661,6 +700,7 @@ def test_xdplb_operator_command_finds_the_api_through_kubeconfig(tmp_path: Any) 
 def test_index_wakes_only_the_loadbalancers_a_change_touches() -> None:
     """1,000 nodes x 100 LoadBalancers: heartbeats wake nobody, one entry wakes one object."""
     state = State(OperatorSettings(silence=30))
+    state.on_pool("ADDED", json.loads(json.dumps(OPEN_POOL)))
     now = datetime.datetime.now(datetime.UTC)
 
     def report(node: int, beat: datetime.datetime, phase: str = "Applied") -> dict[str, Any]:

@@ -1,13 +1,14 @@
-"""The agent's least privileges: CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, no
+"""The agent's least privileges: CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_NET_RAW, no
 CAP_SYS_ADMIN (the DaemonSet's set), are enough to start, to be killed and to
 start again adopting the pinned maps, and either reuse its pinned programs (the
-same code) or replace them in place (other code)."""
+same code) or replace them in place (other code); and to announce an address (L2)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,3 +137,26 @@ def test_agent_restarts_hitlessly_without_sys_admin(netns: Path) -> None:
     finally:
         third.send_signal(signal.SIGTERM)
         assert third.wait(30) == 0, log.read_text()
+
+
+ANNOUNCE = """
+from xdplb.agent.l2 import Kernel
+k = Kernel()
+k.add("192.0.2.77")
+print(k.garp("192.0.2.77", ["xp0"]), sorted(k.ours()))
+k.remove("192.0.2.77")
+print(sorted(k.ours()))
+"""
+
+
+def test_l2_announcement_with_the_agents_capabilities(netns: Path) -> None:
+    """The kernel side of an announcement (a local route, gratuitous ARP) works with the
+    DaemonSet's capabilities, and gratuitous ARP is what needs NET_RAW."""
+    def run(caps: list[str]) -> str:
+        bounding = ",".join(f"+{c.lower()}" for c in sorted(caps))
+        return sh("ip", "netns", "exec", NS, "setpriv", f"--bounding-set=-all,{bounding}",
+                  sys.executable, "-c", ANNOUNCE)
+
+    assert run(list(CAPABILITIES)).split("\n")[:2] == ["[] ['192.0.2.77']", "[]"]
+    without = run([c for c in CAPABILITIES if c != "NET_RAW"])
+    assert "gratuitous ARP for 192.0.2.77 on xp0: Operation not permitted" in without, without

@@ -166,7 +166,7 @@ def test_defaults_and_names() -> None:
     )
     assert ln.backends[0].weight == 1
     assert not ln.is_sni
-    assert ln.identity == (None, 80, "TCP")
+    assert ln.identity == (None, 80, "TCP", "IPv4")
     assert ln.endpoint == "*:80/TCP"
 
 
@@ -357,16 +357,29 @@ BAD: dict[str, tuple[Any, list[str]]] = {
         first_listener(backends=[backend("10.0.0.256")]),
         ["spec.listeners[0].backends[0].address: '10.0.0.256' is not a valid IP address"],
     ),
-    "address-ipv6-listener": (
+    "address-ipv6-listener-ipv4-backends": (
         first_listener(address="2001:db8::1"),
-        ["spec.listeners[0].address: '2001:db8::1' is an IPv6 address: IPv6 is not supported yet"],
+        ["spec.listeners[0].backends: must all be of the listener's address family (no NAT64):"
+         " write a listener per family"],
     ),
-    "address-ipv6-backend": (
-        first_listener(backends=[backend("2001:db8::2")]),
-        [
-            "spec.listeners[0].backends[0].address: '2001:db8::2' is an IPv6 address:"
-            " IPv6 is not supported yet"
-        ],
+    "address-mixed-backends": (
+        first_listener(backends=[backend("10.0.0.2"), backend("2001:db8::2")]),
+        ["spec.listeners[0].backends: must all be of the listener's address family (no NAT64):"
+         " write a listener per family"],
+    ),
+    "address-ipv4-mapped": (
+        first_listener(backends=[backend("::ffff:10.0.0.2")]),
+        ["spec.listeners[0].backends[0].address: '::ffff:10.0.0.2' is an IPv4-mapped IPv6"
+         " address: write the IPv4 address '10.0.0.2'"],
+    ),
+    "address-unspecified-ipv6-listener": (
+        first_listener(address="::"),
+        ["spec.listeners[0].address: '::' is the unspecified address: omit address to listen"
+         " on all"],
+    ),
+    "address-multicast-ipv6-backend": (
+        first_listener(backends=[backend("ff02::1")]),
+        ["spec.listeners[0].backends[0].address: 'ff02::1' is a multicast address"],
     ),
     "address-unspecified-listener": (
         first_listener(address="0.0.0.0"),
@@ -394,12 +407,17 @@ BAD: dict[str, tuple[Any, list[str]]] = {
         first_listener(sourceRoutes=[{"cidr": "198.51.100.0/33", "backends": [backend()]}]),
         ["spec.listeners[0].sourceRoutes[0].cidr: '198.51.100.0/33' is not a valid CIDR"],
     ),
-    "cidr-ipv6": (
+    "cidr-ipv6-on-ipv4": (
         first_listener(sourceRoutes=[{"cidr": "2001:db8::/32", "backends": [backend()]}]),
-        [
-            "spec.listeners[0].sourceRoutes[0].cidr: '2001:db8::/32' is an IPv6 network:"
-            " IPv6 is not supported yet"
-        ],
+        ["spec.listeners[0].sourceRoutes[0].cidr: '2001:db8::/32' is not an IPv4 network,"
+         " the listener's family"],
+    ),
+    "cidr-ipv6-host-bits": (
+        first_listener(address="2001:db8::1", backends=[backend("2001:db8::2")],
+                       sourceRoutes=[{"cidr": "2001:db8::1/64",
+                                      "backends": [backend("2001:db8::3")]}]),
+        ["spec.listeners[0].sourceRoutes[0].cidr: '2001:db8::1/64' has host bits set"
+         " (the network is '2001:db8::/64')"],
     ),
     "cidr-duplicate": (
         first_listener(

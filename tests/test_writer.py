@@ -90,8 +90,10 @@ def test_changed_group_written_whole_before_switch() -> None:
     g = L.GroupVal.from_buffer_copy(maps["groups"].data[new_val.group.to_bytes(4, "little")])
     assert g.flags & L.GF_IN_USE and g.size == 16381  # every group of more than one backend
     by_id = {i: addr for (addr, _port), i in w.backend_ids.items()}
-    slots = [int.from_bytes(maps["pool"].data[(g.offset + i).to_bytes(4, "little")], "little")
-             for i in range(g.size)]
+    assert g.offset % L.POOL_IDS == 0
+    slots = [L.PoolIds.from_buffer_copy(
+        maps["pool"].data[((g.offset + i) // L.POOL_IDS).to_bytes(4, "little")]).id[
+        (g.offset + i) % L.POOL_IDS] for i in range(g.size)]
     counts = {by_id[s]: 0 for s in slots}
     for s in slots:
         counts[by_id[s]] += 1
@@ -143,8 +145,8 @@ def rev_nat(maps: dict[str, MemoryMap]) -> dict[tuple[str, int], tuple[str, int]
     out = {}
     for k, v in maps["rev_nat"].data.items():
         key, val = L.RevNatKey.from_buffer_copy(k), L.RevNatVal.from_buffer_copy(v)
-        out[(L.from_be32(key.addr), L.from_be16(key.port))] = (
-            L.from_be32(val.vip), L.from_be16(val.vport))
+        out[(L.from_ip(key.addr), L.from_be16(key.port))] = (
+            L.from_ip(val.vip), L.from_be16(val.vport))
     return out
 
 
@@ -159,8 +161,8 @@ def test_reverse_nat_entries_stay_while_flows_rely_on_them() -> None:
     moved = base.replace("port: 80\n", "port: 81\n")
     w.apply(plan_of(moved), INV)
     assert rev_nat(maps)[b1] == ("192.0.2.10", 80)  # kept
-    vip80 = (L.be32("192.0.2.10"), L.be16(80))
-    key = {b: bytes(L.RevNatKey(L.be32(b[0]), L.be16(b[1]), 6, 0)) for b in (b1, b2)}
+    vip80 = (L.ip_bytes("192.0.2.10"), L.be16(80))
+    key = {b: bytes(L.RevNatKey(L.ip(b[0]), L.be16(b[1]), 6, 0)) for b in (b1, b2)}
     assert w.release_rev_nat({(key[b1], *vip80)}) == 1  # b2's flows are gone
     assert rev_nat(maps)[b1] == ("192.0.2.10", 80)
     assert rev_nat(maps)[b2] == ("192.0.2.10", 81)
@@ -169,7 +171,7 @@ def test_reverse_nat_entries_stay_while_flows_rely_on_them() -> None:
     # A backend that leaves: its entry goes once its flows have.
     w.apply(plan_of(moved.replace("    - {address: 10.0.0.12, port: 8080}\n", "")), INV)
     assert rev_nat(maps)[b2] == ("192.0.2.10", 81)
-    assert w.release_rev_nat({(key[b2], L.be32("192.0.2.10"), L.be16(81))}) == 0
+    assert w.release_rev_nat({(key[b2], L.ip_bytes("192.0.2.10"), L.be16(81))}) == 0
     assert w.release_rev_nat(set()) == 1
     assert b2 not in rev_nat(maps)
 
@@ -177,12 +179,18 @@ def test_reverse_nat_entries_stay_while_flows_rely_on_them() -> None:
 def test_encodings_are_network_order() -> None:
     k = L.ListenerKey.from_buffer_copy(listener_key(7, "192.0.2.10", 80, "TCP"))
     raw = bytes(k)
-    assert raw[:4] == (7).to_bytes(4, "little") and raw[4:8] == bytes([192, 0, 2, 10])
-    assert raw[8:10] == (80).to_bytes(2, "big") and raw[10] == 6
+    mapped = bytes(10) + b"\xff\xff"  # an IPv4 address in 16 bytes: ::ffff:a.b.c.d
+    assert raw[:4] == (7).to_bytes(4, "little") and raw[4:20] == mapped + bytes([192, 0, 2, 10])
+    assert raw[20:22] == (80).to_bytes(2, "big") and raw[22] == 6
     lk = bytes(L.LpmKey.from_buffer_copy(lpm_key(5, "198.51.100.0/24")))
-    assert lk[:4] == (56).to_bytes(4, "little") and lk[4:8] == (5).to_bytes(4, "big")
-    assert lk[8:12] == bytes([198, 51, 100, 0])
-    assert ctypes.sizeof(L.CtVal) == 72
+    assert lk[:4] == (32 + 96 + 24).to_bytes(4, "little") and lk[4:8] == (5).to_bytes(4, "big")
+    assert lk[8:24] == mapped + bytes([198, 51, 100, 0])
+    lk6 = bytes(L.LpmKey.from_buffer_copy(lpm_key(5, "2001:db8:7::/48")))
+    assert lk6[:4] == (32 + 48).to_bytes(4, "little")
+    assert lk6[8:24] == bytes.fromhex("20010db8000700000000000000000000")
+    k6 = L.ListenerKey.from_buffer_copy(listener_key(7, "2001:db8::10", 443, "UDP"))
+    assert bytes(k6)[4:20] == bytes.fromhex("20010db8000000000000000000000010")
+    assert ctypes.sizeof(L.CtKey) == 40 and ctypes.sizeof(L.CtVal) == 96
 
 
 def test_capacity_errors_name_the_flag() -> None:

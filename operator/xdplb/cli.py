@@ -122,6 +122,7 @@ def cmd_agent(a: argparse.Namespace) -> int:
 
             ClusterAgent(ClusterOptions(
                 node_name=a.node_name, daemonset=a.daemonset,
+                lease_namespace=a.lease_namespace, l2_lease_seconds=a.l2_lease_seconds,
                 xdp_mode=a.xdp_mode, pin_root=a.pin_dir,
                 caps=capacities(a), timeouts=timeouts(a),
                 detach_on_exit=detach, force=a.force,
@@ -212,15 +213,33 @@ def cmd_explain(a: argparse.Namespace) -> int:
     except SpecError as e:
         print(e, file=sys.stderr)
         return 1
-    src, _, sport = a.src.rpartition(":")
-    dst, _, dport = a.dst.rpartition(":")
+    try:
+        src, sport = _endpoint(a.src)
+        dst, dport = _endpoint(a.dst)
+    except ValueError as e:
+        print(f"xdplb explain: {e}", file=sys.stderr)
+        return 2
     local = None
     if not a.any_local:
         from xdplb.agent.inventory import read_inventory
         local = {addr for addrs in read_inventory().addresses.values() for addr in addrs}
-    print(explain(plan, src, int(sport), dst, int(dport), a.proto.upper(), local,
-                  a.sni).text())
+    print(explain(plan, src, sport, dst, dport, a.proto.upper(), local, a.sni).text())
     return 0
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    """IP:PORT, an IPv6 address in brackets ([2001:db8::1]:443), as (canonical
+    address, port)."""
+    import ipaddress
+
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, like [2001:db8::1]:443")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is no IP:PORT")
+    return str(ipaddress.ip_address(host)), int(port)
 
 
 def _open_maps(pin_dir: str) -> dict[str, BpfMap]:
@@ -271,7 +290,8 @@ def cmd_status(a: argparse.Namespace) -> int:
         except Exception as e:
             print(f"interface {ifname}: {e}")
     for lst in state["listeners"]:
-        print(f"listener {lst['name']} {lst['address']}:{lst['port']}/{lst['protocol']}: "
+        host = f"[{lst['address']}]" if ":" in lst["address"] else lst["address"]
+        print(f"listener {lst['name']} {host}:{lst['port']}/{lst['protocol']}: "
               f"{lst['backends']} backends, {lst['sourceRoutes']} source routes")
     health = state.get("health", [])
     down = [h for h in health if not h["up"]]
@@ -342,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--daemonset", default="", metavar="NAMESPACE/NAME",
                    help="the agents' DaemonSet: when it is gone at a stop, clean up as"
                         " --cleanup does (set by the operator)")
+    p.add_argument("--lease-namespace", default="",
+                   help="namespace of the L2 announcement Leases (default: the --daemonset's;"
+                        " neither: no L2 announcement)")
+    p.add_argument("--l2-lease-seconds", type=int, default=3,
+                   help="an L2 announcer that stops is replaced within this (it renews its"
+                        " Lease every third of it; default %(default)s)")
     p.add_argument("--state-file", default=STATE_FILE)
     add_dataplane_args(p)
     add_sni_args(p)
@@ -375,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("explain", help="which listener, route and backend a new flow gets")
     p.add_argument("--config", default=CONFIG_FILE)
-    p.add_argument("--src", required=True, help="client IP:PORT")
-    p.add_argument("--dst", required=True, help="destination IP:PORT")
+    p.add_argument("--src", required=True, help="client IP:PORT ([IPv6]:PORT)")
+    p.add_argument("--dst", required=True, help="destination IP:PORT ([IPv6]:PORT)")
     p.add_argument("--proto", default="tcp", choices=["tcp", "udp", "TCP", "UDP"])
     p.add_argument("--sni", default=None, metavar="NAME",
                    help="on an SNI listener: the ClientHello's server name ('' for none)")

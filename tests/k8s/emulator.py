@@ -15,6 +15,7 @@ kubectl rely on from a real server:
   (422), ``resourceVersion`` preconditions on PUT (409);
 - the status subresource: a write to the object keeps its status, a write to
   ``/status`` changes only the status;
+- server-side printing (``kubectl get`` asks for a Table: tables.py);
 - finalizers and ``deletionTimestamp``;
 - RBAC: a request with a known ServiceAccount token is allowed only by that
   account's ClusterRole and Role rules (403 otherwise; a rule with a ``namespace``
@@ -38,6 +39,8 @@ import aiohttp.web
 import attrs
 import jsonpatch
 import kmock
+
+from tests.k8s.tables import table
 
 Json = dict[str, Any]
 ResKey = tuple[str, str, str]  # (group, version, plural)
@@ -214,6 +217,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
     """kmock's emulator serving the object API with real-server semantics (see module doc)."""
 
     types: dict[ResKey, ResourceType] = attrs.field(factory=dict)
+    columns: dict[ResKey, list[Json]] = attrs.field(factory=dict)  # CRD printer columns
     store: dict[tuple[ResKey, str | None, str], Json] = attrs.field(factory=dict)
     accounts: dict[str, Account] = attrs.field(factory=dict)  # bearer token -> account
     revoked: set[str] = attrs.field(factory=set)
@@ -397,11 +401,18 @@ class ApiEmulator(kmock.KubernetesEmulator):
 
     def _serve(self, raw: aiohttp.web.BaseRequest, route: Route, verb: str, body: Any) -> Json:
         rt = route.rtype
+        as_table = "as=Table" in raw.headers.get("Accept", "")
+        key = (rt.group, rt.version, rt.plural)
         if verb == "list":
             items = [copy.deepcopy(o) for o in self._select(raw, route)]
+            if as_table:
+                return {**table(rt.kind, self.columns.get(key), items),
+                        "metadata": {"resourceVersion": str(self.revision)}}
             return {"kind": f"{rt.kind}List", "apiVersion": rt.api_version,
                     "metadata": {"resourceVersion": str(self.revision)}, "items": items}
         if verb == "get":
+            if as_table:
+                return table(rt.kind, self.columns.get(key), [copy.deepcopy(self._get(route))])
             return copy.deepcopy(self._get(route))
         if verb == "create":
             return self._create(route, body)
@@ -530,6 +541,8 @@ class ApiEmulator(kmock.KubernetesEmulator):
                     spec["group"], v["name"], names["plural"], names["kind"],
                     spec.get("scope") == "Namespaced", "status" in (v.get("subresources") or {}),
                     tuple(names.get("shortNames", ()))))
+                self.columns[(spec["group"], v["name"], names["plural"])] = [
+                    *v.get("additionalPrinterColumns", [])]
         crd["status"] = {
             "acceptedNames": names,
             "storedVersions": [v["name"] for v in spec.get("versions", []) if v.get("storage")],

@@ -1,13 +1,16 @@
 """The node agent in a cluster: LoadBalancers from the API -> the data plane.
 
-It watches LoadBalancers in every namespace, its own Node (for its labels)
-and the EndpointSlices of the Services its LoadBalancers name (one watch per
-namespace, selected by ``kubernetes.io/service-name in (...)``). The
-LoadBalancers whose ``nodeSelector`` matches the Node go through the same
-apply step as in standalone mode (plan -> MapWriter -> attach); what this node
-did is reported in its NodeState (``nodestates/<node>``, owned by the Node):
-one small object per node, written at most once a second and at least every
-heartbeat. The agent never writes to LoadBalancer objects.
+It watches LoadBalancers in every namespace, its own Node (for its labels), the
+AddressPools and the Namespaces (their labels), and the EndpointSlices of the
+Services its LoadBalancers name (one watch per namespace, selected by
+``kubernetes.io/service-name in (...)``). The LoadBalancers whose ``nodeSelector``
+matches the Node, and that the pools admit (k8s/admission.py: judged here too, so
+that the node never programs what no pool admits, whatever the operator does), go
+through the same apply step as in standalone mode (plan -> MapWriter -> attach);
+what this node did is reported in its NodeState (``nodestates/<node>``, owned by the
+Node): one small object per node, written at most once a second and at least every
+heartbeat. Addresses of pools with ``announce: L2`` are announced by one elected node
+each (announcer.py). The agent never writes to LoadBalancer objects.
 
 It uses the official ``kubernetes`` client rather than kopf: kopf keeps its
 progress in annotations and finalizers of the objects it handles, which would
@@ -30,12 +33,15 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge
 
+from xdplb.agent.announcer import Announcer, Candidate
+from xdplb.agent.l2 import Kernel, interfaces_for
 from xdplb.agent.node import NodeApplier, NodeOptions, stop_on_signals
 from xdplb.dataplane.entries import Inventory, listener_interfaces
 from xdplb.dataplane.loader import DataPlane
-from xdplb.k8s.client import api_client
+from xdplb.k8s.admission import NOT_ALLOWED, Grant, PoolView, grants_of
+from xdplb.k8s.client import Kube, api_client
 from xdplb.k8s.conflicts import claim_of, resolve
-from xdplb.k8s.crd import parse_object
+from xdplb.k8s.crd import parse_object, parse_pool
 from xdplb.k8s.nodestate import (
     MAX_MESSAGE,
     InterfaceState,
@@ -50,6 +56,7 @@ from xdplb.plan.model import Plan, Target
 from xdplb.plan.planner import PlanMemo, build_plan
 from xdplb.spec.api import GROUP, VERSION, Ref, ref_of
 from xdplb.spec.model import LoadBalancer
+from xdplb.spec.pool import AddressPool
 
 log = logging.getLogger("xdplb.agent")
 
@@ -75,11 +82,17 @@ AGENT_RULES: list[Json] = [
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]},
     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
      "verbs": ["list", "watch"]},
+    # Who may claim which address, by namespace label: judged here too.
+    {"apiGroups": [GROUP], "resources": ["addresspools"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
 ]
 
-# A Role in the agents' namespace: whether this stop is an uninstall (see uninstalling).
+# A Role in the agents' namespace: whether this stop is an uninstall (see uninstalling);
+# the L2 announcement Leases, one per address (read, created once, renewed by PUT).
 AGENT_NAMESPACE_RULES: list[Json] = [
     {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get"]},
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+     "verbs": ["get", "create", "update"]},
 ]
 
 
@@ -89,6 +102,14 @@ class ClusterOptions(NodeOptions):
     daemonset: str = ""  # namespace/name of the agents' DaemonSet ("": never uninstall)
     heartbeat_seconds: float = 10.0
     min_write_seconds: float = 1.0  # NodeState writes are coalesced to at most one per this
+    # The L2 announcement Leases: their namespace ("": the DaemonSet's; none: no L2) and
+    # duration (a stopped announcer is replaced within it).
+    lease_namespace: str = ""
+    l2_lease_seconds: int = 3
+
+    @property
+    def leases(self) -> str:
+        return self.lease_namespace or self.daemonset.partition("/")[0]
 
 
 def uninstalling(api: kubernetes.client.ApiClient, daemonset: str) -> bool:
@@ -132,6 +153,30 @@ class Desired:
     plan: Plan
     entries: dict[Ref, LoadBalancerState]  # Applied (if the plan applies) or Failed
     services: frozenset[Ref]  # Services whose EndpointSlices the plan needs
+    # announce: L2: address -> its pool and the interfaces of its listeners on this node
+    l2: dict[str, tuple[Grant, tuple[str, ...]]] = field(default_factory=dict)
+
+
+def pool_view(pools: Mapping[Ref, Json], namespaces: Mapping[Ref, Json],
+              nodes: frozenset[str], cache: dict[tuple[str, int], AddressPool | None]
+              ) -> PoolView:
+    """The valid pools (invalid ones admit nothing; the operator reports why), the
+    namespaces' labels and the node's own addresses."""
+    valid: list[tuple[AddressPool, str]] = []
+    live = set()
+    for raw in pools.values():
+        meta = raw.get("metadata") or {}
+        key = (str(meta.get("uid", "")), int(meta.get("generation") or 0))
+        live.add(key)
+        if key not in cache:
+            cache[key] = parse_pool(raw)[0]
+        if (model := cache[key]) is not None:
+            valid.append((model, key[0]))
+    for key in set(cache) - live:
+        del cache[key]
+    labels = {ref[1]: dict((ns.get("metadata") or {}).get("labels") or {})
+              for ref, ns in namespaces.items()}
+    return PoolView(grants_of(valid), labels, nodes)
 
 
 def _message(lines: Iterable[str]) -> str:
@@ -172,15 +217,17 @@ class ParseCache:
 
 @gc_paused()
 def desire(lbs: Mapping[Ref, Json], labels: Mapping[str, str], index: EndpointIndex,
-           down: frozenset[Target] = frozenset(), cache: ParseCache | None = None) -> Desired:
+           pools: PoolView, down: frozenset[Target] = frozenset(),
+           cache: ParseCache | None = None) -> Desired:
     """The plan for the LoadBalancers that select this node, and what to report for them
     (`down`: backends failing their health checks, given weight 0).
 
-    Invalid objects and the younger side of a listener conflict (the operator's
-    rule: the oldest wins) are left out and reported Failed.
+    Invalid objects, those the pools do not admit, and the younger side of a listener
+    conflict (the operator's rule: the oldest wins) are left out and reported Failed.
     """
     entries: dict[Ref, LoadBalancerState] = {}
     valid: dict[Ref, tuple[Json, LoadBalancer]] = {}
+    admitted: dict[Ref, Mapping[str, str]] = {}  # address -> pool, of each admitted object
     for ref, raw in lbs.items():
         meta = raw.get("metadata") or {}
         if meta.get("deletionTimestamp") or not selects(raw, labels):
@@ -188,8 +235,13 @@ def desire(lbs: Mapping[Ref, Json], labels: Mapping[str, str], index: EndpointIn
         lb, problems = cache.parse(raw) if cache is not None else parse_object(raw)
         if lb is None:
             entries[ref] = _state(raw, "Failed", _message(problems))
+            continue
+        admission = pools.judge(lb)
+        if admission.refusal is not None:
+            entries[ref] = _state(raw, "Failed", _message([f"{NOT_ALLOWED}: {admission.refusal}"]))
         else:
             valid[ref] = (raw, lb)
+            admitted[ref] = admission.pools
     losers = resolve(claim_of(ref, raw["metadata"].get("creationTimestamp", ""), raw["spec"])
                      for ref, (raw, _) in valid.items())
     for ref, conflict in losers.items():
@@ -204,6 +256,18 @@ def desire(lbs: Mapping[Ref, Json], labels: Mapping[str, str], index: EndpointIn
         note = (f"no endpoint on this node (trafficPolicy Local): traffic of listener "
                 f"{', '.join(untouched)} passes untouched") if untouched else ""
         entries[ref] = _state(raw, "Applied", note, len(mine), len(backends))
+    l2: dict[str, tuple[Grant, tuple[str, ...]]] = {}
+    for ref, by_address in admitted.items():
+        owner = f"{ref[0]}/{ref[1]}"
+        for address, pool in by_address.items():
+            grant = pools.grant(pool)
+            serving = [lst for lst in plan.listeners if lst.owner == owner
+                       and lst.address == address]
+            if grant is not None and grant.announce == "L2" and serving:
+                # "": the interface of the default route, as the node sees it
+                ifs = {i for lst in serving for i in (lst.interfaces or ("",))}
+                known = l2.get(address, (grant, ()))[1]
+                l2[address] = (grant, tuple(sorted(ifs | set(known))))
     services = frozenset(
         (lb.metadata.namespace, group.service.name)
         for _, lb in valid.values()
@@ -211,7 +275,7 @@ def desire(lbs: Mapping[Ref, Json], labels: Mapping[str, str], index: EndpointIn
         for group in lst.groups()
         if group.service is not None
     )
-    return Desired(plan, entries, services)
+    return Desired(plan, entries, services, l2)
 
 
 def _state(raw: Json, phase: Phase, message: str, listeners: int = 0,
@@ -347,8 +411,13 @@ class ClusterAgent:
         self._nodestate_ready = False
         self._dirty = True
         self._parsed = ParseCache()
+        self._pools: dict[tuple[str, int], AddressPool | None] = {}
         self._watch_seq = 0
         self._inventory: Inventory | None = None  # the node as last applied
+        self.announcer: Announcer | None = None
+        if opts.leases:
+            self.announcer = Announcer(Kube(client=self.api), opts.leases, opts.node_name,
+                                       Kernel(), opts.l2_lease_seconds)
 
     @functools.cached_property
     def core(self) -> kubernetes.client.CoreV1Api:
@@ -376,9 +445,14 @@ class ClusterAgent:
                           {"group": GROUP, "version": VERSION, "plural": "loadbalancers"})
         self._start_watch("node", self.core.list_node,
                           {"field_selector": f"metadata.name={self.opts.node_name}"})
+        self._start_watch("pools", self.custom.list_cluster_custom_object,
+                          {"group": GROUP, "version": VERSION, "plural": "addresspools"})
+        self._start_watch("ns", self.core.list_namespace, {})
         self.node.load_async()
         self._plan_while_loading()
         self.node.start()
+        if self.announcer is not None:
+            self.announcer.start()
         log.info("started in %.0f ms", (time.monotonic() - t0) * 1000)
 
     def _plan_while_loading(self) -> None:
@@ -396,7 +470,7 @@ class ClusterAgent:
                 labels = ((node or {}).get("metadata") or {}).get("labels") or {}
                 lbs = self.stores.by_key.get("lb", {})
                 desire(lbs, labels, EndpointIndex.of([], [], self.opts.node_name),
-                       self.node.health.down(), self._parsed)
+                       self._pool_view(node), self.node.health.down(), self._parsed)
                 log.info("validated and planned the %d LoadBalancers listed while compiling"
                          " (%.0f ms)", len(lbs), (time.monotonic() - t0) * 1000)
                 break
@@ -422,6 +496,9 @@ class ClusterAgent:
             self.reconcile()
         if not self._synced():
             self._report_waiting()
+        if self.announcer is not None and self.status is not None:
+            self.status = self.status.model_copy(
+                update={"announcements": self.announcer.announcements()})
         self.report()
 
     def shutdown(self) -> None:
@@ -437,6 +514,9 @@ class ClusterAgent:
             except ApiException as e:
                 if e.status not in (401, 404):
                     log.warning("NodeState %s not deleted: %s", self.opts.node_name, e.reason)
+        if self.announcer is not None:
+            # The data plane stays for the next agent: so do the announcements it serves.
+            self.announcer.stop(release=self.opts.detach_on_exit)
         self.node.shutdown()
 
     # -- events -------------------------------------------------------------------------------
@@ -511,8 +591,9 @@ class ClusterAgent:
         slices = self.stores.values("eps/")
         services = [s for ref in self.wanted_services if (s := self._service(ref))]
         self._parsed.keep_only(lbs)
+        pools = self._pool_view(node)
         desired = desire(lbs, labels, EndpointIndex.of(services, slices, self.opts.node_name),
-                         self.node.health.down(), self._parsed)
+                         pools, self.node.health.down(), self._parsed)
         if desired.services != self.wanted_services:
             self._want(desired.services)
             if not self._synced():
@@ -520,8 +601,8 @@ class ClusterAgent:
             services = [s for ref in self.wanted_services if (s := self._service(ref))]
             desired = desire(lbs, labels,
                              EndpointIndex.of(services, self.stores.values("eps/"),
-                                              self.opts.node_name), self.node.health.down(),
-                             self._parsed)
+                                              self.opts.node_name), pools,
+                             self.node.health.down(), self._parsed)
 
         inv = self.node.inventory()
         t0 = time.monotonic()
@@ -553,7 +634,31 @@ class ClusterAgent:
         for ref in self.reported.keys() - entries.keys():
             LB_GENERATION.labels(*ref).set(0)
         self.reported = entries
+        if self.announcer is not None and ok:
+            self.announcer.want(self._candidates(desired, inv))
         self.status = self._node_status(desired.plan, inv)
+
+    def _pool_view(self, node: Json | None) -> PoolView:
+        """The pools and namespaces as listed, and this node's own addresses (its
+        interfaces', and those its Node object shows): never a backend."""
+        inv = self._inventory or self.node.inventory()
+        own = {a for addrs in inv.addresses.values() for a in addrs}
+        own |= {a.get("address", "") for a in ((node or {}).get("status") or {}).get(
+            "addresses") or [] if a.get("type") in ("InternalIP", "ExternalIP")}
+        return pool_view(self.stores.by_key.get("pools", {}), self.stores.by_key.get("ns", {}),
+                         frozenset(own - {""}), self._pools)
+
+    def _candidates(self, desired: Desired, inv: Inventory) -> dict[str, Candidate]:
+        """The addresses this node may announce: those of listeners it serves, on an
+        interface it is attached to (a node that cannot serve one must not draw its
+        traffic)."""
+        out = {}
+        for address, (grant, ifs) in desired.l2.items():
+            listeners = {i or inv.default_interface for i in ifs} & set(self.node.attached)
+            if listeners:
+                out[address] = Candidate(address, grant.name, grant.uid, interfaces_for(
+                    address, inv, grant.l2_interfaces, listeners))
+        return out
 
     def _report_waiting(self) -> None:
         """A watch cannot list (RBAC, the API away): the maps keep their last state, and
@@ -577,12 +682,16 @@ class ClusterAgent:
             interfaces.append(InterfaceState(name=name[:15], mode=attached.get(name, "none"),
                                              attached=name in attached, error=error))
         modes = sorted(set(self.node.attached.values()))
+        problems = [self.node.last_error] if self.node.last_error else []
+        if self.announcer is not None:
+            problems += self.announcer.problems[:3]
         return NodeStateStatus(
             heartbeat_time=_now(),
             mode=modes[0] if len(modes) == 1 else ("generic" if modes else "none"),
             interfaces=interfaces,
             load_balancers=[self.reported[ref] for ref in sorted(self.reported)],
-            error=_message([self.node.last_error]) if self.node.last_error else "",
+            announcements=self.announcer.announcements() if self.announcer else [],
+            error=_message(problems) if problems else "",
         )
 
     # -- NodeState ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from xdplb.plan.model import HealthCheck, Target
+from xdplb.plan.model import HealthCheck, Target, hostport
 
 log = logging.getLogger("xdplb.health")
 
@@ -82,7 +82,8 @@ async def _udp_probe(address: str, port: int, payload: bytes) -> str | None:
                 answered.set_result(os.strerror(errno) if errno else str(exc))
 
     transport, _ = await loop.create_datagram_endpoint(
-        Probe, remote_addr=(address, port), family=socket.AF_INET)
+        Probe, remote_addr=(address, port),
+        family=socket.AF_INET6 if ":" in address else socket.AF_INET)
     try:
         transport.sendto(payload)
         return await answered
@@ -161,11 +162,11 @@ class HealthChecker:
             if flipped:
                 assert state is not None
                 if state.up:
-                    log.info("backend %s:%d is healthy again (%s check): it gets new flows",
-                             t.address, t.port, t.check.protocol)
+                    log.info("backend %s is healthy again (%s check): it gets new flows",
+                             hostport(t.address, t.port), t.check.protocol)
                 else:
-                    log.warning("backend %s:%d is unhealthy (%s check: %s): no new flows "
-                                "until it passes %d checks", t.address, t.port,
+                    log.warning("backend %s is unhealthy (%s check: %s): no new flows "
+                                "until it passes %d checks", hostport(t.address, t.port),
                                 t.check.protocol, error, t.check.healthy_threshold)
                 self.on_change()
             await asyncio.sleep(t.check.interval)

@@ -1,5 +1,5 @@
-"""The node's interfaces, IPv4 addresses and networks, read with pyroute2, and whether
-they have changed since they were last read."""
+"""The node's interfaces, addresses and networks (IPv4, and IPv6 of global scope), read
+with pyroute2, and whether they have changed since they were last read."""
 
 from __future__ import annotations
 
@@ -19,33 +19,39 @@ def read_inventory() -> Inventory:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         addrs: dict[str, list[str]] = {}
         nets: dict[str, set[str]] = {}
-        for a in ipr.get_addr(family=socket.AF_INET):
+        for a in ipr.get_addr():
             name = names.get(a["index"])
-            if name:
-                addr = a.get_attr("IFA_ADDRESS")
-                addrs.setdefault(name, []).append(addr)
-                nets.setdefault(name, set()).add(
-                    str(ipaddress.IPv4Network(f"{addr}/{a['prefixlen']}", strict=False)))
+            # IPv6: global scope only (link-local addresses are no listener's).
+            if not name or a["family"] not in (socket.AF_INET, socket.AF_INET6) or (
+                    a["family"] == socket.AF_INET6 and a["scope"] != RT_SCOPE_UNIVERSE):
+                continue
+            addr = str(ipaddress.ip_address(a.get_attr("IFA_ADDRESS")))
+            addrs.setdefault(name, []).append(addr)
+            nets.setdefault(name, set()).add(
+                str(ipaddress.ip_network(f"{addr}/{a['prefixlen']}", strict=False)))
         default = ""
-        for r in ipr.get_default_routes(family=socket.AF_INET):
-            oif = r.get_attr("RTA_OIF")
-            if oif in names:
-                default = names[oif]
-                break
+        for family in (socket.AF_INET, socket.AF_INET6):  # IPv4's default route first
+            for r in ipr.get_default_routes(family=family):
+                oif = r.get_attr("RTA_OIF")
+                if oif in names and not default:
+                    default = names[oif]
     return Inventory(ifindex={n: i for i, n in names.items()},
                      addresses={n: tuple(sorted(a)) for n, a in addrs.items()},
                      default_interface=default,
                      networks={n: tuple(sorted(s)) for n, s in nets.items()})
 
 
+RT_SCOPE_UNIVERSE = 0
 # rtnetlink multicast groups (linux/rtnetlink.h).
 RTMGRP_LINK = 0x1
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV6_IFADDR = 0x100
+RTMGRP_IPV6_ROUTE = 0x400
 
 
 class NodeChanges:
-    """Links, IPv4 addresses and routes changed since the last call? An rtnetlink
+    """Links, addresses and routes changed since the last call? An rtnetlink
     subscription: an idle agent polls with one non-blocking recv instead of dumping
     every link and address of the node (a node with many pods has hundreds)."""
 
@@ -53,7 +59,8 @@ class NodeChanges:
         # Subscribed before the first read_inventory(), so no change falls between.
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
                                   socket.NETLINK_ROUTE)
-        self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE))
+        self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE
+                        | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE))
 
     def changed(self) -> bool:
         """Drains the events; true if there were any."""
@@ -80,8 +87,9 @@ def backend_routes(addresses: Iterable[str]) -> dict[str, tuple[str, str]]:
     with IPRoute() as ipr:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         for addr in sorted(set(addresses)):
+            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
             try:
-                routes = ipr.route("get", dst=addr)
+                routes = ipr.route("get", dst=addr, family=family)
             except NetlinkError:
                 continue
             for r in routes:

@@ -14,7 +14,7 @@ from prometheus_client.registry import REGISTRY, Collector
 from xdplb.dataplane import layout as L
 from xdplb.dataplane.bpfsys import BpfMap, possible_cpus
 from xdplb.dataplane.layout import Stat
-from xdplb.plan.model import Target
+from xdplb.plan.model import Target, hostport
 from xdplb.sni.acceptor import OUTCOMES
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class HealthCollector(Collector):
         up = GaugeMetricFamily("xdplb_backend_up", "Health-check state of a probed backend",
                                labels=["backend", "check"])
         for t, s in sorted(self.states().items()):
-            up.add_metric([f"{t.address}:{t.port}", t.check.protocol], 1 if s.up else 0)
+            up.add_metric([hostport(t.address, t.port), t.check.protocol], 1 if s.up else 0)
         yield up
 
 

@@ -37,7 +37,7 @@ from xdplb.dataplane.loader import (
 from xdplb.dataplane.writer import MapWriter
 from xdplb.defaults import PIN_ROOT, STATE_FILE
 from xdplb.memory import gc_paused, settle
-from xdplb.plan.model import Plan, all_backends, snat_backends
+from xdplb.plan.model import Plan, all_backends, hostport, snat_backends
 from xdplb.sni.service import SniService
 from xdplb.sni.settings import SniSettings
 
@@ -296,7 +296,7 @@ class NodeApplier:
         names = {lst.identity: lst.label for lst in self.plan.listeners}
         listeners = {i: names.get(ident, str(ident))
                      for ident, i in self.writer.listener_ids.items()}
-        backends = {i: f"{a}:{p}" for (a, p), i in self.writer.backend_ids.items()}
+        backends = {i: hostport(a, p) for (a, p), i in self.writer.backend_ids.items()}
         return listeners, backends
 
     def _write_state(self) -> None:
@@ -307,12 +307,13 @@ class NodeApplier:
             "interfaces": self.attached,
             "programs": {"xdp": self.dp.xdp_fn.name.decode() if self.dp.xdp_fn else "",
                          "tc": self.dp.tc_fn.name.decode() if self.dp.tc_fn else ""},
-            "listeners": [{"name": lst.label, "address": lst.address or "*",
+            "listeners": [{"name": lst.label,
+                           "address": lst.address or ("*" if lst.family == 4 else "::"),
                            "port": lst.port, "protocol": lst.protocol,
                            "backends": len(lst.default.backends),
                            "sourceRoutes": len(lst.source_routes)}
                           for lst in self.plan.listeners],
-            "health": [{"backend": f"{t.address}:{t.port}", "check": t.check.protocol,
+            "health": [{"backend": hostport(t.address, t.port), "check": t.check.protocol,
                         "up": s.up, "error": s.last_error}
                        for t, s in sorted(self.health.states().items())],
             "lastError": self.last_error,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 
+from xdplb.dataplane import layout as L
+
 
 @dataclass(frozen=True)
 class Capacities:
@@ -27,6 +29,8 @@ class Capacities:
         for name in ("listeners", "backends"):
             if not 1 <= getattr(self, name) <= 65_536:
                 raise ValueError(f"--max-{name} must be 1..65536")
+        if self.table_slots % L.POOL_IDS:
+            raise ValueError(f"--table-slots must be a multiple of {L.POOL_IDS}")
         if not 1 <= self.snat_port_min <= self.snat_port_max <= 65_535:
             raise ValueError("--snat-port-min..--snat-port-max must be a range within 1..65535")
 
@@ -51,7 +55,7 @@ def map_entries(caps: Capacities) -> dict[str, int]:
         "listeners": caps.listener_keys,
         "src_routes": caps.source_routes,
         "groups": caps.groups,
-        "pool": caps.table_slots,
+        "pool": caps.table_slots // L.POOL_IDS,
         "backends": caps.backends,
         "backend_nets": caps.backends,
         "vips": caps.listener_keys,
@@ -66,7 +70,7 @@ def map_entries(caps: Capacities) -> dict[str, int]:
 # What the programs are compiled against when the agent creates the maps itself:
 # the maps bcc creates along are never used, so they are made as small as can be.
 COMPILE_CAPS = Capacities(conntrack=1, listener_keys=1, listeners=1, source_routes=1,
-                          groups=1, table_slots=1, backends=1)
+                          groups=1, table_slots=4, backends=1)
 
 
 def cflags(caps: Capacities, timeouts: Timeouts) -> list[str]:
@@ -75,7 +79,7 @@ def cflags(caps: Capacities, timeouts: Timeouts) -> list[str]:
         "MAX_LISTENERS": caps.listeners,
         "MAX_SOURCE_ROUTES": caps.source_routes,
         "MAX_GROUPS": caps.groups,
-        "POOL_SIZE": caps.table_slots,
+        "POOL_ELEMS": caps.table_slots // L.POOL_IDS,
         "CT_ENTRIES": caps.conntrack,
         "MAX_BACKENDS": caps.backends,
         "MAX_BACKEND_NETS": caps.backends,

@@ -39,13 +39,17 @@ class Flow:
 
     def describe(self, now_ns: int) -> str:
         k, v = self.key, self.val
-        via = (f" from {L.from_be32(v.snat_addr)}:{L.from_be16(v.snat_port)}"
-               if v.flags & L.CT_SNAT else "")
-        return (f"{self.proto} {L.from_be32(k.src)}:{L.from_be16(k.sport)} -> "
-                f"{L.from_be32(k.dst)}:{L.from_be16(k.dport)} => "
-                f"{L.from_be32(v.nat_addr)}:{L.from_be16(v.nat_port)}{via} {self.state()} "
+        via = (f" from {endpoint(v.snat_addr, v.snat_port)}" if v.flags & L.CT_SNAT else "")
+        return (f"{self.proto} {endpoint(k.src, k.sport)} -> {endpoint(k.dst, k.dport)} => "
+                f"{endpoint(v.nat_addr, v.nat_port)}{via} {self.state()} "
                 f"idle={(now_ns - v.last_ns) / 1e9:.1f}s "
                 f"packets={v.packets[0]}/{v.packets[1]} bytes={v.bytes[0]}/{v.bytes[1]}")
+
+
+def endpoint(addr: L.Addr, port: int) -> str:
+    """address:port, an IPv6 address in brackets."""
+    a = L.from_ip(addr)
+    return f"[{a}]:{L.from_be16(port)}" if ":" in a else f"{a}:{L.from_be16(port)}"
 
 
 def closing(v: L.CtVal) -> bool:
@@ -81,10 +85,11 @@ def forward_key(rv: L.CtReplyVal, proto: int) -> L.CtKey:
 
 def pairs(f: L.CtVal, rk: L.CtKey, rv: L.CtReplyVal) -> bool:
     """ct_pairs: whether forward entry f is the flow of reply entry (rk, rv)."""
-    if f.nat_addr != rk.src or f.nat_port != rk.sport:
+    if bytes(f.nat_addr) != bytes(rk.src) or f.nat_port != rk.sport:
         return False
     if rv.flags & L.CT_SNAT:
-        return bool(f.flags & L.CT_SNAT) and f.snat_addr == rk.dst and f.snat_port == rk.dport
+        return (bool(f.flags & L.CT_SNAT) and bytes(f.snat_addr) == bytes(rk.dst)
+                and f.snat_port == rk.dport)
     return bool(f.flags & L.CT_PAIRED)
 
 
@@ -115,7 +120,7 @@ class Sweep:
     deleted: int
     # (rev_nat key, vip, vport) of every live flow that rev_nat finds from its replies:
     # the rev_nat entries these flows rely on (MapWriter.release_rev_nat)
-    relied: set[tuple[bytes, int, int]]
+    relied: set[tuple[bytes, bytes, int]]
 
 
 def sweep(ct: BpfMap, ct_reply: BpfMap, t: Timeouts, limit: int = 100_000) -> Sweep:
@@ -156,7 +161,7 @@ def sweep(ct: BpfMap, ct_reply: BpfMap, t: Timeouts, limit: int = 100_000) -> Sw
                                         L.ct_now_ns()):
             deleted += _delete(ct, kb)
     gone = set(doomed_fwd)
-    relied = {(bytes(L.RevNatKey(v.nat_addr, v.nat_port, k.proto, 0)), k.dst, k.dport)
+    relied = {(bytes(L.RevNatKey(v.nat_addr, v.nat_port, k.proto, 0)), bytes(k.dst), k.dport)
               for kb, (k, v) in fwd.items()
               if kb not in gone and not v.flags & (L.CT_SNAT | L.CT_PAIRED)}
     return Sweep(len(fwd) + len(replies) - deleted, deleted, relied)

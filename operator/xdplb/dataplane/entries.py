@@ -12,7 +12,8 @@ ListenerKeyTuple = tuple[int, str, int, str]  # (ifindex, address, port, protoco
 
 @dataclass(frozen=True)
 class Inventory:
-    """What the node has: interface indexes and their IPv4 addresses."""
+    """What the node has: interface indexes and their addresses (IPv4, and IPv6 global
+    ones), as the listeners without an address take them."""
 
     ifindex: dict[str, int]
     addresses: dict[str, tuple[str, ...]]
@@ -55,10 +56,12 @@ def backend_networks(plan: Plan, inv: Inventory) -> dict[str, int]:
             route = inv.routes.get(b.address)
             if route is None:
                 continue
-            addr = ipaddress.IPv4Address(b.address)
+            addr = ipaddress.ip_address(b.address)
             nets.update(n for n in inv.networks.get(route[1], ())
-                        if addr in ipaddress.IPv4Network(n))
-    return {n: i for i, n in enumerate(sorted(nets, key=ipaddress.IPv4Network), 1)}
+                        if addr in ipaddress.ip_network(n))
+    ordered = sorted(nets, key=lambda n: (ipaddress.ip_network(n).version,
+                                          ipaddress.ip_network(n)))
+    return {n: i for i, n in enumerate(ordered, 1)}
 
 
 def translated_listeners(plan: Plan, inv: Inventory) -> list[Listener]:
@@ -69,8 +72,8 @@ def translated_listeners(plan: Plan, inv: Inventory) -> list[Listener]:
 
 def expand(plan: Plan, inv: Inventory) -> Expansion:
     """One key per (ingress interface, destination address). A wildcard
-    listener takes every IPv4 address of its interfaces; an exact address
-    beats the wildcard for the same port."""
+    listener takes every address of its family on its interfaces; an exact
+    address beats the wildcard for the same port."""
     out = Expansion()
     exact: set[ListenerKeyTuple] = set()
     for lst in plan.listeners:
@@ -84,7 +87,8 @@ def expand(plan: Plan, inv: Inventory) -> Expansion:
         if lst.address:
             addrs: list[str] = [lst.address]
         else:
-            addrs = sorted({a for n in present for a in inv.addresses.get(n, ())})
+            addrs = sorted({a for n in present for a in inv.addresses.get(n, ())
+                            if (":" in a) == (lst.family == 6)})
         for n in present:
             for a in addrs:
                 key = (inv.ifindex[n], a, lst.port, lst.protocol)

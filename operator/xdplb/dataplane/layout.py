@@ -30,8 +30,17 @@ BPF_DIR = Path(__file__).parent / "bpf"
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 
 
+class Addr(ctypes.Structure):
+    """struct addr: 16 bytes as on the wire, IPv4 mapped (::ffff:a.b.c.d)."""
+
+    _fields_ = [("w", u32 * 4)]
+
+
+V4_MAPPED_W2 = 0x0000FFFF
+
+
 class ListenerKey(ctypes.Structure):
-    _fields_ = [("ifindex", u32), ("addr", u32), ("port", u16), ("proto", u8), ("pad", u8)]
+    _fields_ = [("ifindex", u32), ("addr", Addr), ("port", u16), ("proto", u8), ("pad", u8)]
 
 
 LF_SNI, LF_CLIENT_IP, LF_SRC_ROUTES, LF_SNAT, LF_HAIRPIN = 1, 2, 4, 8, 16
@@ -50,10 +59,15 @@ class ListenerVal(ctypes.Structure):
 
 
 class LpmKey(ctypes.Structure):
-    _fields_ = [("prefixlen", u32), ("listener", u32), ("addr", u32)]
+    _fields_ = [("prefixlen", u32), ("listener", u32), ("addr", Addr)]
 
 
 GF_IN_USE = 1
+POOL_IDS = 4
+
+
+class PoolIds(ctypes.Structure):
+    _fields_ = [("id", u16 * POOL_IDS)]
 
 
 class GroupVal(ctypes.Structure):
@@ -64,11 +78,12 @@ BF_LIVE = 1
 
 
 class BackendVal(ctypes.Structure):
-    _fields_ = [("addr", u32), ("port", u16), ("flags", u16), ("snat_src", u32), ("net", u32)]
+    _fields_ = [("addr", Addr), ("port", u16), ("flags", u16), ("snat_src", Addr),
+                ("net", u32)]
 
 
 class NetKey(ctypes.Structure):
-    _fields_ = [("prefixlen", u32), ("addr", u32)]
+    _fields_ = [("prefixlen", u32), ("addr", Addr)]
 
 
 MAX_SNI_ROUTES = 65536
@@ -81,22 +96,31 @@ class SniKey(ctypes.Structure):
 VIP_BITS = 65536
 
 
-def vip_bit(addr_host: int) -> int:
-    """The bit of vip_bits an address (as a host-order integer) sets."""
-    return (addr_host ^ (addr_host >> 16)) & (VIP_BITS - 1)
+def vip_bit(fold_host: int) -> int:
+    """The bit of vip_bits an address sets, from its addr_fold()."""
+    return (fold_host ^ (fold_host >> 16)) & (VIP_BITS - 1)
+
+
+def addr_fold(address: str) -> int:
+    """The words of an address's struct addr xor-ed, in host order (what VIP_BIT takes)."""
+    raw = ip_bytes(address)
+    fold = 0
+    for i in range(0, 16, 4):
+        fold ^= int.from_bytes(raw[i:i + 4], "big")
+    return fold
 
 
 class RevNatKey(ctypes.Structure):
-    _fields_ = [("addr", u32), ("port", u16), ("proto", u8), ("pad", u8)]
+    _fields_ = [("addr", Addr), ("port", u16), ("proto", u8), ("pad", u8)]
 
 
 class RevNatVal(ctypes.Structure):
-    _fields_ = [("vip", u32), ("vport", u16), ("backend", u16), ("listener", u16),
+    _fields_ = [("vip", Addr), ("vport", u16), ("backend", u16), ("listener", u16),
                 ("pad", u16)]
 
 
 class CtKey(ctypes.Structure):
-    _fields_ = [("src", u32), ("dst", u32), ("sport", u16), ("dport", u16), ("proto", u8),
+    _fields_ = [("src", Addr), ("dst", Addr), ("sport", u16), ("dport", u16), ("proto", u8),
                 ("pad", u8 * 3)]
 
 
@@ -105,23 +129,28 @@ class CtKey(ctypes.Structure):
 
 
 class CtVal(ctypes.Structure):
-    _fields_ = [("nat_addr", u32), ("snat_addr", u32), ("nat_port", u16), ("snat_port", u16),
+    _fields_ = [("nat_addr", Addr), ("snat_addr", Addr), ("nat_port", u16), ("snat_port", u16),
                 ("backend", u16), ("listener", u16), ("flags", u16), ("pad", u16),
                 ("seq_end", u32 * 2), ("created_s", u32), ("last_ns", u64),
                 ("packets", u64 * 2), ("bytes", u64 * 2)]
 
 
 class CtReplyVal(ctypes.Structure):
-    _fields_ = [("client", u32), ("vip", u32), ("cport", u16), ("vport", u16),
+    _fields_ = [("client", Addr), ("vip", Addr), ("cport", u16), ("vport", u16),
                 ("flags", u16), ("pad", u16), ("created_s", u32), ("last_ns", u64)]
 
 
 class FragKey(ctypes.Structure):
-    _fields_ = [("src", u32), ("dst", u32), ("id", u16), ("proto", u8), ("pad", u8)]
+    _fields_ = [("src", Addr), ("dst", Addr), ("id", u32), ("proto", u8), ("pad", u8 * 3)]
 
 
 class FragVal(ctypes.Structure):
-    _fields_ = [("src", u32), ("dst", u32)]
+    _fields_ = [("src", Addr), ("dst", Addr)]
+
+
+class Scratch(ctypes.Structure):
+    _fields_ = [("fwd", CtVal), ("reply", CtReplyVal), ("reply_key", CtKey), ("l4_off", u32),
+                ("l4_len", u32), ("frag_id", u32), ("frag", u32)]
 
 
 DEFER_MAGIC, DEFER_FORWARD, DEFER_REPLY, DEFER_ANSWER = 0x786C6230, 1, 2, 3
@@ -164,17 +193,18 @@ class Stat(enum.IntEnum):
     CSUM_DEFERRED = 23
     UDP_MOVED = 24
     RST_IGNORED = 25
+    UNPARSED = 26
 
 
 # (map name, key type, value type) for every map with a fixed layout.
 MAP_LAYOUTS: list[tuple[str, type[ctypes.Structure] | type, type[ctypes.Structure] | type]] = [
     ("listeners", ListenerKey, ListenerVal),
     ("port_filter", u32, u32),
-    ("vips", u32, u32),
+    ("vips", Addr, u32),
     ("vip_bits", u32, u32),
     ("src_routes", LpmKey, u32),
     ("groups", u32, GroupVal),
-    ("pool", u32, u16),
+    ("pool", u32, PoolIds),
     ("backends", u32, BackendVal),
     ("backend_nets", NetKey, u32),
     ("sni_routes", SniKey, u32),
@@ -183,6 +213,7 @@ MAP_LAYOUTS: list[tuple[str, type[ctypes.Structure] | type, type[ctypes.Structur
     ("ct_reply", CtKey, CtReplyVal),
     ("frags", FragKey, FragVal),
     ("stats", u32, u64),
+    ("scratch", u32, Scratch),
     ("listener_stats", u32, FlowStats),
     ("backend_stats", u32, FlowStats),
 ]
@@ -191,13 +222,32 @@ PROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
 PROTO_NAME = {v: k for k, v in PROTO.items()}
 
 
-def be32(address: str) -> int:
-    """An IPv4 address as the u32 whose memory holds it in network order."""
-    return int.from_bytes(socket.inet_aton(address), sys.byteorder)
+def ip_bytes(address: str) -> bytes:
+    """An address of either family as struct addr holds it: 16 bytes in network order,
+    IPv4 mapped."""
+    ip = ipaddress.ip_address(address)
+    if ip.version == 4:
+        return b"\0" * 10 + b"\xff\xff" + ip.packed
+    return ip.packed
 
 
-def from_be32(value: int) -> str:
-    return str(ipaddress.IPv4Address(value.to_bytes(4, sys.byteorder)))
+def ip(address: str) -> Addr:
+    return Addr.from_buffer_copy(ip_bytes(address))
+
+
+def from_ip(a: Addr) -> str:
+    """The address a struct addr holds (an IPv4 one in dotted form); "" for all zeros."""
+    raw = bytes(a)
+    if raw == bytes(16):
+        return ""
+    v6 = ipaddress.IPv6Address(raw)
+    return str(v6.ipv4_mapped or v6)
+
+
+def prefix_bits(cidr: str) -> tuple[bytes, int]:
+    """A CIDR as struct addr bytes and its length in the 128-bit form (IPv4: 96 + n)."""
+    net = ipaddress.ip_network(cidr)
+    return ip_bytes(str(net.network_address)), net.prefixlen + (96 if net.version == 4 else 0)
 
 
 def be16(port: int) -> int:
@@ -249,11 +299,23 @@ def sni_key(listener_id: int, hostname: str) -> bytes:
 
 
 def listener_key(ifindex: int, address: str, port: int, protocol: str) -> bytes:
-    return encode(ListenerKey(ifindex, be32(address), be16(port), PROTO[protocol], 0))
+    return encode(ListenerKey(ifindex, ip(address), be16(port), PROTO[protocol], 0))
+
+
+_V4_PREFIX = b"\0" * 10 + b"\xff\xff"
 
 
 def lpm_key(listener_id: int, cidr: str) -> bytes:
-    """An LpmKey's bytes, built directly: it is the one key written 100,000 times."""
+    """An LpmKey's bytes, built directly: it is the one key written 100,000 times (an
+    IPv4 CIDR without building an ipaddress object)."""
     addr, _, plen = cidr.partition("/")
-    return ((32 + int(plen)).to_bytes(4, sys.byteorder) + listener_id.to_bytes(4, "big")
-            + socket.inet_aton(addr))
+    if ":" in addr:
+        raw, bits = prefix_bits(cidr)
+    else:
+        raw, bits = _V4_PREFIX + socket.inet_aton(addr), 96 + int(plen)
+    return (32 + bits).to_bytes(4, sys.byteorder) + listener_id.to_bytes(4, "big") + raw
+
+
+def net_key(cidr: str) -> bytes:
+    raw, bits = prefix_bits(cidr)
+    return bits.to_bytes(4, sys.byteorder) + raw

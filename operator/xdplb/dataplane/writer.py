@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -67,8 +68,18 @@ class ApplyResult:
                 f"syscalls={self.syscalls} ms={self.ms:.1f}")
 
 
-def _rev_nat_val(bid: int, vips: dict[tuple[int, int], int], vip: tuple[int, int]) -> bytes:
-    return L.encode(L.RevNatVal(vip[0], vip[1], bid, vips[vip], 0))
+# A listener address and port as rev_nat holds them: struct addr bytes, port (network
+# order, as the u16 the map holds).
+VipPort = tuple[bytes, int]
+
+
+def _rev_nat_val(bid: int, vips: dict[VipPort, int], vip: VipPort) -> bytes:
+    return L.encode(L.RevNatVal(L.Addr.from_buffer_copy(vip[0]), vip[1], bid, vips[vip], 0))
+
+
+def _pool_span(size: int) -> int:
+    """The slots a table of ``size`` takes in the pool: whole elements (layout.h)."""
+    return -(-size // L.POOL_IDS) * L.POOL_IDS
 
 
 # Array maps, where an entry that goes is written as zeros.
@@ -116,13 +127,13 @@ class MapWriter:
         for k, v in self.current["backends"].items():
             b, bid = L.BackendVal.from_buffer_copy(v), L.decode_u32(k)
             self._bid_alloc.reserve(bid)
-            self.backend_ids[(L.from_be32(b.addr), L.from_be16(b.port))] = bid
+            self.backend_ids[(L.from_ip(b.addr), L.from_be16(b.port))] = bid
         for k, v in self.maps["groups"].items():
             g = L.GroupVal.from_buffer_copy(v)
             if g.flags & L.GF_IN_USE:
                 gid = L.decode_u32(k)
                 self._gid_alloc.reserve(gid)
-                self._pool.reserve(g.offset, g.size)
+                self._pool.reserve(g.offset, _pool_span(g.size))
                 self._retired.append(GroupSlot(gid, g.offset, g.size))
         self._port_filter_known = False
         return len(found)
@@ -169,8 +180,7 @@ class MapWriter:
         want_sni = self._sni_entries(plan, lids, live)
         translated = translated_listeners(plan, inv)
         nets = backend_networks(plan, inv)
-        want_nets = {L.encode(L.NetKey(int(n.split("/")[1]), L.be32(n.split("/")[0]))):
-                     L.encode_u32(i) for n, i in nets.items()}
+        want_nets = {L.net_key(n): L.encode_u32(i) for n, i in nets.items()}
         want_backends = self._backend_entries(live, translated, inv, nets, res)
         want_vips, want_bits = _vip_entries(plan, inv)
         want_rev = self._rev_nat_entries(exp, lids)
@@ -258,13 +268,13 @@ class MapWriter:
         for g in live:
             for b in g.backends:
                 route = inv.routes.get(b.address)
-                src = L.be32(route[0]) if route is not None else 0
-                net = next((i for n, i in nets.items()
-                            if ipaddress.IPv4Address(b.address) in ipaddress.IPv4Network(n)), 0)
+                src = L.ip(route[0]) if route is not None else L.Addr()
+                address = ipaddress.ip_address(b.address)
+                net = next((i for n, i in nets.items() if address in ipaddress.ip_network(n)), 0)
                 flags = L.BF_LIVE if (b.address, b.port) in up else 0
                 bid = self.backend_ids[(b.address, b.port)]
                 want[L.encode_u32(bid)] = L.encode(L.BackendVal(
-                    L.be32(b.address), L.be16(b.port), flags, src, net))
+                    L.ip(b.address), L.be16(b.port), flags, src, net))
         for lst in translated:
             if lst.source_nat:
                 res.problems += [f"{lst.label}: no route from this node to backend "
@@ -281,14 +291,14 @@ class MapWriter:
         gone) stays until release_rev_nat() finds no live flow of it;
         `self._rev_next` holds what replaces it then (None: nothing)."""
         # backend key -> (backend id, {(vip, vport): listener id})
-        serves: dict[bytes, tuple[int, dict[tuple[int, int], int]]] = {}
+        serves: dict[bytes, tuple[int, dict[VipPort, int]]] = {}
         for (_ifindex, addr, port, proto), lst in exp.keys.items():
             if lst.source_nat:  # their replies arrive at the node, never at TC egress
                 continue
             for b in lst.backends():
-                key = L.encode(L.RevNatKey(L.be32(b.address), L.be16(b.port), L.PROTO[proto], 0))
+                key = L.encode(L.RevNatKey(L.ip(b.address), L.be16(b.port), L.PROTO[proto], 0))
                 bid = self.backend_ids[(b.address, b.port)]
-                serves.setdefault(key, (bid, {}))[1][(L.be32(addr), L.be16(port))] = \
+                serves.setdefault(key, (bid, {}))[1][(L.ip_bytes(addr), L.be16(port))] = \
                     lids[lst.identity]
         cur = self.current["rev_nat"]
         want: dict[bytes, bytes] = {}
@@ -306,14 +316,14 @@ class MapWriter:
                     room -= 1
                 continue
             named = L.RevNatVal.from_buffer_copy(cur[key])
-            if (named.vip, named.vport) in vips:
-                want[key] = _rev_nat_val(bid, vips, (named.vip, named.vport))
+            if (bytes(named.vip), named.vport) in vips:
+                want[key] = _rev_nat_val(bid, vips, (bytes(named.vip), named.vport))
             else:
                 want[key] = cur[key]
                 self._rev_next[key] = fresh
         return want
 
-    def release_rev_nat(self, relied: set[tuple[bytes, int, int]]) -> int:
+    def release_rev_nat(self, relied: set[tuple[bytes, bytes, int]]) -> int:
         """Replace or delete the rev_nat entries kept for flows (see _rev_nat_entries)
         that no live flow relies on: ``relied`` holds (RevNatKey bytes, vip, vport) of
         every live flow without source NAT (conntrack.sweep). Returns entries changed."""
@@ -321,7 +331,7 @@ class MapWriter:
         cur = self.current["rev_nat"]
         for key, nxt in list(self._rev_next.items()):
             held = L.RevNatVal.from_buffer_copy(cur[key])
-            if (key, held.vip, held.vport) in relied:
+            if (key, bytes(held.vip), held.vport) in relied:
                 continue
             if nxt is None:
                 self.maps["rev_nat"].delete(key)
@@ -352,13 +362,19 @@ class MapWriter:
     def _write_group(self, g: Group, res: ApplyResult) -> GroupSlot:
         table = g.table
         gid = self._gid_alloc.allocate()
-        offset = self._pool.allocate(len(table)) if table else 0
+        offset = self._pool.allocate(_pool_span(len(table))) if table else 0
         ids = [self._backend_id(b.address, b.port) for b in g.backends]
-        slots = [L.encode_u16(ids[i]) for i in table]
-        self.maps["pool"].update_batch([L.encode_u32(offset + i) for i in range(len(slots))], slots)
+        slots = [ids[i] for i in table]
+        slots += [0] * (_pool_span(len(slots)) - len(slots))
+        # POOL_IDS slots to an element (layout.h); offset is a multiple of POOL_IDS.
+        elems = [struct.pack(f"={L.POOL_IDS}H", *slots[i:i + L.POOL_IDS])
+                 for i in range(0, len(slots), L.POOL_IDS)]
+        first = offset // L.POOL_IDS
+        self.maps["pool"].update_batch([L.encode_u32(first + i) for i in range(len(elems))],
+                                       elems)
         self.maps["groups"].update(L.encode_u32(gid),
                                    L.encode(L.GroupVal(offset, len(table), L.GF_IN_USE)))
-        res.written += len(slots) + 1
+        res.written += len(elems) + 1
         slot = GroupSlot(gid, offset, len(table))
         self.groups[g] = slot
         return slot
@@ -416,7 +432,7 @@ class MapWriter:
         for s in slots:
             self.maps["groups"].update(L.encode_u32(s.id), L.encode(L.GroupVal(0, 0, 0)))
             self._gid_alloc.free(s.id)
-            self._pool.free(s.offset, s.size)
+            self._pool.free(s.offset, _pool_span(s.size))
             res.written += 1
 
     def _release_ids(self, plan: Plan, lids: dict[tuple[str | None, int, str], int]) -> None:
@@ -441,7 +457,7 @@ def _vip_entries(plan: Plan, inv: Inventory) -> tuple[dict[bytes, bytes], dict[b
     vips = {lst.address for lst in plan.listeners if lst.address and lst.address not in own}
     words: dict[int, int] = {}
     for a in vips:
-        bit = L.vip_bit(int(ipaddress.IPv4Address(a)))
+        bit = L.vip_bit(L.addr_fold(a))
         words[bit // 32] = words.get(bit // 32, 0) | 1 << (bit % 32)
-    return ({L.encode_u32(L.be32(a)): L.encode_u32(1) for a in sorted(vips)},
+    return ({L.ip_bytes(a): L.encode_u32(1) for a in sorted(vips)},
             {L.encode_u32(w): L.encode_u32(v) for w, v in sorted(words.items())})

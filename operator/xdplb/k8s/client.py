@@ -35,10 +35,11 @@ def is_missing(e: BaseException) -> bool:
 class Kube:
     """Plain JSON requests on the kubernetes client's connection (in-cluster or kubeconfig)."""
 
-    def __init__(self, kubeconfig: str | None = None) -> None:
-        config = configuration(kubeconfig)
-        self.config = config
-        self.client = kubernetes.client.ApiClient(config)
+    def __init__(self, kubeconfig: str | None = None,
+                 client: kubernetes.client.ApiClient | None = None) -> None:
+        """The API found as kubectl finds it, or through an existing ``client``."""
+        self.client = client or kubernetes.client.ApiClient(configuration(kubeconfig))
+        self.config = self.client.configuration
         self.answered = False  # the API server has authenticated and served a request
 
     def connection(self) -> kopf.ConnectionInfo:

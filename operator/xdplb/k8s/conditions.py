@@ -27,7 +27,7 @@ class Verdict:
     """The operator's own judgement of a LoadBalancer: valid, and free of conflicts."""
 
     accepted: bool
-    reason: str  # Accepted | Invalid | Conflicted
+    reason: str  # Accepted | Invalid | AddressNotAllowed | Conflicted
     message: str
 
 
@@ -36,12 +36,16 @@ class NodeInfo:
     name: str
     labels: Mapping[str, str]
     deleting: bool = False
+    addresses: tuple[str, ...] = ()  # InternalIP and ExternalIP: never a backend
 
     @classmethod
     def from_node(cls, node: Mapping[str, Any]) -> NodeInfo:
         meta = node.get("metadata", {})
+        addresses = tuple(sorted({a["address"] for a in (node.get("status") or {}).get(
+            "addresses") or [] if a.get("type") in ("InternalIP", "ExternalIP")
+            and a.get("address")}))
         return cls(meta["name"], dict(meta.get("labels") or {}),
-                   bool(meta.get("deletionTimestamp")))
+                   bool(meta.get("deletionTimestamp")), addresses)
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class NodeReport:
     heartbeat: datetime.datetime | None
     errors: tuple[str, ...]  # node-level: agent error, interfaces that failed to attach
     entries: Mapping[Ref, Mapping[str, Any]] = field(default_factory=dict)
+    # Addresses this node answers ARP for, and since when.
+    announced: Mapping[str, datetime.datetime | None] = field(default_factory=dict)
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any] | None) -> NodeReport:
@@ -61,7 +67,9 @@ class NodeReport:
             errors.insert(0, str(status["error"]))
         entries = {(e.get("namespace", ""), e.get("name", "")): e
                    for e in status.get("loadBalancers") or []}
-        return cls(parse_time(status.get("heartbeatTime")), tuple(errors), entries)
+        announced = {a.get("address", ""): parse_time(a.get("since"))
+                     for a in status.get("announcements") or []}
+        return cls(parse_time(status.get("heartbeatTime")), tuple(errors), entries, announced)
 
 
 def parse_time(value: Any) -> datetime.datetime | None:
@@ -134,11 +142,37 @@ def condition(ctype: str, ok: bool, reason: str, message: str, generation: int) 
             "message": message, "observedGeneration": generation}
 
 
+def announcers(reports: Mapping[str, NodeReport], now: datetime.datetime,
+               silence: float = SILENCE_LIMIT) -> dict[str, str]:
+    """Address -> the node that reports announcing it; when two do (a node whose agent
+    died reports its last state until it falls silent), the one that took it over last.
+    Silent nodes count for nothing."""
+    oldest = datetime.datetime.min.replace(tzinfo=datetime.UTC)
+    best: dict[str, tuple[datetime.datetime, str]] = {}
+    for name in sorted(reports):
+        report = reports[name]
+        if report.heartbeat is None or (now - report.heartbeat).total_seconds() > silence:
+            continue
+        for address, since in report.announced.items():
+            key = (since or oldest, name)
+            if address not in best or key[0] > best[address][0]:
+                best[address] = key
+    return {address: name for address, (_, name) in best.items()}
+
+
+def address_status(pools: Mapping[str, str], announced: Mapping[str, str]
+                   ) -> list[dict[str, str]]:
+    """status.addresses: each listener address, its pool and its announcer (L2)."""
+    return [{"address": a, "pool": p, "announcedBy": announced.get(a, "")}
+            for a, p in sorted(pools.items())]
+
+
 def lb_status(lb: Mapping[str, Any], verdict: Verdict, nodes: Iterable[NodeInfo],
               reports: Mapping[str, NodeReport], now: datetime.datetime,
               agent_selector: Mapping[str, str] | None = None,
               silence: float = SILENCE_LIMIT,
-              resolve: ServiceResolver | None = None) -> dict[str, Any]:
+              resolve: ServiceResolver | None = None,
+              addresses: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """The status a LoadBalancer should have (conditions without lastTransitionTime)."""
     meta, spec = lb.get("metadata", {}), lb.get("spec") or {}
     generation = int(meta.get("generation") or 1)
@@ -198,6 +232,7 @@ def lb_status(lb: Mapping[str, Any], verdict: Verdict, nodes: Iterable[NodeInfo]
         "nodes": {"selected": len(selected), "programmed": len(programmed),
                   "summary": f"{len(programmed)}/{len(selected)}"},
         "listeners": listener_counts(spec, ref[0], resolve),
+        "addresses": addresses or [],
     }
 
 

@@ -14,8 +14,9 @@ total :data:`ROUTE_TOTAL_RULE`); larger configurations are split over several
 LoadBalancers, and big groups name a Service instead of listing addresses.
 Their worst case (tests/test_crd.py bounds it from the schema, and prints it)
 stays under three quarters of etcd's limit, leaving room for metadata and
-managedFields. The 1,024-route total is what a full health check on every
-route (a 64-byte payload each) leaves room for. Big objects are best applied with
+managedFields. The 1,000-route total is what a full health check on every
+route (a 64-byte payload each) leaves room for, with IPv6 addresses at their longest.
+Big objects are best applied with
 ``kubectl apply --server-side`` (client-side apply copies the object into an
 annotation, and annotations are limited to 256 KiB).
 """
@@ -30,20 +31,23 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from xdplb.k8s.nodestate import NodeState
-from xdplb.k8s.status import LoadBalancerStatus
+from xdplb.k8s.status import AddressPoolStatus, LoadBalancerStatus
 from xdplb.spec.api import GROUP, VERSION
 from xdplb.spec.cel import CelRule, evaluate
 from xdplb.spec.errors import format_errors
 from xdplb.spec.model import LoadBalancer
+from xdplb.spec.pool import AddressPool
 
 __all__ = [
     "MAX_ROUTES_PER_OBJECT",
     "ROUTE_TOTAL_RULE",
     "STORAGE_MAX_ITEMS",
+    "addresspool_crd",
     "crd_documents",
     "loadbalancer_crd",
     "nodestate_crd",
     "parse_object",
+    "parse_pool",
     "structural",
     "validate_object",
 ]
@@ -53,7 +57,7 @@ Schema = dict[str, Any]
 
 # Cluster-only list bounds by schema path ("[]" = every item); see the module doc.
 MAX_LISTENERS_PER_OBJECT = 16
-MAX_ROUTES_PER_OBJECT = 1024
+MAX_ROUTES_PER_OBJECT = 1000
 STORAGE_MAX_ITEMS: dict[str, int] = {
     "spec.listeners": MAX_LISTENERS_PER_OBJECT,
     "spec.listeners[].backends": 64,
@@ -106,11 +110,17 @@ LIST_MAP_KEYS: dict[str, list[str]] = {
     "spec.listeners[].sniRoutes[].backends": ["address", "port"],
     "status.conditions": ["type"],
     "status.listeners": ["name"],
+    "status.addresses": ["address"],
 }
 NODESTATE_LIST_MAP_KEYS: dict[str, list[str]] = {
     "status.interfaces": ["name"],
     "status.loadBalancers": ["namespace", "name"],
+    "status.announcements": ["address"],
 }
+POOL_LIST_MAP_KEYS: dict[str, list[str]] = {
+    "status.conditions": ["type"],
+}
+POOL_LIST_SETS = ("spec.addresses", "spec.allowedBackendCIDRs", "spec.l2Interfaces")
 LIST_SETS = ("spec.interfaces",)
 
 
@@ -216,6 +226,13 @@ def nodestate_schema() -> Schema:
     return root
 
 
+def addresspool_schema() -> Schema:
+    spec = structural(AddressPool)["properties"]["spec"]
+    root = _object_root(spec, structural(AddressPoolStatus), ["spec"])
+    _annotate(root, POOL_LIST_MAP_KEYS, POOL_LIST_SETS)
+    return root
+
+
 def _crd(
     kind: str,
     plural: str,
@@ -290,9 +307,31 @@ def nodestate_crd() -> dict[str, Any]:
     )
 
 
+def addresspool_crd() -> dict[str, Any]:
+    return _crd(
+        "AddressPool",
+        "addresspools",
+        "Cluster",
+        addresspool_schema(),
+        ["xpool"],
+        [
+            {"name": "Used", "type": "integer", "jsonPath": ".status.used",
+             "description": "addresses of the pool that listeners use"},
+            {"name": "Total", "type": "string", "jsonPath": ".status.total",
+             "description": "addresses in the pool"},
+            {"name": "Auto", "type": "boolean", "jsonPath": ".spec.autoAssign",
+             "description": "handed out to Services that ask for no address"},
+            {"name": "Announce", "type": "string", "jsonPath": ".spec.announce"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+            {"name": "Addresses", "type": "string", "jsonPath": ".spec.addresses",
+             "priority": 1},
+        ],
+    )
+
+
 def crd_documents() -> dict[str, dict[str, Any]]:
     """File name -> CRD, as kept in the repository's crds/ folder."""
-    crds = [loadbalancer_crd(), nodestate_crd()]
+    crds = [loadbalancer_crd(), nodestate_crd(), addresspool_crd()]
     return {f"{crd['metadata']['name']}.yaml": crd for crd in crds}
 
 
@@ -365,6 +404,14 @@ def parse_object(doc: Any) -> tuple[LoadBalancer | None, list[str]]:
     # validation does not change.
     problems = [f"{path}: {message}" for path, message in storage_problems(doc)]
     return (None, problems) if problems else (lb, [])
+
+
+def parse_pool(doc: Any) -> tuple[AddressPool | None, list[str]]:
+    """An AddressPool object as a model, or None and ``<path>: <message>`` lines."""
+    try:
+        return AddressPool.model_validate(doc), []
+    except ValidationError as exc:
+        return None, format_errors(exc)
 
 
 def validate_object(doc: Any) -> list[str]:

@@ -17,8 +17,9 @@ AGENT_LABELS = {"app.kubernetes.io/name": "xdplb", "app.kubernetes.io/component"
 # Each capability the agent keeps, and why; everything else is dropped. Measured with
 # `setpriv --bounding-set=-all,+bpf,+net_admin[,+perfmon]` on kernel 6.18: without
 # PERFMON the verifier rejects the ingress program ("pointer arithmetic prohibited
-# for !root"); without NET_ADMIN loading fails with EPERM. tests/test_privileges.py
-# starts, kills and restarts the agent with exactly these. No SYS_ADMIN: the agent
+# for !root"); without NET_ADMIN loading fails with EPERM; without NET_RAW a packet
+# socket cannot be opened. tests/test_privileges.py starts, kills and restarts the
+# agent with exactly these, and announces an address with them. No SYS_ADMIN: the agent
 # creates and pins its maps itself and reopens them by path, never by id, and it
 # recognises its own attached program by the id in its pin's name. The host's bpffs
 # is mounted into the pod, so the agent never mounts one.
@@ -27,6 +28,8 @@ CAPABILITIES: dict[str, str] = {
     "NET_ADMIN": "attach XDP and TC programs to interfaces; set accept_local for source NAT",
     "PERFMON": "privileged verification: the packet parser's pointer arithmetic is refused"
                " to a loader without it",
+    "NET_RAW": "gratuitous ARP from a packet socket when the node takes an announced"
+               " address over (pools with announce: L2)",
 }
 
 
@@ -48,6 +51,7 @@ class AgentSettings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     metrics_port: int = 9090
     log_format: str = "text"
+    l2_lease_seconds: int = 3
     pin_dir: str = PIN_ROOT
     resources: dict[str, Any] = field(default_factory=lambda: {
         "requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}})
@@ -61,7 +65,8 @@ def agent_args(s: AgentSettings) -> list[str]:
     args = ["agent", "--kubernetes", "--xdp-mode", s.xdp_mode,
             "--conntrack-capacity", str(s.conntrack_capacity),
             "--metrics-port", str(s.metrics_port), "--log-format", s.log_format,
-            "--pin-dir", s.pin_dir, "--daemonset", f"{s.namespace}/{s.name}"]
+            "--pin-dir", s.pin_dir, "--daemonset", f"{s.namespace}/{s.name}",
+            "--l2-lease-seconds", str(s.l2_lease_seconds)]
     for f in fields(Timeouts):
         args += [f"--{f.name.replace('_', '-')}-timeout", str(getattr(s.timeouts, f.name))]
     return args

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from xdplb.spec.api import API_VERSION, ApiVersion
 
 __all__ = [
+    "Announcement",
     "InterfaceState",
     "LoadBalancerState",
     "NodeState",
@@ -24,6 +25,7 @@ __all__ = [
 ]
 
 MAX_LOADBALANCERS_PER_NODE = 512
+MAX_ANNOUNCEMENTS = 256  # listed per node (a node may announce more: the rest are counted)
 MAX_MESSAGE = 1024
 
 Phase = Literal["Applied", "Failed", "Removed"]
@@ -57,6 +59,16 @@ class LoadBalancerState(_Model):
     backends: Count = 0
 
 
+class Announcement(_Model):
+    """An address this node answers ARP for (announce: L2), elected by its Lease."""
+
+    address: str = Field(min_length=1, max_length=45)
+    pool: str = Field(default="", max_length=253)
+    interfaces: list[Annotated[str, Field(max_length=15)]] = Field(default_factory=list,
+                                                                   max_length=4)
+    since: datetime.datetime | None = None
+
+
 class NodeStateStatus(_Model):
     heartbeat_time: datetime.datetime = Field(alias="heartbeatTime")
     mode: Mode = "none"
@@ -64,11 +76,18 @@ class NodeStateStatus(_Model):
     load_balancers: list[LoadBalancerState] = Field(
         default_factory=list, alias="loadBalancers", max_length=MAX_LOADBALANCERS_PER_NODE
     )
+    announcements: list[Announcement] = Field(default_factory=list,
+                                              max_length=MAX_ANNOUNCEMENTS)
     error: Message = ""
 
     def to_json(self) -> dict[str, Any]:
         data = self.model_dump(mode="json", by_alias=True)
         data["heartbeatTime"] = rfc3339(self.heartbeat_time)
+        for a, model in zip(data["announcements"], self.announcements, strict=True):
+            if model.since is not None:
+                a["since"] = rfc3339(model.since)
+            else:
+                a.pop("since")
         return data
 
 

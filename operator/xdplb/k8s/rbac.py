@@ -11,21 +11,29 @@ from typing import Any
 from xdplb.spec.api import GROUP
 
 OPERATOR_RULES: list[dict[str, Any]] = [
-    # Watch LoadBalancers; add and remove the finalizer (a JSON patch: no get needed).
+    # Watch LoadBalancers; add and remove the finalizer (a JSON patch: no get needed);
+    # create, change and delete the ones derived from Services of type LoadBalancer.
     {"apiGroups": [GROUP], "resources": ["loadbalancers"],
-     "verbs": ["list", "watch", "patch"]},
+     "verbs": ["list", "watch", "patch", "create", "delete"]},
     {"apiGroups": [GROUP], "resources": ["loadbalancers/status"], "verbs": ["patch"]},
+    # Who may claim which address; their status (used, total, overlaps).
+    {"apiGroups": [GROUP], "resources": ["addresspools"], "verbs": ["list", "watch"]},
+    {"apiGroups": [GROUP], "resources": ["addresspools/status"], "verbs": ["patch"]},
     # Per-node reports of the agents, aggregated into the status.
     {"apiGroups": [GROUP], "resources": ["nodestates"], "verbs": ["list", "watch"]},
-    # Which nodes are selected (labels, Linux, being deleted).
+    # Which nodes are selected (labels, Linux, being deleted), and their addresses (never
+    # a backend).
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
+    # Namespace labels: what the pools' namespace selectors match.
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-    # Backend counts of groups that name a Service.
+    # Backend counts of groups that name a Service; Services of type LoadBalancer get an
+    # address in their status.
     {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["services/status"], "verbs": ["patch"]},
     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
      "verbs": ["list", "watch"]},
-    # kopf follows CRDs appearing while it runs. (Namespaces only matter to kopf for
-    # namespace patterns, which the operator does not use.)
+    # kopf follows CRDs appearing while it runs.
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
      "verbs": ["list", "watch"]},
 ]

@@ -13,6 +13,7 @@ from typing import Any
 from xdplb.dataplane.config import Timeouts
 from xdplb.k8s.conditions import SILENCE_LIMIT
 from xdplb.k8s.daemonset import AgentSettings
+from xdplb.k8s.services import DEFAULT_CLASS
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class OperatorSettings:
     kubeconfig: str | None = None  # None: in-cluster service account, else $KUBECONFIG
     leader_election: LeaderElectionSettings = field(default_factory=LeaderElectionSettings)
     health_port: int = 0  # /healthz and /readyz; 0: not served
+    service_class: str = DEFAULT_CLASS  # spec.loadBalancerClass of the Services we answer
+    default_service_class: bool = False  # also answer Services that name no class
 
 
 def _env(name: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
@@ -95,6 +98,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     for f in fields(Timeouts):
         flag(f"{f.name.replace('_', '-')}-timeout", f.default, int, help="seconds")
     flag("metrics-port", a.metrics_port, int, help="agent Prometheus port")
+    flag("l2-lease-seconds", a.l2_lease_seconds, int,
+         help="announce: L2: an announcing agent that stops is replaced within this")
     flag("log-format", "text", choices=["text", "json"], help="operator and agent log format")
     flag("node-silence", o.silence, float,
          help="seconds without a heartbeat after which a node is not programmed")
@@ -121,6 +126,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
          help="seconds between renewals and between a standby's attempts")
     flag("health-port", 8080 if in_pod else 0, int,
          help="port of /healthz and /readyz; 0: off (8080 in a pod, else 0)")
+    flag("service-class", o.service_class,
+         help="answer Services of type LoadBalancer with this spec.loadBalancerClass")
+    p.add_argument("--default-service-class", action=argparse.BooleanOptionalAction,
+                   default=_env("default-service-class", o.default_service_class, _bool),
+                   help="also answer Services of type LoadBalancer that name no class (leave"
+                        " off when another implementation answers those; env"
+                        " XDPLB_DEFAULT_SERVICE_CLASS; default %(default)s)")
 
 
 def settings_from_args(a: argparse.Namespace) -> OperatorSettings:
@@ -131,7 +143,8 @@ def settings_from_args(a: argparse.Namespace) -> OperatorSettings:
         service_account=a.agent_service_account, node_selector=a.agent_node_selector,
         tolerations=a.agent_tolerations, resources=a.agent_resources, xdp_mode=a.xdp_mode,
         conntrack_capacity=a.conntrack_capacity, timeouts=timeouts,
-        metrics_port=a.metrics_port, log_format=a.log_format)
+        metrics_port=a.metrics_port, log_format=a.log_format,
+        l2_lease_seconds=a.l2_lease_seconds)
     pod_name = os.environ.get("POD_NAME")
     election = LeaderElectionSettings(
         enabled=a.leader_election, name=a.leader_election_name,
@@ -144,4 +157,5 @@ def settings_from_args(a: argparse.Namespace) -> OperatorSettings:
         namespace=a.namespace, agent=agent, silence=a.node_silence,
         release_timeout=a.release_timeout, status_interval=a.status_interval,
         pod_name=pod_name, pod_namespace=os.environ.get("POD_NAMESPACE"),
-        leader_election=election, health_port=a.health_port)
+        leader_election=election, health_port=a.health_port,
+        service_class=a.service_class, default_service_class=a.default_service_class)

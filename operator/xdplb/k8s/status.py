@@ -11,7 +11,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Condition", "ListenerStatus", "LoadBalancerStatus", "NodeCounts"]
+__all__ = [
+    "AddressPoolStatus",
+    "AddressStatus",
+    "Condition",
+    "ListenerStatus",
+    "LoadBalancerStatus",
+    "NodeCounts",
+]
 
 Count = Annotated[int, Field(ge=0)]
 
@@ -48,8 +55,29 @@ class ListenerStatus(_Model):
     backends: Count = Field(default=0, description="distinct backends of the listener's groups")
 
 
+class AddressStatus(_Model):
+    address: str = Field(max_length=45, description="a listener address")
+    pool: str = Field(default="", max_length=253, description="the AddressPool that admits it")
+    announced_by: str = Field(
+        default="", alias="announcedBy", max_length=253,
+        description="announce: L2: the node elected to answer ARP for it")
+
+
 class LoadBalancerStatus(_Model):
     observed_generation: Count | None = Field(default=None, alias="observedGeneration")
     conditions: list[Condition] = Field(default_factory=list, max_length=8)
     nodes: NodeCounts | None = None
-    listeners: list[ListenerStatus] = Field(default_factory=list, max_length=64)
+    # A cluster object has at most 16 listeners (MAX_LISTENERS_PER_OBJECT in k8s/crd.py),
+    # so at most 16 listener entries and 16 addresses: bounds that keep the worst-case
+    # object within etcd's limit.
+    listeners: list[ListenerStatus] = Field(default_factory=list, max_length=16)
+    addresses: list[AddressStatus] = Field(default_factory=list, max_length=16)
+
+
+class AddressPoolStatus(_Model):
+    observed_generation: Count | None = Field(default=None, alias="observedGeneration")
+    conditions: list[Condition] = Field(default_factory=list, max_length=8)
+    # A string: an IPv6 pool may hold more than an int64 counts.
+    total: str = Field(default="0", max_length=40, pattern=r"^[0-9]+$",
+                       description="addresses in the pool")
+    used: Count = Field(default=0, description="addresses of the pool that listeners use")

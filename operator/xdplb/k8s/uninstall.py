@@ -9,8 +9,8 @@ keeps the finalizer can never be deleted. So, in order:
    seeing its DaemonSet going, removes its programs, filters, pins and NodeState;
 2. remove our finalizer from every LoadBalancer (the objects themselves stay: they
    are the user's);
-3. delete the NodeStates no agent could remove (nodes that were down), and the
-   operator's leader-election Lease.
+3. delete the NodeStates no agent could remove (nodes that were down), the operator's
+   leader-election Lease and the agents' L2 announcement Leases.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ UNINSTALL_RULES: list[dict[str, Any]] = [
 UNINSTALL_NAMESPACE_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "delete"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
-    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["delete"]},
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["list", "delete"]},
 ]
+L2_LABEL = "xdplb.io/l2-address"  # on the agents' announcement Leases (agent/announcer.py)
 
 
 def _selector(deployment: dict[str, Any]) -> str:
@@ -111,5 +112,10 @@ def uninstall(kube: Kube, namespace: str, deployment: str, timeout: float) -> bo
     log.info("released %d LoadBalancer(s); deleted %d NodeState(s)", release_all(kube),
              delete_nodestates(kube))
     # A single replica without leader election has no Lease.
-    _delete(kube, f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{deployment}")
+    leases = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+    _delete(kube, f"{leases}/{deployment}")
+    l2 = [le["metadata"]["name"] for le in kube.get(f"{leases}?labelSelector={L2_LABEL}")["items"]]
+    gone = sum(_delete(kube, f"{leases}/{name}") for name in l2)
+    if gone:
+        log.info("deleted %d L2 announcement Lease(s)", gone)
     return True

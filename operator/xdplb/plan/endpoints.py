@@ -21,6 +21,7 @@ object a number cannot be resolved and the group stays empty.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -66,13 +67,15 @@ def _weight(endpoint: Json) -> int | None:
 
 
 def slice_backends(slices: Iterable[Json], port_name: str, protocol: str,
-                   node: str | None = None) -> tuple[Backend, ...]:
+                   node: str | None = None, family: int = 4) -> tuple[Backend, ...]:
     """The backends that ``slices`` give for the Service port named ``port_name``
-    (with ``node``: only the endpoints on that node)."""
+    (with ``node``: only the endpoints on that node), of one address family: each
+    family's endpoints back that family's listener."""
     weights: dict[tuple[str, int], int] = {}
+    address_type = "IPv6" if family == 6 else "IPv4"
     for eps in slices:
-        if eps.get("addressType", "IPv4") != "IPv4":
-            continue  # IPv6 and FQDN slices: the data plane is IPv4 only
+        if eps.get("addressType", "IPv4") != address_type:
+            continue  # the other family's, and FQDN slices
         ports = [p for p in eps.get("ports") or []
                  if (p.get("name") or "") == port_name and p.get("protocol", "TCP") == protocol
                  and p.get("port")]
@@ -84,7 +87,8 @@ def slice_backends(slices: Iterable[Json], port_name: str, protocol: str,
                 addresses = endpoint.get("addresses") or []
                 if weight is None or not addresses:
                     continue
-                key = (addresses[0], int(port["port"]))  # addresses are fungible: use the first
+                # Addresses are fungible: use the first (canonical, as the spec's are).
+                key = (str(ipaddress.ip_address(addresses[0])), int(port["port"]))
                 # An endpoint listed twice (slices being rebalanced): ready wins over draining.
                 weights[key] = max(weights.get(key, 0), weight)
     return tuple(Backend(address, port, weight) for (address, port), weight in weights.items())
@@ -113,12 +117,12 @@ class EndpointIndex:
         )
 
     def backends(self, namespace: str, ref: ServiceRef, protocol: str,
-                 local: bool = False) -> tuple[Backend, ...]:
+                 local: bool = False, family: int = 4) -> tuple[Backend, ...]:
         """The group of ``ref`` (the planner's ServiceResolver); ``local``: only the
-        endpoints on ``node`` (trafficPolicy Local)."""
+        endpoints on ``node`` (trafficPolicy Local); ``family``: the listener's."""
         key = (namespace, ref.name)
         port_name = service_port_name(self.services.get(key), ref.port, protocol)
         if port_name is None:
             return ()
         return slice_backends(self.slices.get(key, ()), port_name, protocol,
-                              self.node if local else None)
+                              self.node if local else None, family)

@@ -23,9 +23,7 @@ class Explanation:
             if self.verdict == "drop":
                 return "a VIP, but no listener serves this port and protocol there: dropped"
             return "no listener: passed untouched"
-        head = (f"listener {self.listener.label} "
-                f"({self.listener.address or '*'}:{self.listener.port}/"
-                f"{self.listener.protocol}), route {self.route}")
+        head = f"listener {self.listener.label} ({endpoint(self.listener)}), route {self.route}"
         if self.verdict == "pass":
             return (f"{head}: left to the SNI path (backend chosen from the ClientHello; "
                     "--sni NAME says which)")
@@ -36,16 +34,29 @@ class Explanation:
                   "client address kept: the backend must route its replies via this node")
         if self.route.startswith("sni"):
             source = "the SNI acceptor connects to it"
+        host = self.backend.address
+        host = f"[{host}]" if ":" in host else host
         return (f"{head}: table slot {self.slot} of {len(self.group.table) if self.group else 0}"
-                f" -> backend {self.backend.address}:{self.backend.port} ({source})")
+                f" -> backend {host}:{self.backend.port} ({source})")
+
+
+def endpoint(lst: Listener) -> str:
+    """address:port/protocol; an IPv6 address in brackets, "*" or "[::]" for every
+    address of its family."""
+    if lst.address is None:
+        host = "*" if lst.family == 4 else "[::]"
+    else:
+        host = f"[{lst.address}]" if ":" in lst.address else lst.address
+    return f"{host}:{lst.port}/{lst.protocol}"
 
 
 def find_listener(plan: Plan, dst: str, dport: int, protocol: str,
                   local_addresses: set[str] | None = None) -> Listener | None:
     """An exact address beats the wildcard; a wildcard matches the node's own
     addresses (all of them when they are not given)."""
+    family = 6 if ":" in dst else 4
     candidates = [lst for lst in plan.listeners if lst.port == dport
-                  and lst.protocol == protocol]
+                  and lst.protocol == protocol and lst.family == family]
     for lst in candidates:
         if lst.address == dst:
             return lst
@@ -67,6 +78,8 @@ def explain(plan: Plan, src: str, sport: int, dst: str, dport: int, protocol: st
         vips = {x.address for x in plan.listeners if x.address} - (local_addresses or set())
         return Explanation(None, "none", None, None, None, "drop" if dst in vips else "pass")
     client = ipaddress.ip_address(src)
+    if client.version != lst.family:  # the data path passes such a packet untouched
+        return Explanation(None, "none", None, None, None, "pass")
     hits = [r for r in lst.source_routes if client in r.network]
     if hits:
         best = max(hits, key=lambda r: r.network.prefixlen)

@@ -1,9 +1,8 @@
 """Flow hashes, bit for bit the same as the data path's (dataplane/bpf/hash.h).
 
 An address enters the hash as 32-bit words in network order, the most significant
-first: one word for IPv4 (what the data path hashes today), four for IPv6. The IPv6
-form is defined here first, for the SNI acceptor; a data path that hashes IPv6 flows
-must fold the words the same way (``mix32(h ^ word)`` per word, daddr's then saddr's)."""
+first: one word for IPv4, four for IPv6 (``mix32(h ^ word)`` per word, daddr's then
+saddr's); ports in host order."""
 
 from __future__ import annotations
 

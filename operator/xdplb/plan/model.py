@@ -15,6 +15,11 @@ from functools import cached_property
 from xdplb.plan import maglev
 
 
+def hostport(address: str, port: int) -> str:
+    """address:port, an IPv6 address in brackets ([2001:db8::1]:80)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 @dataclass(frozen=True, order=True)
 class Backend:
     address: str
@@ -23,9 +28,15 @@ class Backend:
     healthy: bool = True  # False: failing its health checks (weight 0 then)
 
 
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
 def address_key(address: str) -> bytes:
-    """Sorts IPv4 addresses in numeric order (the plan holds IPv4 only)."""
-    return socket.inet_aton(address)
+    """Sorts addresses in numeric order, IPv4 (as ::ffff:a.b.c.d) before IPv6 from
+    2000::/3 (an IPv4 address without building an ipaddress object)."""
+    if ":" in address:
+        return ipaddress.IPv6Address(address).packed
+    return _V4_MAPPED + socket.inet_aton(address)
 
 
 @dataclass(frozen=True)
@@ -81,8 +92,8 @@ class SourceRoute:
     group: Group
 
     @cached_property
-    def network(self) -> ipaddress.IPv4Network:
-        return ipaddress.IPv4Network(self.cidr)
+    def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        return ipaddress.ip_network(self.cidr)
 
     def sort_key(self) -> tuple[bytes, int]:
         """The order of `network`, without building it."""
@@ -111,10 +122,13 @@ class Listener:
     proxy_protocol: bool = False      # PROXY v2 header on connections of the SNI acceptor
     source_nat: bool = False          # new flows leave from the node's address (sourceNAT: Node)
     health_targets: tuple[Target, ...] = ()  # what the agent probes for these groups
+    family: int = 4                   # 4 or 6: of its address, clients and backends
 
     @property
     def identity(self) -> tuple[str | None, int, str]:
-        return (self.address, self.port, self.protocol)
+        """Unique among a plan's listeners. Without an address, a listener takes every
+        address of its family: None stands for IPv4's, "::" for IPv6's."""
+        return (self.address or (None if self.family == 4 else "::"), self.port, self.protocol)
 
     @property
     def sni(self) -> bool:

@@ -17,13 +17,13 @@ from xdplb.plan.model import (
 )
 from xdplb.spec import model as spec
 
-# (namespace, Service port, protocol, this node's endpoints only) -> its backends now:
-# plan.endpoints.EndpointIndex.
-ServiceResolver = Callable[[str, spec.ServiceRef, str, bool], Iterable[Backend]]
+# (namespace, Service port, protocol, this node's endpoints only, address family 4 or 6)
+# -> its backends now: plan.endpoints.EndpointIndex.
+ServiceResolver = Callable[[str, spec.ServiceRef, str, bool, int], Iterable[Backend]]
 
 
 def _no_services(namespace: str, ref: spec.ServiceRef, protocol: str,
-                 local: bool) -> Iterable[Backend]:
+                 local: bool, family: int) -> Iterable[Backend]:
     raise ValueError(f"Service {namespace}/{ref.name} needs a resolver (Kubernetes mode)")
 
 
@@ -44,6 +44,7 @@ def plan_listener(lb: spec.LoadBalancer, lst: spec.Listener,
     routes to the same backends hold one group, and compare by identity)."""
     targets: set[Target] = set()
     known: dict[Group, Group] = {} if groups is None else groups
+    family = 6 if lst.family == "IPv6" else 4
     # Routes of one pool share one backend list (spec.LoadBalancer.parse): its group,
     # by the list's identity, when nothing else shapes it.
     by_list: dict[int, Group] = {}
@@ -62,7 +63,7 @@ def plan_listener(lb: spec.LoadBalancer, lst: spec.Listener,
     def _new_group(group: spec.Listener | spec.SourceRoute | spec.SniRoute) -> Group:
         if group.service is not None:
             backends = list(services(lb.metadata.namespace, group.service, lst.protocol,
-                                     lb.spec.traffic_policy == "Local"))
+                                     lb.spec.traffic_policy == "Local", family))
         else:
             backends = [Backend(b.address, b.port, b.weight) for b in group.backends or ()]
         check = health_check(getattr(group, "health_check", None) or lst.health_check)
@@ -92,6 +93,7 @@ def plan_listener(lb: spec.LoadBalancer, lst: spec.Listener,
         # trafficPolicy Cluster: an endpoint on another node answers this one, not the client.
         source_nat=lst.source_nat == "Node" or lb.spec.traffic_policy == "Cluster",
         health_targets=tuple(sorted(targets)),
+        family=family,
     )
 
 

@@ -43,7 +43,7 @@ def bindings(plan: Plan, inv: Inventory, listener_ids: ListenerIds) -> dict[Addr
             addrs = [lst.address]
         else:
             addrs = sorted({a for n in listener_interfaces(lst, inv)
-                            for a in inv.addresses.get(n, ())})
+                            for a in inv.addresses.get(n, ()) if (":" in a) == (lst.family == 6)})
         for a in addrs:
             out.setdefault((a, lst.port), route)
     return out

@@ -131,7 +131,20 @@ _CANONICAL_ADDRESS = re.compile(rf"({_OCTET})(?:\.{_OCTET}){{3}}")
 _CANONICAL_CIDR = re.compile(rf"({_OCTET}(?:\.{_OCTET}){{3}})/(3[0-2]|[12]?[0-9])")
 
 
-def _check_unicast(addr: ipaddress.IPv4Address, value: str) -> None:
+# IPv6 in the forms RFC 4291 allows without an embedded IPv4 address (RE2, for the
+# schema's pattern): eight groups, or fewer around one "::".
+_H = "[0-9a-fA-F]{1,4}"
+IPV6_PATTERN = (
+    rf"(({_H}:){{7}}{_H}|({_H}:){{1,7}}:|({_H}:){{1,6}}:{_H}|({_H}:){{1,5}}(:{_H}){{1,2}}"
+    rf"|({_H}:){{1,4}}(:{_H}){{1,3}}|({_H}:){{1,3}}(:{_H}){{1,4}}|({_H}:){{1,2}}(:{_H}){{1,5}}"
+    rf"|{_H}:(:{_H}){{1,6}}|:((:{_H}){{1,7}}|:))"
+)
+IPV4_PATTERN = rf"{_OCTET}(\.{_OCTET}){{3}}"
+IP_PATTERN = f"^({IPV4_PATTERN}|{IPV6_PATTERN})$"
+IP_MAX_LENGTH = 39  # eight groups of four hex digits and seven colons
+
+
+def _check_unicast(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, value: str) -> None:
     # Nothing can be sent to or served on these, so they are always mistakes.
     if addr.is_unspecified:
         raise ValueError(f"{show_value(value)} is the unspecified address")
@@ -139,9 +152,13 @@ def _check_unicast(addr: ipaddress.IPv4Address, value: str) -> None:
         raise ValueError(f"{show_value(value)} is a multicast address")
     if addr == ipaddress.IPv4Address("255.255.255.255"):
         raise ValueError(f"{show_value(value)} is the broadcast address")
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        raise ValueError(f"{show_value(value)} is an IPv4-mapped IPv6 address: write the IPv4"
+                         f" address {str(addr.ipv4_mapped)!r}")
 
 
-def _ipv4_address(value: Any) -> Any:
+def _ip_address(value: Any) -> Any:
+    """An IPv4 or IPv6 unicast address, in its canonical (compressed) form."""
     if not isinstance(value, str):
         return value
     if (m := _CANONICAL_ADDRESS.fullmatch(value)) and 0 < int(m[1]) < 224:
@@ -150,19 +167,20 @@ def _ipv4_address(value: Any) -> Any:
         addr = ipaddress.ip_address(value)
     except ValueError:
         raise ValueError(f"{show_value(value)} is not a valid IP address") from None
-    if addr.version == 6:
-        raise ValueError(f"{show_value(value)} is an IPv6 address: IPv6 is not supported yet")
     _check_unicast(addr, value)
     return str(addr)
 
 
 def _vip_address(value: Any) -> Any:
-    if value == "0.0.0.0":  # wildcard is spelled by omission, keeping listener identity unique
-        raise ValueError("'0.0.0.0' is the unspecified address: omit address to listen on all")
-    return _ipv4_address(value)
+    # A wildcard is spelled by omission, keeping listener identity unique.
+    if value in ("0.0.0.0", "::"):
+        raise ValueError(f"{show_value(value)} is the unspecified address: omit address to"
+                         " listen on all")
+    return _ip_address(value)
 
 
-def _ipv4_network(value: Any) -> Any:
+def _ip_network(value: Any) -> Any:
+    """An IPv4 or IPv6 network without host bits, in its canonical form."""
     if not isinstance(value, str):
         return value
     if m := _CANONICAL_CIDR.fullmatch(value):
@@ -173,23 +191,30 @@ def _ipv4_network(value: Any) -> Any:
         net = ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise ValueError(f"{show_value(value)} is not a valid CIDR") from None
-    if net.version == 6:
-        raise ValueError(f"{show_value(value)} is an IPv6 network: IPv6 is not supported yet")
+    if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped is not None:
+        raise ValueError(f"{show_value(value)} is an IPv4-mapped IPv6 network: write it as IPv4")
     if net.network_address != ipaddress.ip_interface(value).ip:
         raise ValueError(f"{show_value(value)} has host bits set (the network is {str(net)!r})")
     return str(net)
 
 
+def family_of(address: str) -> str:
+    """IPv4 or IPv6, of a valid address or CIDR (by its spelling: IPv6 has colons)."""
+    return "IPv6" if ":" in address else "IPv4"
+
+
 Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
 Weight = Annotated[int, Field(strict=True, ge=0, le=65535)]
-# "format" lets the API server reject malformed values before we ever see them.
+# The pattern (an address of either family) and "format: cidr" (either family too) let
+# the API server reject malformed values before we ever see them.
+_IP_SCHEMA = {"pattern": IP_PATTERN, "maxLength": IP_MAX_LENGTH}
 BackendAddress = Annotated[
-    str, Field(json_schema_extra={"format": "ipv4"}), BeforeValidator(_ipv4_address)
+    str, Field(json_schema_extra=_IP_SCHEMA), BeforeValidator(_ip_address)
 ]
 VipAddress = Annotated[
-    str, Field(json_schema_extra={"format": "ipv4"}), BeforeValidator(_vip_address)
+    str, Field(json_schema_extra=_IP_SCHEMA), BeforeValidator(_vip_address)
 ]
-Cidr = Annotated[str, Field(json_schema_extra={"format": "cidr"}), BeforeValidator(_ipv4_network)]
+Cidr = Annotated[str, Field(json_schema_extra={"format": "cidr"}), BeforeValidator(_ip_network)]
 Hostname = Annotated[
     str,
     Field(min_length=1, max_length=253, pattern=HOSTNAME_PATTERN),

@@ -173,7 +173,7 @@ def _parse(text: str, source: str, limits: Limits,
 def _cross_document_errors(valid: list[tuple[str, LoadBalancer]]) -> Iterator[str]:
     names: dict[str, str] = {}
     # Same-document duplicates are the model's; here only pairs across documents.
-    listeners: dict[tuple[str | None, int, str], tuple[int, str]] = {}
+    listeners: dict[tuple[str | None, int, str, str], tuple[int, str]] = {}
     for doc_index, (label, lb) in enumerate(valid):
         if lb.qualified_name in names:
             yield (

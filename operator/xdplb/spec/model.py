@@ -50,6 +50,7 @@ from xdplb.spec.fields import (
     ServicePort,
     VipAddress,
     Weight,
+    family_of,
 )
 from xdplb.spec.rules import check_rules
 
@@ -100,14 +101,16 @@ class _Model(BaseModel):
 class Backend(_Model):
     """One real server; traffic is split by weight (0 = no new connections)."""
 
-    address: BackendAddress = Field(description="the backend's IPv4 address")
+    address: BackendAddress = Field(
+        description="the backend's address, of the listener's family (IPv4 or IPv6)")
     port: Port = Field(description="the backend's port")
     weight: Weight = Field(
         default=1, description="share of new flows, relative to the group's other backends")
 
     @property
     def endpoint(self) -> str:
-        return f"{self.address}:{self.port}"
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
 
 
 class ServiceRef(_Model):
@@ -208,10 +211,26 @@ class SniRoute(_Model):
 
 
 class Listener(_Model):
-    """A (VIP, port, protocol) to balance; `address` omitted means every local address."""
+    """A (VIP, port, protocol) to balance; `address` omitted means every local address of
+    its family. A listener serves one address family: its address's, else `ipFamily`'s,
+    else its backends'; for dual-stack, write a listener per family."""
 
     cel_rules = (
         *_GROUP_RULES,
+        CelRule(
+            "!has(self.address) || !has(self.ipFamily)"
+            " || (self.ipFamily == 'IPv6') == self.address.contains(':')",
+            "must be the family of the address",
+            ".ipFamily",
+        ),
+        CelRule(
+            "!has(self.backends) || self.backends.all(b, b.address.contains(':') == (has("
+            "self.address) ? self.address.contains(':') : has(self.ipFamily) ? self.ipFamily"
+            " == 'IPv6' : self.backends[0].address.contains(':')))",
+            "must all be of the listener's address family (no NAT64): write a listener per"
+            " family",
+            ".backends",
+        ),
         CelRule(
             "self.protocol == 'TCP' || !has(self.sniRoutes) || size(self.sniRoutes) == 0",
             "sniRoutes are allowed only with protocol TCP",
@@ -235,7 +254,12 @@ class Listener(_Model):
     name: ListenerName = Field(description="unique within the LoadBalancer")
     protocol: Literal["TCP", "UDP"] = Field(description="transport protocol of the listener")
     port: Port = Field(description="port the clients connect to")
-    address: VipAddress | None = Field(default=None, description="VIP; omitted = every address")
+    address: VipAddress | None = Field(
+        default=None, description="VIP (IPv4 or IPv6); omitted = every address of its family")
+    ip_family: Literal["IPv4", "IPv6"] | None = Field(
+        default=None, alias="ipFamily",
+        description="the family of a listener without an address (with one, its family);"
+        " omitted: its backends', else IPv4")
     backends: _BackendList | None = Field(
         default=None, description="the default group: clients that no route claims")
     service: ServiceRef | None = None
@@ -268,13 +292,27 @@ class Listener(_Model):
         return bool(self.sni_routes)
 
     @property
-    def identity(self) -> tuple[str | None, int, str]:
-        """What must be unique among all listeners of a node."""
-        return (self.address, self.port, self.protocol)
+    def family(self) -> str:
+        """IPv4 or IPv6 (see the class)."""
+        if self.address:
+            return family_of(self.address)
+        if self.ip_family:
+            return self.ip_family
+        return family_of(self.backends[0].address) if self.backends else "IPv4"
+
+    @property
+    def identity(self) -> tuple[str | None, int, str, str]:
+        """What must be unique among all listeners of a node (a listener without an
+        address takes every address of its family)."""
+        return (self.address, self.port, self.protocol, self.family)
 
     @property
     def endpoint(self) -> str:
-        return f"{self.address or '*'}:{self.port}/{self.protocol}"
+        if self.address is None:
+            host = "*" if self.family == "IPv4" else "[::]"
+        else:
+            host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}/{self.protocol}"
 
     def groups(self) -> tuple[Listener | SourceRoute | SniRoute, ...]:
         """Its default group (itself) and its routes' groups."""

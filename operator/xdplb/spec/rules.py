@@ -34,15 +34,22 @@ class _Group(Protocol):
     def backends(self) -> Sequence[_Backend] | None: ...
 
 
+class _Route(_Group, Protocol):
+    @property
+    def cidr(self) -> str: ...
+
+
 class _Listener(_Group, Protocol):
     @property
     def name(self) -> str: ...
+    @property
+    def family(self) -> str: ...
     @property
     def identity(self) -> Hashable: ...
     @property
     def endpoint(self) -> str: ...
     @property
-    def source_routes(self) -> Sequence[_Group]: ...
+    def source_routes(self) -> Sequence[_Route]: ...
     @property
     def sni_routes(self) -> Sequence[_Group]: ...
 
@@ -91,6 +98,35 @@ def check_rules(lb: _LoadBalancer) -> list[tuple[str, str]]:
     return problems
 
 
+def _family_rules(lp: str, listener: _Listener) -> Iterator[tuple[str, str]]:
+    """Every route's network and backends are of the listener's family (no NAT64; the
+    default group's backends are a CEL rule of Listener). Checked here, not by the API
+    server: a CEL rule over every route's backends would cost past its budget."""
+    family = listener.family
+
+    def other(address: str) -> bool:
+        return (":" in address) != (family == "IPv6")
+
+    # Routes mostly share a few backend lists (spec.model._shared_list): each is judged once.
+    judged: dict[int, list[int]] = {}
+    for kind, routes in (("sourceRoutes", listener.source_routes),
+                         ("sniRoutes", listener.sni_routes)):
+        for j, r in enumerate(routes):
+            cidr = getattr(r, "cidr", None)
+            if cidr is not None and other(cidr):
+                yield (f"{lp}.{kind}[{j}].cidr",
+                       f"{show_value(cidr)} is not an {family} network, the listener's family")
+            backends = r.backends or ()
+            bad = judged.get(id(backends))
+            if bad is None:
+                bad = judged[id(backends)] = [i for i, b in enumerate(backends)
+                                              if other(b.address)]
+            for i in bad:
+                yield (f"{lp}.{kind}[{j}].backends[{i}].address",
+                       f"{show_value(backends[i].address)} is not an {family} address, the"
+                       " listener's family (no NAT64): write a listener per family")
+
+
 def _listener_rules(lp: str, listener: _Listener) -> Iterator[tuple[str, str]]:
     """Repeated backends of a group, repeated route keys; the protocol and
     proxyProtocol rules are CEL rules of Listener (see cel_problems)."""
@@ -105,6 +141,7 @@ def _listener_rules(lp: str, listener: _Listener) -> Iterator[tuple[str, str]]:
             yield (f"{gp}.backends[{i}]",
                    f"backend {backends[i].endpoint} is also listed at {gp}.backends[{j}]")
 
+    yield from _family_rules(lp, listener)
     for kind, field, routes in (("sourceRoutes", "cidr", listener.source_routes),
                                 ("sniRoutes", "hostname", listener.sni_routes)):
         keys = [getattr(r, field) for r in routes]

@@ -115,10 +115,11 @@ static __always_inline void ct_forward_key(struct ct_key *k, const struct ct_rep
 static __always_inline int ct_pairs(const struct ct_val *f, const struct ct_key *rk,
 				    const struct ct_reply_val *rv)
 {
-	if (f->nat_addr != rk->src || f->nat_port != rk->sport)
+	if (!addr_eq(&f->nat_addr, &rk->src) || f->nat_port != rk->sport)
 		return 0;
 	if (rv->flags & CT_SNAT)
-		return (f->flags & CT_SNAT) && f->snat_addr == rk->dst && f->snat_port == rk->dport;
+		return (f->flags & CT_SNAT) && addr_eq(&f->snat_addr, &rk->dst) &&
+		       f->snat_port == rk->dport;
 	return (f->flags & CT_PAIRED) != 0;
 }
 

@@ -17,19 +17,31 @@ static __always_inline __u32 mix32(__u32 h)
 	return h;
 }
 
-/* Addresses and ports in host order. */
-static __always_inline __u32 flow_hash(__u32 saddr, __u32 daddr, __u16 sport, __u16 dport,
-				       __u8 proto)
+/* An address into the hash: an IPv4 one (mapped) as its one word, an IPv6 one word by
+ * word, each in host order. */
+static __always_inline __u32 mix_addr(__u32 h, const struct addr *a)
+{
+	if (a->w[0] == 0 && a->w[1] == 0 && a->w[2] == bpf_htonl(V4_MAPPED_W2))
+		return mix32(h ^ bpf_ntohl(a->w[3]));
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		h = mix32(h ^ bpf_ntohl(a->w[i]));
+	return h;
+}
+
+/* Ports in host order. */
+static __always_inline __u32 flow_hash(const struct addr *saddr, const struct addr *daddr,
+				       __u16 sport, __u16 dport, __u8 proto)
 {
 	__u32 h = mix32(HASH_SEED ^ proto);
 	h = mix32(h ^ (((__u32)sport << 16) | dport));
-	h = mix32(h ^ daddr);
-	return mix32(h ^ saddr);
+	h = mix_addr(h, daddr);
+	return mix_addr(h, saddr);
 }
 
-static __always_inline __u32 client_hash(__u32 saddr)
+static __always_inline __u32 client_hash(const struct addr *saddr)
 {
-	return mix32(mix32(HASH_SEED) ^ saddr);
+	return mix_addr(mix32(HASH_SEED), saddr);
 }
 
 #endif

@@ -6,11 +6,20 @@
 #ifndef XDPLB_LAYOUT_H
 #define XDPLB_LAYOUT_H
 
+/* An address of either family, in 16 bytes as on the wire: IPv6 as it is, IPv4
+ * mapped (::ffff:a.b.c.d, RFC 4291), so one key layout serves both families and an
+ * IPv4 address never equals an IPv6 one. */
+struct addr {
+	__be32 w[4];
+};
+
+#define V4_MAPPED_W2 0x0000ffff  /* w[2] of a mapped IPv4 address, in host order */
+
 /* listeners: one entry per (ingress ifindex, destination, port, protocol).
  * Wildcard listeners are expanded by the agent into the interfaces' addresses. */
 struct listener_key {
 	__u32 ifindex;
-	__be32 addr;
+	struct addr addr;
 	__be16 port;
 	__u8 proto;
 	__u8 pad;
@@ -30,18 +39,27 @@ struct listener_val {
 	__u32 flags;  /* LF_* */
 };
 
-/* src_routes (LPM trie): prefixlen = 32 + CIDR length, so the listener id
- * always matches in full and the client address by longest prefix. */
+/* src_routes (LPM trie): prefixlen = 32 + the prefix length in the 128-bit address
+ * (an IPv4 /n is a mapped /96+n), so the listener id always matches in full and the
+ * client address by longest prefix. */
 struct lpm_key {
 	__u32 prefixlen;
 	__be32 listener;
-	__be32 addr;
+	struct addr addr;
 };
 
 #define GF_IN_USE 1
 
-/* groups: the Maglev table of group g is pool[offset .. offset + size), each slot a
- * backend id. */
+/* groups: the Maglev table of group g is slots offset .. offset + size of the pool,
+ * each slot a backend id. An array map's element takes 8 bytes at least, so the pool
+ * packs POOL_IDS slots in one (slot s: element s / POOL_IDS, id s % POOL_IDS), and a
+ * group's offset is a multiple of POOL_IDS: no two groups share an element. */
+#define POOL_IDS 4
+
+struct pool_ids {
+	__u16 id[POOL_IDS];
+};
+
 struct group_val {
 	__u32 offset;
 	__u32 size;   /* 0: no eligible backend */
@@ -52,18 +70,19 @@ struct group_val {
 #define BF_LIVE 1  /* in the plan and passing its health checks: a UDP flow may stay */
 
 struct backend {
-	__be32 addr;
+	struct addr addr;
 	__be16 port;
-	__u16 flags;     /* BF_* */
-	__be32 snat_src; /* the node's address toward it (0: no route) */
-	__u32 net;       /* the node's network it lies on (backend_nets; 0: none) */
+	__u16 flags;          /* BF_* */
+	struct addr snat_src; /* the node's address toward it (zero: no route) */
+	__u32 net;            /* the node's network it lies on (backend_nets; 0: none) */
 };
 
 /* backend_nets (LPM trie): networks of the node's interfaces that backends lie on, so
- * that a client on a backend's own network is told apart (LF_HAIRPIN). */
+ * that a client on a backend's own network is told apart (LF_HAIRPIN). prefixlen as
+ * in src_routes, without the listener. */
 struct net_key {
 	__u32 prefixlen;
-	__be32 addr;
+	struct addr addr;
 };
 
 /* sni_routes: (listener id, FNV-1a 64 of the lower-cased hostname) -> group id.
@@ -85,23 +104,24 @@ struct sni_key {
 /* vips: the listener addresses that are no address of the node. Traffic to them is
  * the load balancer's: what no listener serves is dropped, not routed (a VIP routed
  * to the node would loop back to the router), and pings are answered. vip_bits, a
- * bitmap by VIP_BIT(address), lets every other packet skip the hash lookup. */
+ * bitmap by VIP_BIT(the address's words xor-ed, host order), lets every other packet
+ * skip the hash lookup. */
 #define VIP_BITS 65536
-#define VIP_BIT(addr_host) (((addr_host) ^ ((addr_host) >> 16)) & (VIP_BITS - 1))
+#define VIP_BIT(fold_host) (((fold_host) ^ ((fold_host) >> 16)) & (VIP_BITS - 1))
 
 /* rev_nat: a backend endpoint -> a listener address it serves. A flow to that
  * address needs no reply entry: TC egress finds its forward entry from the
  * backend's reply through this map. The agent keeps an entry on the address it
  * first gave it for as long as flows may rely on it. */
 struct rev_nat_key {
-	__be32 addr;
+	struct addr addr;
 	__be16 port;
 	__u8 proto;
 	__u8 pad;
 };
 
 struct rev_nat_val {
-	__be32 vip;
+	struct addr vip;
 	__be16 vport;
 	__u16 backend;    /* backend id */
 	__u16 listener;   /* listener id */
@@ -116,8 +136,8 @@ struct rev_nat_val {
  * source-NAT port, and it goes only when its flow is gone (the sweeper, or a new
  * flow taking over the port of one that ended). */
 struct ct_key {
-	__be32 src;
-	__be32 dst;
+	struct addr src;
+	struct addr dst;
 	__be16 sport;
 	__be16 dport;
 	__u8 proto;
@@ -133,8 +153,8 @@ struct ct_key {
 #define CT_ESTABLISHED 64  /* the client acknowledged the backend's answer */
 
 struct ct_val {
-	__be32 nat_addr;   /* the backend */
-	__be32 snat_addr;  /* CT_SNAT: the node's address the flow leaves from */
+	struct addr nat_addr;   /* the backend */
+	struct addr snat_addr;  /* CT_SNAT: the node's address the flow leaves from */
 	__be16 nat_port;
 	__be16 snat_port;
 	__u16 backend;     /* backend id */
@@ -149,29 +169,43 @@ struct ct_val {
 };
 
 struct ct_reply_val {
-	__be32 client;     /* the flow's client (with source NAT, not in the key) */
-	__be32 vip;        /* the listener address it reached */
+	struct addr client;  /* the flow's client (with source NAT, not in the key) */
+	struct addr vip;     /* the listener address it reached */
 	__be16 cport;
 	__be16 vport;
-	__u16 flags;       /* CT_SNAT */
+	__u16 flags;         /* CT_SNAT */
 	__u16 pad;
 	__u32 created_s;
-	__u64 last_ns;     /* refreshed by the flow's packets either way */
+	__u64 last_ns;       /* refreshed by the flow's packets either way */
 };
 
 /* frags: the address translation of a fragmented datagram, recorded from its first
- * fragment (which alone holds the ports) and applied to the others. */
+ * fragment (which alone holds the ports) and applied to the others. id: the IPv4
+ * header's 16 bits, or the IPv6 fragment header's 32. */
 struct frag_key {
-	__be32 src;
-	__be32 dst;
-	__be16 id;
+	struct addr src;
+	struct addr dst;
+	__be32 id;
 	__u8 proto;
-	__u8 pad;
+	__u8 pad[3];
 };
 
 struct frag_val {
-	__be32 src;
-	__be32 dst;
+	struct addr src;
+	struct addr dst;
+};
+
+/* scratch: per CPU, where a new flow builds its entries before they go into the maps
+ * (with 16-byte addresses they do not fit on the 512-byte stack beside the rest), and
+ * what the IPv6 header walk found (see parse() in xdplb.c). */
+struct scratch {
+	struct ct_val fwd;
+	struct ct_reply_val reply;
+	struct ct_key reply_key;
+	__u32 l4_off;
+	__u32 l4_len;
+	__be32 frag_id;
+	__u32 frag;
 };
 
 /* What XDP leaves to TC ingress in the frame's metadata: the rewrite of a packet
@@ -222,6 +256,7 @@ enum stat {
 	ST_CSUM_DEFERRED,     /* partial L4 checksum: the rewrite left to TC ingress */
 	ST_UDP_MOVED,         /* UDP flow whose backend left or failed: moved to a live one */
 	ST_RST_IGNORED,       /* a RST outside its sender's window: not taken as the end */
+	ST_UNPARSED,          /* IPv6 headers past the extension-header bound: untouched */
 	ST_MAX
 };
 

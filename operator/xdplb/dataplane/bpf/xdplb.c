@@ -1,5 +1,5 @@
 /* xdplb data path.
- *   ingress (XDP): parse -> conntrack hit? DNAT : listener -> source route |
+ *   ingress (XDP): parse (IPv4, IPv6) -> conntrack hit? DNAT : listener -> source route |
  *                  SNI path | default group -> Maglev slot -> conntrack -> DNAT
  *   egress  (TC):  a backend's reply -> restore the listener address as source
  *   ingress (TC):  what XDP left to it (a partial checksum), and source-NAT replies
@@ -11,7 +11,9 @@
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/icmp.h>
 #include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
 #include <uapi/linux/pkt_cls.h>
@@ -23,6 +25,59 @@
 #include "parse.h"
 #include "conntrack.h"
 #include "icmp.h"
+
+/* --- parsing ----------------------------------------------------------------------- */
+
+/* parse.h's two steps. Between them an IPv6 packet's L4 offset (and what its
+ * extension-header walk found) goes through the per-CPU scratch map: the verifier
+ * then sees one range for every path the walk can take, instead of verifying the rest
+ * of the program once per path. */
+static __always_inline int parse(void *data, void *data_end, struct pkt *p)
+{
+	int r = parse_l3(data, data_end, p);
+	if (r != P_L4)
+		return r;
+	if (p->family == 6) {
+		__u32 zero = 0;
+		struct scratch *sc = scratch.lookup(&zero);
+		if (!sc)
+			return P_MALFORMED;
+		sc->l4_off = p->l4_off;
+		sc->l4_len = p->l4_len;
+		sc->frag_id = p->frag_id;
+		sc->frag = p->frag;
+		barrier();
+		p->l4_off = sc->l4_off;
+		p->l4_len = sc->l4_len;
+		p->frag_id = sc->frag_id;
+		p->frag = sc->frag;
+	}
+	return parse_l4(data, data_end, p);
+}
+
+/* p's pointers again, from its offsets, after a helper that changed no offset of the
+ * frame (bpf_xdp_adjust_meta) invalidated them. 0, or -1 when they do not fit. */
+static __always_inline int repoint(void *data, void *data_end, struct pkt *p)
+{
+	__u32 l3_off = p->l3_off, l4_off = p->l4_off;
+	if (l3_off > sizeof(struct ethhdr) + sizeof(struct vlan_hdr) || l4_off > MAX_L4_OFF)
+		return -1;
+	void *l3 = data + l3_off;
+	void *l4 = data + l4_off;
+	if (l3 + (p->family == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr)) > data_end ||
+	    l4 + sizeof(struct udphdr) > data_end)
+		return -1;
+	p->l3 = l3;
+	p->l4 = l4;
+	if (p->proto == IPPROTO_TCP) {
+		if (l4 + sizeof(struct tcphdr) > data_end)
+			return -1;
+		p->l4_csum = l4 + TCP_CSUM_OFF;
+	} else {
+		p->l4_csum = l4 + UDP_CSUM_OFF;
+	}
+	return 0;
+}
 
 /* --- counters (here, not in a header: bcc rewrites map calls only in the main
  * source file) ------------------------------------------------------------------ */
@@ -62,39 +117,63 @@ static __always_inline void track(struct ct_val *v, int dir, const struct pkt *p
 
 /* --- rewriting in XDP (complete checksums) ------------------------------------------ */
 
-/* Rewrite one address and one port, fixing the IPv4 and L4 checksums. */
-static __always_inline void rewrite(struct pkt *p, __be32 *addr, __be16 *port, __be32 new_addr,
-				    __be16 new_port)
+/* One end of p's flow (src: its source, else its destination) := a:port, fixing the
+ * IPv4 header checksum and the L4 one (a UDP checksum of 0, "none" over IPv4, stays
+ * so). p's copy of the address follows. */
+static __always_inline void rewrite(struct pkt *p, int src, const struct addr *a, __be16 port)
 {
-	__be32 old_addr = *addr;
-	__be16 old_port = *port;
-	*addr = new_addr;
-	*port = new_port;
-	csum_replace4(&p->ip->check, old_addr, new_addr);
-	if (p->proto == IPPROTO_TCP) {
-		csum_replace4(p->l4_csum, old_addr, new_addr);
-		csum_replace2(p->l4_csum, old_port, new_port);
+	__be16 *pt = p->l4 + (src ? L4_SPORT_OFF : L4_DPORT_OFF);
+	struct addr *old = src ? &p->src : &p->dst;
+	int udp = p->proto == IPPROTO_UDP;
+	if (p->family == 4) {
+		struct iphdr *ip = p->l3;
+		__be32 *f = src ? &ip->saddr : &ip->daddr;
+		csum_replace4(&ip->check, *f, a->w[3]);
+		if (udp)
+			udp_csum_replace4(p->l4_csum, *f, a->w[3]);
+		else
+			csum_replace4(p->l4_csum, *f, a->w[3]);
+		*f = a->w[3];
 	} else {
-		udp_csum_replace4(p->l4_csum, old_addr, new_addr);
-		udp_csum_replace2(p->l4_csum, old_port, new_port);
+		struct ipv6hdr *ip6 = p->l3;
+		if (udp)
+			udp_csum_replace16(p->l4_csum, old->w, a->w);
+		else
+			csum_replace16(p->l4_csum, old->w, a->w);
+		__builtin_memcpy(src ? &ip6->saddr : &ip6->daddr, a, sizeof(*a));
 	}
+	if (udp)
+		udp_csum_replace2(p->l4_csum, *pt, port);
+	else
+		csum_replace2(p->l4_csum, *pt, port);
+	*pt = port;
+	*old = *a;
 }
 
-static __always_inline void dnat(struct pkt *p, __be32 addr, __be16 port)
+static __always_inline void dnat(struct pkt *p, const struct addr *a, __be16 port)
 {
-	rewrite(p, &p->ip->daddr, p->l4 + L4_DPORT_OFF, addr, port);
+	rewrite(p, 0, a, port);
 }
 
-static __always_inline void snat(struct pkt *p, __be32 addr, __be16 port)
+static __always_inline void snat(struct pkt *p, const struct addr *a, __be16 port)
 {
-	rewrite(p, &p->ip->saddr, p->l4 + L4_SPORT_OFF, addr, port);
+	rewrite(p, 1, a, port);
 }
 
-/* A packet's IPv4 address (only: a later fragment has no ports) := to. */
-static __always_inline void ip_rewrite(struct iphdr *ip, __be32 *addr, __be32 to)
+/* A packet's address only (a later fragment has no ports; its datagram's L4 checksum
+ * is in the first), and the IPv4 header checksum. */
+static __always_inline void l3_rewrite(struct pkt *p, int src, const struct addr *a)
 {
-	csum_replace4(&ip->check, *addr, to);
-	*addr = to;
+	if (p->family == 4) {
+		struct iphdr *ip = p->l3;
+		__be32 *f = src ? &ip->saddr : &ip->daddr;
+		csum_replace4(&ip->check, *f, a->w[3]);
+		*f = a->w[3];
+	} else {
+		struct ipv6hdr *ip6 = p->l3;
+		__builtin_memcpy(src ? &ip6->saddr : &ip6->daddr, a, sizeof(*a));
+	}
+	*(src ? &p->src : &p->dst) = *a;
 }
 
 /* Whether p's L4 checksum holds only the pseudo-header sum (CHECKSUM_PARTIAL: a local
@@ -107,10 +186,7 @@ static __always_inline int csum_maybe_partial(const struct pkt *p)
 {
 	if (p->frag || (p->proto == IPPROTO_UDP && *p->l4_csum == 0))
 		return 0;
-	__be32 s = p->ip->saddr, d = p->ip->daddr;
-	__u32 len = bpf_ntohs(p->ip->tot_len) - (p->l4_off - p->ip_off);
-	__u32 sum = (s & 0xffff) + (s >> 16) + (d & 0xffff) + (d >> 16) +
-		    bpf_htons(p->proto) + bpf_htons(len);
+	__u32 sum = pseudo_sum(&p->src, &p->dst, p->family == 4, p->proto, p->l4_len);
 	return *p->l4_csum == csum_fold(sum);
 }
 
@@ -139,46 +215,46 @@ static __always_inline int defer_to_tc(struct xdp_md *ctx, struct pkt *p, __u32 
 		count(ST_CSUM_DEFERRED);
 		return 1;
 	}
-	return parse((void *)(long)ctx->data, (void *)(long)ctx->data_end, p) != P_OK;
+	return repoint((void *)(long)ctx->data, (void *)(long)ctx->data_end, p);
 }
 
 /* --- fragments ----------------------------------------------------------------------- */
 
-/* A first fragment was translated (src, dst: its addresses before): the others follow. */
-static __always_inline void frag_record(const struct pkt *p, __be32 src, __be32 dst)
+/* A first fragment was translated (k: its addresses before): the others follow. */
+static __always_inline void frag_record(const struct pkt *p, struct frag_key *k)
 {
-	if (!p->frag)
-		return;
-	struct frag_key k = { .src = src, .dst = dst, .id = p->ip->id, .proto = p->proto };
-	struct frag_val v = { .src = p->ip->saddr, .dst = p->ip->daddr };
-	frags.update(&k, &v);
+	k->id = p->frag_id;
+	k->proto = p->proto;
+	k->pad[0] = k->pad[1] = k->pad[2] = 0;
+	struct frag_val v = { .src = p->src, .dst = p->dst };
+	frags.update(k, &v);
 }
 
-static __always_inline struct frag_val *frag_of(const struct iphdr *ip)
+static __always_inline struct frag_val *frag_of(const struct pkt *p)
 {
-	struct frag_key k = {
-		.src = ip->saddr, .dst = ip->daddr, .id = ip->id, .proto = ip->protocol,
-	};
+	struct frag_key k = { .src = p->src, .dst = p->dst, .id = p->frag_id, .proto = p->proto };
 	return frags.lookup(&k);
 }
 
 /* --- VIPs ------------------------------------------------------------------------------ */
 
-static __always_inline int is_vip(__be32 addr)
+static __always_inline int is_vip(const struct addr *a)
 {
-	__u32 bit = VIP_BIT(bpf_ntohl(addr));
+	__u32 fold = bpf_ntohl(a->w[0] ^ a->w[1] ^ a->w[2] ^ a->w[3]);
+	__u32 bit = VIP_BIT(fold);
 	__u32 word = bit / 32;
 	__u32 *w = vip_bits.lookup(&word);
 	if (!w || !(*w & (1u << (bit & 31))))
 		return 0;
-	return vips.lookup(&addr) != NULL;
+	struct addr key = *a;
+	return vips.lookup(&key) != NULL;
 }
 
 /* A packet for no listener: dropped when it is to a VIP (a port no listener serves:
  * the node must not answer, nor route it back), else passed untouched. */
 static __always_inline int not_ours(const struct pkt *p)
 {
-	if (p->ip && is_vip(p->ip->daddr)) {
+	if (p->l3 && is_vip(&p->dst)) {
 		count(ST_VIP_CLOSED);
 		return XDP_DROP;
 	}
@@ -194,19 +270,30 @@ static __always_inline void swap_macs(struct ethhdr *eth)
 	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
 }
 
-/* A packet turned back to its sender: MACs and addresses swapped (which leaves the IP
- * checksum as it is), TTL 64, not fragmented. */
-static __always_inline void turn_back(struct ethhdr *eth, struct iphdr *ip)
+/* A packet turned back to its sender: MACs and addresses swapped (which leaves the
+ * checksums as they are), TTL (hop limit) 64, not fragmented. */
+static __always_inline void turn_back(struct ethhdr *eth, struct pkt *p)
 {
 	swap_macs(eth);
-	__be32 a = ip->saddr;
-	ip->saddr = ip->daddr;
-	ip->daddr = a;
-	__u16 old_ttl = *(__u16 *)&ip->ttl;
-	ip->ttl = 64;
-	csum_replace2(&ip->check, old_ttl, *(__u16 *)&ip->ttl);
-	csum_replace2(&ip->check, ip->frag_off, 0);
-	ip->frag_off = 0;
+	if (p->family == 4) {
+		struct iphdr *ip = p->l3;
+		__be32 a = ip->saddr;
+		ip->saddr = ip->daddr;
+		ip->daddr = a;
+		__u16 old_ttl = *(__u16 *)&ip->ttl;
+		ip->ttl = 64;
+		csum_replace2(&ip->check, old_ttl, *(__u16 *)&ip->ttl);
+		csum_replace2(&ip->check, ip->frag_off, 0);
+		ip->frag_off = 0;
+	} else {
+		struct ipv6hdr *ip6 = p->l3;
+		__builtin_memcpy(&ip6->saddr, &p->dst, sizeof(p->dst));
+		__builtin_memcpy(&ip6->daddr, &p->src, sizeof(p->src));
+		ip6->hop_limit = 64;
+	}
+	struct addr a = p->src;
+	p->src = p->dst;
+	p->dst = a;
 }
 
 /* An answer made in place of the packet it answers goes back out of the interface
@@ -222,26 +309,26 @@ static __always_inline int send_back(int via_tc)
  * node. -1 for anything else. */
 static __always_inline int vip_ping(struct xdp_md *ctx, struct pkt *p)
 {
-	struct icmphdr *icmp = p->l4;
-	if ((void *)(icmp + 1) > (void *)(long)ctx->data_end)
+	__u8 *icmp = p->l4;
+	if ((void *)(icmp + ICMP_HDR_LEN) > (void *)(long)ctx->data_end)
 		return -1;
-	if (icmp->type != ICMP_ECHO || icmp->code != 0)
+	__u8 request = p->family == 4 ? ICMP_ECHO : ICMP6_ECHO_REQUEST;
+	if (icmp[ICMP_TYPE_OFF] != request || icmp[1] != 0)
 		return -1;
 	int via_tc = !ask_tc(ctx, DEFER_ANSWER);
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
-	if (parse(data, data_end, p) != P_ICMP)
+	if (repoint(data, data_end, p))
 		return XDP_DROP;
-	struct iphdr *ip = p->ip;
 	icmp = p->l4;
-	if ((void *)(eth + 1) > data_end || (void *)(ip + 1) > data_end ||
-	    (void *)(icmp + 1) > data_end)
+	if ((void *)(eth + 1) > data_end || (void *)(icmp + ICMP_HDR_LEN) > data_end)
 		return XDP_DROP;
-	turn_back(eth, ip);
+	turn_back(eth, p);  /* an ICMPv6 checksum covers both addresses: swapped, the same */
+	__u16 *csum = (__u16 *)(icmp + ICMP_CSUM_OFF);
 	__u16 old = *(__u16 *)icmp;
-	icmp->type = ICMP_ECHOREPLY;
-	csum_replace2(&icmp->checksum, old, *(__u16 *)icmp);
+	icmp[ICMP_TYPE_OFF] = p->family == 4 ? ICMP_ECHOREPLY : ICMP6_ECHO_REPLY;
+	csum_replace2(csum, old, *(__u16 *)icmp);
 	count(ST_VIP_PING);
 	return send_back(via_tc);
 }
@@ -252,25 +339,37 @@ static __always_inline int vip_ping(struct xdp_md *ctx, struct pkt *p)
  * the state that asks the kernel to complete it. */
 static __always_inline int send_rst(struct xdp_md *ctx, struct pkt *p)
 {
+	/* An IPv6 segment behind extension headers is not answered: the answer would
+	 * have to move its TCP header. */
+	if (p->family == 6 && p->l4_off != p->l3_off + sizeof(struct ipv6hdr))
+		return XDP_DROP;
 	int partial = csum_maybe_partial(p);
 	__u8 flags = p->tcp_flags;
 	__u32 seq_end = p->seq_end;
 	int via_tc = !ask_tc(ctx, DEFER_ANSWER);
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	if (parse(data, data_end, p) != P_OK)
+	if (repoint(data, data_end, p))
 		return XDP_DROP;
 	struct ethhdr *eth = data;
-	struct iphdr *ip = p->ip;
 	struct tcphdr *tcp = p->l4;
-	if ((void *)(eth + 1) > data_end || (void *)(ip + 1) > data_end ||
-	    (void *)(tcp + 1) > data_end)
+	if ((void *)(eth + 1) > data_end || (void *)(tcp + 1) > data_end)
 		return XDP_DROP;
 
-	turn_back(eth, ip);
-	__u16 new_len = bpf_htons(p->l4_off - p->ip_off + sizeof(*tcp));
-	csum_replace2(&ip->check, ip->tot_len, new_len);
-	ip->tot_len = new_len;
+	turn_back(eth, p);
+	if (p->family == 4) {
+		struct iphdr *ip = p->l3;
+		if ((void *)(ip + 1) > data_end)
+			return XDP_DROP;
+		__u16 new_len = bpf_htons(p->l4_off - p->l3_off + sizeof(*tcp));
+		csum_replace2(&ip->check, ip->tot_len, new_len);
+		ip->tot_len = new_len;
+	} else {
+		struct ipv6hdr *ip6 = p->l3;
+		if ((void *)(ip6 + 1) > data_end)
+			return XDP_DROP;
+		ip6->payload_len = bpf_htons(sizeof(*tcp));
+	}
 
 	__be16 port = tcp->source;
 	tcp->source = tcp->dest;
@@ -288,8 +387,7 @@ static __always_inline int send_rst(struct xdp_md *ctx, struct pkt *p)
 	tcp->window = 0;
 	tcp->urg_ptr = 0;
 	tcp->check = 0;
-	__u32 s = (ip->saddr & 0xffff) + (ip->saddr >> 16) + (ip->daddr & 0xffff) +
-		  (ip->daddr >> 16) + bpf_htons(IPPROTO_TCP) + bpf_htons(sizeof(*tcp));
+	__u32 s = pseudo_sum(&p->src, &p->dst, p->family == 4, IPPROTO_TCP, sizeof(*tcp));
 	if (partial && via_tc) {
 		tcp->check = csum_fold(s);
 	} else {
@@ -326,7 +424,7 @@ static __always_inline void reply_key_of(struct ct_key *rk, const struct ct_val 
 		rk->dst = e->snat_addr;
 		rk->dport = e->snat_port;
 	} else {
-		rk->dst = p->ip->saddr;
+		rk->dst = p->src;
 		rk->dport = p->sport;
 	}
 	rk->proto = p->proto;
@@ -336,8 +434,8 @@ static __always_inline void reply_key_of(struct ct_key *rk, const struct ct_val 
 /* Whether reply entry rv names the flow of the client's packet p. */
 static __always_inline int reply_names(const struct ct_reply_val *rv, const struct pkt *p)
 {
-	return rv->client == p->ip->saddr && rv->cport == p->sport &&
-	       rv->vip == p->ip->daddr && rv->vport == p->dport;
+	return addr_eq(&rv->client, &p->src) && rv->cport == p->sport &&
+	       addr_eq(&rv->vip, &p->dst) && rv->vport == p->dport;
 }
 
 /* May a new source-NAT flow (rv) take the port whose reply entry `held` names another
@@ -351,8 +449,8 @@ static __always_inline int snat_port_reusable(const struct ct_key *rk,
 					      const struct ct_reply_val *held,
 					      const struct ct_reply_val *rv, __u64 now)
 {
-	if (rk->proto != IPPROTO_TCP || held->client != rv->client || held->cport != rv->cport ||
-	    held->vip != rv->vip || held->vport != rv->vport)
+	if (rk->proto != IPPROTO_TCP || !addr_eq(&held->client, &rv->client) ||
+	    held->cport != rv->cport || !addr_eq(&held->vip, &rv->vip) || held->vport != rv->vport)
 		return 0;
 	struct ct_key fkey;
 	ct_forward_key(&fkey, held, rk->proto);
@@ -392,28 +490,30 @@ static __always_inline int snat_reserve(struct ct_key *rk, struct ct_reply_val *
 
 /* Where a source-NAT flow's reply goes back to: the client, from the listener. */
 struct snat_back {
-	__be32 client;
-	__be32 vip;
+	struct addr client;
+	struct addr vip;
 	__be16 cport;
 	__be16 vport;
+	int found;  /* a source-NAT reply entry matched */
 };
 
 /* A backend's reply to a source-NAT flow, arriving on the backend side at the node's
  * address (p: backend -> node): its flow's forward entry and where the reply goes.
- * NULL, with t->vip 0, when p is no such reply; NULL with t filled when its flow is
+ * NULL, with t->found 0, when p is no such reply; NULL with t filled when its flow is
  * gone. */
 static __always_inline struct ct_val *snat_reply_of(const struct pkt *p, __u64 now,
 						    struct snat_back *t,
 						    struct ct_reply_val **rvp)
 {
 	struct ct_key rk = {
-		.src = p->ip->saddr, .dst = p->ip->daddr, .sport = p->sport, .dport = p->dport,
+		.src = p->src, .dst = p->dst, .sport = p->sport, .dport = p->dport,
 		.proto = p->proto,
 	};
-	t->vip = 0;
+	t->found = 0;
 	struct ct_reply_val *rv = ct_reply.lookup(&rk);
 	if (!rv || !(rv->flags & CT_SNAT))
 		return NULL;
+	t->found = 1;
 	t->client = rv->client;
 	t->vip = rv->vip;
 	t->cport = rv->cport;
@@ -435,7 +535,7 @@ static __always_inline int snat_reply_flow(const struct pkt *p, __u64 now, __u64
 	struct ct_reply_val *rv;
 	struct ct_val *f = snat_reply_of(p, now, t, &rv);
 	if (!f) {
-		if (!t->vip)
+		if (!t->found)
 			return -1;
 		count(ST_REPLY_EXPIRED);
 		return 1;
@@ -456,10 +556,15 @@ static __always_inline int snat_reply(struct xdp_md *ctx, struct pkt *p, __u64 n
 		return r < 0 ? -1 : XDP_PASS;
 	if (defer_to_tc(ctx, p, DEFER_REPLY))
 		return XDP_PASS;
-	__be32 src = p->ip->saddr, dst = p->ip->daddr;
-	dnat(p, t.client, t.cport);
-	snat(p, t.vip, t.vport);
-	frag_record(p, src, dst);
+	struct frag_key k;
+	if (p->frag) {
+		k.src = p->src;
+		k.dst = p->dst;
+	}
+	dnat(p, &t.client, t.cport);
+	snat(p, &t.vip, t.vport);
+	if (p->frag)
+		frag_record(p, &k);
 	return XDP_PASS;
 }
 
@@ -475,14 +580,14 @@ static __always_inline int rev_nat_covers(const struct backend *b, const struct 
 	struct rev_nat_val *r = rev_nat.lookup(&bk);
 	if (!r)
 		return 0;
-	if (r->vip == p->ip->daddr && r->vport == p->dport)
+	if (addr_eq(&r->vip, &p->dst) && r->vport == p->dport)
 		return 1;
 	struct ct_key old = {
-		.src = p->ip->saddr, .dst = r->vip, .sport = p->sport, .dport = r->vport,
+		.src = p->src, .dst = r->vip, .sport = p->sport, .dport = r->vport,
 		.proto = p->proto,
 	};
 	struct ct_val *o = ct.lookup(&old);
-	if (o && o->nat_addr == b->addr && o->nat_port == b->port &&
+	if (o && addr_eq(&o->nat_addr, &b->addr) && o->nat_port == b->port &&
 	    !(o->flags & (CT_SNAT | CT_PAIRED)))
 		ct.delete(&old);
 	return 0;
@@ -492,16 +597,18 @@ static __always_inline int rev_nat_covers(const struct backend *b, const struct 
  * its checksum is partial. */
 static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, const struct ct_val *e)
 {
-	__be32 src = p->ip->saddr, dst = p->ip->daddr;
-	__be32 nat_addr = e->nat_addr, snat_addr = e->snat_addr;
-	__be16 nat_port = e->nat_port, snat_port = e->snat_port;
-	int snatted = e->flags & CT_SNAT;
 	if (defer_to_tc(ctx, p, DEFER_FORWARD))
 		return XDP_PASS;
-	if (snatted)
-		snat(p, snat_addr, snat_port);
-	dnat(p, nat_addr, nat_port);
-	frag_record(p, src, dst);
+	struct frag_key k;
+	if (p->frag) {
+		k.src = p->src;
+		k.dst = p->dst;
+	}
+	if (e->flags & CT_SNAT)
+		snat(p, &e->snat_addr, e->snat_port);
+	dnat(p, &e->nat_addr, e->nat_port);
+	if (p->frag)
+		frag_record(p, &k);
 	return XDP_PASS;
 }
 
@@ -518,25 +625,28 @@ static __always_inline int established(struct xdp_md *ctx, struct pkt *p, struct
 		struct ct_reply_val *rv = ct_reply.lookup(&rk);
 		if (rv && reply_names(rv, p)) {
 			rv->last_ns = now;
-		} else if (rv || (e->flags & CT_SNAT)) {
-			/* Its port (or, without source NAT, the backend's end) is another
-			 * flow's now: this one cannot go on from it. */
-			struct ct_reply_val mine = {
-				.client = p->ip->saddr, .vip = p->ip->daddr, .cport = p->sport,
-				.vport = p->dport, .flags = e->flags & CT_SNAT,
-				.created_s = now / SEC_NS, .last_ns = now,
-			};
-			if (rv || ct_reply.insert(&rk, &mine)) {
+		} else {
+			/* Gone: made again, unless its port (or, without source NAT, the
+			 * backend's end) is another flow's now, or the map is full: then this
+			 * flow cannot go on from it. */
+			__u32 zero = 0;
+			struct scratch *sc = scratch.lookup(&zero);
+			if (!sc)
+				return -1;
+			struct ct_reply_val *mine = &sc->reply;
+			__builtin_memset(mine, 0, sizeof(*mine));
+			mine->client = p->src;
+			mine->vip = p->dst;
+			mine->cport = p->sport;
+			mine->vport = p->dport;
+			mine->flags = e->flags & CT_SNAT;
+			mine->created_s = now / SEC_NS;
+			mine->last_ns = now;
+			if (rv || ct_reply.insert(&rk, mine)) {
 				ct.delete(fkey);
 				count(ST_SNAT_PORT_LOST);
 				return -1;
 			}
-		} else {
-			struct ct_reply_val again = {
-				.client = p->ip->saddr, .vip = p->ip->daddr, .cport = p->sport,
-				.vport = p->dport, .created_s = now / SEC_NS, .last_ns = now,
-			};
-			ct_reply.update(&rk, &again);
 		}
 	}
 	if (p->proto == IPPROTO_UDP) {
@@ -544,7 +654,8 @@ static __always_inline int established(struct xdp_md *ctx, struct pkt *p, struct
 		 * one (TCP flows drain where they are). */
 		__u32 bid = e->backend;
 		struct backend *b = backends.lookup(&bid);
-		if (!b || !(b->flags & BF_LIVE) || b->addr != e->nat_addr || b->port != e->nat_port) {
+		if (!b || !(b->flags & BF_LIVE) || !addr_eq(&b->addr, &e->nat_addr) ||
+		    b->port != e->nat_port) {
 			ct.delete(fkey);
 			count(ST_UDP_MOVED);
 			return -1;
@@ -556,9 +667,9 @@ static __always_inline int established(struct xdp_md *ctx, struct pkt *p, struct
 	return forward(ctx, p, e);
 }
 
-static __always_inline __u32 net_of(__be32 addr)
+static __always_inline __u32 net_of(const struct addr *a)
 {
-	struct net_key k = { .prefixlen = 32, .addr = addr };
+	struct net_key k = { .prefixlen = 128, .addr = *a };
 	__u32 *net = backend_nets.lookup(&k);
 	return net ? *net : 0;
 }
@@ -568,7 +679,7 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct pkt *p, struct ct
 				    __u64 now, __u64 bytes)
 {
 	struct listener_key lk = {
-		.ifindex = ctx->ingress_ifindex, .addr = p->ip->daddr, .port = p->dport,
+		.ifindex = ctx->ingress_ifindex, .addr = p->dst, .port = p->dport,
 		.proto = p->proto,
 	};
 	struct listener_val *l = listeners.lookup(&lk);
@@ -583,8 +694,8 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct pkt *p, struct ct
 	/* On an SNI listener only a SYN may take a route: a later segment without an
 	 * entry is the acceptor's. */
 	if ((flags & LF_SRC_ROUTES) && !(lost && (flags & LF_SNI))) {
-		struct lpm_key rk = { .prefixlen = 64, .listener = bpf_htonl(lid),
-				      .addr = p->ip->saddr };
+		struct lpm_key rk = { .prefixlen = 32 + 128, .listener = bpf_htonl(lid),
+				      .addr = p->src };
 		__u32 *g = src_routes.lookup(&rk);
 		if (g) {
 			gid = *g;
@@ -601,13 +712,14 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct pkt *p, struct ct
 	__u32 bid = 0;
 	if (g && g->size) {
 		__u32 h = (flags & LF_CLIENT_IP)
-			? client_hash(bpf_ntohl(p->ip->saddr))
-			: flow_hash(bpf_ntohl(p->ip->saddr), bpf_ntohl(p->ip->daddr),
-				    bpf_ntohs(p->sport), bpf_ntohs(p->dport), p->proto);
+			? client_hash(&p->src)
+			: flow_hash(&p->src, &p->dst, bpf_ntohs(p->sport), bpf_ntohs(p->dport),
+				    p->proto);
 		__u32 slot = g->offset + h % g->size;
-		__u16 *id = pool.lookup(&slot);
-		if (id) {
-			bid = *id;
+		__u32 elem = slot / POOL_IDS;
+		struct pool_ids *ids = pool.lookup(&elem);
+		if (ids) {
+			bid = ids->id[slot & (POOL_IDS - 1)];
 			b = backends.lookup(&bid);
 		}
 	}
@@ -620,58 +732,77 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct pkt *p, struct ct
 		return XDP_DROP;
 	}
 
-	struct ct_val v = {
-		.nat_addr = b->addr, .nat_port = b->port, .backend = bid, .listener = lid,
-		.seq_end = {p->seq_end, 0}, .created_s = now / SEC_NS, .last_ns = now,
-		.packets = {1, 0}, .bytes = {bytes, 0},
-	};
+	/* The new entries are built in the per-CPU scratch: with both address families,
+	 * they do not fit beside the rest on the 512-byte stack. */
+	__u32 zero = 0;
+	struct scratch *sc = scratch.lookup(&zero);
+	if (!sc)
+		return XDP_PASS;
+	struct ct_val *v = &sc->fwd;
+	__builtin_memset(v, 0, sizeof(*v));
+	v->nat_addr = b->addr;
+	v->nat_port = b->port;
+	v->backend = bid;
+	v->listener = lid;
+	v->seq_end[0] = p->seq_end;
+	v->created_s = now / SEC_NS;
+	v->last_ns = now;
+	v->packets[0] = 1;
+	v->bytes[0] = bytes;
 	if (lost)
-		v.flags = ct_flags_of(&v, 0, p);
-	struct ct_key rk = {
-		.src = b->addr, .dst = p->ip->saddr, .sport = b->port, .dport = p->sport,
-		.proto = p->proto,
-	};
-	struct ct_reply_val rv = {
-		.client = p->ip->saddr, .vip = p->ip->daddr, .cport = p->sport, .vport = p->dport,
-		.created_s = now / SEC_NS, .last_ns = now,
-	};
+		v->flags = ct_flags_of(v, 0, p);
+	struct ct_key *rk = &sc->reply_key;
+	__builtin_memset(rk, 0, sizeof(*rk));
+	rk->src = b->addr;
+	rk->dst = p->src;
+	rk->sport = b->port;
+	rk->dport = p->sport;
+	rk->proto = p->proto;
+	struct ct_reply_val *rv = &sc->reply;
+	__builtin_memset(rv, 0, sizeof(*rv));
+	rv->client = p->src;
+	rv->vip = p->dst;
+	rv->cport = p->sport;
+	rv->vport = p->dport;
+	rv->created_s = now / SEC_NS;
+	rv->last_ns = now;
 	/* Source NAT when the listener asks, and when the backend would answer the client
 	 * directly: the client is the backend itself (hairpin), or on its network. */
-	if ((flags & LF_SNAT) || b->addr == p->ip->saddr ||
-	    ((flags & LF_HAIRPIN) && b->net && net_of(p->ip->saddr) == b->net)) {
+	if ((flags & LF_SNAT) || addr_eq(&b->addr, &p->src) ||
+	    ((flags & LF_HAIRPIN) && b->net && net_of(&p->src) == b->net)) {
 		/* A source-NAT flow is created by its first packet only: a lost one gets a
 		 * new port the backend does not know, so it is refused at once. */
 		if (lost)
 			return refuse(ctx, p, ST_SNAT_NO_FLOW);
-		if (!b->snat_src) {
+		if (addr_is_zero(&b->snat_src)) {
 			count(ST_SNAT_NO_SOURCE);
 			return XDP_DROP;
 		}
-		rk.dst = b->snat_src;
-		rv.flags = CT_SNAT;
-		if (snat_reserve(&rk, &rv, now)) {
+		rk->dst = b->snat_src;
+		rv->flags = CT_SNAT;
+		if (snat_reserve(rk, rv, now)) {
 			count(ST_SNAT_EXHAUSTED);
 			return XDP_DROP;
 		}
-		v.flags |= CT_SNAT;
-		v.snat_addr = rk.dst;
-		v.snat_port = rk.dport;
+		v->flags |= CT_SNAT;
+		v->snat_addr = rk->dst;
+		v->snat_port = rk->dport;
 	} else if (!rev_nat_covers(b, p)) {
-		if (ct_reply.update(&rk, &rv)) {
+		if (ct_reply.update(rk, rv)) {
 			count(ST_CT_FULL);
 			return XDP_DROP;
 		}
-		v.flags |= CT_PAIRED;
+		v->flags |= CT_PAIRED;
 	}
-	if (ct.update(fkey, &v)) {
-		if (v.flags & (CT_SNAT | CT_PAIRED))
-			ct_reply.delete(&rk);
+	if (ct.update(fkey, v)) {
+		if (v->flags & (CT_SNAT | CT_PAIRED))
+			ct_reply.delete(rk);
 		count(ST_CT_FULL);
 		return XDP_DROP;
 	}
 	count_flow(lid, bid, bytes, !lost);
 	count(lost ? ST_RESELECTED : path);
-	return forward(ctx, p, &v);
+	return forward(ctx, p, v);
 }
 
 /* --- ICMP ------------------------------------------------------------------------------ */
@@ -680,8 +811,8 @@ static __always_inline int new_flow(struct xdp_md *ctx, struct pkt *p, struct ct
  * LB sent toward a client (listener -> client): its ends swapped. */
 static __always_inline void quoted_forward(struct ct_key *k, const struct icmp_err *e)
 {
-	k->src = e->in_ip->daddr;
-	k->dst = e->in_ip->saddr;
+	k->src = e->in_dst;
+	k->dst = e->in_src;
 	k->sport = e->in_ports[1];
 	k->dport = e->in_ports[0];
 	k->proto = e->in_proto;
@@ -707,15 +838,13 @@ static __always_inline int icmp_snat_forward(struct pkt *p, struct icmp_err *e)
 		return -1;
 	struct ct_key fkey;
 	ct_forward_key(&fkey, rv, e->in_proto);
-	__be32 client = rv->client, vip = rv->vip, node = rk.dst;
-	__be16 client_port = rv->cport, vport = rv->vport;
 	struct ct_val *v = ct.lookup(&fkey);
 	if (!v || !ct_pairs(v, &rk, rv) || ct_expired(v, e->in_proto, bpf_ktime_get_coarse_ns()))
 		return -1;
-	icmp_rewrite_quote(e, 0, client, client_port);
-	icmp_rewrite_quote(e, 1, vip, vport);
-	if (p->ip->daddr == node)
-		ip_rewrite(p->ip, &p->ip->daddr, client);
+	icmp_rewrite_quote(e, 0, &rv->client, rv->cport);
+	icmp_rewrite_quote(e, 1, &rv->vip, rv->vport);
+	if (addr_eq(&p->dst, &rk.dst))  /* to the node's address */
+		icmp_outer_daddr(p, e, &rv->client);
 	return 0;
 }
 
@@ -733,12 +862,12 @@ static __always_inline int icmp_translate_in(struct pkt *p, void *data_end)
 		return icmp_snat_forward(p, &e);
 	if (ct_expired(v, e.in_proto, bpf_ktime_get_coarse_ns()))
 		return -1;
-	__be32 vip = key.dst, backend = v->nat_addr;
-	icmp_rewrite_quote(&e, 0, backend, v->nat_port);
+	/* v is a map value: no packet helper runs here to invalidate it. */
+	icmp_rewrite_quote(&e, 0, &v->nat_addr, v->nat_port);
 	if (v->flags & CT_SNAT)  /* the backend's packet went to the node's address */
-		icmp_rewrite_quote(&e, 1, v->snat_addr, v->snat_port);
-	if (p->ip->daddr == vip)
-		ip_rewrite(p->ip, &p->ip->daddr, backend);
+		icmp_rewrite_quote(&e, 1, &v->snat_addr, v->snat_port);
+	if (addr_eq(&p->dst, &key.dst))
+		icmp_outer_daddr(p, &e, &v->nat_addr);
 	return 0;
 }
 
@@ -748,7 +877,18 @@ static __always_inline int icmp_ingress(struct xdp_md *ctx, struct pkt *p, void 
 		count(ST_ICMP_IN);
 		return XDP_PASS;
 	}
-	if (is_vip(p->ip->daddr)) {
+	__u8 *icmp = p->l4;
+	if ((void *)(icmp + ICMP_HDR_LEN) > data_end) {
+		count(ST_MALFORMED);
+		return XDP_PASS;
+	}
+	/* Neighbour discovery is never touched, whatever its address. */
+	if (p->family == 6 && icmp[ICMP_TYPE_OFF] >= ICMP6_ND_FIRST &&
+	    icmp[ICMP_TYPE_OFF] <= ICMP6_ND_LAST) {
+		count(ST_NOMATCH);
+		return XDP_PASS;
+	}
+	if (is_vip(&p->dst)) {
 		int r = vip_ping(ctx, p);
 		if (r >= 0)
 			return r;
@@ -763,20 +903,20 @@ static __always_inline int icmp_ingress(struct xdp_md *ctx, struct pkt *p, void 
  * a VIP whose first fragment was not seen (reordered, or lost) has nowhere to go. */
 static __always_inline int later_fragment(struct pkt *p)
 {
-	struct frag_val *f = frag_of(p->ip);
+	struct frag_val *f = frag_of(p);
 	if (!f) {
-		if (is_vip(p->ip->daddr)) {
+		if (is_vip(&p->dst)) {
 			count(ST_FRAG_MISSED);
 			return XDP_DROP;
 		}
 		count(ST_NOMATCH);
 		return XDP_PASS;
 	}
-	__be32 src = f->src, dst = f->dst;
-	if (p->ip->saddr != src)
-		ip_rewrite(p->ip, &p->ip->saddr, src);
-	if (p->ip->daddr != dst)
-		ip_rewrite(p->ip, &p->ip->daddr, dst);
+	struct addr src = f->src, dst = f->dst;
+	if (!addr_eq(&p->src, &src))
+		l3_rewrite(p, 1, &src);
+	if (!addr_eq(&p->dst, &dst))
+		l3_rewrite(p, 0, &dst);
 	count(ST_FRAGMENT);
 	return XDP_PASS;
 }
@@ -797,6 +937,9 @@ int xdplb_ingress(struct xdp_md *ctx)
 		return later_fragment(&p);
 	case P_ICMP:
 		return icmp_ingress(ctx, &p, data_end);
+	case P_UNPARSED:
+		count(ST_UNPARSED);
+		return XDP_PASS;
 	default:
 		return not_ours(&p);
 	}
@@ -818,8 +961,7 @@ int xdplb_ingress(struct xdp_md *ctx)
 	}
 	int syn = (p.tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN;
 	struct ct_key fkey = {
-		.src = p.ip->saddr, .dst = p.ip->daddr, .sport = p.sport, .dport = p.dport,
-		.proto = p.proto,
+		.src = p.src, .dst = p.dst, .sport = p.sport, .dport = p.dport, .proto = p.proto,
 	};
 	struct ct_val *e = ct.lookup(&fkey);
 	/* A SYN on a closed flow's entry starts a new flow (port reuse). */
@@ -842,9 +984,17 @@ static __always_inline int parse_skb(struct __sk_buff *skb, struct pkt *p)
 	void *data_end = (void *)(long)skb->data_end;
 	int r = parse(data, data_end, p);
 	if (r == P_MALFORMED && skb->len > data_end - data) {
-		if (bpf_skb_pull_data(skb, skb->len < 128 ? skb->len : 128))
+		/* Enough for the usual headers; IPv6 extension headers may need more. */
+		__u32 want = skb->len < 128 ? skb->len : 128;
+		if (bpf_skb_pull_data(skb, want))
 			return P_MALFORMED;
 		r = parse((void *)(long)skb->data, (void *)(long)skb->data_end, p);
+		if (r == P_MALFORMED && skb->len > want) {
+			want = skb->len < MAX_L4_OFF + 64 ? skb->len : MAX_L4_OFF + 64;
+			if (bpf_skb_pull_data(skb, want))
+				return P_MALFORMED;
+			r = parse((void *)(long)skb->data, (void *)(long)skb->data_end, p);
+		}
 	}
 	if (r == P_ICMP) {
 		if (bpf_skb_pull_data(skb, skb->len < 192 ? skb->len : 192))
@@ -854,71 +1004,90 @@ static __always_inline int parse_skb(struct __sk_buff *skb, struct pkt *p)
 	return r;
 }
 
-/* One end of an skb's flow (addr_off, port_off) := new_addr:new_port, checksums
- * kept valid whether the L4 one is complete or offloaded. Takes the old values:
- * the helpers invalidate packet pointers. */
-static __always_inline void skb_rewrite_end(struct __sk_buff *skb, __u32 csum_off, __u64 mangled,
-					    __u32 ip_check_off, __u32 addr_off, __u32 port_off,
-					    __be32 old_addr, __be32 new_addr, __be16 old_port,
-					    __be16 new_port)
-{
-	bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
-			    BPF_F_PSEUDO_HDR | mangled | sizeof(new_addr));
-	bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | sizeof(new_port));
-	bpf_l3_csum_replace(skb, ip_check_off, old_addr, new_addr, sizeof(new_addr));
-	bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0);
-	bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0);
-}
-
 static __always_inline __u32 l4_csum_off(const struct pkt *p)
 {
 	return p->l4_off + (p->proto == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF);
 }
 
-/* An skb's source (src = 1) or destination := addr:port. */
+/* The frame offset of an skb's source (src = 1) or destination address. */
+static __always_inline __u32 skb_addr_off(const struct pkt *p, int src)
+{
+	if (p->family == 4)
+		return p->l3_off + (src ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr));
+	return p->l3_off + (src ? offsetof(struct ipv6hdr, saddr) : offsetof(struct ipv6hdr, daddr));
+}
+
+/* An skb's source (src = 1) or destination := a:port, checksums kept valid whether
+ * the L4 one is complete or offloaded. The helpers invalidate packet pointers: p's
+ * copies of the addresses and ports are what it reads. */
 static __always_inline void skb_nat(struct __sk_buff *skb, const struct pkt *p, int src,
-				    __be32 addr, __be16 port)
+				    const struct addr *a, __be16 port)
 {
 	__u64 mangled = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
-	skb_rewrite_end(skb, l4_csum_off(p), mangled, p->ip_off + offsetof(struct iphdr, check),
-			p->ip_off + (src ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr)),
-			p->l4_off + (src ? L4_SPORT_OFF : L4_DPORT_OFF),
-			src ? p->ip->saddr : p->ip->daddr, addr, src ? p->sport : p->dport, port);
+	__u32 csum_off = l4_csum_off(p);
+	__u32 addr_off = skb_addr_off(p, src);
+	__be16 old_port = src ? p->sport : p->dport;
+	struct addr new = *a;
+	if (p->family == 4) {
+		__be32 old = src ? p->src.w[3] : p->dst.w[3];
+		bpf_l4_csum_replace(skb, csum_off, old, new.w[3],
+				    BPF_F_PSEUDO_HDR | mangled | sizeof(__be32));
+		bpf_l3_csum_replace(skb, p->l3_off + offsetof(struct iphdr, check), old, new.w[3],
+				    sizeof(__be32));
+		bpf_skb_store_bytes(skb, addr_off, &new.w[3], sizeof(__be32), 0);
+	} else {
+		struct addr old = src ? p->src : p->dst;
+		__s64 diff = bpf_csum_diff(old.w, sizeof(old), new.w, sizeof(new), 0);
+		bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled);
+		bpf_skb_store_bytes(skb, addr_off, &new, sizeof(new), 0);
+	}
+	bpf_l4_csum_replace(skb, csum_off, old_port, port, mangled | sizeof(port));
+	bpf_skb_store_bytes(skb, p->l4_off + (src ? L4_SPORT_OFF : L4_DPORT_OFF), &port,
+			    sizeof(port), 0);
+}
+
+/* An skb's address only (src = 1: its source) := a, and the IPv4 header checksum. */
+static __always_inline void skb_l3_rewrite(struct __sk_buff *skb, const struct pkt *p, int src,
+					   const struct addr *a)
+{
+	struct addr new = *a;
+	if (p->family == 4) {
+		__be32 old = src ? p->src.w[3] : p->dst.w[3];
+		bpf_l3_csum_replace(skb, p->l3_off + offsetof(struct iphdr, check), old, new.w[3],
+				    sizeof(__be32));
+		bpf_skb_store_bytes(skb, skb_addr_off(p, src), &new.w[3], sizeof(__be32), 0);
+	} else {
+		bpf_skb_store_bytes(skb, skb_addr_off(p, src), &new, sizeof(new), 0);
+	}
 }
 
 /* A later fragment's addresses := what its first fragment's became. */
 static __always_inline void skb_later_fragment(struct __sk_buff *skb, const struct pkt *p)
 {
-	struct frag_val *f = frag_of(p->ip);
+	struct frag_val *f = frag_of(p);
 	if (!f)
 		return;
-	__be32 src = f->src, dst = f->dst, old_src = p->ip->saddr, old_dst = p->ip->daddr;
-	__u32 check = p->ip_off + offsetof(struct iphdr, check);
-	if (old_src != src) {
-		bpf_l3_csum_replace(skb, check, old_src, src, sizeof(src));
-		bpf_skb_store_bytes(skb, p->ip_off + offsetof(struct iphdr, saddr), &src,
-				    sizeof(src), 0);
-	}
-	if (old_dst != dst) {
-		bpf_l3_csum_replace(skb, check, old_dst, dst, sizeof(dst));
-		bpf_skb_store_bytes(skb, p->ip_off + offsetof(struct iphdr, daddr), &dst,
-				    sizeof(dst), 0);
-	}
+	struct addr src = f->src, dst = f->dst;
+	if (!addr_eq(&p->src, &src))
+		skb_l3_rewrite(skb, p, 1, &src);
+	if (!addr_eq(&p->dst, &dst))
+		skb_l3_rewrite(skb, p, 0, &dst);
 	count(ST_FRAGMENT);
 }
 
 /* The live forward entry of the flow client:cport -> vip:vport, if it goes to
  * backend:bport without source NAT. */
-static __always_inline struct ct_val *forward_of(__be32 client, __be16 cport, __be32 vip,
-						 __be16 vport, __be32 backend, __be16 bport,
+static __always_inline struct ct_val *forward_of(const struct addr *client, __be16 cport,
+						 const struct addr *vip, __be16 vport,
+						 const struct addr *backend, __be16 bport,
 						 __u8 proto, __u64 now)
 {
 	struct ct_key fkey = {
-		.src = client, .dst = vip, .sport = cport, .dport = vport, .proto = proto,
+		.src = *client, .dst = *vip, .sport = cport, .dport = vport, .proto = proto,
 	};
 	struct ct_val *e = ct.lookup(&fkey);
-	if (!e || e->nat_addr != backend || e->nat_port != bport || (e->flags & CT_SNAT) ||
-	    ct_expired(e, proto, now))
+	if (!e || !addr_eq(&e->nat_addr, backend) || e->nat_port != bport ||
+	    (e->flags & CT_SNAT) || ct_expired(e, proto, now))
 		return NULL;
 	return e;
 }
@@ -929,7 +1098,7 @@ enum reply_found { RF_FLOW, RF_NONE, RF_GONE };
 struct reply {
 	struct ct_val *e;          /* RF_FLOW: the flow's forward entry */
 	struct ct_reply_val *rv;   /* its reply entry (NULL: found through rev_nat) */
-	__be32 vip;                /* RF_FLOW: the listener address the client knows */
+	struct addr vip;           /* RF_FLOW: the listener address the client knows */
 	__be16 vport;
 };
 
@@ -945,7 +1114,7 @@ static __always_inline int reply_lookup(struct ct_key *rk, __u64 now, struct rep
 	if (rn) {
 		r->vip = rn->vip;
 		r->vport = rn->vport;
-		r->e = forward_of(rk->dst, rk->dport, rn->vip, rn->vport, rk->src, rk->sport,
+		r->e = forward_of(&rk->dst, rk->dport, &rn->vip, rn->vport, &rk->src, rk->sport,
 				  rk->proto, now);
 		if (r->e && !(r->e->flags & CT_PAIRED))
 			return RF_FLOW;
@@ -956,7 +1125,7 @@ static __always_inline int reply_lookup(struct ct_key *rk, __u64 now, struct rep
 	r->rv = rv;
 	r->vip = rv->vip;
 	r->vport = rv->vport;
-	r->e = forward_of(rv->client, rv->cport, rv->vip, rv->vport, rk->src, rk->sport,
+	r->e = forward_of(&rv->client, rv->cport, &rv->vip, rv->vport, &rk->src, rk->sport,
 			  rk->proto, now);
 	return r->e && (r->e->flags & CT_PAIRED) ? RF_FLOW : RF_GONE;
 }
@@ -973,10 +1142,10 @@ static __always_inline int icmp_egress(struct pkt *p, void *data_end)
 	struct reply rp;
 	if (reply_lookup(&rk, bpf_ktime_get_coarse_ns(), &rp) != RF_FLOW)
 		return TC_ACT_OK;
-	__be32 backend = rk.src;
-	icmp_rewrite_quote(&e, 1, rp.vip, rp.vport);
-	if (p->ip->saddr == backend)  /* the backend itself reports it */
-		ip_rewrite(p->ip, &p->ip->saddr, rp.vip);
+	struct addr vip = rp.vip;
+	icmp_rewrite_quote(&e, 1, &vip, rp.vport);
+	if (addr_eq(&p->src, &rk.src))  /* the backend itself reports it */
+		icmp_outer_saddr(p, &e, &vip);
 	count(ST_ICMP_OUT);
 	return TC_ACT_OK;
 }
@@ -994,8 +1163,7 @@ int xdplb_egress(struct __sk_buff *skb)
 
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct ct_key rk = {
-		.src = p.ip->saddr, .dst = p.ip->daddr, .sport = p.sport, .dport = p.dport,
-		.proto = p.proto,
+		.src = p.src, .dst = p.dst, .sport = p.sport, .dport = p.dport, .proto = p.proto,
 	};
 	struct reply rp;
 	switch (reply_lookup(&rk, now, &rp)) {
@@ -1022,13 +1190,11 @@ int xdplb_egress(struct __sk_buff *skb)
 	track(e, 1, &p, now, skb->len);
 	count_flow(e->listener, e->backend, skb->len, 0);
 	count(ST_REPLY_NAT);
-	__be32 src = p.ip->saddr, dst = p.ip->daddr, vip = rp.vip;
-	__be16 id = p.ip->id;
-	int frag = p.frag;
-	skb_nat(skb, &p, 1, rp.vip, rp.vport);
-	if (frag) {
-		struct frag_key k = { .src = src, .dst = dst, .id = id, .proto = rk.proto };
-		struct frag_val v = { .src = vip, .dst = dst };
+	struct addr vip = rp.vip;
+	skb_nat(skb, &p, 1, &vip, rp.vport);
+	if (p.frag) {
+		struct frag_key k = { .src = p.src, .dst = p.dst, .id = p.frag_id, .proto = p.proto };
+		struct frag_val v = { .src = vip, .dst = p.dst };
 		frags.update(&k, &v);
 	}
 	return TC_ACT_OK;
@@ -1038,18 +1204,12 @@ int xdplb_egress(struct __sk_buff *skb)
 static __always_inline void skb_snat_reply(struct __sk_buff *skb, struct pkt *p,
 					   const struct snat_back *t)
 {
-	__be32 src = p->ip->saddr, dst = p->ip->daddr;
-	__be16 id = p->ip->id;
-	__u8 proto = p->proto;
-	int frag = p->frag;
-	skb_nat(skb, p, 0, t->client, t->cport);
-	/* skb_nat invalidated p's packet pointers: parse again for the other end. */
-	struct pkt q = {};
-	if (parse_skb(skb, &q) != P_OK)
-		return;
-	skb_nat(skb, &q, 1, t->vip, t->vport);
-	if (frag) {
-		struct frag_key k = { .src = src, .dst = dst, .id = id, .proto = proto };
+	/* skb_nat reads p's copies only (the helpers invalidate packet pointers). */
+	skb_nat(skb, p, 0, &t->client, t->cport);
+	skb_nat(skb, p, 1, &t->vip, t->vport);
+	if (p->frag) {
+		struct frag_key k = { .src = p->src, .dst = p->dst, .id = p->frag_id,
+				      .proto = p->proto };
 		struct frag_val v = { .src = t->vip, .dst = t->client };
 		frags.update(&k, &v);
 	}
@@ -1083,21 +1243,18 @@ int xdplb_tc_in(struct __sk_buff *skb)
 	struct snat_back t;
 	if (deferred == DEFER_FORWARD) {
 		struct ct_key fkey = {
-			.src = p.ip->saddr, .dst = p.ip->daddr, .sport = p.sport, .dport = p.dport,
+			.src = p.src, .dst = p.dst, .sport = p.sport, .dport = p.dport,
 			.proto = p.proto,
 		};
 		struct ct_val *e = ct.lookup(&fkey);
 		if (!e)
 			return TC_ACT_OK;
-		__be32 nat_addr = e->nat_addr, snat_addr = e->snat_addr;
+		struct addr nat_addr = e->nat_addr, snat_addr = e->snat_addr;
 		__be16 nat_port = e->nat_port, snat_port = e->snat_port;
 		int snatted = e->flags & CT_SNAT;
-		skb_nat(skb, &p, 0, nat_addr, nat_port);
-		if (snatted) {
-			struct pkt q = {};
-			if (parse_skb(skb, &q) == P_OK)
-				skb_nat(skb, &q, 1, snat_addr, snat_port);
-		}
+		skb_nat(skb, &p, 0, &nat_addr, nat_port);
+		if (snatted)
+			skb_nat(skb, &p, 1, &snat_addr, snat_port);
 		return TC_ACT_OK;
 	}
 	if (deferred == DEFER_REPLY) {
