@@ -1,6 +1,6 @@
 """SNI routing end to end: the standalone agent in a namespace lab, backends that are real
 TLS servers with distinct self-signed certificates (CN = backend name), and clients that
-are Python ssl, curl and openssl s_client.
+are Python ssl, curl and openssl s_client, over IPv4 and (a listener per family) IPv6.
 
 This module is also the lab's TLS backend and raw client (``python test_sni_e2e.py serve
 ...``), so the servers and clients run inside the namespaces with nothing but the venv.
@@ -36,7 +36,7 @@ from tests.test_e2e import XDPLB, mount_bpffs
 from tests.test_e2e import Agent as _Agent
 
 PIN_ROOT = "/run/xdplb-sni/bpf"
-VIP = Lab.VIP
+VIP, VIP6 = Lab.VIP, Lab.VIP6
 TLS_PORT, RAW_PORT, PROXY_PORT = 443, 9443, 7443       # listeners on the VIP
 B_TLS, B_RAW = 8443, 9000                                # backend servers
 MIB = 1024 * 1024
@@ -53,8 +53,12 @@ pytestmark = [
 def config_yaml(hosts: dict[str, str] | None = None) -> str:
     hosts = HOSTS if hosts is None else hosts
     addr = {f"b{k}": Lab.backend_addr(k) for k in (1, 2, 3)}
+    addr6 = {f"b{k}": Lab.backend6_addr(k) for k in (1, 2, 3)}
     sni = "".join(f"    - hostname: {h}\n      backends: [{{address: {addr[b]}, port: {B_TLS}}}]\n"
                   for h, b in hosts.items())
+    sni6 = "    sniRoutes:\n" + "".join(
+        f"    - hostname: {h}\n      backends: [{{address: {addr6[b]}, port: {B_TLS}}}]\n"
+        for h, b in HOSTS.items())
     return f"""\
 apiVersion: xdplb.io/v1alpha1
 kind: LoadBalancer
@@ -88,6 +92,20 @@ spec:
     sniRoutes:
     - hostname: p.example.com
       backends: [{{address: {addr['b1']}, port: {B_RAW}}}]
+  - name: tls6
+    protocol: TCP
+    port: {TLS_PORT}
+    address: {VIP6}
+    backends: [{{address: {addr6['b3']}, port: {B_TLS}}}]
+{sni6}  - name: proxied6
+    protocol: TCP
+    port: {PROXY_PORT}
+    address: {VIP6}
+    proxyProtocol: v2
+    backends: [{{address: {addr6['b3']}, port: {B_RAW}}}]
+    sniRoutes:
+    - hostname: p.example.com
+      backends: [{{address: {addr6['b2']}, port: {B_RAW}}}]
 """
 
 
@@ -160,11 +178,14 @@ def serve_raw(name: str, port: int, log: str) -> None:
                 if not chunk:
                     return
                 buf += chunk
-                if buf.startswith(PROXY_SIG) and len(buf) >= 28:
-                    src, dst = socket.inet_ntoa(buf[16:20]), socket.inet_ntoa(buf[20:24])
-                    sport, dport = struct.unpack("!HH", buf[24:28])
+                if buf.startswith(PROXY_SIG) and len(buf) >= 16 + buf[15]:
+                    # TCP over IPv4 (0x11): 4-byte addresses; over IPv6 (0x21): 16.
+                    n, fam = (4, socket.AF_INET) if buf[13] == 0x11 else (16, socket.AF_INET6)
+                    src = socket.inet_ntop(fam, buf[16:16 + n])
+                    dst = socket.inet_ntop(fam, buf[16 + n:16 + 2 * n])
+                    sport, dport = struct.unpack("!HH", buf[16 + 2 * n:20 + 2 * n])
                     proxy = f"{src}:{sport}>{dst}:{dport}"
-                    buf = buf[28:]
+                    buf = buf[16 + buf[15]:]
                 try:
                     res = parse(buf)
                 except ValueError:
@@ -187,9 +208,10 @@ def serve_raw(name: str, port: int, log: str) -> None:
 
 
 def _serve(port: int, handle: Any) -> None:
-    ls = socket.socket()
+    ls = socket.socket(socket.AF_INET6)  # both families
+    ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("0.0.0.0", port))
+    ls.bind(("::", port))
     ls.listen(1024)
     print("ready", flush=True)
     while True:
@@ -204,8 +226,9 @@ def client_context() -> ssl.SSLContext:
     return ctx
 
 
-def tls_name(host: str | None, port: int = TLS_PORT, timeout: float = 10) -> str:
-    with socket.create_connection((VIP, port), timeout=timeout) as raw, \
+def tls_name(host: str | None, port: int = TLS_PORT, timeout: float = 10,
+             vip: str = VIP) -> str:
+    with socket.create_connection((vip, port), timeout=timeout) as raw, \
             client_context().wrap_socket(raw, server_hostname=host) as s:
         s.sendall(b"name\n")
         return s.makefile("rb").readline().decode().strip()
@@ -304,7 +327,7 @@ def client_main(args: argparse.Namespace) -> None:
     out: dict[str, Any] = {}
     if args.cmd == "names":
         def one(i: int) -> str:
-            return tls_name(args.host or None)
+            return tls_name(args.host or None, vip=args.vip)
         with concurrent.futures.ThreadPoolExecutor(args.concurrency) as ex:
             names = list(ex.map(one, range(args.count)))
         out = {"names": names}
@@ -334,7 +357,7 @@ def client_main(args: argparse.Namespace) -> None:
         out = {"name": tls_name_split_hello(args.host)}
     elif args.cmd == "half-close":
         payload = os.urandom(MIB)
-        with socket.create_connection((VIP, args.port), timeout=20) as s:
+        with socket.create_connection((args.vip, args.port), timeout=20) as s:
             if args.mode == "last":      # client half-closes first, server answers after
                 s.sendall(hello_bytes(args.host) + b"last\n" + payload)
                 s.shutdown(socket.SHUT_WR)
@@ -461,7 +484,7 @@ def _start_servers(lab: Lab) -> None:
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
     mount_bpffs(PIN_ROOT)
-    lab = Lab(backends=3, prefix="xn").setup()
+    lab = Lab(backends=3, prefix="xn", ipv6=True).setup()
     agent = Agent(lab, "xn", config_yaml())
     try:
         _start_servers(lab)
@@ -680,6 +703,21 @@ def test_proxy_protocol_v2_carries_the_client_address(sni: Env) -> None:
                         proxy), proxy
 
 
+def test_ipv6_each_hostname_reaches_its_group(sni: Env) -> None:
+    for host, want in [*HOSTS.items(), ("other.example.com", "b3")]:
+        res = sni.client("names", "--host", host, "--count", "4", "--vip", VIP6)
+        assert res["names"] == [want] * 4, (host, res)
+
+
+def test_proxy_protocol_v2_of_the_ipv6_kind(sni: Env) -> None:
+    res = sni.client("half-close", "--host", "p.example.com", "--mode", "last",
+                     "--port", str(PROXY_PORT), "--vip", VIP6)
+    name, sha, n, proxy = res["reply"]
+    assert (name, sha, int(n)) == ("b2", res["sha"], res["n"])
+    assert re.fullmatch(rf"{re.escape(Lab.client6_addr)}:\d+>{re.escape(VIP6)}:{PROXY_PORT}",
+                        proxy), proxy
+
+
 def test_source_cidr_route_beats_sni(sni: Env) -> None:
     res = sni.client("names", "--host", "b.example.com", "--count", "3", ns="cli2")
     assert res["names"] == ["b1"] * 3, res
@@ -772,6 +810,7 @@ def main() -> None:
     c.add_argument("--timeout", type=float, default=5)
     c.add_argument("--mode", default="last")
     c.add_argument("--port", type=int, default=RAW_PORT)
+    c.add_argument("--vip", default=VIP)
     args = ap.parse_args()
     if args.what == "serve":
         if args.kind == "tls":

@@ -137,10 +137,11 @@ def maps_pick(maps: Mapping[str, MemoryMap], lid: int, hostname: str | None,
     group = L.GroupVal.from_buffer_copy(raw) if raw else None
     if group is None or not group.size:
         return None
-    slot = maps["pool"].data[L.encode_u32(group.offset + h % group.size)]
+    slot = group.offset + h % group.size
+    elem = L.PoolIds.from_buffer_copy(maps["pool"].data[L.encode_u32(slot // L.POOL_IDS)])
     b = L.BackendVal.from_buffer_copy(
-        maps["backends"].data[L.encode_u32(int.from_bytes(slot[:2], sys.byteorder))])
-    return L.from_be32(b.addr), L.from_be16(b.port)
+        maps["backends"].data[L.encode_u32(elem.id[slot % L.POOL_IDS])])
+    return L.from_ip(b.addr), L.from_be16(b.port)
 
 
 def receiver_for(text: str) -> tuple[RoutingReceiver, MapWriter, dict[str, MemoryMap]]:
