@@ -248,7 +248,7 @@ def test_each_name_reaches_its_group_with_every_byte(lab_factory: Any, host: str
         # The PROXY header of the connection's own family: the client's address and
         # the listener's.
         assert via == (f"{local[0]}:{local[1]}>{addr[0]}:{addr[1]}" if proxy else "-")
-    wait("pairs closed", lambda: run.acc.open_pairs == 0)
+    wait("pairs closed", lambda: run.acc.pairs == 0)
     st = run.acc.stats
     assert (st["accepted"], st["spliced"], st["closed"], st["reset"]) == (4, 4, 4, 0)
 
@@ -315,7 +315,7 @@ def test_sockmap_splices_through_a_pipe_what_cannot_join(lab_factory: Any,
         run.step("a backend connection", lambda: any(c.up for c in run.conns()))
         s.shutdown(socket.SHUT_WR)
         time.sleep(0.1)
-        run.step("the pair", lambda: run.acc.open_pairs == 1, connect=True)
+        run.step("the pair", lambda: run.acc.pairs == 1, connect=True)
         run.thread.start()
         reply = recv_all(s).decode().split()
     assert reply[:2] == ["b2", hashlib.sha256(h).hexdigest()], run.acc.stats
@@ -336,7 +336,7 @@ def test_sockmap_moves_what_a_backend_sent_before_the_join(lab_factory: Any, spl
         time.sleep(0.2)                         # the backend has spoken (and ended)
         c = _connecting(run)
         assert c.up is not None and len(c.up.recv(65536, socket.MSG_PEEK)) == 4096
-        run.step("the pair", lambda: run.acc.open_pairs == 1, connect=True)
+        run.step("the pair", lambda: run.acc.pairs == 1, connect=True)
         run.thread.start()
         s.settimeout(5)
         got = b""
@@ -439,13 +439,47 @@ def test_keepalive_and_nodelay_on_both_sides(lab_factory: Any, forward: Any) -> 
     run, addr, _ = lab_factory(modes=("hold", "hold"), splicer=forward)
     with socket.create_connection(addr, timeout=10) as s:
         s.sendall(hello("a.example.com"))
-        wait("the pair", lambda: run.acc.open_pairs == 1)
+        wait("the pair", lambda: run.acc.pairs == 1)
         (c,) = run.conns()
         for sock in (c.sock, c.up):
             assert sock is not None
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+class CountingEpoll:
+    """The acceptor's epoll, counting the loop's turns."""
+
+    def __init__(self, ep: select.epoll) -> None:
+        self.ep, self.polls = ep, 0
+
+    def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
+        self.polls += 1
+        return self.ep.poll(timeout, maxevents)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ep, name)
+
+
+def counting(acc: Acceptor) -> None:
+    acc.ep = CountingEpoll(acc.ep)  # type: ignore[assignment]
+
+
+def test_urgent_data_resets_the_pair_without_spinning(lab_factory: Any) -> None:
+    """splice(2) stops at the urgent mark with EAGAIN while the socket stays readable: the
+    pair is reset (TLS has no urgent data) instead of the loop turning until idle."""
+    run, addr, _ = lab_factory(modes=("hold", "hold"), before=counting)
+    with socket.create_connection(addr, timeout=2) as s:
+        s.sendall(hello("a.example.com"))
+        wait("the pair", lambda: run.acc.pairs == 1)
+        turns = run.acc.ep.polls
+        s.send(b"u", socket.MSG_OOB)
+        s.send(b"v")
+        with pytest.raises(ConnectionResetError):
+            s.recv(1)
+    assert run.acc.ep.polls - turns < 20, "the loop spins"
+    assert (run.acc.stats["reset"], run.acc.pairs) == (1, 0)
 
 
 # -- bounds -------------------------------------------------------------------------------
@@ -496,12 +530,12 @@ def test_pairs_and_per_client_connections_are_bounded(lab_factory: Any) -> None:
         s.connect(addr)
         s.sendall(hello("a.example.com"))
         held.append(s)
-    wait("four pairs", lambda: run.acc.open_pairs == 4)
+    wait("four pairs", lambda: run.acc.pairs == 4)
     assert _refused(addr, "127.0.0.3")          # pairs at their bound
     gone = held.pop()                           # a reset ends its pair at once (a FIN
     gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     gone.close()                                # would leave the backend's side open)
-    wait("three pairs", lambda: run.acc.open_pairs == 3)
+    wait("three pairs", lambda: run.acc.pairs == 3)
     assert _refused(addr, "127.0.0.1")          # that client has two already
     assert not _refused(addr, "127.0.0.3")
     assert run.acc.stats["refused"] == 2

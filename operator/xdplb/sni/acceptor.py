@@ -57,9 +57,13 @@ __all__ = ["OUTCOMES", "Acceptor", "listen_socket", "proxy_v2_header"]
 
 log = logging.getLogger("xdplb.sni")
 
-IN, OUT, RDHUP, ERR, HUP, ET = (select.EPOLLIN, select.EPOLLOUT, select.EPOLLRDHUP,
-                                select.EPOLLERR, select.EPOLLHUP, select.EPOLLET)
+IN, OUT, RDHUP, ERR, HUP, ET, PRI = (select.EPOLLIN, select.EPOLLOUT, select.EPOLLRDHUP,
+                                     select.EPOLLERR, select.EPOLLHUP, select.EPOLLET,
+                                     select.EPOLLPRI)
 READ = IN | RDHUP
+# A pair's source: PRI too. splice(2) stops at the urgent mark and then fails with EAGAIN
+# while EPOLLIN stays set: a level-triggered loop would spin. TLS never sends urgent data.
+PAIR_READ = READ | PRI
 BACKLOG = 4096
 IP_FREEBIND, IPV6_FREEBIND = 15, 78
 DEFER_ACCEPT = 1         # seconds the kernel holds a connection that has sent nothing yet
@@ -460,12 +464,16 @@ class Acceptor:
         if not counted:
             self.stats["spliced"] += 1
         self.handlers[c.fds[0]] = self.handlers[c.fds[1]] = (self._on_pair, c)
-        c.masks = [READ, READ]
-        self.ep.register(c.fds[0], READ)
-        self.ep.modify(c.fds[1], READ)
+        c.masks = [PAIR_READ, PAIR_READ]
+        self.ep.register(c.fds[0], PAIR_READ)
+        self.ep.modify(c.fds[1], PAIR_READ)
         self._move(c, 0)              # the ClientHello is there: no need to wait for epoll
 
     def _on_pair(self, c: Conn, fd: int, ev: int) -> None:
+        if ev & PRI:
+            log.debug("SNI: %s port %d: urgent data, reset", *c.peer[:2])
+            self._reset(c)
+            return
         i = 0 if fd == c.fds[0] else 1
         if ev & OUT and c.pending[1 - i]:
             self._flush(c, 1 - i)
@@ -554,7 +562,7 @@ class Acceptor:
         watch leaves epoll: one whose peer has ended while its bytes wait for room would
         report EPOLLHUP at every turn of the loop."""
         for i in (0, 1):
-            mask = (READ if c.reading[i] else 0) | (OUT if c.pending[1 - i] else 0)
+            mask = (PAIR_READ if c.reading[i] else 0) | (OUT if c.pending[1 - i] else 0)
             cur = c.masks[i]
             if mask == cur:
                 continue
