@@ -7,6 +7,7 @@ the agent). The agent around it is tested end to end in test_sni_e2e."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import resource
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 
 from xdplb.sni.acceptor import Acceptor, Conn
+from xdplb.sni.pipes import PipePool
 from xdplb.sni.routes import Backend, GroupTable, Route, RoutingUpdate
 from xdplb.sni.settings import SniSettings
 from xdplb.sni.worker import Worker
@@ -480,6 +482,54 @@ def test_urgent_data_resets_the_pair_without_spinning(lab_factory: Any) -> None:
             s.recv(1)
     assert run.acc.ep.polls - turns < 20, "the loop spins"
     assert (run.acc.stats["reset"], run.acc.pairs) == (1, 0)
+
+
+class NoPipes(PipePool):
+    """A pipe pool that cannot make a pipe while `full`, as when out of descriptors."""
+
+    __slots__ = ("full",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = True
+
+    def new(self) -> tuple[int, int]:
+        if self.full:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return super().new()
+
+
+def _served(addr: tuple[str, int]) -> bool:
+    with socket.create_connection(addr, timeout=3) as s:
+        s.sendall(hello("a.example.com"))
+        s.shutdown(socket.SHUT_WR)
+        try:
+            return recv_all(s).split()[:1] == [b"b2"]
+        except (ConnectionResetError, TimeoutError):
+            return False
+
+
+def test_no_pipe_resets_that_pair_only(lab_factory: Any) -> None:
+    pool = NoPipes()
+    run, addr, _ = lab_factory(before=lambda acc: setattr(acc, "pipes", pool))
+    assert not _served(addr)
+    assert run.acc.stats["reset"] == 1
+    pool.full = False
+    assert _served(addr), "the loop died"
+
+
+def test_an_error_in_a_handler_resets_that_connection_only(lab_factory: Any) -> None:
+    run, addr, _ = lab_factory()
+    route = run.acc._route
+
+    def broken(c: Conn, name: str | None) -> None:
+        run.acc._route = route      # type: ignore[method-assign]
+        raise RuntimeError("a bug")
+
+    run.acc._route = broken         # type: ignore[method-assign]
+    assert not _served(addr)
+    assert _served(addr), "the loop died"
+    wait("all closed", lambda: run.acc.waiting == run.acc.pairs == 0)
 
 
 # -- bounds -------------------------------------------------------------------------------

@@ -210,15 +210,33 @@ class Acceptor:
             for fd, ev in events:
                 h = handlers.get(fd)
                 if h is not None:
-                    h[0](h[1], fd, ev)
+                    try:
+                        h[0](h[1], fd, ev)
+                    except Exception as e:      # one connection's bug ends that one only
+                        self._failed(h[1], e)
             if self.now >= self._wake_at:
-                self._expire()
+                try:
+                    self._expire()
+                except Exception as e:
+                    self._failed(None, e)
             if self._closing:
                 # Closed only now: a descriptor number freed while later events of this
                 # batch still name it could be reused by an accept of the same batch.
                 for s in self._closing:
                     s.close()
                 self._closing.clear()
+
+    def _failed(self, obj: Any, e: Exception) -> None:
+        """A handler raised: log it (now and then) and reset its connection, if it has
+        one, rather than let the loop die with every other pair."""
+        now = time.monotonic()
+        last = self._warned.get("internal")
+        if last is None or now - last >= WARN_EVERY:
+            self._warned["internal"] = now
+            log.error("SNI: unexpected error, its connection reset: %r", e, exc_info=e)
+        if isinstance(obj, Conn) and obj.phase != DONE:
+            with contextlib.suppress(Exception):
+                self._finish(obj, reset=True)
 
     def _timeout(self) -> float:
         if self._wake_at == INF:
@@ -319,18 +337,21 @@ class Acceptor:
                 data = None
             except OSError:
                 data = b""
-            if not data:
-                if data is None:        # accepted on the kernel's timeout, nothing sent
-                    self._wait_hello(c, b"", self.late_hellos)
+            try:
+                if not data:
+                    if data is None:        # accepted on the kernel's timeout, nothing sent
+                        self._wait_hello(c, b"", self.late_hellos)
+                        continue
+                    stats["closed_early"] += 1
+                    self._finish(c)
                     continue
-                stats["closed_early"] += 1
-                self._finish(c)
-                continue
-            hello = fast_parse(data)
-            if hello is not None:
-                self._route(c, hello.server_name)
-            else:
-                self._wait_hello(c, data, self.hellos)
+                hello = fast_parse(data)
+                if hello is not None:
+                    self._route(c, hello.server_name)
+                else:
+                    self._wait_hello(c, data, self.hellos)
+            except Exception as e:   # a bug met by this connection ends it, no other
+                self._failed(c, e)
 
     def _wait_hello(self, c: Conn, data: bytes, queue: Deadlines[Conn]) -> None:
         """The slow path: a hello in several records or segments, or not yet sent."""
@@ -487,7 +508,15 @@ class Acceptor:
     def _move(self, c: Conn, d: int) -> None:
         """Move what side d received to the other side."""
         free = self.pipes.free
-        pipe = free.pop() if free else self.pipes.new()
+        if free:
+            pipe = free.pop()
+        else:
+            try:
+                pipe = self.pipes.new()
+            except OSError as e:    # out of descriptors or pipe memory: this pair goes
+                self._warn("pipes", f"SNI: cannot make a pipe ({e.strerror}): pairs reset")
+                self._reset(c)
+                return
         try:
             n = os.splice(c.fds[d], pipe[1], CHUNK, flags=SPLICE)
         except BlockingIOError:
