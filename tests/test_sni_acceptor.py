@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import hashlib
 import os
 import resource
@@ -143,6 +144,7 @@ class Running:
         self._r, self._w = os.pipe()
         self.acc.watch(self._r, select.EPOLLIN, lambda *_: self.acc.stop())
         self.thread = threading.Thread(target=self.acc.run, daemon=True)
+        self.stopped = False
         if start:
             self.thread.start()
 
@@ -162,6 +164,9 @@ class Running:
                      if isinstance(h[1], Conn)}.values())
 
     def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
         if not self.thread.is_alive():
             self.thread.start()
         os.write(self._w, b"x")
@@ -530,6 +535,27 @@ def test_an_error_in_a_handler_resets_that_connection_only(lab_factory: Any) -> 
     assert not _served(addr)
     assert _served(addr), "the loop died"
     wait("all closed", lambda: run.acc.waiting == run.acc.pairs == 0)
+
+
+def test_finished_connections_are_let_go(lab_factory: Any) -> None:
+    """A finished connection keeps no hello buffer, and nothing keeps it once its hello
+    and connect deadlines have passed (the idle check holds live pairs only)."""
+    run, addr, _ = lab_factory(settings=SniSettings(hello_timeout=1.0, connect_timeout=0.3))
+    lst = run.acc.listeners[addr]
+
+    def ours() -> list[Conn]:
+        return [o for o in gc.get_objects() if isinstance(o, Conn) and o.lst is lst]
+
+    for _ in range(3):
+        assert _served(addr)
+    with socket.create_connection(addr) as s:
+        s.sendall(hello("a.example.com", alpn=40)[:100])    # a hello begun, then gone
+        wait("its wait", lambda: run.acc.waiting == 1)
+    wait("the early close", lambda: run.acc.stats["closed_early"] == 1)
+    assert [c.reader for c in ours()] == [None] * len(ours())
+    time.sleep(1.2)                             # past every hello and connect deadline
+    run.stop()
+    assert ours() == []
 
 
 # -- bounds -------------------------------------------------------------------------------

@@ -183,8 +183,12 @@ class Acceptor:
         self.late_hellos: Deadlines[Conn] = Deadlines(max(s.hello_timeout - DEFER_ACCEPT,
                                                           0.05))
         self.connects: Deadlines[Conn] = Deadlines(s.connect_timeout)
-        self.idle: Deadlines[Conn] = Deadlines(s.idle_timeout / IDLE_CHECKS
+        # Pairs are looked at by a sweep over `live` every idle_timeout / IDLE_CHECKS:
+        # a queue entry per pair would keep finished ones alive that long.
+        self.live: dict[Conn, None] = {}
+        self.idle: Deadlines[None] = Deadlines(s.idle_timeout / IDLE_CHECKS
                                                if s.idle_timeout else 3600.0)
+        self._sweeping = False
         self.drains = [Deadlines[tuple[Conn, int]](d) for d in DRAIN_DELAYS]
         self.queues: list[Deadlines[Any]] = [self.hellos, self.late_hellos, self.connects,
                                              self.idle, *self.drains]
@@ -466,8 +470,10 @@ class Acceptor:
         c.phase = PAIRED
         c.start_pair()
         c.last = self.now
-        if self.settings.idle_timeout:
-            self._later(self.idle, c)
+        self.live[c] = None
+        if self.settings.idle_timeout and not self._sweeping:
+            self._sweeping = True
+            self._later(self.idle, None)
         if self.splicer is not None and self._join(c, ev):
             return
         self._pipe_pair(c, counted=self.splicer is not None)
@@ -690,26 +696,28 @@ class Acceptor:
             for side in dq.due(now):
                 if side[0].phase == PAIRED:
                     self._shut_when_drained(side[0], side[1], level + 1)
-        timeout = self.settings.idle_timeout
-        for pair in self.idle.due(now):
-            if pair.phase != PAIRED:
-                continue
-            if now - self._last_activity(pair) >= timeout:
-                self.stats["idle_timeout"] += 1
-                self._finish(pair)
-            else:
-                self.idle.add(now, pair)
+        for _ in self.idle.due(now):
+            self._sweeping = False
+            timeout = self.settings.idle_timeout
+            for pair in list(self.live):
+                if self._idle_for(pair) >= timeout:
+                    self.stats["idle_timeout"] += 1
+                    self._finish(pair)
+            if self.live:
+                self._sweeping = True
+                self.idle.add(now, None)
         self._wake_at = min((t for q in self.queues if (t := q.next_at()) is not None),
                             default=INF)
 
-    def _last_activity(self, c: Conn) -> float:
+    def _idle_for(self, c: Conn) -> float:
+        """Seconds since a byte of the pair last moved."""
         if not c.spliced:
-            return c.last
+            return self.now - c.last
         try:    # the kernel moves the bytes: ask it when each side last received some
             ms = min(_last_data_recv(c.sock), _last_data_recv(c.up))  # type: ignore[arg-type]
         except OSError:
-            return 0.0
-        return self.now - ms / 1000
+            return INF
+        return ms / 1000
 
     # -- the end ---------------------------------------------------------------------
     def _refuse(self, sock: Sock, why: str, c: Conn | None = None) -> None:
@@ -745,8 +753,11 @@ class Acceptor:
         phase, c.phase = c.phase, DONE
         if phase == DONE:
             return
+        # A deadline queue may hold c a while yet: keep nothing large alive through it.
+        c.reader = None
         if phase == PAIRED:
             self.pairs -= 1
+            del self.live[c]
             for pipe in c.pipes:
                 if pipe is not None:
                     discard(pipe)
