@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from xdplb.sni.acceptor import Acceptor, Conn
+from xdplb.sni.acceptor import Acceptor, Conn, client_key
 from xdplb.sni.pipes import PipePool
 from xdplb.sni.routes import Backend, GroupTable, Route, RoutingUpdate
 from xdplb.sni.settings import SniSettings
@@ -579,21 +579,35 @@ def _refused(addr: tuple[str, int], source: str | None = None) -> bool:
         return False
 
 
-def test_pending_hellos_are_bounded(lab_factory: Any) -> None:
+def test_pending_hellos_are_bounded_the_oldest_making_room(lab_factory: Any) -> None:
+    """At the bound, the connection that has waited longest for the rest of its hello is
+    reset for a new one: a flood of clients that send a byte each and then nothing cannot
+    keep out one that sends its hello."""
     run, addr, _ = lab_factory(settings=SniSettings(max_pending=3))
-    half = [socket.create_connection(addr) for _ in range(3)]
-    for s in half:
-        s.sendall(hello("a.example.com")[:20])   # a hello begun, never finished
-    wait("three waiting", lambda: run.acc.waiting == 3)
-    assert _refused(addr)
-    assert run.acc.stats["refused"] == 1
+    half: list[socket.socket] = []
+    for _ in range(3):
+        half.append(socket.create_connection(addr, timeout=2))
+        half[-1].sendall(hello("a.example.com")[:20])   # a hello begun, never finished
+        wait("its wait", lambda: run.acc.waiting == len(half))
+    assert _served(addr)
+    assert (run.acc.stats["evicted"], run.acc.stats["refused"]) == (1, 0)
+    with pytest.raises(ConnectionResetError):
+        half[0].recv(1)
+    for s in half[1:]:
+        s.setblocking(False)
+        with pytest.raises(BlockingIOError):            # still waiting
+            s.recv(1)
     for s in half:
         s.close()
     wait("the slots free", lambda: run.acc.waiting == 0)
-    with socket.create_connection(addr, timeout=5) as s:
-        s.sendall(hello("a.example.com"))
-        s.shutdown(socket.SHUT_WR)
-        assert recv_all(s).split()[0] == b"b2"
+
+
+def test_clients_are_counted_by_ipv4_address_and_ipv6_slash_64() -> None:
+    v6, v4 = socket.AF_INET6, socket.AF_INET
+    assert client_key(v6, "2001:db8:1:2::1") == client_key(v6, "2001:db8:1:2:ffff::9")
+    assert client_key(v6, "2001:db8:1:2::1") != client_key(v6, "2001:db8:1:3::1")
+    assert client_key(v6, "fe80::1%lo") == client_key(v6, "fe80::2")
+    assert client_key(v4, "192.0.2.1") != client_key(v4, "192.0.2.2")
 
 
 def test_pairs_and_per_client_connections_are_bounded(lab_factory: Any) -> None:

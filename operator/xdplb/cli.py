@@ -82,8 +82,9 @@ def add_sni_args(p: argparse.ArgumentParser) -> None:
                    help="SNI connections spliced at a time; more are refused "
                         "(default %(default)s)")
     p.add_argument("--sni-max-per-client", type=int, default=d.max_per_client,
-                   help="SNI connections of one client address at a time; more are "
-                        "refused (default %(default)s: no bound)")
+                   help="SNI connections of one client (an IPv4 address, or the /64 of "
+                        "an IPv6 one) at a time; more are refused (default %(default)s: "
+                        "no bound)")
     p.add_argument("--sni-forward", choices=FORWARDERS, default=d.forward,
                    help="how SNI pairs are spliced: splice(2) through a pipe, or an sk_skb "
                         "verdict in a sockmap (default %(default)s)")

@@ -142,7 +142,7 @@ class Conn:
         self.up: Sock | None = None
         self.phase = WAIT_HELLO
         self.reader: HelloReader | None = None
-        self.client_key: str | None = None
+        self.client_key: bytes | None = None
         self.backend: Backend | None = None
         self.fds = (sock.fileno(), -1)
         self.spliced = False       # sockmap: joined in the kernel
@@ -175,7 +175,7 @@ class Acceptor:
         self.listeners: dict[Address, Listening] = {}
         self.pairs = 0
         self.waiting = 0                                  # for a hello or a backend
-        self.per_client: dict[str, int] = {}
+        self.per_client: dict[bytes, int] = {}
         self.pipes = PipePool()
         s = settings
         self.hellos: Deadlines[Conn] = Deadlines(s.hello_timeout)
@@ -320,13 +320,14 @@ class Acceptor:
                 return
             sock = Sock(family, socket.SOCK_STREAM, 0, fd)
             stats["accepted"] += 1
-            why = ("connections waiting for a hello or a backend" if self.waiting >= s.max_pending
-                   else "pairs (--sni-max-pairs)" if self.pairs >= s.max_pairs else "")
+            why = "pairs (--sni-max-pairs)" if self.pairs >= s.max_pairs else ""
             key = None
             if s.max_per_client:
-                key = peer[0]
+                key = client_key(family, peer[0])
                 if self.per_client.get(key, 0) >= s.max_per_client:
                     why = "connections of one client (--sni-max-per-client)"
+            if not why and self.waiting >= s.max_pending and not self._evict():
+                why = "connections waiting for a backend"
             if why:
                 self._refuse(sock, why)
                 continue
@@ -730,6 +731,24 @@ class Acceptor:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         sock.close()
 
+    def _evict(self) -> bool:
+        """Room for a new connection: the one that has waited longest for the rest of its
+        hello is reset. Refusing the newest instead would let a few clients that send a
+        byte each and then nothing keep every other one out."""
+        heads = [(h[0], q) for q in (self.hellos, self.late_hellos)
+                 if (h := q.head(_waits_hello)) is not None]
+        if not heads:
+            return False    # every one waits for its backend
+        _due, q = min(heads, key=lambda h: h[0])
+        head = q.head(_waits_hello)
+        assert head is not None
+        q.pop()
+        self.stats["evicted"] += 1
+        self._warn("evicted", "SNI: too many connections waiting for their ClientHello: "
+                   "the one waiting longest reset for a new one")
+        self._finish(head[1], reset=True)
+        return True
+
     def _refuse_one(self, lst: Listening, e: OSError) -> None:
         """Out of descriptors: a spare one, freed for an instant, lets the connection be
         taken off the queue and reset; left there, it would wake the loop forever."""
@@ -788,6 +807,18 @@ class Acceptor:
         if last is None or self.now - last >= WARN_EVERY:
             self._warned[kind] = self.now
             log.warning("%s", text)
+
+
+def _waits_hello(c: Conn) -> bool:
+    return c.phase == WAIT_HELLO
+
+
+def client_key(family: int, address: str) -> bytes:
+    """What --sni-max-per-client counts by: an IPv4 address, or the /64 of an IPv6 one (a
+    host is commonly given a whole /64, and takes a new address of it at will)."""
+    if family == socket.AF_INET6:
+        return socket.inet_pton(family, address.partition("%")[0])[:8]
+    return socket.inet_pton(family, address)
 
 
 def _drain(sock: Sock) -> None:

@@ -6,7 +6,7 @@ time): the acceptor checks, when an item falls due, whether it still waits for t
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -30,6 +30,18 @@ class Deadlines(Generic[T]):
         q = self._q
         while q and q[0][0] <= now:
             yield q.popleft()[1]
+
+    def head(self, waits: Callable[[T], bool]) -> tuple[float, T] | None:
+        """The oldest item that still `waits`, and its deadline, left on the queue; items
+        before it that no longer wait are dropped."""
+        q = self._q
+        while q and not waits(q[0][1]):
+            q.popleft()
+        return q[0] if q else None
+
+    def pop(self) -> None:
+        """Drop the oldest item."""
+        self._q.popleft()
 
     def next_at(self) -> float | None:
         return self._q[0][0] if self._q else None

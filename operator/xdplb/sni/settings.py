@@ -14,7 +14,8 @@ class SniSettings:
     idle_timeout: float = 600.0      # a spliced pair that moves no byte (0: never); nginx's
                                      # proxy_timeout is 10 min too
     max_pairs: int = 32_768          # spliced pairs at a time
-    max_per_client: int = 0          # connections of one client address at a time (0: any)
+    max_per_client: int = 0          # connections of one client (IPv4 address, IPv6 /64) at a
+                                     # time (0: any)
     max_pending: int = 8192          # connections waiting for their hello or backend
     forward: str = "pipe"            # pipe: splice(2) through a pipe; sockmap: sk_skb verdict
 
@@ -41,6 +42,8 @@ OUTCOMES = (
     "relayed",         # sockmap only: could not join (the client had half-closed already),
                        # spliced through a pipe instead
     "refused",         # past a bound (pending hellos, pairs, per client, descriptors): reset
+    "evicted",         # waited longest for the rest of its ClientHello when the pending
+                       # bound was reached by a new connection: reset to make room
     "hello_timeout",   # no complete ClientHello in time: closed
     "closed_early",    # the client went away before its ClientHello was complete
     "hello_too_long",  # a ClientHello beyond the bound: sent to the default group
