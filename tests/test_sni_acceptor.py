@@ -27,11 +27,16 @@ from typing import Any
 
 import pytest
 
+from xdplb.dataplane.entries import Inventory
+from xdplb.plan.planner import build_plan
+from xdplb.sni import service as sni_service
 from xdplb.sni.acceptor import Acceptor, Conn, client_key
 from xdplb.sni.pipes import PipePool
 from xdplb.sni.routes import Backend, GroupTable, Route, RoutingUpdate
+from xdplb.sni.service import SniService
 from xdplb.sni.settings import SniSettings
-from xdplb.sni.worker import Worker
+from xdplb.sni.worker import Worker, WorkerError
+from xdplb.spec.load import parse_manifests
 
 HOSTS = ("127.0.0.1", "::1")
 PROXY_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -707,7 +712,64 @@ def test_the_acceptor_process_dies_with_its_agent() -> None:
 
 
 def test_a_worker_that_cannot_start_says_why() -> None:
-    from xdplb.sni.worker import WorkerError
-
     with pytest.raises(WorkerError, match="compiling the splice failed"):
         Worker(SniSettings(forward="sockmap"), "/proc/xdplb-nowhere")
+
+
+def test_a_worker_that_does_not_answer_in_time_is_ended() -> None:
+    """Its late answer would be read as the next request's: the process goes instead."""
+    worker = Worker(SniSettings(), "/nonexistent")
+    try:
+        worker.sock.settimeout(0.3)
+        os.kill(worker.pid, signal.SIGSTOP)
+        with pytest.raises(WorkerError, match="did not answer"):
+            worker.ask("stats")
+        assert not worker.alive()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGCONT)
+        worker.kill()
+
+
+class NoLocalRoutes(SniService):
+    """The agent's SNI service, its VIP an address of the node already: the local
+    routes (the machine's, which this test leaves alone) are not its part here."""
+
+    def _add_routes(self, addrs: set[str]) -> None:
+        assert not addrs
+
+    def _remove_routes(self, keep: set[str]) -> None:
+        pass
+
+
+def test_an_acceptor_that_could_not_start_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sni_service, "RETRY_FIRST", 0.3)
+    port = free_port("127.0.0.1")
+    plan = build_plan(parse_manifests(f"""
+apiVersion: xdplb.io/v1alpha1
+kind: LoadBalancer
+metadata: {{name: tls}}
+spec:
+  interfaces: [lo]
+  listeners:
+  - {{name: tls, protocol: TCP, port: {port}, address: 127.0.0.1,
+      backends: [{{address: 127.0.0.1, port: 9}}],
+      sniRoutes: [{{hostname: a.example.com, backends: [{{address: 127.0.0.1, port: 9}}]}}]}}
+"""))
+    inv = Inventory(ifindex={"lo": 1}, addresses={"lo": ("127.0.0.1",)}, default_interface="lo")
+    ids = {lst.identity: i for i, lst in enumerate(plan.listeners)}
+    bad = SniSettings()
+    object.__setattr__(bad, "max_pairs", 0)     # the acceptor process refuses to start
+    svc = NoLocalRoutes("/nonexistent", bad)
+    try:
+        (problem,) = svc.apply(plan, inv, ids)
+        assert "not served" in problem and svc.worker is None
+        svc.settings = SniSettings()            # what failed it is gone
+        svc.check()
+        assert svc.worker is None               # not before its time
+        time.sleep(0.4)
+        svc.check()
+        assert svc.worker is not None and svc.worker.alive()
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        svc.stop()

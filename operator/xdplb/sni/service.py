@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Mapping
 
 from pyroute2 import IPRoute
@@ -25,6 +26,7 @@ from xdplb.sni.worker import Worker, WorkerError
 
 log = logging.getLogger("xdplb.sni")
 
+RETRY_FIRST, RETRY_MAX = 1.0, 60.0   # seconds between attempts to start an acceptor
 RTPROT_XDPLB = 0xB5          # marks the local routes this agent added
 RT_TABLE_LOCAL = 255
 RT_SCOPE_HOST = 254
@@ -69,6 +71,8 @@ class SniService:
         self._sender = RoutingSender()
         self._last: tuple[Plan, ListenerIds, dict[Address, Route]] | None = None
         self._routes: set[str] = set()
+        self._retry_at = 0.0                 # no acceptor: when check() tries again
+        self._retry_delay = RETRY_FIRST
         self._remove_routes(set())           # leftovers of an agent that died
 
     @property
@@ -80,6 +84,7 @@ class SniService:
         problems."""
         want = bindings(plan, inv, listener_ids)
         if not want and self.worker is None:
+            self._last = None
             return []
         routes = local_routes_needed(want, inv)
         self._add_routes(routes - self._routes)
@@ -92,7 +97,7 @@ class SniService:
             try:
                 problems = self._send(plan, listener_ids, want)
             except WorkerError as e2:
-                self._discard_worker()
+                self._start_failed()
                 problems = [f"SNI listeners not served: {e2}"]
         self._remove_routes(routes)
         return problems
@@ -112,20 +117,34 @@ class SniService:
             self.worker = None
         self._sender.forget()
 
-    def check(self) -> None:
-        """A dead acceptor process is replaced (its pairs are gone with it)."""
-        if self.worker is None or self.worker.alive() or self._last is None:
-            return
-        log.error("SNI: the acceptor process exited (%s); starting a new one",
-                  self.worker.proc.returncode)
+    def _start_failed(self) -> None:
+        """No acceptor now: check() tries again later, less often each time."""
         self._discard_worker()
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+
+    def check(self) -> None:
+        """A dead acceptor process is replaced (its pairs are gone with it), and one that
+        could not be started is tried again while there are listeners to serve."""
+        if self.worker is not None:
+            if self.worker.alive():
+                return
+            log.error("SNI: the acceptor process exited (%s); starting a new one",
+                      self.worker.proc.returncode)
+            self._discard_worker()
+        elif time.monotonic() < self._retry_at:
+            return
+        if self._last is None or not self._last[2]:
+            return
         plan, ids, want = self._last
         try:
             for p in self._send(plan, ids, want):
                 log.warning("%s", p)
         except WorkerError as e:
-            log.error("SNI: %s", e)
-            self._discard_worker()
+            self._start_failed()
+            log.error("SNI: %s; trying again in %.0f s", e, self._retry_at - time.monotonic())
+            return
+        self._retry_delay = RETRY_FIRST
 
     def stats(self) -> tuple[dict[str, int], int]:
         """The acceptor's counters (OUTCOMES) and the pairs it splices now."""

@@ -105,11 +105,15 @@ class Worker:
         return self.proc.poll() is None
 
     def ask(self, op: str, arg: Any = None) -> Any:
+        """The answer to `op`. A request left without its whole answer (a timeout, a
+        broken frame) ends the process: its late answer would be taken for the next
+        request's. The agent's check then starts another."""
         with self._lock:
             try:
                 self.sock.sendall(frame((op, arg)))
                 status, value = read_frame(self.sock)
-            except OSError as e:
+            except Exception as e:
+                self.kill()
                 raise WorkerError(f"the SNI acceptor did not answer: {e}") from e
         if status != "ok":
             raise WorkerError(f"the SNI acceptor failed to {op}: {value}")
