@@ -360,6 +360,35 @@ def test_sockmap_moves_what_a_backend_sent_before_the_join(lab_factory: Any, spl
         ((1, 0) if mode == "speak" else (0, 1))
 
 
+def test_sockmap_loses_nothing_a_client_sends_during_the_join(
+        lab_factory: Any, splicer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes of the client that arrive between the join's two map updates reach the
+    backend: a socket in the map before its peer would have them dropped by the verdict,
+    and the client (who speaks first in TLS) joins second."""
+    run, addr, _ = lab_factory(splicer=splicer, start=False)
+    h = hello("a.example.com")
+    put = splicer._put
+    with socket.create_connection(addr, timeout=5) as s:
+        puts: list[int] = []
+
+        def put_then_send(key: int, sock: Any) -> None:
+            put(key, sock)
+            if not puts:
+                s.sendall(b"late")
+                time.sleep(0.1)                 # it has arrived
+            puts.append(key)
+
+        monkeypatch.setattr(splicer, "_put", put_then_send)
+        s.sendall(h)
+        run.step("the pair", lambda: run.acc.pairs == 1, connect=True)
+        monkeypatch.undo()
+        run.thread.start()
+        s.shutdown(socket.SHUT_WR)
+        reply = recv_all(s).decode().split()
+    assert len(puts) == 2 and run.acc.stats["spliced"] == 1
+    assert reply[:3] == ["b2", hashlib.sha256(h + b"late").hexdigest(), str(len(h) + 4)]
+
+
 # -- what ends a connection ---------------------------------------------------------------
 
 

@@ -84,6 +84,8 @@ IDLE_CHECKS = 10         # an idle pair is looked at this many times per idle ti
 WARN_EVERY = 10.0        # seconds between two warnings of one kind
 
 WAIT_HELLO, CONNECTING, PAIRED, DONE = range(4)
+TCP_ESTABLISHED = 1
+HOLD = 1 << 30           # SO_RCVLOWAT that holds the sockmap verdict back during a join
 INF = float("inf")
 # Connections are sockets of the C type under socket.socket: no Python-level __init__, no
 # enum conversion of their family at every accept (about 5 µs a connection here).
@@ -622,25 +624,32 @@ class Acceptor:
     # -- sockmap forwarding ----------------------------------------------------------
     def _join(self, c: Conn, ev: int) -> bool:
         assert self.splicer is not None and c.up is not None
-        if ev & RDHUP:
-            # The backend spoke and half-closed already: only established sockets join.
+        # Only established sockets can join: a backend that spoke and half-closed
+        # already, or a client that half-closed, is spliced through a pipe instead.
+        if ev & RDHUP or _state(c.sock) != TCP_ESTABLISHED:
             self.stats["relayed"] += 1
             return False
+        # Between the join's two map updates, the verdict would drop what the socket
+        # already in receives (its peer is not found yet). A low-water mark above what
+        # can arrive keeps TCP from waking the verdict at all until it is lowered below.
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, HOLD)
+        c.up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, HOLD)
         try:
             self.splicer.join(c.sock, c.up)
-        except JoinBroken as e:
-            self._backend_failed(c, str(e))
+        except JoinBroken as e:     # the client half-closed since: rare, and reset
+            log.debug("SNI: %s port %d: %s", *c.peer[:2], e)
+            self._reset(c)
             return True
-        except OSError as e:
-            # Only established sockets can join: a client that already half-closed (or a
-            # full sockhash) is spliced through a pipe instead.
+        except OSError as e:        # a backend closing since, or a full sockhash
             self.stats["relayed"] += 1
             log.debug("SNI: %s port %d spliced through a pipe (%s)", *c.peer[:2], e)
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            c.up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
             return False
         c.spliced = True
         self.stats["spliced"] += 1
         # Bytes queued before the join (the ClientHello; a backend that speaks first)
-        # move once the socket is told data is ready; setting SO_RCVLOWAT tells it.
+        # move once the socket is told data is ready; lowering SO_RCVLOWAT tells it.
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         c.up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         self.handlers[c.fds[0]] = self.handlers[c.fds[1]] = (self._on_spliced, c)
@@ -827,6 +836,14 @@ def _drain(sock: Sock) -> None:
         for _ in range(16):
             if not sock.recv(65536, socket.MSG_DONTWAIT):
                 break
+
+
+def _state(sock: Sock) -> int:
+    """tcp_info.tcpi_state."""
+    try:
+        return sock.getsockopt(TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return 0
 
 
 def _received(sock: Sock) -> int:

@@ -31,7 +31,7 @@ class SpliceError(XdplbError):
 
 
 class JoinBroken(SpliceError, OSError):
-    """The client joined, its backend could not: the pair cannot go on."""
+    """The backend joined, its client could not: the pair cannot go on."""
 
 
 class Splicer:
@@ -62,20 +62,21 @@ class Splicer:
         bpf(MAP_UPDATE_ELEM, self._attr)
 
     def join(self, client: _socket.socket, backend: _socket.socket) -> None:
-        """Splice two connected sockets, each under its peer's cookie. The client joins
-        first: only an established socket can join, and a client that half-closed
-        already is refused here (OSError) with nothing joined, so the pair can go another
-        way. A socket that joined and left the map again does not get its ordinary
-        receive path back at once: what it receives meanwhile is lost. So once the
-        client is in, a backend that cannot join (it is closing already) fails the pair
-        (JoinBroken). Bytes the client sent before (its ClientHello) wait until the
-        caller pokes it: nothing moves before both are in."""
+        """Splice two connected sockets, each under its peer's cookie. Once a socket is
+        in, the verdict handles what it receives, and until its peer is in too that is
+        dropped: so the backend joins first, as a TLS backend sends nothing before it has
+        the ClientHello, which waits in the client's queue until the caller pokes it.
+        Only an established socket can join: a backend that cannot (it is closing) is
+        refused with nothing joined (OSError), so the pair can go another way. A socket
+        that joined and left the map again does not get its ordinary receive path back at
+        once, so a client that cannot join after its backend did (it half-closed just
+        now; the caller checks before) fails the pair (JoinBroken)."""
         cc, bc = cookie(client), cookie(backend)
-        self._put(bc, client)
+        self._put(cc, backend)
         try:
-            self._put(cc, backend)
+            self._put(bc, client)
         except OSError as e:
-            raise JoinBroken(e.errno, f"the backend socket cannot join: {e.strerror}") from e
+            raise JoinBroken(e.errno, f"the client socket cannot join: {e.strerror}") from e
 
     def close(self) -> None:
         self.socks.close()
