@@ -30,7 +30,7 @@ import pytest
 from xdplb.dataplane.entries import Inventory
 from xdplb.plan.planner import build_plan
 from xdplb.sni import service as sni_service
-from xdplb.sni.acceptor import Acceptor, Conn, client_key
+from xdplb.sni.acceptor import Acceptor, Conn, _written, client_key
 from xdplb.sni.pipes import PipePool
 from xdplb.sni.routes import Backend, GroupTable, Route, RoutingUpdate
 from xdplb.sni.service import SniService
@@ -387,6 +387,20 @@ def test_sockmap_loses_nothing_a_client_sends_during_the_join(
         reply = recv_all(s).decode().split()
     assert len(puts) == 2 and run.acc.stats["spliced"] == 1
     assert reply[:3] == ["b2", hashlib.sha256(h + b"late").hexdigest(), str(len(h) + 4)]
+
+
+def test_bytes_written_count_no_syn() -> None:
+    """The sockmap's drain check compares what a side received with what its peer was
+    given to send; the acknowledged count of a connecting socket includes its SYN."""
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        with socket.create_connection(ls.getsockname()) as out:
+            inn, _ = ls.accept()
+            with inn:
+                assert (_written(out, True), _written(inn, False)) == (0, 0)
+                out.sendall(b"abc")
+                inn.sendall(b"de")
+                assert inn.recv(3) == b"abc" and out.recv(2) == b"de"
+                assert (_written(out, True), _written(inn, False)) == (3, 2)
 
 
 # -- what ends a connection ---------------------------------------------------------------

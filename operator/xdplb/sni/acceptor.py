@@ -676,7 +676,7 @@ class Acceptor:
         assert sock is not None and peer is not None
         try:
             # The FIN that ended side i counts as one received byte.
-            drained = _written(peer) >= _received(sock) - 1 + (c.extra if i == 0 else 0)
+            drained = _written(peer, i == 0) >= _received(sock) - 1 + (c.extra if i == 0 else 0)
         except OSError:
             drained = True
         if not drained:     # a peer that reads slowly is looked at less and less often
@@ -851,11 +851,12 @@ def _received(sock: Sock) -> int:
     return int.from_bytes(sock.getsockopt(TCP, socket.TCP_INFO, 136)[128:136], "little")
 
 
-def _written(sock: Sock) -> int:
-    """Bytes handed to the socket for sending: acknowledged plus still queued."""
+def _written(sock: Sock, connected: bool) -> int:
+    """Bytes handed to the socket for sending: acknowledged plus still queued. The
+    acknowledged count (tcpi_bytes_acked) of a socket that connected includes its SYN."""
     acked = int.from_bytes(sock.getsockopt(TCP, socket.TCP_INFO, 128)[120:128], "little")
     outq = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    return acked + int.from_bytes(outq, sys.byteorder)
+    return acked - connected + int.from_bytes(outq, sys.byteorder)
 
 
 def _last_data_recv(sock: Sock) -> int:
