@@ -24,10 +24,6 @@ def mix32(h: int) -> int:
     return h
 
 
-def ip_int(address: str) -> int:
-    return int(ipaddress.IPv4Address(address))
-
-
 def address_words(address: str) -> tuple[int, int]:
     """(the address as an integer, how many 32-bit words it has). An IPv4-mapped IPv6
     address is its IPv4 address."""

@@ -273,10 +273,6 @@ class Acceptor:
             self._spare = None
         self.ep.close()
 
-    @property
-    def open_pairs(self) -> int:
-        return self.pairs
-
     # -- listeners -------------------------------------------------------------------
     def set_listeners(self, want: dict[Address, Route]) -> list[str]:
         """Listen on exactly `want`; returns problems (addresses that cannot be bound)."""
@@ -314,8 +310,9 @@ class Acceptor:
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._refuse_one(lst, e)
-                    continue
+                    if self._refuse_one(lst, e):
+                        continue
+                    return        # no spare descriptor either: not 1024 futile tries
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
                 self._warn("accept", f"SNI: accept on {lst.route.label}: {e}")
@@ -567,6 +564,7 @@ class Acceptor:
             self._reset(c)
             return
         c.pending[d] -= m
+        c.last = self.now         # bytes moving out of a held pipe are no idleness
         if c.pending[d]:
             return
         self.pipes.put(pipe)
@@ -758,12 +756,17 @@ class Acceptor:
         self._finish(head[1], reset=True)
         return True
 
-    def _refuse_one(self, lst: Listening, e: OSError) -> None:
+    def _refuse_one(self, lst: Listening, e: OSError) -> bool:
         """Out of descriptors: a spare one, freed for an instant, lets the connection be
-        taken off the queue and reset; left there, it would wake the loop forever."""
-        if self._spare is not None:
-            os.close(self._spare)
-            self._spare = None
+        taken off the queue and reset; left there, it would wake the loop forever.
+        False when there was none to take off, or no spare to do it with."""
+        if self._spare is None:
+            with contextlib.suppress(OSError):
+                self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            if self._spare is None:
+                return False
+        os.close(self._spare)
+        self._spare = None
         sock: Sock | None = None
         try:
             sock = Sock(lst.family, socket.SOCK_STREAM, 0, lst.accept()[0])
@@ -774,6 +777,7 @@ class Acceptor:
             self._refuse(sock, f"open files ({e.strerror})")
         with contextlib.suppress(OSError):
             self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        return sock is not None
 
     def _finish(self, c: Conn, reset: bool = False, drain: bool = False) -> None:
         """Close a connection in whatever phase it is: RST with `reset`, a clean FIN

@@ -45,9 +45,3 @@ class Deadlines(Generic[T]):
 
     def next_at(self) -> float | None:
         return self._q[0][0] if self._q else None
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def clear(self) -> None:
-        self._q.clear()

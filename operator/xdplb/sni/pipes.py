@@ -23,11 +23,8 @@ class PipePool:
         self.size = size
         self.free: list[tuple[int, int]] = []
 
-    def get(self) -> tuple[int, int]:
-        """An empty pipe (read end, write end), both non-blocking."""
-        return self.free.pop() if self.free else self.new()
-
     def new(self) -> tuple[int, int]:
+        """An empty pipe (read end, write end), both non-blocking."""
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             fcntl.fcntl(w, F_SETPIPE_SZ, self.size)

@@ -19,7 +19,6 @@ from xdplb.dataplane.layout import BPF_DIR
 from xdplb.errors import XdplbError
 
 SO_COOKIE = 57
-BPF_NOEXIST = 1
 
 
 def cookie(sock: _socket.socket) -> int:

@@ -178,7 +178,7 @@ class _Control:
             a.routes.apply(arg)
             return None
         if op == "stats":
-            return dict(a.stats), a.open_pairs
+            return dict(a.stats), a.pairs
         if op == "stop":
             a.stop()
             return None
