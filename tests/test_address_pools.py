@@ -432,3 +432,109 @@ def test_ipv6_listeners_are_judged_alike(api: Api) -> None:
         assert f"{what}: never a backend" in refused["message"], refused
     wait_for("v6 uses 1", lambda: api.pool_status("v6").get("used") == 1
              and api.pool_status("v6").get("total") == str(256 + 17))
+
+
+# --- Services of either family, and of both --------------------------------------------------
+
+V6_POOL = pool("services6", "2001:db8:5::1-2001:db8:5::2", namespaceSelector={})
+DUAL = {"ipFamilyPolicy": "PreferDualStack", "ipFamilies": ["IPv4", "IPv6"]}
+
+
+def listeners(api: Api, name: str) -> list[tuple[str, str, int]]:
+    derived = api.lb("default", name) or {}
+    return [(ln["name"], ln["address"], ln["port"])
+            for ln in derived.get("spec", {}).get("listeners", [])]
+
+
+def addresses(api: Api, name: str, count: int) -> list[str]:
+    found = wait_for(f"{count} addresses for Service {name}",
+                     lambda: len(got := api.ingress(name)) == count and got)
+    assert all(i["ipMode"] == "VIP" for i in found), found
+    return [i["ip"] for i in found]
+
+
+def test_services_of_either_family_and_dual_stack(tmp_path: Path) -> None:
+    with operator_env(tmp_path, pools=(SVC_POOL, V6_POOL)) as env:
+        api = Api(env)
+        # IPv6 only: an IPv6 address, listeners of the ports' own names.
+        api.apply(service("six", ipFamilies=["IPv6"], ipFamilyPolicy="SingleStack"))
+        assert addresses(api, "six", 1) == ["2001:db8:5::1"]
+        wait_for("six's listeners", lambda: listeners(api, "six") == [
+            ("http", "2001:db8:5::1", 80)])
+        # Dual-stack: one address per family, primary first; a listener per port per family.
+        api.apply(service("both", ports=(("http", 80, "TCP"), ("dns", 53, "UDP")), **DUAL))
+        assert addresses(api, "both", 2) == ["198.18.0.1", "2001:db8:5::2"]
+        wait_for("both's listeners", lambda: listeners(api, "both") == [
+            ("http", "198.18.0.1", 80), ("dns", "198.18.0.1", 53),
+            ("http-ipv6", "2001:db8:5::2", 80), ("dns-ipv6", "2001:db8:5::2", 53)])
+        assert api.wait_event("default", "both", "Service", "AddressAllocated")["message"] \
+            == "198.18.0.1 from pool services, 2001:db8:5::2 from pool services6"
+        api.wait_condition("default", "both", "Accepted", "True")
+        wait_for("the EXTERNAL-IP column lists both", lambda: api.env.cluster.kubectl(
+            "get", "svc", "both").stdout.split("\n")[1].split()[3]
+            == "198.18.0.1,2001:db8:5::2")
+
+        # IPv6 exhausted. PreferDualStack: the primary family only, with an Event.
+        api.apply(service("prefer", **DUAL))
+        assert addresses(api, "prefer", 1) == ["198.18.0.2"]
+        degraded = api.wait_event("default", "prefer", "Service", "DualStackDegraded")
+        assert degraded == {"type": "Warning", "reason": "DualStackDegraded", "message":
+                            "served in IPv4 only: IPv6: no free address in services6"}
+        assert listeners(api, "prefer") == [("http", "198.18.0.2", 80)]
+        # RequireDualStack, and SingleStack IPv6: nothing at all; no address is spent.
+        api.apply(service("require", ipFamilyPolicy="RequireDualStack",
+                          ipFamilies=["IPv6", "IPv4"], ports=(("https", 443, "TCP"),)),
+                  service("six-late", ipFamilies=["IPv6"]))
+        refused = api.wait_event("default", "require", "Service", "PoolExhausted")
+        assert refused["message"] == ("IPv6: no free address in services6 (ipFamilyPolicy"
+                                      " RequireDualStack: no family is served)")
+        assert api.wait_event("default", "six-late", "Service", "PoolExhausted")["message"] \
+            == "no free address in services6"
+        for name in ("require", "six-late"):
+            assert api.ingress(name) == [] and api.lb("default", name) is None
+        # A family with no pool at all, and an address of a family the Service is not in.
+        api.apply(service("v4-asks-v6", loadBalancerIP="2001:db8:5::9"))
+        wrong = api.wait_event("default", "v4-asks-v6", "Service", "AddressIgnored")
+        assert wrong["message"] == ("spec.loadBalancerIP: 2001:db8:5::9 is IPv6, not a family"
+                                    " the Service is served in (IPv4; spec.ipFamilies)")
+
+        # "six" goes: the oldest Service short of IPv6, "prefer", gets its address (while
+        # "require" cannot: no IPv4 address is free).
+        env.cluster.kubectl("delete", "service", "six")
+        wait_for("six's LoadBalancer gone", lambda: api.lb("default", "six") is None)
+        assert addresses(api, "prefer", 2) == ["198.18.0.2", "2001:db8:5::1"]
+        assert api.ingress("require") == [] and api.ingress("six-late") == []
+        # "both" goes: "require" gets both families at last.
+        env.cluster.kubectl("delete", "service", "both")
+        assert addresses(api, "require", 2) == ["2001:db8:5::2", "198.18.0.1"]
+        wait_for("require's listeners, IPv6 first", lambda: listeners(api, "require") == [
+            ("https", "2001:db8:5::2", 443), ("https-ipv4", "198.18.0.1", 443)])
+        wait_for("services6 uses 2 of 2", lambda: api.pool_status("services6").get("used") == 2)
+        assert api.ingress("six-late") == []
+
+
+def test_dual_stack_allocation_is_stable_across_restarts(tmp_path: Path) -> None:
+    with Cluster(tmp_path) as cluster:
+        operator_cluster(cluster, (pool("services", "198.18.0.0/30", namespaceSelector={}),
+                                   pool("services6", "2001:db8:5::/126", namespaceSelector={})))
+        settings = operator_settings(cluster)
+        names = ("d0", "d1", "d2")
+        with running_operator(cluster, settings) as state:
+            api = Api(Env(cluster, state, settings))
+            for name in names:
+                api.apply(service(name, annotations={
+                    "xdplb.io/loadBalancerIPs": "2001:db8:5::3"} if name == "d0" else {},
+                    **DUAL))
+                addresses(api, name, 2)
+            before = {n: api.ingress(n) for n in names}
+        assert [i["ip"] for i in before["d0"]][1] == "2001:db8:5::3"
+        cluster.kubectl("delete", "service", "d1")
+        with running_operator(cluster, settings) as state:
+            api = Api(Env(cluster, state, settings))
+            api.apply(service("new", **DUAL))
+            got = addresses(api, "new", 2)
+            for name in ("d0", "d2"):
+                assert api.ingress(name) == before[name]
+            held = {i["ip"] for n in ("d0", "d2") for i in before[n]}
+            assert not set(got) & held, (got, held)
+            wait_for("d1's LoadBalancer gone", lambda: api.lb("default", "d1") is None)

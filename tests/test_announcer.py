@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr
 from scapy.layers.l2 import ARP, Ether
 
 from tests.k8s.cluster import KUBECTL, Cluster, wait_for
 from xdplb.agent.announcer import Announcer, Candidate, lease_name
-from xdplb.agent.l2 import garp_frame, interfaces_for
+from xdplb.agent.l2 import garp_frame, interfaces_for, unsolicited_na
 from xdplb.dataplane.entries import Inventory
 from xdplb.k8s.client import Kube
 
@@ -26,10 +27,12 @@ LEASES = f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases"
 
 
 class FakeKernel:
-    """Local routes and gratuitous ARPs, recorded."""
+    """Local routes (with the interfaces an IPv6 address is answered on) and gratuitous
+    ARPs, recorded."""
 
     def __init__(self, routes: set[str] | None = None) -> None:
         self.routes = set(routes or ())
+        self.answered: dict[str, tuple[str, ...]] = {}
         self.garps: list[tuple[str, tuple[str, ...], float]] = []
 
     def ours(self) -> set[str]:
@@ -38,11 +41,15 @@ class FakeKernel:
     def local_routes(self) -> dict[str, int]:
         return dict.fromkeys(self.routes, 0xB6)
 
-    def add(self, address: str) -> None:
+    def add(self, address: str, interfaces: tuple[str, ...] = ()) -> list[str]:
         self.routes.add(address)
+        if ":" in address:
+            self.answered[address] = interfaces
+        return []
 
     def remove(self, address: str) -> None:
         self.routes.discard(address)
+        self.answered.pop(address, None)
 
     def garp(self, address: str, interfaces: tuple[str, ...]) -> list[str]:
         self.garps.append((address, interfaces, time.monotonic()))
@@ -150,20 +157,26 @@ def test_a_restarted_agent_keeps_what_it_still_holds(admin: Kube) -> None:
         again.stop(release=True)
 
 
-def test_an_announcer_without_interfaces_says_so(admin: Kube) -> None:
+def test_an_announcer_without_interfaces_says_so_and_ipv6_is_announced(admin: Kube) -> None:
     kernel = FakeKernel()
     a = Announcer(admin, NS, "n1", kernel, lease_seconds=2)
     a.start()
     try:
         v6 = Candidate("2001:db8::5", "flat", "", ("eth0",))
         a.want({VIP: candidate(()), v6.address: v6})
-        wait_for("the problems", lambda: len(a.problems) == 2)
-        assert a.problems == [  # by address
-            f"L2 {VIP}: no interface to announce it on",
-            "L2 2001:db8::5: IPv6 addresses are not announced yet (route it to the nodes)"]
-        assert kernel.routes == {VIP}
+        wait_for("the problem", lambda: a.problems)
+        wait_for("both announced", lambda: len(a.announcements()) == 2)
+        assert a.problems == [f"L2 {VIP}: no interface to announce it on"]
+        assert kernel.routes == {VIP, v6.address}
+        assert kernel.answered == {v6.address: ("eth0",)}
+        wait_for("advertised", lambda: any(g[0] == v6.address for g in kernel.garps))
+        # Its interfaces change: the kernel answers on the new ones.
+        a.want({v6.address: Candidate(v6.address, "flat", "", ("eth1",))})
+        wait_for("answered on eth1", lambda: kernel.answered == {v6.address: ("eth1",)})
+        assert kernel.routes == {v6.address}  # the other one released
     finally:
         a.stop(release=True)
+    assert kernel.routes == set() and kernel.answered == {}
 
 
 # --- pure parts ------------------------------------------------------------------------------
@@ -180,6 +193,16 @@ def test_garp_frame_is_an_arp_announcement() -> None:
         1, "02:00:00:00:00:01", "10.70.0.100", "10.70.0.100", "00:00:00:00:00:00")
     assert struct.unpack("!H", frame[12:14])[0] == 0x0806
     assert frame[28:32] == frame[38:42] == socket.inet_aton("10.70.0.100")
+
+
+def test_unsolicited_na_overrides_with_the_new_mac() -> None:
+    mac = bytes.fromhex("020000000001")
+    payload = unsolicited_na(mac, "2001:db8::5")
+    # As the kernel sends it from a raw ICMPv6 socket (it fills in the checksum).
+    na = ICMPv6ND_NA(payload)
+    assert (na.type, na.R, na.S, na.O, na.tgt) == (136, 0, 0, 1, "2001:db8::5")
+    assert na[ICMPv6NDOptDstLLAddr].lladdr == "02:00:00:00:00:01"
+    assert len(payload) == 32
 
 
 def test_announcement_interfaces() -> None:

@@ -1,9 +1,10 @@
 """A Service of type LoadBalancer on a flat network, end to end: the operator (real kopf,
-in this process) allocates an address from a pool with ``announce: L2``, two agents
-(`xdplb agent --kubernetes`, each in a load balancer node's namespace, with the chart's
-RBAC) program it, one of them wins the address's Lease and answers ARP for it, and a
-client that has no route but its subnet reaches it. The announcing agent is killed and
-its node drops off the segment: the other node takes over within 5 s.
+in this process) allocates an address of each family from a pool with ``announce: L2``
+(a dual-stack Service), two agents (`xdplb agent --kubernetes`, each in a load balancer
+node's namespace, with the chart's RBAC) program them, one node wins each address's
+Lease and answers ARP or Neighbour Solicitations for it, and a client that has no route
+but its subnets reaches both. The announcing agent is killed and its node drops off the
+segment: the other node takes over within 5 s.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ pytestmark = [
 PIN_ROOT = "/run/xdplb-k8s/bpf"
 RELAY_PORT = 16444
 BACKEND_PORT = 8080
-L2_POOL = pool("flat", "10.70.0.100-10.70.0.109", namespaceSelector={}, announce="L2")
+L2_POOL = pool("flat", "10.70.0.100-10.70.0.109", "fd70::100-fd70::109", namespaceSelector={},
+               announce="L2")
+DUAL = {"ipFamilyPolicy": "PreferDualStack", "ipFamilies": ["IPv4", "IPv6"]}
 TAKEOVER_LIMIT = 5.0
 
 
@@ -116,7 +119,7 @@ PROBE = """
 import socket, sys, time
 dst, port, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
 while time.monotonic() < deadline:
-    s = socket.socket()
+    s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET)
     s.settimeout(0.2)
     try:
         s.connect((dst, port))
@@ -131,10 +134,10 @@ sys.exit(1)
 
 
 @contextmanager
-def l2_setup(tmp_path: Path, prefix: str
+def l2_setup(tmp_path: Path, prefix: str, ipv6: bool = False
              ) -> Iterator[tuple[L2Lab, Cluster, Api, dict[str, Node]]]:
     ensure_bpffs(PIN_ROOT)
-    lab = L2Lab(prefix).setup()
+    lab = L2Lab(prefix, ipv6=ipv6).setup()
     relays: list[subprocess.Popen[bytes]] = []
     try:
         for b in lab.backends:
@@ -168,10 +171,12 @@ def l2_setup(tmp_path: Path, prefix: str
         lab.close()
 
 
-def web_service(api: Api, name: str, *backends: str, expose: bool = False) -> None:
+def web_service(api: Api, name: str, *backends: str, expose: bool = False,
+                backends6: tuple[str, ...] = ()) -> None:
     """A Service of the class with an EndpointSlice of ``backends`` (no controller makes
     one here). ``expose``: made as the README shows, from a Deployment by `kubectl expose`
-    (one unnamed port)."""
+    (one unnamed port). ``backends6``: dual-stack, with an IPv6 slice of those."""
+    spec = {"loadBalancerClass": CLASS, **(DUAL if backends6 else {})}
     if expose:
         api.apply({"apiVersion": "apps/v1", "kind": "Deployment",
                    "metadata": {"name": name, "namespace": "default"},
@@ -181,14 +186,21 @@ def web_service(api: Api, name: str, *backends: str, expose: bool = False) -> No
         api.env.cluster.kubectl(
             "expose", "deployment", name, "--type=LoadBalancer", "--port", "80",
             "--target-port", str(BACKEND_PORT), "--overrides",
-            json.dumps({"apiVersion": "v1", "spec": {"loadBalancerClass": CLASS}}))
+            json.dumps({"apiVersion": "v1", "spec": spec}))
     else:
-        api.apply(service(name))
-    api.env.admin.request("POST", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices", {
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
-        "metadata": {"name": f"{name}-1", "labels": {"kubernetes.io/service-name": name}},
-        "ports": [{"name": "" if expose else "http", "port": BACKEND_PORT, "protocol": "TCP"}],
-        "endpoints": [endpoint(b) for b in backends]})
+        api.apply(service(name, **(DUAL if backends6 else {})))
+    for family, addresses in (("IPv4", backends), ("IPv6", backends6)):
+        if not addresses:
+            continue
+        api.env.admin.request(
+            "POST", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices", {
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "addressType": family, "metadata": {
+                    "name": f"{name}-{family.lower()}",
+                    "labels": {"kubernetes.io/service-name": name}},
+                "ports": [{"name": "" if expose else "http", "port": BACKEND_PORT,
+                           "protocol": "TCP"}],
+                "endpoints": [endpoint(b) for b in addresses]})
 
 
 def announcer(api: Api, address: str) -> str:
@@ -207,35 +219,56 @@ def applied_on_both(api: Api, name: str) -> bool:
             for e in (s.get("status") or {}).get("loadBalancers") or []) for s in states)
 
 
+def takeovers(lab: L2Lab, vips: tuple[str, ...], killed: int, tails: str) -> list[float]:
+    """Seconds from ``killed`` until a client connects to each of ``vips`` again."""
+    probes = [lab.popen("cli", "python3", "-c", PROBE, vip, "80", "20",
+                        stdout=subprocess.PIPE, text=True) for vip in vips]
+    took = []
+    for vip, probe in zip(vips, probes, strict=True):
+        out, _ = probe.communicate(timeout=30)
+        assert probe.returncode == 0, f"{vip} never came back\n{tails}"
+        took.append((int(out.split()[0]) - killed) / 1e9)
+    return took
+
+
 def test_l2_announced_service_survives_its_announcer(tmp_path: Path) -> None:
-    with l2_setup(tmp_path, "xq") as (lab, _cluster, api, nodes):
+    with l2_setup(tmp_path, "xq", ipv6=True) as (lab, _cluster, api, nodes):
         def tails() -> str:
             return "\n".join(n.tail() for n in nodes.values())
 
-        web_service(api, "web", L2Lab.backend_addr(1), L2Lab.backend_addr(2), expose=True)
-        vip = api.wait_address("web")
-        assert vip == "10.70.0.100"
+        web_service(api, "web", L2Lab.backend_addr(1), L2Lab.backend_addr(2), expose=True,
+                    backends6=(L2Lab.backend6_addr(1), L2Lab.backend6_addr(2)))
+        vips = tuple(wait_for("both addresses", lambda: len(i := api.ingress("web")) == 2
+                              and [a["ip"] for a in i]))
+        vip, vip6 = vips
+        assert vips == ("10.70.0.100", "fd70::100")
         row = api.env.cluster.kubectl("get", "svc", "web").stdout.split("\n")[1].split()
-        assert row[:5] == ["web", "LoadBalancer", "<none>", vip, "80/TCP"], row
+        assert row[:5] == ["web", "LoadBalancer", "<none>", f"{vip},{vip6}", "80/TCP"], row
         wait_for("web applied on both nodes", lambda: applied_on_both(api, "web"), timeout=60)
         first = wait_for("one announcer", lambda: announcer(api, vip), timeout=20)
+        first6 = wait_for("one IPv6 announcer", lambda: announcer(api, vip6), timeout=20)
         other = next(n for n in lab.NODES if n != first)
         lease = api.get(f"/apis/coordination.k8s.io/v1/namespaces/{SYSTEM_NS}/leases/"
                         f"{lease_name(vip)}")
         assert lease is not None and lease["spec"]["holderIdentity"] == first
         assert lease["metadata"]["ownerReferences"][0]["kind"] == "AddressPool"
-        wait_for("status.addresses names the announcer", lambda: (
+        wait_for("status.addresses names the announcers", lambda: (
             (api.lb("default", "web") or {}).get("status", {}).get("addresses")
-            == [{"address": vip, "pool": "flat", "announcedBy": first}]))
+            == [{"address": vip, "pool": "flat", "announcedBy": first},
+                {"address": vip6, "pool": "flat", "announcedBy": first6}]))
         assert api.wait_event("default", "web", "LoadBalancer", "Announced")["message"] \
             .startswith(f"{vip} is announced by node {first}")
         assert lab.local_routes(first).get(vip) and vip not in lab.local_routes(other)
+        assert lab.proxies(first6) == [f"{vip6} front"]
 
-        res = lab.tcp_clients("cli", vip, 80, count=20, concurrency=5)
-        assert res["ok"], f"{res}\n{tails()}"
-        assert set(res["tags"]) == {"b1", "b2"}, res["tags"]
+        for address in vips:  # each family through its own slice's backends
+            res = lab.tcp_clients("cli", address, 80, count=20, concurrency=5)
+            assert res["ok"], f"{address}: {res}\n{tails()}"
+            assert set(res["tags"]) == {"b1", "b2"}, res["tags"]
         neigh = lab.neighbour("cli", vip)
         assert neigh is not None and neigh["lladdr"] == lab.mac(first, "front"), neigh
+        neigh = lab.neighbour("cli", vip6)
+        assert neigh is not None and neigh["lladdr"] == lab.mac(first6, "front"), neigh
 
         # A second Service: another address, announced too, reachable too.
         web_service(api, "api", L2Lab.backend_addr(2))
@@ -254,19 +287,17 @@ def test_l2_announced_service_survives_its_announcer(tmp_path: Path) -> None:
         lab.node_down(first)
         assert probe.stdout is not None
         probe.stdout.readline()  # its first success, before the kill
-        back = lab.popen("cli", "python3", "-c", PROBE, vip, "80", "20",
-                         stdout=subprocess.PIPE, text=True)
-        out, _ = back.communicate(timeout=30)
         lab.stop(probe)
-        assert back.returncode == 0, f"the VIP never came back\n{tails()}"
-        takeover = (int(out.split()[0]) - killed) / 1e9
+        took = takeovers(lab, vips, killed, tails())
         print(f"L2 takeover (agent killed, node off the segment -> client connects):"
-              f" {takeover:.2f} s")
-        assert takeover <= TAKEOVER_LIMIT, f"{takeover:.2f} s\n{tails()}"
-        neigh = lab.neighbour("cli", vip)
-        assert neigh is not None and neigh["lladdr"] == lab.mac(other, "front"), neigh
-        res = lab.tcp_clients("cli", vip, 80, count=10, concurrency=5)
-        assert res["ok"] and set(res["tags"]) <= {"b1", "b2"}, f"{res}\n{tails()}"
+              f" IPv4 {took[0]:.2f} s, IPv6 {took[1]:.2f} s"
+              + ("" if first6 == first else " (IPv6 was announced by the other node)"))
+        assert max(took) <= TAKEOVER_LIMIT, f"{took}\n{tails()}"
+        for address in vips:
+            neigh = lab.neighbour("cli", address)
+            assert neigh is not None and neigh["lladdr"] == lab.mac(other, "front"), neigh
+            res = lab.tcp_clients("cli", address, 80, count=10, concurrency=5)
+            assert res["ok"] and set(res["tags"]) <= {"b1", "b2"}, f"{res}\n{tails()}"
         wait_for("the other node announces", lambda: announcer(api, vip) == other
                  or announcer(api, vip) == "", timeout=10)
         # The killed node's last report still lists it: the later takeover wins.
@@ -280,27 +311,26 @@ def test_l2_announced_service_survives_its_announcer(tmp_path: Path) -> None:
         assert lab.local_routes(first).get(vip), "the killed agent's route is still there"
         lab.node_up(first)
         nodes[first].start()
-        wait_for("the stale route withdrawn", lambda: vip not in lab.local_routes(first),
-                 timeout=30)
+        wait_for("the stale routes withdrawn", lambda: not set(vips) & set(
+            lab.local_routes(first)) and not lab.proxies(first), timeout=30)
         time.sleep(1.0)  # a standby stays one
         assert vip not in lab.local_routes(first) and lab.local_routes(other).get(vip)
+        assert lab.proxies(other) == [f"{vip6} front"]
         res = lab.tcp_clients("cli", vip, 80, count=5)
         assert res["ok"], f"{res}\n{tails()}"
 
         # And it is a working standby: the other node goes the same way, the first takes
-        # the address back.
+        # both addresses back.
         killed = time.monotonic_ns()
         nodes[other].kill()
         lab.node_down(other)
-        back = lab.popen("cli", "python3", "-c", PROBE, vip, "80", "20",
-                         stdout=subprocess.PIPE, text=True)
-        out, _ = back.communicate(timeout=30)
-        assert back.returncode == 0, f"the VIP never came back\n{tails()}"
-        again = (int(out.split()[0]) - killed) / 1e9
-        print(f"L2 takeover back to the restarted node: {again:.2f} s")
-        assert again <= TAKEOVER_LIMIT, f"{again:.2f} s\n{tails()}"
-        neigh = lab.neighbour("cli", vip)
-        assert neigh is not None and neigh["lladdr"] == lab.mac(first, "front"), neigh
+        again = takeovers(lab, vips, killed, tails())
+        print(f"L2 takeover back to the restarted node: IPv4 {again[0]:.2f} s,"
+              f" IPv6 {again[1]:.2f} s")
+        assert max(again) <= TAKEOVER_LIMIT, f"{again}\n{tails()}"
+        for address in vips:
+            neigh = lab.neighbour("cli", address)
+            assert neigh is not None and neigh["lladdr"] == lab.mac(first, "front"), neigh
 
         # Every Lease rule of the agents' Role was needed.
         account = api.account  # type: ignore[attr-defined]
@@ -312,7 +342,7 @@ import sys
 from xdplb.agent.l2 import Kernel
 k, op, address = Kernel(), sys.argv[1], sys.argv[2]
 if op == "add":
-    k.add(address)
+    print(k.add(address, tuple(sys.argv[3:])))
 elif op == "remove":
     k.remove(address)
 elif op == "garp":
@@ -321,30 +351,47 @@ print(sorted(k.ours()))
 """
 
 
-def test_the_kernel_answers_arp_for_a_local_route_and_garp_moves_neighbours() -> None:
+def test_the_kernel_answers_arp_and_ns_and_announcements_move_neighbours() -> None:
     """l2.Kernel for real: a local route makes the node answer ARP (and, with no XDP here,
-    pings) for the address; without it nobody does; a gratuitous ARP moves a neighbour
-    entry the client already has to the sender's MAC."""
-    vip = "10.70.0.105"
-    with L2Lab("xr") as lab:
+    pings) for the address; for IPv6 the proxy entry on the interface answers Neighbour
+    Solicitations; without them nobody does; a gratuitous ARP, or an unsolicited
+    Neighbour Advertisement, moves a neighbour entry the client already has to the
+    sender's MAC."""
+    vip, vip6 = "10.70.0.105", "fd70::105"
+    with L2Lab("xr", ipv6=True) as lab:
         def kernel(node: str, *args: str) -> str:
             return lab.exec(node, sys.executable, "-c", KERNEL_OPS, *args).stdout.strip()
 
-        def ping() -> bool:
+        def ping(address: str) -> bool:
             lab.exec("cli", "ip", "neigh", "flush", "dev", "front")
-            return lab.exec("cli", "ping", "-c1", "-W1", vip, check=False).returncode == 0
+            return lab.exec("cli", "ping", "-c1", "-W1", address, check=False).returncode == 0
 
-        assert not ping()
-        assert kernel("n1", "add", vip) == f"['{vip}']"
+        assert not ping(vip) and not ping(vip6)
+        assert kernel("n1", "add", vip) == f"[]\n['{vip}']"
         assert lab.local_routes("n1") == {vip: "182"}  # RTPROT_XDPLB_L2, 0xb6
-        assert ping()
+        assert ping(vip)
         assert lab.neighbour("cli", vip)["lladdr"] == lab.mac("n1", "front")  # type: ignore[index]
         assert kernel("n1", "remove", vip) == "[]"
-        assert not ping()
-        # The client holds a stale entry with n1's MAC; n2's gratuitous ARP moves it.
-        lab.exec("cli", "ip", "neigh", "replace", vip, "lladdr", lab.mac("n1", "front"),
-                 "dev", "front", "nud", "stale")
-        assert kernel("n2", "garp", vip, "front").startswith("[]")
-        entry = wait_for("the entry moved", lambda: (
-            e := lab.neighbour("cli", vip)) and e["lladdr"] == lab.mac("n2", "front") and e)
-        assert entry["dst"] == vip
+        assert not ping(vip)
+
+        # IPv6: the local route and a proxy entry on front, answered at once.
+        assert kernel("n1", "add", vip6, "front").startswith("[]")
+        assert lab.local_routes("n1") == {vip6: "182"}
+        assert lab.proxies("n1") == [f"{vip6} front"]
+        assert lab.exec("n1", "sysctl", "-n", "net.ipv6.neigh.front.proxy_delay").stdout \
+            .strip() == "0"
+        assert ping(vip6)
+        entry = lab.neighbour("cli", vip6)
+        assert entry is not None and entry["lladdr"] == lab.mac("n1", "front"), entry
+        assert kernel("n1", "remove", vip6) == "[]"
+        assert lab.proxies("n1") == [] and lab.local_routes("n1") == {}
+        assert not ping(vip6)
+
+        # The client holds a stale entry with n1's MAC; n2's announcement moves it.
+        for address in (vip, vip6):
+            lab.exec("cli", "ip", "neigh", "replace", address, "lladdr", lab.mac("n1", "front"),
+                     "dev", "front", "nud", "stale")
+            assert kernel("n2", "garp", address, "front").startswith("[]")
+            moved = wait_for(f"the entry of {address} moved", lambda a=address: (  # type: ignore[misc]
+                e := lab.neighbour("cli", a)) and e["lladdr"] == lab.mac("n2", "front") and e)
+            assert moved["dst"] == address

@@ -1,9 +1,11 @@
-"""L2 announcement: one elected node per address answers ARP for it.
+"""L2 announcement: one elected node per address answers ARP (IPv4) or Neighbour
+Solicitations (IPv6) for it.
 
 Each address of a pool with ``announce: L2`` has a coordination.k8s.io Lease in the
 agents' namespace (``xdplb-l2-<address>``, owned by the pool). Every node that applied a
 listener on the address is a candidate; the one holding the Lease makes the address
-local (l2.py), sends gratuitous ARP when it takes over, and renews the Lease every third
+local (l2.py), sends gratuitous ARP (IPv6: unsolicited Neighbour Advertisements) when it
+takes over, and renews the Lease every third
 of its duration. The others read it when it would expire and take it over then, so a
 node whose agent stopped is replaced within one Lease duration (3 s by default). The
 election rules are the operator's leader election (k8s/lease.py's ``decide``); the
@@ -50,7 +52,7 @@ class Api(Protocol):
 class KernelOps(Protocol):
     def ours(self) -> set[str]: ...
     def local_routes(self) -> dict[str, int]: ...
-    def add(self, address: str) -> None: ...
+    def add(self, address: str, interfaces: tuple[str, ...] = ()) -> list[str]: ...
     def remove(self, address: str) -> None: ...
     def garp(self, address: str, interfaces: tuple[str, ...]) -> list[str]: ...
 
@@ -75,6 +77,7 @@ class _Held:
     since: datetime.datetime
     renewed: float  # monotonic time of the last successful write
     garps: list[float] = field(default_factory=list)  # monotonic times still due
+    made: tuple[str, ...] | None = None  # the interfaces the kernel answers on (IPv6)
 
 
 def _now() -> datetime.datetime:
@@ -146,10 +149,6 @@ class Announcer:
         for address in [a for a in self._held if a not in wanted]:
             self._release(address)
         for address, cand in sorted(wanted.items()):
-            if ":" in address:  # IPv6 needs unsolicited neighbour advertisements: not yet
-                self._problem(address, f"L2 {address}: IPv6 addresses are not announced yet"
-                              " (route it to the nodes)")
-                continue
             held = self._held.get(address)
             if held is not None:
                 held.candidate = cand
@@ -225,15 +224,26 @@ class Announcer:
         digest = hashlib.sha256(f"{address}/{self.node}".encode()).digest()
         return int.from_bytes(digest[:2], "big") / 65536 * 0.5
 
-    def _take(self, cand: Candidate, clock: float, renewed: bool) -> None:
+    def _local(self, cand: Candidate) -> None:
+        """Make the address local (and, IPv6, answered for on the candidate's interfaces),
+        noting what went wrong."""
         try:
-            self.kernel.add(cand.address)
-            self._ok(cand.address)
+            problems = self.kernel.add(cand.address, cand.interfaces)
         except Exception as e:
             self._problem(cand.address, f"L2 {cand.address}: cannot make it local: {e}")
+            return
+        if (held := self._held.get(cand.address)) is not None:
+            held.made = cand.interfaces
+        if problems:
+            self._problem(cand.address, f"L2 {cand.address}: " + "; ".join(problems))
+        else:
+            self._ok(cand.address)
+
+    def _take(self, cand: Candidate, clock: float, renewed: bool) -> None:
         with self._lock:
             self._held[cand.address] = _Held(cand, _now(), clock,
                                              [clock + t for t in GARP_AFTER])
+        self._local(cand)
         self._next_read.pop(cand.address, None)
         log.info("L2: %s announced from %s (Lease %s/%s%s)", cand.address,
                  ", ".join(cand.interfaces) or "no interface", self.namespace,
@@ -255,12 +265,11 @@ class Announcer:
             held.renewed = clock
         except Exception as e:  # fail-static: keep announcing, try again next round
             log.warning("L2 %s: Lease %s not renewed: %s", address, name, e)
-        try:
-            if address not in self.kernel.local_routes():
-                self.kernel.add(address)  # someone removed it (an SNI VIP's route went)
-            self._ok(address)
-        except Exception as e:
-            self._problem(address, f"L2 {address}: cannot make it local: {e}")
+        if held.made != held.candidate.interfaces \
+                or address not in self.kernel.local_routes():
+            # Its interfaces changed (IPv6 answers on those), or its route was removed (an
+            # SNI VIP's route went).
+            self._local(held.candidate)
 
     def _garps(self, address: str, clock: float) -> None:
         held = self._held[address]

@@ -1,5 +1,5 @@
 """IPv4 settings that source NAT in XDP depends on: per interface, and the ports the
-kernel may give the node's own connections."""
+kernel may give the node's own connections; the IPv6 settings L2 announcement needs."""
 
 from __future__ import annotations
 
@@ -38,6 +38,32 @@ def allow_local_sources(ifnames: Iterable[str], conf: Path = CONF) -> list[str]:
         if strict:
             problems.append(f"{ifname}: strict reverse-path filtering drops source-NAT "
                             f"flows: set net.ipv4.conf.{strict[0]}.rp_filter to 0 or 2")
+    return problems
+
+
+CONF6 = Path("/proc/sys/net/ipv6")
+
+
+def answer_proxy_ndp(ifname: str, root: Path = CONF6) -> list[str]:
+    """proxy_ndp on and proxy_delay 0 on ``ifname``, so that the kernel answers Neighbour
+    Solicitations for a proxy entry at once (else after up to 0.8 s); it does so only on
+    an interface that forwards IPv6, as a node serving IPv6 must. Returns problems."""
+    problems = []
+    for key, value in ((f"conf/{ifname}/proxy_ndp", "1"), (f"neigh/{ifname}/proxy_delay", "0")):
+        try:
+            if (root / key).read_text().strip() != value:
+                (root / key).write_text(value)
+                log.info("%s: net.ipv6.%s=%s (L2 announcement)", ifname,
+                         key.replace("/", "."), value)
+        except OSError as e:
+            problems.append(f"{ifname}: cannot set net.ipv6.{key.replace('/', '.')}: {e}")
+    try:
+        if (root / "conf" / ifname / "forwarding").read_text().strip() != "1":
+            problems.append(f"{ifname}: net.ipv6.conf.{ifname}.forwarding is 0: IPv6 is not"
+                            " forwarded, and no Neighbour Solicitation is answered for an"
+                            " announced address")
+    except OSError as e:
+        problems.append(f"{ifname}: cannot read net.ipv6.conf.{ifname}.forwarding: {e}")
     return problems
 
 

@@ -55,7 +55,7 @@ class NodeReport:
     heartbeat: datetime.datetime | None
     errors: tuple[str, ...]  # node-level: agent error, interfaces that failed to attach
     entries: Mapping[Ref, Mapping[str, Any]] = field(default_factory=dict)
-    # Addresses this node answers ARP for, and since when.
+    # Addresses this node answers ARP (IPv6: NS) for, and since when.
     announced: Mapping[str, datetime.datetime | None] = field(default_factory=dict)
 
     @classmethod

@@ -28,8 +28,9 @@ CAPABILITIES: dict[str, str] = {
     "NET_ADMIN": "attach XDP and TC programs to interfaces; set accept_local for source NAT",
     "PERFMON": "privileged verification: the packet parser's pointer arithmetic is refused"
                " to a loader without it",
-    "NET_RAW": "gratuitous ARP from a packet socket when the node takes an announced"
-               " address over (pools with announce: L2)",
+    "NET_RAW": "gratuitous ARP from a packet socket, unsolicited Neighbour Advertisements"
+               " from a raw ICMPv6 socket, when the node takes an announced address over"
+               " (pools with announce: L2)",
 }
 
 

@@ -60,7 +60,8 @@ class LoadBalancerState(_Model):
 
 
 class Announcement(_Model):
-    """An address this node answers ARP for (announce: L2), elected by its Lease."""
+    """An address this node answers ARP or Neighbour Solicitations for (announce: L2),
+    elected by its Lease."""
 
     address: str = Field(min_length=1, max_length=45)
     pool: str = Field(default="", max_length=253)

@@ -362,26 +362,34 @@ SERVICE_ROWS = (
     ("`spec.loadBalancerClass`", f"`{DEFAULT_CLASS}` (the operator's `--service-class`):"
      " answered; another class: never touched; none: answered only with"
      " `--default-service-class` (leave it off when another implementation answers those)"),
+    ("`spec.ipFamilies`, `spec.ipFamilyPolicy`", "an address per family listed (IPv4 when"
+     " absent; the first only unless the policy is `PreferDualStack` or"
+     " `RequireDualStack`). `PreferDualStack` without an address of the second family:"
+     " served in the first alone (Event `DualStackDegraded`) until one is free;"
+     " `RequireDualStack`: both families or nothing"),
     ("`spec.loadBalancerIP`, annotation `" + IPS_ANNOTATION + "`",
-     "the address asked for (the annotation: one per family, comma-separated; IPv4 is"
-     " served); it must lie in a pool that admits the namespace, else Event"
-     " `AddressNotAllowed`"),
+     "the addresses asked for (the annotation: one per family, comma-separated); each"
+     " must lie in a pool that admits the namespace, else Event `AddressNotAllowed`; one"
+     " of a family the Service is not in: Event `AddressIgnored`"),
     (f"annotation `{POOL_ANNOTATION}`", "allocate from this pool, even when its"
      " `autoAssign` is false"),
-    ("(no address asked for)", "the lowest free address of the first pool, by name, that"
-     " admits the namespace, has `autoAssign: true` and allows every port of the Service;"
-     " none: Event `NoAddressPool`; all taken: Event `PoolExhausted`"),
+    ("(no address asked for)", "the lowest free address of the family in the first pool,"
+     " by name, that admits the namespace, has `autoAssign: true` and allows every port"
+     " of the Service; none: Event `NoAddressPool`; all taken: Event `PoolExhausted`"),
     (f"annotation `{SHARING_ANNOTATION}`", "Services with the same key and disjoint ports"
      " (port and protocol) may share an address; any other second claim: Event"
      " `AddressInUse`"),
-    ("`spec.ports[]`", "one listener each: `name` (or `<protocol>-<port>`), `protocol`,"
-     " `port`, the address, `service: {name, port: <name or number>}`; SCTP ports are not"
-     " served (Event `PortNotServed`)"),
-    ("EndpointSlices", "the backends: ready endpoints take new flows, terminating ones drain"),
+    ("`spec.ports[]`", "one listener each per family: `name` (or `<protocol>-<port>`;"
+     " the second family's end in `-ipv6` or `-ipv4`), `protocol`, `port`, the family's"
+     " address, `service: {name, port: <name or number>}`; SCTP ports are not served"
+     " (Event `PortNotServed`)"),
+    ("EndpointSlices", "the backends, of the listener's family: ready endpoints take new"
+     " flows, terminating ones drain"),
     ("`spec.externalTrafficPolicy`", "`trafficPolicy`: `Local` as is; `Cluster` (or none)"
      " as `Cluster` (any endpoint, with source NAT)"),
     ("`spec.sessionAffinity`", "`sessionAffinity` of every listener (`ClientIP` or `None`)"),
-    ("`status.loadBalancer.ingress`", "`[{ip: <address>, ipMode: VIP}]`; Events"
+    ("`status.loadBalancer.ingress`", "`[{ip: <address>, ipMode: VIP}]`, one per family,"
+     " primary first; Events"
      " `AddressAllocated`, and `AddressReleased` when the Service changes class"),
 )
 

@@ -21,6 +21,7 @@ from xdplb.k8s.events import event
 from xdplb.k8s.index import State
 from xdplb.k8s.services import (
     ALLOCATED,
+    DEGRADED,
     SERVICE_LABEL,
     Allocation,
     allocate,
@@ -32,6 +33,7 @@ from xdplb.k8s.services import (
 )
 from xdplb.k8s.settings import OperatorSettings
 from xdplb.spec.api import GROUP, VERSION, Ref
+from xdplb.spec.fields import family_of
 
 log = logging.getLogger("xdplb.operator")
 TICK = 0.1  # seconds: a burst of changes makes one run
@@ -56,7 +58,8 @@ def lb_summary(body: Mapping[str, Any]) -> Json:
 class ServiceController:
     def __init__(self, settings: OperatorSettings, state: State, kube: Kube) -> None:
         self.settings, self.state, self.kube = settings, state, kube
-        self.assigned: dict[str, str] = {}  # Service uid -> the address this run gave it
+        # Service uid -> family -> the address this run of the operator gave it
+        self.assigned: dict[str, dict[str, str]] = {}
         self.told: dict[str, tuple[str, str]] = {}  # Service uid -> its last Event
         self.wake = asyncio.Event()
         self.wake.set()
@@ -90,21 +93,25 @@ class ServiceController:
         summaries = {ref: next(iter(v)) for ref, v in self.lbs.items() if v}
         ours = [s for s in services if self._mine(s)]
         claimants = {c.uid: c for c in map(claimant_of, ours)}
-        evidence: dict[str, str] = {}
+        evidence: dict[str, dict[str, str]] = {}  # uid -> family -> address it has
+
+        def have(uid: str, addresses: list[str]) -> None:
+            for a in addresses:
+                evidence.setdefault(uid, {})[family_of(a)] = a
+
         for svc in ours:
-            uid = svc["metadata"].get("uid", "")
-            if ips := ingress_ips(svc):
-                evidence[uid] = ips[0]
+            have(svc["metadata"].get("uid", ""), ingress_ips(svc)[::-1])  # the first wins
         held: dict[str, str] = {}
         for ref, summary in summaries.items():
             owner = claimants.get(summary.get("owner") or "")
             if owner is not None and owner.ref == ref:
-                if summary["addresses"]:
-                    evidence[owner.uid] = summary["addresses"][0]
+                have(owner.uid, summary["addresses"][::-1])
                 continue
             for address in summary["addresses"]:
                 held.setdefault(address, f"LoadBalancer {ref[0]}/{ref[1]}")
-        evidence.update({u: a for u, a in self.assigned.items() if u in claimants})
+        for u, mine in self.assigned.items():
+            if u in claimants:
+                evidence.setdefault(u, {}).update(mine)
         self.assigned = {u: a for u, a in self.assigned.items() if u in claimants}
         self.told = {u: t for u, t in self.told.items() if u.split("/")[0] in claimants}
         allocations = allocate(claimants.values(), evidence, held, self.state.pools.grants,
@@ -118,19 +125,22 @@ class ServiceController:
         meta = svc["metadata"]
         uid, ns, name = meta.get("uid", ""), meta["namespace"], meta["name"]
         path = f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/loadbalancers/{name}"
-        if alloc.address is None:
+        for ignored in claimant_of(svc).ignored:
+            self._tell(svc, "Warning", "AddressIgnored", ignored, once=ignored)
+        if not alloc.addresses:
             if current is not None and current.get("owner") == uid:
                 await self._delete(path)
             if ingress_ips(svc):
-                await self._set_ingress(svc, None)
+                await self._set_ingress(svc, ())
             self.assigned.pop(uid, None)
             self._tell(svc, "Warning", alloc.reason, alloc.message)
             return
-        desired = derived_lb(svc, alloc.address)
+        desired = derived_lb(svc, alloc.addresses)
         if current is None:
             await asyncio.to_thread(self.kube.request, "POST",
                                     path.rsplit("/", 1)[0], desired)
-            log.info("Service %s/%s: LoadBalancer created at %s", ns, name, alloc.address)
+            log.info("Service %s/%s: LoadBalancer created at %s", ns, name,
+                     ", ".join(alloc.addresses))
         elif current.get("owner") != uid:
             self._tell(svc, "Warning", "LoadBalancerNameTaken",
                        f"LoadBalancer {ns}/{name} exists and is not this Service's: rename"
@@ -142,11 +152,13 @@ class ServiceController:
             await asyncio.to_thread(self.kube.patch, path, {
                 "metadata": {"labels": desired["metadata"]["labels"]},
                 "spec": desired["spec"]})
-        self.assigned[uid] = alloc.address
-        if ingress_ips(svc) != [alloc.address] or any(
+        self.assigned[uid] = {family_of(a): a for a in alloc.addresses}
+        if ingress_ips(svc) != list(alloc.addresses) or any(
                 i.get("ipMode") != "VIP" for i in svc["status"]["loadBalancer"]["ingress"]):
-            await self._set_ingress(svc, alloc.address)
+            await self._set_ingress(svc, alloc.addresses)
         self._tell(svc, "Normal", ALLOCATED, alloc.message)
+        if alloc.degraded:
+            self._tell(svc, "Warning", DEGRADED, alloc.degraded, once=alloc.degraded)
         for problem in claimant_of(svc).problems:
             self._tell(svc, "Warning", "PortNotServed", problem, once=problem)
 
@@ -164,7 +176,7 @@ class ServiceController:
             await self._delete(path)
             svc = by_uid.get(owner)
             if svc is not None and set(ingress_ips(svc)) & set(summary["addresses"]):
-                await self._set_ingress(svc, None)
+                await self._set_ingress(svc, ())
                 self._tell(svc, "Normal", "AddressReleased",
                            f"{', '.join(summary['addresses'])} released: the Service is no"
                            " longer served by xdplb")
@@ -177,10 +189,10 @@ class ServiceController:
             if not is_missing(e):
                 raise
 
-    async def _set_ingress(self, svc: Json, address: str | None) -> None:
+    async def _set_ingress(self, svc: Json, addresses: tuple[str, ...]) -> None:
         meta = svc["metadata"]
         path = f"/api/v1/namespaces/{meta['namespace']}/services/{meta['name']}/status"
-        ingress = [{"ip": address, "ipMode": "VIP"}] if address else None
+        ingress = [{"ip": a, "ipMode": "VIP"} for a in addresses] or None
         try:
             await asyncio.to_thread(self.kube.patch, path,
                                     {"status": {"loadBalancer": {"ingress": ingress}}})

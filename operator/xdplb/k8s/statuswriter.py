@@ -59,7 +59,7 @@ def announcer_events(old: list[dict[str, str]] | None, new: list[dict[str, str]]
     """A Normal Event for each address whose L2 announcer changed to a node."""
     before = {a["address"]: a.get("announcedBy", "") for a in old or []}
     return [("Normal", "Announced", f"{a['address']} is announced by node {a['announcedBy']}"
-             " (L2: it answers ARP for it)")
+             " (L2: it answers ARP or NS for it)")
             for a in new if a.get("announcedBy") and before.get(a["address"]) != a["announcedBy"]]
 
 

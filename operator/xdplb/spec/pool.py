@@ -171,13 +171,13 @@ class AddressPoolSpec(_Model):
     announce: Literal["None", "L2"] = Field(
         default="None",
         description="None: route the addresses to the nodes yourself (static routes, ECMP,"
-        " BGP); L2: one elected node per address answers ARP for it on the local network"
-        " and sends gratuitous ARP when it takes over (IPv4 addresses; IPv6 ones are"
-        " reported not announced)")
+        " BGP); L2: one elected node per address answers ARP (IPv6: Neighbour"
+        " Solicitations) for it on the local network and sends gratuitous ARP (IPv6:"
+        " unsolicited Neighbour Advertisements) when it takes over")
     l2_interfaces: (
         Annotated[list[InterfaceName], Field(min_length=1, max_length=16)] | None
     ) = Field(default=None, alias="l2Interfaces",
-              description="announce: L2: interfaces for gratuitous ARP; omitted: those whose"
+              description="announce: L2: interfaces to announce on; omitted: those whose"
               " network holds the address, else the listener's interfaces")
 
     def ranges(self) -> tuple[AddressRange, ...]:
