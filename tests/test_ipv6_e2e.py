@@ -29,6 +29,7 @@ from tests.test_e2e import (
     XDPLB,
     Agent,
     check_ok,
+    clients_speak_first,
     finish_stream,
     mount_bpffs,
     start_lab,
@@ -165,10 +166,12 @@ def test_flows_survive_a_restart_and_a_flush(make_env: Env) -> None:
     t_restart = time.monotonic_ns()
     assert "adopted pinned maps" in agent.text(), agent.tail()
     time.sleep(1)
-    flushed = subprocess.run([str(XDPLB), "conntrack", "flush", "--pin-dir", agent.pin_dir],
-                             capture_output=True, text=True, timeout=30)
-    assert flushed.returncode == 0 and re.search(r"flushed \d+ entries", flushed.stdout)
-    t_flush = time.monotonic_ns()
+    with clients_speak_first(lab, ipv6=True):
+        flushed = subprocess.run([str(XDPLB), "conntrack", "flush", "--pin-dir",
+                                  agent.pin_dir], capture_output=True, text=True, timeout=30)
+        assert flushed.returncode == 0 and re.search(r"flushed \d+ entries", flushed.stdout)
+        t_flush = time.monotonic_ns()
+        time.sleep(0.3)   # every client sends again (a block each 26 ms at 20 Mbit/s)
     for i, p in enumerate(streams):
         finish_stream(lab, p, agent, f"IPv6 stream {i} across a restart and a flush")
         assert p.progress_path is not None
