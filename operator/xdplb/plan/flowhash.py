@@ -44,25 +44,8 @@ def _fold(h: int, addr: int, words: int) -> int:
 def flow_hash_ints(saddr: int, daddr: int, sport: int, dport: int, proto: int,
                    words: int = IPV4_WORDS) -> int:
     """The flow hash of addresses given as integers of `words` 32-bit words."""
-    if words != IPV4_WORDS:
-        h = mix32(mix32(HASH_SEED ^ proto) ^ ((sport << 16) | dport))
-        return _fold(_fold(h, daddr, words), saddr, words)
-    # IPv4, the SNI acceptor's per-connection case: mix32 written out four times (one
-    # Python call instead of seven); test_sni_plan holds it to the definition above.
-    h = HASH_SEED ^ proto
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _M32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _M32
-    h ^= h >> 16
-    for x in ((sport << 16) | dport, daddr, saddr):
-        h ^= x
-        h ^= h >> 16
-        h = (h * 0x85EBCA6B) & _M32
-        h ^= h >> 13
-        h = (h * 0xC2B2AE35) & _M32
-        h ^= h >> 16
-    return h
+    h = mix32(mix32(HASH_SEED ^ proto) ^ ((sport << 16) | dport))
+    return _fold(_fold(h, daddr, words), saddr, words)
 
 
 def client_hash_int(saddr: int, words: int = IPV4_WORDS) -> int:
