@@ -110,32 +110,24 @@ class Kernel:
         """Make ``address`` local, unless it is already (an SNI VIP's route answers too);
         for IPv6, answer Neighbour Solicitations for it on ``interfaces`` (and no other).
         Returns the problems, if any."""
-        v6 = ":" in address
         with IPRoute() as ipr:
-            lo = ipr.link_lookup(ifname="lo")[0]
             try:
-                ipr.route("add", dst=address, dst_len=128 if v6 else 32, type="local",
-                          table=RT_TABLE_LOCAL, proto=RTPROT_XDPLB_L2, scope=RT_SCOPE_HOST,
-                          oif=lo)
+                _local_route(ipr, "add", address)
             except NetlinkError as e:
                 if e.code != 17:  # EEXIST
                     raise
-            if not v6:
+            if ":" not in address:
                 return []
             return self._proxy(ipr, address, set(interfaces))
 
     def remove(self, address: str) -> None:
-        v6 = ":" in address
         with IPRoute() as ipr:
-            lo = ipr.link_lookup(ifname="lo")[0]
             try:
-                ipr.route("del", dst=address, dst_len=128 if v6 else 32, type="local",
-                          table=RT_TABLE_LOCAL, proto=RTPROT_XDPLB_L2, scope=RT_SCOPE_HOST,
-                          oif=lo)
+                _local_route(ipr, "del", address)
             except NetlinkError as e:
                 if e.code not in (3, 2):  # ESRCH, ENOENT: gone, or not ours
                     raise
-            if v6:
+            if ":" in address:
                 self._proxy(ipr, address, set())
 
     def _proxy(self, ipr: IPRoute, address: str, wanted: set[str]) -> list[str]:
@@ -190,3 +182,10 @@ def _send_na(name: str, mac: bytes, address: str) -> None:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
         s.sendto(unsolicited_na(mac, address), (ALL_NODES, 0, 0, index))
+
+
+def _local_route(ipr: IPRoute, command: str, address: str) -> None:
+    """Add or delete the announcer's host route for ``address`` in the local table."""
+    ipr.route(command, dst=address, dst_len=128 if ":" in address else 32, type="local",
+              table=RT_TABLE_LOCAL, proto=RTPROT_XDPLB_L2, scope=RT_SCOPE_HOST,
+              oif=ipr.link_lookup(ifname="lo")[0])
