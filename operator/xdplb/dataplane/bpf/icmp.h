@@ -152,38 +152,4 @@ static __always_inline void icmp_rewrite_quote(struct icmp_err *e, int which,
 	icmp_replace2(e->icmp_csum, pt, port);
 }
 
-/* The outer packet's destination := a (an error going on to the other side). An
- * ICMPv6 checksum covers it. */
-static __always_inline void icmp_outer_daddr(struct pkt *p, struct icmp_err *e,
-					     const struct addr *a)
-{
-	if (p->family == 4) {
-		struct iphdr *ip = p->l3;
-		csum_replace4(&ip->check, ip->daddr, a->w[3]);
-		ip->daddr = a->w[3];
-	} else {
-		struct ipv6hdr *ip6 = p->l3;
-		csum_replace16(e->icmp_csum, p->dst.w, a->w);
-		__builtin_memcpy(&ip6->daddr, a, sizeof(*a));
-	}
-	p->dst = *a;
-}
-
-/* The outer packet's source := a (an error the backend itself reports, going to the
- * client from the listener address). */
-static __always_inline void icmp_outer_saddr(struct pkt *p, struct icmp_err *e,
-					     const struct addr *a)
-{
-	if (p->family == 4) {
-		struct iphdr *ip = p->l3;
-		csum_replace4(&ip->check, ip->saddr, a->w[3]);
-		ip->saddr = a->w[3];
-	} else {
-		struct ipv6hdr *ip6 = p->l3;
-		csum_replace16(e->icmp_csum, p->src.w, a->w);
-		__builtin_memcpy(&ip6->saddr, a, sizeof(*a));
-	}
-	p->src = *a;
-}
-
 #endif

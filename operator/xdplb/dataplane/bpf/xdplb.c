@@ -117,49 +117,6 @@ static __always_inline void track(struct ct_val *v, int dir, const struct pkt *p
 
 /* --- rewriting in XDP (complete checksums) ------------------------------------------ */
 
-/* One end of p's flow (src: its source, else its destination) := a:port, fixing the
- * IPv4 header checksum and the L4 one (a UDP checksum of 0, "none" over IPv4, stays
- * so). p's copy of the address follows. */
-static __always_inline void rewrite(struct pkt *p, int src, const struct addr *a, __be16 port)
-{
-	__be16 *pt = p->l4 + (src ? L4_SPORT_OFF : L4_DPORT_OFF);
-	struct addr *old = src ? &p->src : &p->dst;
-	int udp = p->proto == IPPROTO_UDP;
-	if (p->family == 4) {
-		struct iphdr *ip = p->l3;
-		__be32 *f = src ? &ip->saddr : &ip->daddr;
-		csum_replace4(&ip->check, *f, a->w[3]);
-		if (udp)
-			udp_csum_replace4(p->l4_csum, *f, a->w[3]);
-		else
-			csum_replace4(p->l4_csum, *f, a->w[3]);
-		*f = a->w[3];
-	} else {
-		struct ipv6hdr *ip6 = p->l3;
-		if (udp)
-			udp_csum_replace16(p->l4_csum, old->w, a->w);
-		else
-			csum_replace16(p->l4_csum, old->w, a->w);
-		__builtin_memcpy(src ? &ip6->saddr : &ip6->daddr, a, sizeof(*a));
-	}
-	if (udp)
-		udp_csum_replace2(p->l4_csum, *pt, port);
-	else
-		csum_replace2(p->l4_csum, *pt, port);
-	*pt = port;
-	*old = *a;
-}
-
-static __always_inline void dnat(struct pkt *p, const struct addr *a, __be16 port)
-{
-	rewrite(p, 0, a, port);
-}
-
-static __always_inline void snat(struct pkt *p, const struct addr *a, __be16 port)
-{
-	rewrite(p, 1, a, port);
-}
-
 /* A packet's address only (a later fragment has no ports; its datagram's L4 checksum
  * is in the first), and the IPv4 header checksum. */
 static __always_inline void l3_rewrite(struct pkt *p, int src, const struct addr *a)
@@ -174,6 +131,52 @@ static __always_inline void l3_rewrite(struct pkt *p, int src, const struct addr
 		__builtin_memcpy(src ? &ip6->saddr : &ip6->daddr, a, sizeof(*a));
 	}
 	*(src ? &p->src : &p->dst) = *a;
+}
+
+/* One end of p's flow (src: its source, else its destination) := a:port, fixing the
+ * IPv4 header checksum and the L4 one (a UDP checksum of 0, "none" over IPv4, stays
+ * so). p's copy of the address follows. */
+static __always_inline void rewrite(struct pkt *p, int src, const struct addr *a, __be16 port)
+{
+	__be16 *pt = p->l4 + (src ? L4_SPORT_OFF : L4_DPORT_OFF);
+	const struct addr *old = src ? &p->src : &p->dst;
+	int udp = p->proto == IPPROTO_UDP;
+	if (p->family == 4) {
+		if (udp)
+			udp_csum_replace4(p->l4_csum, old->w[3], a->w[3]);
+		else
+			csum_replace4(p->l4_csum, old->w[3], a->w[3]);
+	} else if (udp) {
+		udp_csum_replace16(p->l4_csum, old->w, a->w);
+	} else {
+		csum_replace16(p->l4_csum, old->w, a->w);
+	}
+	l3_rewrite(p, src, a);
+	if (udp)
+		udp_csum_replace2(p->l4_csum, *pt, port);
+	else
+		csum_replace2(p->l4_csum, *pt, port);
+	*pt = port;
+}
+
+/* The outer packet of an ICMP error: its source (src = 1) or destination := a. An
+ * ICMPv6 checksum covers it (its pseudo-header). */
+static __always_inline void icmp_outer_rewrite(struct pkt *p, struct icmp_err *e, int src,
+					       const struct addr *a)
+{
+	if (p->family == 6)
+		csum_replace16(e->icmp_csum, (src ? &p->src : &p->dst)->w, a->w);
+	l3_rewrite(p, src, a);
+}
+
+static __always_inline void dnat(struct pkt *p, const struct addr *a, __be16 port)
+{
+	rewrite(p, 0, a, port);
+}
+
+static __always_inline void snat(struct pkt *p, const struct addr *a, __be16 port)
+{
+	rewrite(p, 1, a, port);
 }
 
 /* Whether p's L4 checksum holds only the pseudo-header sum (CHECKSUM_PARTIAL: a local
@@ -844,7 +847,7 @@ static __always_inline int icmp_snat_forward(struct pkt *p, struct icmp_err *e)
 	icmp_rewrite_quote(e, 0, &rv->client, rv->cport);
 	icmp_rewrite_quote(e, 1, &rv->vip, rv->vport);
 	if (addr_eq(&p->dst, &rk.dst))  /* to the node's address */
-		icmp_outer_daddr(p, e, &rv->client);
+		icmp_outer_rewrite(p, e, 0, &rv->client);
 	return 0;
 }
 
@@ -867,7 +870,7 @@ static __always_inline int icmp_translate_in(struct pkt *p, void *data_end)
 	if (v->flags & CT_SNAT)  /* the backend's packet went to the node's address */
 		icmp_rewrite_quote(&e, 1, &v->snat_addr, v->snat_port);
 	if (addr_eq(&p->dst, &key.dst))
-		icmp_outer_daddr(p, &e, &v->nat_addr);
+		icmp_outer_rewrite(p, &e, 0, &v->nat_addr);
 	return 0;
 }
 
@@ -1017,35 +1020,6 @@ static __always_inline __u32 skb_addr_off(const struct pkt *p, int src)
 	return p->l3_off + (src ? offsetof(struct ipv6hdr, saddr) : offsetof(struct ipv6hdr, daddr));
 }
 
-/* An skb's source (src = 1) or destination := a:port, checksums kept valid whether
- * the L4 one is complete or offloaded. The helpers invalidate packet pointers: p's
- * copies of the addresses and ports are what it reads. */
-static __always_inline void skb_nat(struct __sk_buff *skb, const struct pkt *p, int src,
-				    const struct addr *a, __be16 port)
-{
-	__u64 mangled = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
-	__u32 csum_off = l4_csum_off(p);
-	__u32 addr_off = skb_addr_off(p, src);
-	__be16 old_port = src ? p->sport : p->dport;
-	struct addr new = *a;
-	if (p->family == 4) {
-		__be32 old = src ? p->src.w[3] : p->dst.w[3];
-		bpf_l4_csum_replace(skb, csum_off, old, new.w[3],
-				    BPF_F_PSEUDO_HDR | mangled | sizeof(__be32));
-		bpf_l3_csum_replace(skb, p->l3_off + offsetof(struct iphdr, check), old, new.w[3],
-				    sizeof(__be32));
-		bpf_skb_store_bytes(skb, addr_off, &new.w[3], sizeof(__be32), 0);
-	} else {
-		struct addr old = src ? p->src : p->dst;
-		__s64 diff = bpf_csum_diff(old.w, sizeof(old), new.w, sizeof(new), 0);
-		bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled);
-		bpf_skb_store_bytes(skb, addr_off, &new, sizeof(new), 0);
-	}
-	bpf_l4_csum_replace(skb, csum_off, old_port, port, mangled | sizeof(port));
-	bpf_skb_store_bytes(skb, p->l4_off + (src ? L4_SPORT_OFF : L4_DPORT_OFF), &port,
-			    sizeof(port), 0);
-}
-
 /* An skb's address only (src = 1: its source) := a, and the IPv4 header checksum. */
 static __always_inline void skb_l3_rewrite(struct __sk_buff *skb, const struct pkt *p, int src,
 					   const struct addr *a)
@@ -1059,6 +1033,31 @@ static __always_inline void skb_l3_rewrite(struct __sk_buff *skb, const struct p
 	} else {
 		bpf_skb_store_bytes(skb, skb_addr_off(p, src), &new, sizeof(new), 0);
 	}
+}
+
+/* An skb's source (src = 1) or destination := a:port, checksums kept valid whether
+ * the L4 one is complete or offloaded. The helpers invalidate packet pointers: p's
+ * copies of the addresses and ports are what it reads. */
+static __always_inline void skb_nat(struct __sk_buff *skb, const struct pkt *p, int src,
+				    const struct addr *a, __be16 port)
+{
+	__u64 mangled = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	__u32 csum_off = l4_csum_off(p);
+	__be16 old_port = src ? p->sport : p->dport;
+	struct addr new = *a;
+	if (p->family == 4) {
+		__be32 old = src ? p->src.w[3] : p->dst.w[3];
+		bpf_l4_csum_replace(skb, csum_off, old, new.w[3],
+				    BPF_F_PSEUDO_HDR | mangled | sizeof(__be32));
+	} else {
+		struct addr old = src ? p->src : p->dst;
+		__s64 diff = bpf_csum_diff(old.w, sizeof(old), new.w, sizeof(new), 0);
+		bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled);
+	}
+	skb_l3_rewrite(skb, p, src, &new);
+	bpf_l4_csum_replace(skb, csum_off, old_port, port, mangled | sizeof(port));
+	bpf_skb_store_bytes(skb, p->l4_off + (src ? L4_SPORT_OFF : L4_DPORT_OFF), &port,
+			    sizeof(port), 0);
 }
 
 /* A later fragment's addresses := what its first fragment's became. */
@@ -1145,7 +1144,7 @@ static __always_inline int icmp_egress(struct pkt *p, void *data_end)
 	struct addr vip = rp.vip;
 	icmp_rewrite_quote(&e, 1, &vip, rp.vport);
 	if (addr_eq(&p->src, &rk.src))  /* the backend itself reports it */
-		icmp_outer_saddr(p, &e, &vip);
+		icmp_outer_rewrite(p, &e, 1, &vip);
 	count(ST_ICMP_OUT);
 	return TC_ACT_OK;
 }
