@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from xdplb.dataplane import layout as L
 from xdplb.dataplane.bpfsys import BpfMap
 from xdplb.dataplane.config import Timeouts
+from xdplb.plan.model import hostport
 
 SEC_NS = 1_000_000_000
 UDP = 17
@@ -48,8 +49,7 @@ class Flow:
 
 def endpoint(addr: L.Addr, port: int) -> str:
     """address:port, an IPv6 address in brackets."""
-    a = L.from_ip(addr)
-    return f"[{a}]:{L.from_be16(port)}" if ":" in a else f"{a}:{L.from_be16(port)}"
+    return hostport(L.from_ip(addr), L.from_be16(port))
 
 
 def closing(v: L.CtVal) -> bool:

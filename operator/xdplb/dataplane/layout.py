@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from xdplb.plan.model import V4_MAPPED
+
 # linux/time.h. The data path stamps conntrack with bpf_ktime_get_coarse_ns(),
 # which reads this clock: compare ages and timestamps against it.
 CLOCK_MONOTONIC_COARSE = 6
@@ -36,7 +38,7 @@ class Addr(ctypes.Structure):
     _fields_ = [("w", u32 * 4)]
 
 
-V4_MAPPED_W2 = 0x0000FFFF
+V4_MAPPED_W2 = 0x0000FFFF  # layout.h: w[2] of a mapped IPv4 address, in host order
 
 
 class ListenerKey(ctypes.Structure):
@@ -227,7 +229,7 @@ def ip_bytes(address: str) -> bytes:
     IPv4 mapped."""
     ip = ipaddress.ip_address(address)
     if ip.version == 4:
-        return b"\0" * 10 + b"\xff\xff" + ip.packed
+        return V4_MAPPED + ip.packed
     return ip.packed
 
 
@@ -302,7 +304,6 @@ def listener_key(ifindex: int, address: str, port: int, protocol: str) -> bytes:
     return encode(ListenerKey(ifindex, ip(address), be16(port), PROTO[protocol], 0))
 
 
-_V4_PREFIX = b"\0" * 10 + b"\xff\xff"
 
 
 def lpm_key(listener_id: int, cidr: str) -> bytes:
@@ -312,7 +313,7 @@ def lpm_key(listener_id: int, cidr: str) -> bytes:
     if ":" in addr:
         raw, bits = prefix_bits(cidr)
     else:
-        raw, bits = _V4_PREFIX + socket.inet_aton(addr), 96 + int(plen)
+        raw, bits = V4_MAPPED + socket.inet_aton(addr), 96 + int(plen)
     return (32 + bits).to_bytes(4, sys.byteorder) + listener_id.to_bytes(4, "big") + raw
 
 

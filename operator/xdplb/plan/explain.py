@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from xdplb.plan.flowhash import client_hash, flow_hash
-from xdplb.plan.model import Backend, Group, Listener, Plan
+from xdplb.plan.model import Backend, Group, Listener, Plan, hostport
 
 
 @dataclass(frozen=True)
@@ -34,20 +34,16 @@ class Explanation:
                   "client address kept: the backend must route its replies via this node")
         if self.route.startswith("sni"):
             source = "the SNI acceptor connects to it"
-        host = self.backend.address
-        host = f"[{host}]" if ":" in host else host
         return (f"{head}: table slot {self.slot} of {len(self.group.table) if self.group else 0}"
-                f" -> backend {host}:{self.backend.port} ({source})")
+                f" -> backend {hostport(self.backend.address, self.backend.port)} ({source})")
 
 
 def endpoint(lst: Listener) -> str:
     """address:port/protocol; an IPv6 address in brackets, "*" or "[::]" for every
     address of its family."""
     if lst.address is None:
-        host = "*" if lst.family == 4 else "[::]"
-    else:
-        host = f"[{lst.address}]" if ":" in lst.address else lst.address
-    return f"{host}:{lst.port}/{lst.protocol}"
+        return f"{'*' if lst.family == 4 else '[::]'}:{lst.port}/{lst.protocol}"
+    return f"{hostport(lst.address, lst.port)}/{lst.protocol}"
 
 
 def find_listener(plan: Plan, dst: str, dport: int, protocol: str,

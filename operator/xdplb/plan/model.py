@@ -28,7 +28,7 @@ class Backend:
     healthy: bool = True  # False: failing its health checks (weight 0 then)
 
 
-_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+V4_MAPPED = b"\0" * 10 + b"\xff\xff"  # the prefix of an IPv4-mapped IPv6 address
 
 
 def address_key(address: str) -> bytes:
@@ -36,7 +36,7 @@ def address_key(address: str) -> bytes:
     2000::/3 (an IPv4 address without building an ipaddress object)."""
     if ":" in address:
         return ipaddress.IPv6Address(address).packed
-    return _V4_MAPPED + socket.inet_aton(address)
+    return V4_MAPPED + socket.inet_aton(address)
 
 
 @dataclass(frozen=True)
