@@ -30,6 +30,16 @@ def test_validate_bad_file_names_the_field(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
+def test_agent_refuses_a_negative_sni_timeout_before_loading_anything(tmp_path: Path) -> None:
+    pins = tmp_path / "pins"
+    for flag in ("--sni-idle-timeout", "--sni-hello-timeout"):
+        r = run("agent", "--config", LAB, "--pin-dir", str(pins), flag, "-1")
+        assert r.returncode == 1, r
+        assert f"xdplb: {flag} must be" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "compiled" not in r.stderr
+    assert not pins.exists()
+
+
 def test_explain_follows_routes(tmp_path: Path) -> None:
     r = run("explain", "--config", LAB, "--src", "10.10.2.2:40000", "--dst", "192.0.2.10:80")
     assert r.returncode == 0, r.stderr

@@ -92,7 +92,8 @@ def add_sni_args(p: argparse.ArgumentParser) -> None:
 
 def sni_settings(a: argparse.Namespace) -> SniSettings:
     try:
-        return SniSettings(max_pairs=a.sni_max_pairs, max_per_client=a.sni_max_per_client,
+        return SniSettings(hello_timeout=a.to_sni_hello, idle_timeout=a.to_sni_idle,
+                           max_pairs=a.sni_max_pairs, max_per_client=a.sni_max_per_client,
                            forward=a.sni_forward)
     except ValueError as e:
         sys.exit(f"xdplb: {e}")
@@ -110,6 +111,7 @@ def cmd_agent(a: argparse.Namespace) -> int:
     if a.kubernetes and not a.node_name:
         logging.error("--kubernetes needs --node-name (or the NODE_NAME variable)")
         return 2
+    sni = sni_settings(a)     # bad flags end here, before anything is compiled or pinned
     # Compile first: the rest of the agent is imported while the compiler runs.
     dp = DataPlane(a.pin_dir, capacities(a), timeouts(a))
     dp.load_async()
@@ -128,7 +130,7 @@ def cmd_agent(a: argparse.Namespace) -> int:
                 caps=capacities(a), timeouts=timeouts(a),
                 detach_on_exit=detach, force=a.force,
                 metrics_port=a.metrics_port, state_file=a.state_file,
-                sni=sni_settings(a), log_format=a.log_format), dp=dp).run()
+                sni=sni, log_format=a.log_format), dp=dp).run()
         else:
             from xdplb.agent.standalone import Agent, AgentOptions
 
@@ -136,7 +138,7 @@ def cmd_agent(a: argparse.Namespace) -> int:
                                caps=capacities(a), timeouts=timeouts(a),
                                detach_on_exit=detach, force=a.force,
                                metrics_port=a.metrics_port, state_file=a.state_file,
-                               sni=sni_settings(a), log_format=a.log_format), dp).run()
+                               sni=sni, log_format=a.log_format), dp).run()
     except (AttachError, SnatPortsError) as e:
         logging.error("%s", e)
         return 1

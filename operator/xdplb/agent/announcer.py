@@ -33,14 +33,13 @@ from typing import Any, Protocol
 
 from kubernetes.client.exceptions import ApiException
 
-from xdplb.k8s.lease import decide, released
+from xdplb.k8s.lease import L2_LABEL, decide, released
 from xdplb.k8s.nodestate import MAX_ANNOUNCEMENTS, Announcement
 from xdplb.spec.api import API_VERSION
 
 log = logging.getLogger("xdplb.agent")
 
 LEASE_API = "/apis/coordination.k8s.io/v1"
-L2_LABEL = "xdplb.io/l2-address"
 GARP_AFTER = (0.0, 0.5, 2.0)  # seconds after a takeover: the first may be lost
 TICK = 0.1
 

@@ -118,9 +118,7 @@ class NodeApplier:
         self.load_async()
         self.dp.wait_loaded()
         self.writer = MapWriter(self.dp.maps, self.dp.caps)
-        self.sni = SniService(self.dp.pin_dir, replace(
-            self.opts.sni, hello_timeout=self.opts.timeouts.sni_hello,
-            idle_timeout=self.opts.timeouts.sni_idle), self.opts.log_format)
+        self.sni = SniService(self.dp.pin_dir, self.opts.sni, self.opts.log_format)
         self._inherited = set(attached_interfaces(self.opts.pin_root))
         if self.dp.adopted:
             n = self.writer.adopt()

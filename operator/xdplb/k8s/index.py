@@ -56,10 +56,6 @@ def parse(body: dict[str, Any]) -> tuple[Verdict, LoadBalancer | None]:
     return Verdict(True, "Accepted", f"valid: {n} listener{'s' * (n != 1)}"), lb
 
 
-def validate(body: dict[str, Any]) -> Verdict:
-    return parse(body)[0]
-
-
 def services_of(body: dict[str, Any]) -> set[Ref]:
     """The Services a LoadBalancer's groups name (same namespace)."""
     ns = body.get("metadata", {}).get("namespace", "")

@@ -32,6 +32,7 @@ from xdplb.k8s.conditions import parse_time
 from xdplb.k8s.settings import LeaderElectionSettings
 
 API = "/apis/coordination.k8s.io/v1"
+L2_LABEL = "xdplb.io/l2-address"  # on the agents' L2 announcement Leases
 log = logging.getLogger("xdplb.lease")
 
 

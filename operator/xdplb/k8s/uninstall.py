@@ -23,6 +23,7 @@ import kubernetes
 
 from xdplb.k8s.client import Kube, is_missing
 from xdplb.k8s.finalizer import FINALIZER, set_finalizer
+from xdplb.k8s.lease import L2_LABEL
 from xdplb.spec.api import GROUP, VERSION
 
 log = logging.getLogger("xdplb.uninstall")
@@ -37,7 +38,6 @@ UNINSTALL_NAMESPACE_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["list", "delete"]},
 ]
-L2_LABEL = "xdplb.io/l2-address"  # on the agents' announcement Leases (agent/announcer.py)
 
 
 def _selector(deployment: dict[str, Any]) -> str:

@@ -48,12 +48,11 @@ from xdplb.sni.clienthello import (
 from xdplb.sni.deadlines import Deadlines
 from xdplb.sni.pipes import PipePool, discard
 from xdplb.sni.proxyproto import header as proxy_header
-from xdplb.sni.proxyproto import proxy_v2_header
 from xdplb.sni.routes import Address, Backend, Route, RoutingReceiver, pick_for
 from xdplb.sni.settings import OUTCOMES, SniSettings
 from xdplb.sni.splice import JoinBroken, Splicer
 
-__all__ = ["OUTCOMES", "Acceptor", "listen_socket", "proxy_v2_header"]
+__all__ = ["OUTCOMES", "Acceptor", "listen_socket"]
 
 log = logging.getLogger("xdplb.sni")
 

@@ -28,9 +28,10 @@ class SniSettings:
                 raise ValueError(f"--sni-{name.replace('_', '-')} must be at least 1")
         if self.max_per_client < 0:
             raise ValueError("--sni-max-per-client must be 0 (no bound) or more")
-        for name in ("hello_timeout", "connect_timeout"):
+        for name, what in (("hello_timeout", "--sni-hello-timeout"),
+                           ("connect_timeout", "the SNI connect timeout")):
             if getattr(self, name) <= 0:
-                raise ValueError(f"SNI {name.replace('_', ' ')} must be positive")
+                raise ValueError(f"{what} must be positive")
         if self.idle_timeout < 0:
             raise ValueError("--sni-idle-timeout must be 0 (none) or more")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from xdplb.spec.errors import show_value
 
-__all__ = ["AddressRange", "IPAddress", "count", "parse_address", "parse_range",
+__all__ = ["AddressRange", "IPAddress", "count", "parse_range",
            "special_kind", "special_overlap"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -87,14 +87,6 @@ def _spell(first: IPAddress, last: IPAddress) -> str:
 
 def _addr(version: int, n: int) -> IPAddress:
     return ipaddress.IPv4Address(n) if version == 4 else ipaddress.IPv6Address(n)
-
-
-def parse_address(text: str) -> IPAddress:
-    """An address of either family; ValueError naming the value otherwise."""
-    try:
-        return ipaddress.ip_address(text.strip())
-    except ValueError:
-        raise ValueError(f"{show_value(text)} is not a valid IP address") from None
 
 
 def parse_range(text: str) -> AddressRange:
